@@ -3,3 +3,32 @@
 //! Owns the length-prefixed frame codec, socket options, outbound peer links
 //! (reconnect, batching, bounded queues) and the peer handshake. It never
 //! knows Raft state or the key-value semantics; it moves frames.
+//!
+//! Everything async here runs on a monoio runtime, one per shard thread;
+//! the handles ([`FrameSender`], [`PeerLink`]) are `!Send` on purpose.
+//!
+//! - [`encode_frame`] / [`FrameDecoder`] / [`decode_message`]: the wire
+//!   framing (4-byte big-endian length, then one prost message), sans-IO.
+//! - [`FrameReader`]: frames from a socket; [`spawn_writer`] /
+//!   [`FrameSender`]: a bounded queue drained in one vectored write per turn.
+//! - [`connect`] / [`configure_stream`]: `TCP_NODELAY`, keepalive, timeouts.
+//! - [`PeerLink`]: an outbound peer connection that handshakes and reconnects;
+//!   [`accept_peer`] / [`connect_peer`]: the two sides of the handshake.
+
+mod frame;
+mod handshake;
+mod link;
+mod reader;
+mod socket;
+mod wake;
+mod writer;
+
+pub use frame::{
+    decode_message, encode_frame, encode_frame_bytes, FrameDecoder, FrameError,
+    DEFAULT_MAX_FRAME_BYTES, FRAME_HEADER_LEN,
+};
+pub use handshake::{accept_peer, connect_peer, HandshakeError};
+pub use link::{LinkEvent, PeerLink, PeerLinkConfig};
+pub use reader::FrameReader;
+pub use socket::{configure_stream, connect, SocketOptions};
+pub use writer::{spawn_writer, FrameSender, SendError};

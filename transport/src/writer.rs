@@ -1,0 +1,316 @@
+//! The send side of a connection: a byte-bounded queue of encoded frames,
+//! drained by one writer task in vectored writes.
+//!
+//! Senders never block and never write themselves: they push onto the queue
+//! and wake the writer task. The writer runs when the current task yields, so
+//! everything queued during one event-loop turn leaves in one `writev` (up to
+//! [`MAX_IOVECS_PER_WRITE`] frames), in the order it was queued.
+
+use std::cell::{Cell, RefCell};
+use std::collections::VecDeque;
+use std::rc::Rc;
+
+use bytes::Bytes;
+use monoio::buf::IoVecBuf;
+use monoio::io::{AsyncWriteRent, AsyncWriteRentExt};
+
+use crate::wake::{race, wait_until, Either, WakeSlot};
+
+/// Frames handed to one `writev` at most: Linux's `IOV_MAX` (`UIO_MAXIOV`),
+/// above which both `writev` and io_uring refuse the call with `EINVAL`.
+pub(crate) const MAX_IOVECS_PER_WRITE: usize = 1024;
+
+/// Why a frame was not queued.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SendError {
+    /// The queue holds too many bytes not yet written; the caller should
+    /// back off (or drop the frame, for traffic raft will resend).
+    #[error("send queue full: {queued_bytes} bytes queued, limit {max} bytes")]
+    Full {
+        /// Bytes queued or being written when the frame was refused.
+        queued_bytes: usize,
+        /// The queue's limit (`max_queue_bytes`).
+        max: usize,
+    },
+    /// The connection was closed (by the owner, or by a write error).
+    #[error("connection closed")]
+    Closed,
+    /// The peer link is not connected right now; the frame was dropped and
+    /// counted (see [`crate::PeerLink::dropped_frames`]).
+    #[error("peer link is down")]
+    Down,
+    /// The frame is larger than the link's `max_frame_bytes`; the peer would
+    /// refuse it and close the connection, so it is not sent.
+    #[error("frame payload of {len} bytes exceeds max_frame_bytes {max}")]
+    TooLarge {
+        /// Payload bytes of the frame.
+        len: usize,
+        /// The link's `max_frame_bytes`.
+        max: usize,
+    },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum QueueState {
+    /// Accepting frames.
+    Open,
+    /// Closed by the owner: what is queued is still written, then the
+    /// write side is shut down.
+    Closing,
+    /// Stopped at once: queued frames are discarded, an in-flight write is
+    /// cancelled.
+    Aborted,
+    /// The writer task has exited.
+    Finished,
+}
+
+/// State shared by the senders and the writer task of one connection.
+pub(crate) struct SendQueue {
+    frames: RefCell<VecDeque<Bytes>>,
+    /// Bytes queued plus bytes of the write in flight.
+    queued_bytes: Cell<usize>,
+    max_queue_bytes: usize,
+    state: Cell<QueueState>,
+    /// The writer task waits here for frames or a state change.
+    writer_wake: WakeSlot,
+    /// Whoever waits for the writer to exit (the peer link) waits here.
+    finish_wake: WakeSlot,
+    /// The write error that ended the writer, if one did.
+    failure: RefCell<Option<std::io::Error>>,
+}
+
+impl SendQueue {
+    fn new(max_queue_bytes: usize) -> Self {
+        Self {
+            frames: RefCell::new(VecDeque::new()),
+            queued_bytes: Cell::new(0),
+            max_queue_bytes,
+            state: Cell::new(QueueState::Open),
+            writer_wake: WakeSlot::default(),
+            finish_wake: WakeSlot::default(),
+            failure: RefCell::new(None),
+        }
+    }
+
+    fn push(&self, frame: Bytes) -> Result<(), SendError> {
+        if self.state.get() != QueueState::Open {
+            return Err(SendError::Closed);
+        }
+        let queued_bytes = self.queued_bytes.get();
+        if queued_bytes + frame.len() > self.max_queue_bytes {
+            return Err(SendError::Full {
+                queued_bytes,
+                max: self.max_queue_bytes,
+            });
+        }
+        self.queued_bytes.set(queued_bytes + frame.len());
+        self.frames.borrow_mut().push_back(frame);
+        self.writer_wake.wake();
+        Ok(())
+    }
+
+    fn close(&self) {
+        if self.state.get() == QueueState::Open {
+            self.state.set(QueueState::Closing);
+            self.writer_wake.wake();
+        }
+    }
+
+    /// Stops the writer without writing what is queued; returns how many
+    /// frames were discarded.
+    pub(crate) fn abort(&self) -> usize {
+        if self.state.get() != QueueState::Finished {
+            self.state.set(QueueState::Aborted);
+        }
+        let discarded = self.discard_queued();
+        self.writer_wake.wake();
+        discarded
+    }
+
+    fn discard_queued(&self) -> usize {
+        let mut frames = self.frames.borrow_mut();
+        let discarded_bytes: usize = frames.iter().map(Bytes::len).sum();
+        self.queued_bytes
+            .set(self.queued_bytes.get() - discarded_bytes);
+        let discarded = frames.len();
+        frames.clear();
+        discarded
+    }
+
+    fn has_work(&self) -> bool {
+        self.state.get() != QueueState::Open || !self.frames.borrow().is_empty()
+    }
+
+    pub(crate) fn is_finished(&self) -> bool {
+        self.state.get() == QueueState::Finished
+    }
+
+    pub(crate) fn finish_wake(&self) -> &WakeSlot {
+        &self.finish_wake
+    }
+
+    /// The write error that stopped the writer, taken (reported once).
+    pub(crate) fn take_failure(&self) -> Option<std::io::Error> {
+        self.failure.borrow_mut().take()
+    }
+}
+
+/// Closes the queue when the last [`FrameSender`] clone goes away, so the
+/// writer task (and the socket it owns) does not outlive every sender.
+struct SenderHandle {
+    queue: Rc<SendQueue>,
+}
+
+impl Drop for SenderHandle {
+    fn drop(&mut self) {
+        self.queue.close();
+    }
+}
+
+/// Queues encoded frames for one connection's writer task. Cheap to clone;
+/// single-threaded (`!Send`), like the shard that owns the connection.
+/// Dropping the last clone closes the connection after what is queued has
+/// been written.
+#[derive(Clone)]
+pub struct FrameSender {
+    handle: Rc<SenderHandle>,
+}
+
+impl FrameSender {
+    /// Queues an encoded frame (header included). Never blocks. Frames
+    /// queued during one event-loop turn leave in one vectored write when the
+    /// writer task runs next, in the order they were queued.
+    pub fn send(&self, frame: Bytes) -> Result<(), SendError> {
+        self.handle.queue.push(frame)
+    }
+
+    /// Bytes queued or being written.
+    pub fn queued_bytes(&self) -> usize {
+        self.handle.queue.queued_bytes.get()
+    }
+
+    /// True once the sender no longer accepts frames: closed by the owner,
+    /// or the writer stopped on a write error.
+    pub fn is_closed(&self) -> bool {
+        self.handle.queue.state.get() != QueueState::Open
+    }
+
+    /// Stops accepting frames; the writer writes what is already queued,
+    /// shuts the write side of the socket down and exits.
+    pub fn close(&self) {
+        self.handle.queue.close();
+    }
+
+    pub(crate) fn queue(&self) -> &Rc<SendQueue> {
+        &self.handle.queue
+    }
+}
+
+/// Spawns (on the current monoio runtime) a task that writes queued frames to
+/// `writer` until the sender is closed or a write fails, and returns the
+/// sender. The queue holds at most `max_queue_bytes` (a frame larger than
+/// that is always refused with [`SendError::Full`]).
+pub fn spawn_writer<W: AsyncWriteRent + 'static>(writer: W, max_queue_bytes: usize) -> FrameSender {
+    let queue = Rc::new(SendQueue::new(max_queue_bytes));
+    monoio::spawn(run_writer(writer, queue.clone()));
+    FrameSender {
+        handle: Rc::new(SenderHandle { queue }),
+    }
+}
+
+async fn run_writer<W: AsyncWriteRent>(mut writer: W, queue: Rc<SendQueue>) {
+    // One batch's vectors are reused across writes; a cancelled write takes
+    // its batch with it and the next write starts a fresh one.
+    let mut spare = Some(FrameBatch::default());
+    loop {
+        wait_until([&queue.writer_wake], || queue.has_work()).await;
+        if queue.state.get() == QueueState::Aborted {
+            break;
+        }
+        let mut batch = spare.take().unwrap_or_default();
+        batch.fill(&mut queue.frames.borrow_mut());
+        if batch.frames.is_empty() {
+            // Closing and everything queued has been written.
+            break;
+        }
+        let batch_bytes = batch.bytes;
+        let aborted = wait_until([&queue.writer_wake], || {
+            queue.state.get() == QueueState::Aborted
+        });
+        match race(writer.write_vectored_all(batch), aborted).await {
+            Either::Left((Ok(_), mut batch)) => {
+                queue
+                    .queued_bytes
+                    .set(queue.queued_bytes.get() - batch_bytes);
+                batch.clear();
+                spare = Some(batch);
+            }
+            Either::Left((Err(error), _)) => {
+                tracing::debug!(%error, "frame writer stopped on a write error");
+                queue
+                    .queued_bytes
+                    .set(queue.queued_bytes.get() - batch_bytes);
+                *queue.failure.borrow_mut() = Some(error);
+                break;
+            }
+            // The in-flight write was cancelled by dropping it; its bytes
+            // are no longer held by this queue.
+            Either::Right(()) => {
+                queue
+                    .queued_bytes
+                    .set(queue.queued_bytes.get() - batch_bytes);
+                break;
+            }
+        }
+    }
+    queue.state.set(QueueState::Finished);
+    queue.discard_queued();
+    // Tell the peer we are done writing (a no-op if the socket already failed).
+    let _ = writer.shutdown().await;
+    queue.finish_wake.wake();
+}
+
+/// Frames of one vectored write, with the iovec array that points into them.
+#[derive(Default)]
+struct FrameBatch {
+    frames: Vec<Bytes>,
+    iovecs: Vec<libc::iovec>,
+    bytes: usize,
+}
+
+impl FrameBatch {
+    /// Moves up to [`MAX_IOVECS_PER_WRITE`] frames from the front of `queue`.
+    fn fill(&mut self, queue: &mut VecDeque<Bytes>) {
+        let take = queue.len().min(MAX_IOVECS_PER_WRITE);
+        for frame in queue.drain(..take) {
+            self.bytes += frame.len();
+            if !frame.is_empty() {
+                self.iovecs.push(libc::iovec {
+                    iov_base: frame.as_ptr() as *mut libc::c_void,
+                    iov_len: frame.len(),
+                });
+            }
+            self.frames.push(frame);
+        }
+    }
+
+    fn clear(&mut self) {
+        self.iovecs.clear();
+        self.frames.clear();
+        self.bytes = 0;
+    }
+}
+
+// SAFETY: every iovec points into a `Bytes` held in `frames`, whose heap
+// storage does not move when the batch moves, and `frames` is not touched
+// while the runtime owns the batch. The iovec array itself is not modified
+// while the batch is lent to a write.
+unsafe impl IoVecBuf for FrameBatch {
+    fn read_iovec_ptr(&self) -> *const libc::iovec {
+        self.iovecs.as_ptr()
+    }
+
+    fn read_iovec_len(&self) -> usize {
+        self.iovecs.len()
+    }
+}
