@@ -314,3 +314,193 @@ unsafe impl IoVecBuf for FrameBatch {
         self.iovecs.len()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::future::Future;
+
+    /// A writer that records every call, so the tests can see how frames
+    /// were grouped into writes.
+    #[derive(Clone, Default)]
+    struct RecordingWriter {
+        /// One entry per writev: the buffers it was given, copied.
+        writes: Rc<RefCell<Vec<Vec<Vec<u8>>>>>,
+        shut_down: Rc<Cell<bool>>,
+    }
+
+    impl AsyncWriteRent for RecordingWriter {
+        fn write<T: monoio::buf::IoBuf>(
+            &mut self,
+            buf: T,
+        ) -> impl Future<Output = monoio::BufResult<usize, T>> {
+            // SAFETY: IoBuf promises `bytes_init` readable bytes at the pointer.
+            let data = unsafe { std::slice::from_raw_parts(buf.read_ptr(), buf.bytes_init()) };
+            self.writes.borrow_mut().push(vec![data.to_vec()]);
+            let n = data.len();
+            async move { (Ok(n), buf) }
+        }
+
+        fn writev<T: IoVecBuf>(
+            &mut self,
+            buf_vec: T,
+        ) -> impl Future<Output = monoio::BufResult<usize, T>> {
+            // SAFETY: IoVecBuf promises `read_iovec_len` valid iovecs.
+            let iovecs = unsafe {
+                std::slice::from_raw_parts(buf_vec.read_iovec_ptr(), buf_vec.read_iovec_len())
+            };
+            let buffers: Vec<Vec<u8>> = iovecs
+                .iter()
+                .map(|iov| unsafe {
+                    std::slice::from_raw_parts(iov.iov_base as *const u8, iov.iov_len).to_vec()
+                })
+                .collect();
+            let n = buffers.iter().map(Vec::len).sum();
+            self.writes.borrow_mut().push(buffers);
+            async move { (Ok(n), buf_vec) }
+        }
+
+        async fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+
+        async fn shutdown(&mut self) -> std::io::Result<()> {
+            self.shut_down.set(true);
+            Ok(())
+        }
+    }
+
+    fn runtime() -> monoio::Runtime<monoio::time::TimeDriver<monoio::LegacyDriver>> {
+        monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
+            .enable_timer()
+            .build()
+            .expect("build monoio runtime")
+    }
+
+    /// Lets every other ready task (the writer) run until it is idle again.
+    async fn let_writer_run(queue_writes: &Rc<RefCell<Vec<Vec<Vec<u8>>>>>, expected: usize) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while queue_writes.borrow().len() < expected {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "writer made {} writes, expected {expected}",
+                queue_writes.borrow().len()
+            );
+            monoio::time::sleep(std::time::Duration::from_millis(1)).await;
+        }
+    }
+
+    #[test]
+    fn frames_queued_in_one_turn_leave_in_one_vectored_write_in_order() {
+        runtime().block_on(async {
+            let writer = RecordingWriter::default();
+            let sender = spawn_writer(writer.clone(), 1 << 20);
+            let frames: Vec<Bytes> = (0..10u8)
+                .map(|i| Bytes::from(vec![i; i as usize + 1]))
+                .collect();
+            for frame in &frames {
+                sender.send(frame.clone()).unwrap();
+            }
+            assert_eq!(sender.queued_bytes(), 55);
+            let_writer_run(&writer.writes, 1).await;
+            // A second turn's frames form a second write.
+            sender.send(Bytes::from_static(b"next")).unwrap();
+            let_writer_run(&writer.writes, 2).await;
+            let writes = writer.writes.borrow();
+            assert_eq!(writes.len(), 2, "one writev per turn");
+            let first: Vec<Bytes> = writes[0].iter().cloned().map(Bytes::from).collect();
+            assert_eq!(first, frames);
+            assert_eq!(writes[1], vec![b"next".to_vec()]);
+            assert_eq!(sender.queued_bytes(), 0);
+        });
+    }
+
+    #[test]
+    fn a_full_queue_refuses_frames_and_says_how_full() {
+        runtime().block_on(async {
+            let writer = RecordingWriter::default();
+            let sender = spawn_writer(writer.clone(), 100);
+            sender.send(Bytes::from(vec![0; 60])).unwrap();
+            assert_eq!(
+                sender.send(Bytes::from(vec![0; 41])),
+                Err(SendError::Full {
+                    queued_bytes: 60,
+                    max: 100
+                })
+            );
+            sender.send(Bytes::from(vec![0; 40])).unwrap();
+            let_writer_run(&writer.writes, 1).await;
+            // Written bytes no longer count against the bound.
+            assert_eq!(sender.queued_bytes(), 0);
+            sender.send(Bytes::from(vec![0; 100])).unwrap();
+        });
+    }
+
+    #[test]
+    fn close_writes_what_was_queued_then_shuts_the_writer_down() {
+        runtime().block_on(async {
+            let writer = RecordingWriter::default();
+            let sender = spawn_writer(writer.clone(), 1 << 20);
+            sender.send(Bytes::from_static(b"last words")).unwrap();
+            sender.close();
+            assert!(sender.is_closed());
+            assert_eq!(
+                sender.send(Bytes::from_static(b"late")),
+                Err(SendError::Closed)
+            );
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+            while !writer.shut_down.get() {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "writer never shut down"
+                );
+                monoio::time::sleep(std::time::Duration::from_millis(1)).await;
+            }
+            assert_eq!(*writer.writes.borrow(), vec![vec![b"last words".to_vec()]]);
+        });
+    }
+
+    #[test]
+    fn dropping_the_last_sender_stops_the_writer() {
+        runtime().block_on(async {
+            let writer = RecordingWriter::default();
+            let sender = spawn_writer(writer.clone(), 1 << 20);
+            let clone = sender.clone();
+            drop(sender);
+            clone.send(Bytes::from_static(b"still open")).unwrap();
+            drop(clone);
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+            while !writer.shut_down.get() {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "writer outlived its senders"
+                );
+                monoio::time::sleep(std::time::Duration::from_millis(1)).await;
+            }
+            assert_eq!(writer.writes.borrow().len(), 1);
+        });
+    }
+
+    #[test]
+    fn more_frames_than_iov_max_are_split_into_several_writes_in_order() {
+        runtime().block_on(async {
+            let writer = RecordingWriter::default();
+            let sender = spawn_writer(writer.clone(), 1 << 20);
+            let count = MAX_IOVECS_PER_WRITE + 10;
+            for i in 0..count {
+                sender
+                    .send(Bytes::from((i as u32).to_be_bytes().to_vec()))
+                    .unwrap();
+            }
+            let_writer_run(&writer.writes, 2).await;
+            let writes = writer.writes.borrow();
+            assert_eq!(writes[0].len(), MAX_IOVECS_PER_WRITE);
+            let all: Vec<u32> = writes
+                .iter()
+                .flatten()
+                .map(|b| u32::from_be_bytes(b[..].try_into().unwrap()))
+                .collect();
+            assert_eq!(all, (0..count as u32).collect::<Vec<_>>());
+        });
+    }
+}
