@@ -1,0 +1,465 @@
+//! Opening a WAL: lock, classify segment headers, replay records in order,
+//! cut a torn tail off the newest segment, refuse corruption anywhere else.
+//!
+//! Why a bad record means different things in different segments: the header
+//! of segment `k + 1` is written only after segment `k` is durable (see the
+//! format doc). So every segment before the newest valid one was completely
+//! on disk when its successor became valid, and damage there is corruption.
+//! Only the newest valid segment can end in records that were being written
+//! when the process or machine died; those were never acknowledged by a sync,
+//! so cutting them loses nothing that was promised.
+
+use std::collections::VecDeque;
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use crate::error::WalError;
+use crate::format::{self, HeaderProblem, ReadRecord, HEADER_LEN};
+use crate::lock::DirLock;
+use crate::segment::{Segment, SegmentFile};
+use crate::sync::Position;
+use crate::types::{
+    ConfState, HardState, SnapshotMarker, WalOptions, MAX_SEGMENT_BYTES, MIN_SEGMENT_BYTES,
+};
+use crate::wal::{EntryLocation, RecoveryReport, Wal};
+
+pub(crate) fn open(dir: &Path, options: WalOptions) -> Result<Wal, WalError> {
+    validate_options(&options)?;
+    std::fs::create_dir_all(dir).map_err(|e| WalError::io(dir, "create directory", e))?;
+    let lock = DirLock::acquire(dir)?;
+    let dir_file = Arc::new(SegmentFile::open_dir(dir)?);
+    let mut report = RecoveryReport::default();
+
+    let (valid, unsynced, last_sequence) = classify_segments(dir, options.shard_id)?;
+    for path in &unsynced {
+        tracing::warn!(segment = %path.display(), "removing WAL segment that was never synced (zero header)");
+        std::fs::remove_file(path).map_err(|e| WalError::io(path, "remove unsynced segment", e))?;
+    }
+    if !unsynced.is_empty() {
+        dir_file.sync_all()?;
+    }
+    report.unsynced_segments_removed = unsynced;
+
+    let mut replay = Replay::default();
+    let mut segments = VecDeque::with_capacity(valid.len());
+    let newest = valid.len().saturating_sub(1);
+    for (position, (sequence, path)) in valid.into_iter().enumerate() {
+        let mut segment = Segment::open_existing(path, sequence)?;
+        replay.scan(&mut segment, position == newest, &mut report)?;
+        segments.push_back(segment);
+    }
+    replay.check_log_is_contiguous()?;
+
+    let mut wal = Wal {
+        dir: dir.to_path_buf(),
+        dir_file,
+        options,
+        _lock: lock,
+        segments,
+        index: replay.index,
+        marker: replay.marker,
+        hard_state: replay.hard_state,
+        conf_state: replay.conf_state,
+        synced: Position::default(),
+        sync_in_flight: false,
+        created_segments: 0,
+        synced_created_segments: 0,
+        pending_markers: VecDeque::new(),
+        durable_marker: (replay.marker_position.sequence, replay.marker.index),
+        obsolete: Vec::new(),
+        poisoned: false,
+        bytes_written: 0,
+        recovery: report,
+    };
+    if wal.segments.is_empty() {
+        create_first_segment(&mut wal, last_sequence + 1)?;
+    }
+    let active = wal.active();
+    wal.synced = Position {
+        sequence: active.sequence,
+        offset: active.write_offset,
+    };
+    // Everything recovered is on disk, so obsolete segments can go right away
+    // (open is blocking anyway).
+    wal.collect_obsolete();
+    let obsolete = wal.take_obsolete_segments();
+    crate::sync::remove_segments(obsolete.clone())?;
+    wal.recovery.obsolete_segments_removed = obsolete;
+    wal.recovery.segments = wal.segments.len();
+    wal.recovery.entries = wal.index.len() as u64;
+    Ok(wal)
+}
+
+fn validate_options(options: &WalOptions) -> Result<(), WalError> {
+    let bytes = options.segment_bytes;
+    if !(MIN_SEGMENT_BYTES..=MAX_SEGMENT_BYTES).contains(&bytes)
+        || bytes % format::RECORD_ALIGN as u64 != 0
+    {
+        return Err(WalError::InvalidOptions {
+            reason: format!(
+                "segment_bytes must be a multiple of {} within [{MIN_SEGMENT_BYTES}, {MAX_SEGMENT_BYTES}], got {bytes}",
+                format::RECORD_ALIGN
+            ),
+        });
+    }
+    Ok(())
+}
+
+type Classified = (Vec<(u64, PathBuf)>, Vec<PathBuf>, u64);
+
+/// Splits the segment files into valid ones (contiguous sequences) and
+/// never-synced ones after them; returns the highest sequence seen too.
+fn classify_segments(dir: &Path, shard_id: u32) -> Result<Classified, WalError> {
+    let mut listed = Vec::new();
+    let entries = std::fs::read_dir(dir).map_err(|e| WalError::io(dir, "list directory", e))?;
+    for entry in entries {
+        let entry = entry.map_err(|e| WalError::io(dir, "list directory", e))?;
+        if let Some(sequence) = entry
+            .file_name()
+            .to_str()
+            .and_then(format::parse_segment_file_name)
+        {
+            listed.push((sequence, entry.path()));
+        }
+    }
+    listed.sort();
+    let last_sequence = listed.last().map_or(0, |(sequence, _)| *sequence);
+
+    let mut valid: Vec<(u64, PathBuf)> = Vec::new();
+    let mut unsynced: Vec<PathBuf> = Vec::new();
+    for (sequence, path) in listed {
+        match read_header(&path)? {
+            Ok(header) => {
+                if header.sequence != sequence {
+                    let reason = format!(
+                        "header sequence {} does not match the file name",
+                        header.sequence
+                    );
+                    return Err(WalError::corrupt(&path, 0, reason));
+                }
+                if header.shard_id != shard_id {
+                    return Err(WalError::WrongShard {
+                        segment: path,
+                        found: header.shard_id,
+                        expected: shard_id,
+                    });
+                }
+                if let Some(hole) = unsynced.first() {
+                    let reason = format!(
+                        "header was never written, yet the later segment {} is valid: segments are missing data",
+                        path.display()
+                    );
+                    return Err(WalError::corrupt(hole, 0, reason));
+                }
+                if let Some((previous, _)) = valid.last() {
+                    if sequence != previous + 1 {
+                        let reason = format!("segment sequence jumps from {previous} to {sequence}: segments are missing");
+                        return Err(WalError::corrupt(&path, 0, reason));
+                    }
+                }
+                valid.push((sequence, path));
+            }
+            Err(HeaderProblem::NeverWritten) => unsynced.push(path),
+            Err(HeaderProblem::Invalid(reason)) => return Err(WalError::corrupt(&path, 0, reason)),
+        }
+    }
+    Ok((valid, unsynced, last_sequence))
+}
+
+fn read_header(path: &Path) -> Result<Result<format::SegmentHeader, HeaderProblem>, WalError> {
+    let file = File::open(path).map_err(|e| WalError::io(path, "open segment", e))?;
+    let mut bytes = [0u8; HEADER_LEN];
+    let mut filled = 0;
+    while filled < HEADER_LEN {
+        match file.read_at(&mut bytes[filled..], filled as u64) {
+            Ok(0) => break,
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(WalError::io(path, "read segment header", e)),
+        }
+    }
+    Ok(format::decode_header(&bytes[..filled]))
+}
+
+/// A fresh log (or one whose only segments were never synced): the first
+/// segment's header is written and synced at once, there being nothing older
+/// that must be durable first.
+fn create_first_segment(wal: &mut Wal, sequence: u64) -> Result<(), WalError> {
+    let segment = Segment::create(&wal.dir, sequence, wal.options.segment_bytes)?;
+    segment
+        .file
+        .write_header(&segment.header(wal.options.shard_id))?;
+    wal.segments.push_back(segment);
+    wal.write_metadata_copies();
+    wal.pending_markers.clear();
+    let segment = wal.segments.back_mut().expect("just pushed");
+    segment.file.sync_data()?;
+    segment.header_durable = true;
+    wal.dir_file.sync_all()
+}
+
+/// The state replay builds, record by record.
+struct Replay {
+    marker: SnapshotMarker,
+    hard_state: HardState,
+    conf_state: Option<ConfState>,
+    /// Index of `index[0]`. Normally `marker.index + 1`; larger while the
+    /// entries before it sit in segments compaction deleted, until a snapshot
+    /// marker covering them is replayed.
+    log_start: u64,
+    index: VecDeque<EntryLocation>,
+    /// Where the log last started over at `log_start`, to name it if the gap
+    /// is never covered.
+    log_restart: Option<(PathBuf, u64)>,
+    /// End of the latest snapshot marker record (or copy) replayed.
+    marker_position: Position,
+}
+
+impl Default for Replay {
+    fn default() -> Replay {
+        Replay {
+            marker: SnapshotMarker::default(),
+            hard_state: HardState::default(),
+            conf_state: None,
+            log_start: 1,
+            index: VecDeque::new(),
+            log_restart: None,
+            marker_position: Position::default(),
+        }
+    }
+}
+
+impl Replay {
+    /// Replays one segment's records and sets its write offset to the end of
+    /// the valid ones. In the newest segment a bad record or stray bytes
+    /// after the last record are a torn tail: zeroed and synced. Elsewhere
+    /// they are corruption.
+    fn scan(
+        &mut self,
+        segment: &mut Segment,
+        newest: bool,
+        report: &mut RecoveryReport,
+    ) -> Result<(), WalError> {
+        let mut offset = HEADER_LEN;
+        let mut max_entry_index = 0;
+        let file = Arc::clone(&segment.file);
+        loop {
+            match format::read_record(&segment.map, offset) {
+                ReadRecord::End => break,
+                ReadRecord::Invalid(reason) if newest => {
+                    tracing::warn!(segment = %segment.path().display(), offset, %reason, "cutting torn WAL tail");
+                    break;
+                }
+                ReadRecord::Invalid(reason) => {
+                    return Err(WalError::corrupt(segment.path(), offset as u64, reason))
+                }
+                ReadRecord::Record {
+                    kind,
+                    payload,
+                    payload_offset,
+                    next_offset,
+                } => {
+                    let end = Position {
+                        sequence: segment.sequence,
+                        offset: next_offset,
+                    };
+                    let applied = self.apply(&file.path, end, kind, payload, payload_offset);
+                    let last_index = applied
+                        .map_err(|reason| WalError::corrupt(&file.path, offset as u64, reason))?;
+                    max_entry_index = max_entry_index.max(last_index.unwrap_or(0));
+                    offset = next_offset;
+                }
+            }
+        }
+        segment.write_offset = offset;
+        segment.max_entry_index = max_entry_index;
+        let Some((first_dirty, last_dirty)) = nonzero_span(&segment.map[offset..]) else {
+            return Ok(());
+        };
+        if !newest {
+            let reason =
+                format!("non-zero bytes after the last record, which ends at offset {offset}");
+            return Err(WalError::corrupt(
+                segment.path(),
+                (offset + first_dirty) as u64,
+                reason,
+            ));
+        }
+        // Zero the torn tail durably before anything new is appended: a stale
+        // but well-formed record left behind a shorter new one would be
+        // replayed as if it were part of the log.
+        segment.map[offset..offset + last_dirty + 1].fill(0);
+        segment.file.sync_data()?;
+        tracing::warn!(segment = %segment.path().display(), offset, "WAL torn tail cut");
+        report.torn_tail = Some((segment.path().to_path_buf(), offset as u64));
+        Ok(())
+    }
+
+    /// Applies one record that passed its checksum; `end` is the position
+    /// just after it. Returns the last entry index of an entries record.
+    fn apply(
+        &mut self,
+        path: &Path,
+        end: Position,
+        kind: u8,
+        payload: &[u8],
+        payload_offset: usize,
+    ) -> Result<Option<u64>, String> {
+        match kind {
+            format::KIND_ENTRIES => self
+                .apply_entries(path, end.sequence, payload, payload_offset)
+                .map(Some),
+            format::KIND_HARD_STATE => {
+                self.hard_state = format::decode_hard_state(payload)?;
+                Ok(None)
+            }
+            format::KIND_CONF_STATE => {
+                self.conf_state = Some(format::decode_conf_state(payload)?);
+                Ok(None)
+            }
+            format::KIND_SNAPSHOT_MARKER => {
+                let (marker, discard_log) = format::decode_snapshot_marker(payload)?;
+                self.apply_marker(marker, discard_log, end).map(|()| None)
+            }
+            other => Err(format!("unknown record kind {other}")),
+        }
+    }
+
+    fn apply_entries(
+        &mut self,
+        path: &Path,
+        sequence: u64,
+        payload: &[u8],
+        payload_offset: usize,
+    ) -> Result<u64, String> {
+        let first_index = format::read_u64(
+            payload
+                .get(..8)
+                .ok_or("entries payload shorter than 8 bytes")?,
+            0,
+        );
+        if first_index <= self.marker.index {
+            return Err(format!(
+                "entries record starts at index {first_index}, inside the snapshot marker at index {}",
+                self.marker.index
+            ));
+        }
+        let log_end = self.log_start + self.index.len() as u64;
+        if first_index < self.log_start || first_index > log_end {
+            // Only legal if compaction deleted the segments holding the entries
+            // before `first_index`; `check_log_is_contiguous` verifies a
+            // snapshot marker covers them by the end of replay.
+            self.index.clear();
+            self.log_start = first_index;
+            let record_offset = payload_offset - format::RECORD_HEADER_LEN - format::KIND_LEN;
+            self.log_restart = Some((path.to_path_buf(), record_offset as u64));
+        } else {
+            self.index.truncate((first_index - self.log_start) as usize);
+        }
+        let index = &mut self.index;
+        let (first, count) = format::decode_entries(payload, |layout| {
+            index.push_back(EntryLocation {
+                term: layout.term,
+                sequence,
+                data_offset: (payload_offset + layout.data_offset) as u32,
+                data_len: layout.data_len as u32,
+                entry_type: layout.entry_type,
+            });
+        })?;
+        Ok(first + u64::from(count) - 1)
+    }
+
+    fn apply_marker(
+        &mut self,
+        marker: SnapshotMarker,
+        discard_log: bool,
+        end: Position,
+    ) -> Result<(), String> {
+        if marker.index < self.marker.index {
+            return Err(format!(
+                "snapshot marker at index {} is older than the one before it at index {}",
+                marker.index, self.marker.index
+            ));
+        }
+        if discard_log {
+            self.index.clear();
+        } else if self.log_start <= marker.index {
+            let covered = (marker.index + 1 - self.log_start).min(self.index.len() as u64);
+            self.index.drain(..covered as usize);
+            self.log_start += covered;
+        }
+        if self.index.is_empty() {
+            self.log_start = marker.index + 1;
+        }
+        self.marker = marker;
+        self.marker_position = end;
+        Ok(())
+    }
+
+    fn check_log_is_contiguous(&self) -> Result<(), WalError> {
+        if self.log_start == self.marker.index + 1 {
+            return Ok(());
+        }
+        let (segment, offset) = self.log_restart.clone().unwrap_or_default();
+        let reason = format!(
+            "the log resumes at index {} but the snapshot marker is at index {}: entries {}..{} are missing",
+            self.log_start,
+            self.marker.index,
+            self.marker.index + 1,
+            self.log_start - 1
+        );
+        Err(WalError::corrupt(segment, offset, reason))
+    }
+}
+
+/// Offsets of the first and last non-zero byte, if any. Skips zero pages
+/// fast: the unwritten rest of a segment is usually most of it.
+fn nonzero_span(bytes: &[u8]) -> Option<(usize, usize)> {
+    const CHUNK: usize = 4096;
+    let is_zero = |chunk: &[u8]| chunk.iter().fold(0u8, |acc, &b| acc | b) == 0;
+    let first_chunk = bytes.chunks(CHUNK).position(|chunk| !is_zero(chunk))?;
+    let first = first_chunk * CHUNK + bytes[first_chunk * CHUNK..].iter().position(|&b| b != 0)?;
+    let last_chunk = bytes.chunks(CHUNK).rposition(|chunk| !is_zero(chunk))?;
+    let chunk_end = (last_chunk * CHUNK + CHUNK).min(bytes.len());
+    let last = last_chunk * CHUNK
+        + bytes[last_chunk * CHUNK..chunk_end]
+            .iter()
+            .rposition(|&b| b != 0)?;
+    Some((first, last))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nonzero_span_finds_both_ends() {
+        let mut bytes = vec![0u8; 3 * 4096 + 100];
+        assert_eq!(nonzero_span(&bytes), None);
+        bytes[5000] = 1;
+        assert_eq!(nonzero_span(&bytes), Some((5000, 5000)));
+        bytes[3 * 4096 + 99] = 7;
+        bytes[17] = 2;
+        assert_eq!(nonzero_span(&bytes), Some((17, 3 * 4096 + 99)));
+    }
+
+    #[test]
+    fn options_are_validated() {
+        for segment_bytes in [0, 4095, 4100, MAX_SEGMENT_BYTES + 8] {
+            let options = WalOptions {
+                segment_bytes,
+                shard_id: 0,
+            };
+            assert!(
+                matches!(
+                    validate_options(&options),
+                    Err(WalError::InvalidOptions { .. })
+                ),
+                "{segment_bytes}"
+            );
+        }
+        validate_options(&WalOptions::default()).unwrap();
+    }
+}

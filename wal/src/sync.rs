@@ -1,0 +1,207 @@
+//! Group commit: a `SyncJob` carries what must be made durable, owns shared
+//! handles to the files, and runs away from the WAL (on io_uring through
+//! monoio, or blocking on a helper thread) while the shard keeps appending.
+
+use std::fmt;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use crate::error::WalError;
+use crate::format::HEADER_LEN;
+use crate::segment::SegmentFile;
+
+/// A position in the log: a segment and a byte offset in it. Ordered like the
+/// log (segments by sequence, then offsets).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) struct Position {
+    pub(crate) sequence: u64,
+    pub(crate) offset: usize,
+}
+
+/// One step of a sync job, run in order.
+pub(crate) enum SyncStep {
+    /// fsync the WAL directory: segment files created since the last sync
+    /// must have durable names before any of their headers becomes valid.
+    Directory(Arc<SegmentFile>),
+    /// pwrite a segment's header. Runs only after every older segment is
+    /// durable (the previous steps), see the format doc.
+    WriteHeader(Arc<SegmentFile>, [u8; HEADER_LEN]),
+    /// fdatasync a segment: writes back the pages dirtied through the mapping.
+    DataSync(Arc<SegmentFile>),
+}
+
+/// Makes everything appended before `Wal::begin_sync` durable. Send and
+/// 'static: hand it to the runtime or a thread, then give the outcome back to
+/// `Wal::finish_sync`.
+///
+/// A shard thread must use [`SyncJob::run`] (io_uring); [`SyncJob::run_blocking`]
+/// blocks the calling thread for the duration of the fdatasync and is for
+/// tests, tools and helper threads.
+#[must_use = "a sync job does nothing until run and handed back to Wal::finish_sync"]
+pub struct SyncJob {
+    pub(crate) steps: Vec<SyncStep>,
+    pub(crate) target: Position,
+    pub(crate) created_segments: u64,
+}
+
+/// The result of a `SyncJob`, to hand to `Wal::finish_sync`. Opaque: it
+/// carries the position the job made durable and the I/O result.
+#[must_use = "hand the outcome to Wal::finish_sync, or the WAL stays with a sync in flight"]
+pub struct SyncOutcome {
+    pub(crate) target: Position,
+    pub(crate) created_segments: u64,
+    pub(crate) result: Result<(), WalError>,
+}
+
+impl SyncOutcome {
+    /// Whether the job succeeded (the error itself is returned by
+    /// `Wal::finish_sync`).
+    pub fn is_ok(&self) -> bool {
+        self.result.is_ok()
+    }
+}
+
+impl SyncJob {
+    /// Runs the job on the calling thread with blocking system calls.
+    pub fn run_blocking(self) -> SyncOutcome {
+        let result = self.steps.iter().try_for_each(|step| match step {
+            SyncStep::Directory(dir) => dir.sync_all(),
+            SyncStep::WriteHeader(segment, header) => segment.write_header(header),
+            SyncStep::DataSync(segment) => segment.sync_data(),
+        });
+        self.outcome(result)
+    }
+
+    /// Runs the job through monoio: fdatasync (and the header writes and the
+    /// directory fsync after a rotation) go through io_uring, so the shard's
+    /// event loop keeps running while the disk works. Falls back to whatever
+    /// monoio's driver does without io_uring (a blocking call).
+    #[cfg(feature = "monoio")]
+    pub async fn run(self) -> SyncOutcome {
+        let mut result = Ok(());
+        for step in &self.steps {
+            result = run_step_async(step).await;
+            if result.is_err() {
+                break;
+            }
+        }
+        self.outcome(result)
+    }
+
+    fn outcome(self, result: Result<(), WalError>) -> SyncOutcome {
+        SyncOutcome {
+            target: self.target,
+            created_segments: self.created_segments,
+            result,
+        }
+    }
+}
+
+#[cfg(feature = "monoio")]
+async fn run_step_async(step: &SyncStep) -> Result<(), WalError> {
+    let (segment, op) = match step {
+        SyncStep::Directory(dir) => (dir, "fsync"),
+        SyncStep::WriteHeader(segment, _) => (segment, "write segment header"),
+        SyncStep::DataSync(segment) => (segment, "fdatasync"),
+    };
+    let error = |e| WalError::io(&segment.path, op, e);
+    // monoio's File owns (and closes) its descriptor, so it gets a dup: the
+    // WAL keeps its own descriptor for the mapping and later jobs.
+    let std_file = segment
+        .file
+        .try_clone()
+        .map_err(|e| WalError::io(&segment.path, "dup", e))?;
+    let file = monoio::fs::File::from_std(std_file).map_err(error)?;
+    let result = match step {
+        SyncStep::Directory(_) => file.sync_all().await,
+        SyncStep::WriteHeader(_, header) => file.write_all_at(header.to_vec(), 0).await.0,
+        SyncStep::DataSync(_) => file.sync_data().await,
+    };
+    let _ = file.close().await;
+    result.map_err(error)
+}
+
+/// Deletes segment files that `Wal::take_obsolete_segments` handed out, oldest
+/// first (so a crash midway leaves a contiguous suffix), then fsyncs their
+/// directories. Blocking: unlinking a large file can take milliseconds, so
+/// run it off the shard thread. Files already gone are not an error.
+pub fn remove_segments(mut paths: Vec<PathBuf>) -> Result<(), WalError> {
+    paths.sort();
+    let mut dirs: Vec<PathBuf> = Vec::new();
+    for path in &paths {
+        match std::fs::remove_file(path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(WalError::io(path, "remove segment", e)),
+        }
+        if let Some(dir) = path.parent() {
+            if !dirs.iter().any(|d| d == dir) {
+                dirs.push(dir.to_path_buf());
+            }
+        }
+    }
+    for dir in dirs {
+        SegmentFile::open_dir(&dir)?.sync_all()?;
+    }
+    Ok(())
+}
+
+impl fmt::Debug for SyncJob {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SyncJob")
+            .field("steps", &self.steps.len())
+            .field("target", &self.target)
+            .finish()
+    }
+}
+
+impl fmt::Debug for SyncOutcome {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SyncOutcome")
+            .field("target", &self.target)
+            .field("result", &self.result)
+            .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn assert_send_static<T: Send + 'static>() {}
+
+    #[test]
+    fn job_and_outcome_are_send_and_static() {
+        assert_send_static::<SyncJob>();
+        assert_send_static::<SyncOutcome>();
+    }
+
+    #[test]
+    fn remove_segments_removes_in_order_and_tolerates_missing_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = dir.path().join("0000000000000001.wal");
+        let b = dir.path().join("0000000000000002.wal");
+        std::fs::write(&a, b"a").unwrap();
+        std::fs::write(&b, b"b").unwrap();
+        remove_segments(vec![
+            b.clone(),
+            a.clone(),
+            dir.path().join("0000000000000009.wal"),
+        ])
+        .unwrap();
+        assert!(!a.exists() && !b.exists());
+    }
+
+    #[test]
+    fn remove_segments_names_the_file_it_cannot_remove() {
+        let dir = tempfile::tempdir().unwrap();
+        let not_a_file = dir.path().join("0000000000000001.wal");
+        std::fs::create_dir(&not_a_file).unwrap();
+        std::fs::write(not_a_file.join("x"), b"x").unwrap();
+        let error = remove_segments(vec![not_a_file.clone()]).unwrap_err();
+        assert!(
+            error.to_string().contains("0000000000000001.wal"),
+            "{error}"
+        );
+    }
+}
