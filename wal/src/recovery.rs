@@ -433,6 +433,221 @@ fn nonzero_span(bytes: &[u8]) -> Option<(usize, usize)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::types::EntryRef;
+
+    const SEGMENT_BYTES: u64 = 4096;
+    /// Offset of the first record after the metadata copies of a segment
+    /// without conf state: header, hard state record (40), marker record (32).
+    const FIRST_RECORD_OFFSET: u64 = HEADER_LEN as u64 + 40 + 32;
+
+    fn open_wal(dir: &Path) -> Result<Wal, WalError> {
+        Wal::open(
+            dir,
+            WalOptions {
+                segment_bytes: SEGMENT_BYTES,
+                shard_id: 1,
+            },
+        )
+    }
+
+    /// A synced WAL of `count` entries of 100 bytes (about 35 per segment).
+    fn write_log(dir: &Path, count: u64) -> Vec<PathBuf> {
+        let mut wal = open_wal(dir).unwrap();
+        let data = [7u8; 100];
+        for index in 1..=count {
+            let entry = EntryRef {
+                index,
+                term: 1,
+                entry_type: 0,
+                data: &data,
+            };
+            wal.append_entries(&[entry]).unwrap();
+        }
+        wal.sync().unwrap();
+        wal.segments
+            .iter()
+            .map(|s| s.path().to_path_buf())
+            .collect()
+    }
+
+    fn patch(path: &Path, offset: u64, bytes: &[u8]) {
+        let file = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+        file.write_all_at(bytes, offset).unwrap();
+    }
+
+    fn expect_corrupt(result: Result<Wal, WalError>) -> (PathBuf, u64, String) {
+        match result {
+            Err(WalError::Corrupt {
+                segment,
+                offset,
+                reason,
+            }) => (segment, offset, reason),
+            other => panic!("expected Corrupt, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn torn_tail_of_newest_segment_is_cut_zeroed_and_reported() {
+        let dir = tempfile::tempdir().unwrap();
+        let paths = write_log(dir.path(), 10);
+        assert_eq!(paths.len(), 1);
+        let end = {
+            let wal = open_wal(dir.path()).unwrap();
+            wal.active().write_offset as u64
+        };
+        // Half a record: a length that promises more than the crc covers.
+        patch(&paths[0], end, &[200, 0, 0, 0, 1, 2, 3, 4, 1, 9, 9]);
+        patch(&paths[0], end + 900, b"stray page");
+        let mut wal = open_wal(dir.path()).unwrap();
+        assert_eq!(wal.recovery().torn_tail, Some((paths[0].clone(), end)));
+        assert_eq!(wal.last_index(), 10);
+        let on_disk = std::fs::read(&paths[0]).unwrap();
+        assert!(
+            on_disk[end as usize..].iter().all(|&b| b == 0),
+            "torn tail zeroed on disk"
+        );
+        let data = [1u8; 3];
+        let entry = EntryRef {
+            index: 11,
+            term: 1,
+            entry_type: 0,
+            data: &data,
+        };
+        wal.append_entries(&[entry]).unwrap();
+        wal.sync().unwrap();
+        drop(wal);
+        let wal = open_wal(dir.path()).unwrap();
+        assert_eq!(wal.recovery().torn_tail, None);
+        assert_eq!(wal.last_index(), 11);
+    }
+
+    #[test]
+    fn bad_record_in_older_segment_is_corruption_naming_file_and_offset() {
+        let dir = tempfile::tempdir().unwrap();
+        let paths = write_log(dir.path(), 120);
+        assert!(paths.len() >= 3, "{paths:?}");
+        // A flipped bit in the data of the first entry of segment 1.
+        patch(&paths[0], FIRST_RECORD_OFFSET + 40, &[0xff]);
+        let (segment, offset, reason) = expect_corrupt(open_wal(dir.path()));
+        assert_eq!((segment, offset), (paths[0].clone(), FIRST_RECORD_OFFSET));
+        assert!(reason.contains("checksum expected"), "{reason}");
+        let message = expect_corrupt_message(dir.path());
+        assert!(
+            message.contains("0000000000000001.wal is corrupt at offset 104: checksum"),
+            "{message}"
+        );
+    }
+
+    fn expect_corrupt_message(dir: &Path) -> String {
+        open_wal(dir).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn impossible_length_in_older_segment_is_corruption() {
+        let dir = tempfile::tempdir().unwrap();
+        let paths = write_log(dir.path(), 120);
+        patch(&paths[1], FIRST_RECORD_OFFSET, &u32::MAX.to_le_bytes());
+        let (segment, offset, reason) = expect_corrupt(open_wal(dir.path()));
+        assert_eq!((segment, offset), (paths[1].clone(), FIRST_RECORD_OFFSET));
+        assert!(reason.contains("exceeds"), "{reason}");
+    }
+
+    #[test]
+    fn zeroed_record_in_older_segment_is_corruption_not_an_early_end() {
+        let dir = tempfile::tempdir().unwrap();
+        let paths = write_log(dir.path(), 120);
+        // Zeroing a record's length makes the records after it look like
+        // stray bytes after the end: still caught.
+        patch(&paths[0], FIRST_RECORD_OFFSET, &[0u8; 8]);
+        let (segment, offset, reason) = expect_corrupt(open_wal(dir.path()));
+        assert_eq!(segment, paths[0]);
+        assert!(offset > FIRST_RECORD_OFFSET, "{offset}");
+        assert!(
+            reason.contains("non-zero bytes after the last record"),
+            "{reason}"
+        );
+    }
+
+    #[test]
+    fn unsynced_segment_after_the_newest_is_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let paths = write_log(dir.path(), 10);
+        let leftover = dir.path().join(format::segment_file_name(2));
+        std::fs::write(&leftover, vec![0u8; 4096]).unwrap();
+        let short = dir.path().join(format::segment_file_name(3));
+        std::fs::write(&short, b"").unwrap();
+        let wal = open_wal(dir.path()).unwrap();
+        assert_eq!(
+            wal.recovery().unsynced_segments_removed,
+            vec![leftover.clone(), short.clone()]
+        );
+        assert!(!leftover.exists() && !short.exists());
+        assert_eq!(wal.last_index(), 10);
+        assert_eq!(wal.active().path(), paths[0]);
+    }
+
+    #[test]
+    fn never_written_header_before_a_valid_segment_is_corruption() {
+        let dir = tempfile::tempdir().unwrap();
+        let paths = write_log(dir.path(), 120);
+        patch(&paths[1], 0, &[0u8; HEADER_LEN]);
+        let (segment, offset, reason) = expect_corrupt(open_wal(dir.path()));
+        assert_eq!((segment, offset), (paths[1].clone(), 0));
+        assert!(reason.contains("never written"), "{reason}");
+    }
+
+    #[test]
+    fn damaged_header_is_corruption_even_in_the_newest_segment() {
+        let dir = tempfile::tempdir().unwrap();
+        let paths = write_log(dir.path(), 10);
+        patch(&paths[0], 3, b"X");
+        let (segment, offset, reason) = expect_corrupt(open_wal(dir.path()));
+        assert_eq!((segment, offset), (paths[0].clone(), 0));
+        assert!(reason.contains("magic expected"), "{reason}");
+    }
+
+    #[test]
+    fn segment_of_another_shard_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let paths = write_log(dir.path(), 10);
+        let options = WalOptions {
+            segment_bytes: SEGMENT_BYTES,
+            shard_id: 2,
+        };
+        match Wal::open(dir.path(), options) {
+            Err(WalError::WrongShard {
+                segment,
+                found,
+                expected,
+            }) => {
+                assert_eq!((segment, found, expected), (paths[0].clone(), 1, 2));
+            }
+            other => panic!("expected WrongShard, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn missing_middle_segment_is_corruption() {
+        let dir = tempfile::tempdir().unwrap();
+        let paths = write_log(dir.path(), 120);
+        std::fs::remove_file(&paths[1]).unwrap();
+        let (segment, _, reason) = expect_corrupt(open_wal(dir.path()));
+        assert_eq!(segment, paths[2]);
+        assert!(reason.contains("jumps from 1 to 3"), "{reason}");
+    }
+
+    #[test]
+    fn missing_oldest_segment_without_a_covering_snapshot_is_corruption() {
+        let dir = tempfile::tempdir().unwrap();
+        let paths = write_log(dir.path(), 120);
+        std::fs::remove_file(&paths[0]).unwrap();
+        let (segment, _, reason) = expect_corrupt(open_wal(dir.path()));
+        assert_eq!(segment, paths[1]);
+        assert!(
+            reason.contains("entries 1..") && reason.contains("are missing"),
+            "{reason}"
+        );
+    }
 
     #[test]
     fn nonzero_span_finds_both_ends() {
