@@ -1,8 +1,470 @@
-//! Command-line entry point.
+//! The `corekv` command line: `run` and `dev` start nodes; `put`, `get`,
+//! `del`, `cas`, `scan` and `status` are the client side.
+//!
+//! Exit codes of the client commands: 0 success; 1 a get that found nothing
+//! or a VERSION_MISMATCH; 2 any other error (printed on stderr).
 
 use std::process::ExitCode;
+use std::time::Duration;
 
-/// Runs the `corekv` command line.
+use bytes::Bytes;
+use clap::{Parser, Subcommand, ValueEnum};
+use corekv_proto::client::{Consistency, ErrorCode, Role};
+use serde_json::json;
+
+use crate::client::{Client, ClientError, ClientOptions};
+use crate::config::{Config, RunArgs};
+
+/// corekv: a Raft-replicated, shard-per-core key-value store.
+#[derive(Parser, Debug)]
+#[command(name = "corekv", version, about)]
+pub struct Cli {
+    /// Client endpoints (host:port of a node's client port), comma-separated.
+    #[arg(
+        long,
+        global = true,
+        env = "COREKV_ENDPOINTS",
+        default_value = "127.0.0.1:7100",
+        value_delimiter = ','
+    )]
+    endpoints: Vec<String>,
+    /// Print one JSON object instead of human-readable output.
+    #[arg(long, global = true)]
+    json: bool,
+    /// How long a client command may take, retries included.
+    #[arg(long, global = true, default_value = "10s", value_parser = parse_duration)]
+    timeout: Duration,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run a node.
+    Run(Box<RunArgs>),
+    /// Start a local cluster for trying corekv out (one child process per node).
+    Dev(crate::dev::DevArgs),
+    /// Write a value.
+    Put {
+        /// The key.
+        key: String,
+        /// The value.
+        value: String,
+    },
+    /// Read a value (exit code 1 if the key does not exist).
+    Get {
+        /// The key.
+        key: String,
+        /// How fresh the answer must be.
+        #[arg(long, value_enum, default_value_t = ConsistencyArg::Linearizable)]
+        consistency: ConsistencyArg,
+    },
+    /// Delete a key.
+    Del {
+        /// The key.
+        key: String,
+        /// Delete only if the key is at this version (exit code 1 otherwise).
+        #[arg(long)]
+        expect_version: Option<u64>,
+    },
+    /// Compare-and-swap: write only if the key is at the expected version
+    /// (0 = the key must not exist); exit code 1 on a mismatch.
+    Cas {
+        /// The key.
+        key: String,
+        /// The version the key must have.
+        #[arg(long)]
+        expect_version: u64,
+        /// The new value.
+        value: String,
+    },
+    /// List keys in order.
+    Scan {
+        /// Only keys starting with this prefix.
+        #[arg(long, conflicts_with_all = ["from", "to"])]
+        prefix: Option<String>,
+        /// First key (inclusive).
+        #[arg(long)]
+        from: Option<String>,
+        /// Last key (exclusive).
+        #[arg(long)]
+        to: Option<String>,
+        /// At most this many pairs.
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
+        /// How fresh the answer must be.
+        #[arg(long, value_enum, default_value_t = ConsistencyArg::Linearizable)]
+        consistency: ConsistencyArg,
+    },
+    /// Raft status of every shard of every node.
+    Status,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum ConsistencyArg {
+    Linearizable,
+    Lease,
+    Stale,
+}
+
+impl From<ConsistencyArg> for Consistency {
+    fn from(c: ConsistencyArg) -> Self {
+        match c {
+            ConsistencyArg::Linearizable => Consistency::Linearizable,
+            ConsistencyArg::Lease => Consistency::Lease,
+            ConsistencyArg::Stale => Consistency::Stale,
+        }
+    }
+}
+
+/// Parses `10s`, `500ms`, `2m` or a plain number of seconds.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let (number, unit) = match text.find(|c: char| !c.is_ascii_digit() && c != '.') {
+        Some(i) => text.split_at(i),
+        None => (text, "s"),
+    };
+    let value: f64 = number
+        .parse()
+        .map_err(|_| format!("`{text}` is not a duration like 10s, 500ms or 2m"))?;
+    let seconds = match unit {
+        "ms" => value / 1000.0,
+        "s" => value,
+        "m" => value * 60.0,
+        "h" => value * 3600.0,
+        _ => {
+            return Err(format!(
+                "`{text}`: unknown unit `{unit}` (use ms, s, m or h)"
+            ))
+        }
+    };
+    Ok(Duration::from_secs_f64(seconds))
+}
+
+/// Runs the command line and returns the process exit code.
 pub fn main() -> ExitCode {
-    ExitCode::SUCCESS
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Run(args) => run_node(&args),
+        Command::Dev(args) => {
+            init_logging("info", false);
+            match crate::dev::run(args) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("error: {e:#}");
+                    ExitCode::from(2)
+                }
+            }
+        }
+        command => {
+            init_logging(
+                &std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
+                false,
+            );
+            let options = ClientOptions {
+                endpoints: cli.endpoints.clone(),
+                request_timeout: cli.timeout,
+                ..Default::default()
+            };
+            let json = cli.json;
+            match block_on(client_command(command, options, json)) {
+                Ok(code) => code,
+                Err(e) => {
+                    eprintln!("error: {e:#}");
+                    ExitCode::from(2)
+                }
+            }
+        }
+    }
+}
+
+fn run_node(args: &RunArgs) -> ExitCode {
+    let config = match Config::load(args) {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("error: invalid configuration: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    init_logging(
+        &config.log_level,
+        config.log_format == crate::config::LogFormat::Json,
+    );
+    match crate::node::run(config) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            eprintln!("error: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// Sets up `tracing` with filter `level` (EnvFilter syntax). The node's
+/// config already folds RUST_LOG into its `log_level`; client commands let
+/// RUST_LOG override their quiet default.
+pub fn init_logging(level: &str, json: bool) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_new(level).unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = if json {
+        builder.json().try_init()
+    } else {
+        builder.try_init()
+    };
+}
+
+/// Runs a future on a fresh single-threaded monoio runtime.
+pub fn block_on<F: std::future::Future>(future: F) -> F::Output {
+    let mut runtime = monoio::RuntimeBuilder::<monoio::FusionDriver>::new()
+        .enable_timer()
+        .build()
+        .expect("cannot build a monoio runtime");
+    runtime.block_on(future)
+}
+
+fn fail(error: &ClientError) -> ExitCode {
+    eprintln!("error: {error}");
+    match error.code() {
+        Some(ErrorCode::VersionMismatch) => ExitCode::from(1),
+        _ => ExitCode::from(2),
+    }
+}
+
+async fn client_command(
+    command: Command,
+    options: ClientOptions,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
+    let client = match Client::connect(options).await {
+        Ok(client) => client,
+        Err(e) => return Ok(fail(&e)),
+    };
+    let bytes = |s: String| Bytes::from(s.into_bytes());
+    let code = match command {
+        Command::Put { key, value } => match client.put(bytes(key), bytes(value)).await {
+            Ok(version) => {
+                print(
+                    json,
+                    json!({ "version": version }),
+                    &format!("OK version={version}"),
+                );
+                ExitCode::SUCCESS
+            }
+            Err(e) => fail(&e),
+        },
+        Command::Get { key, consistency } => {
+            match client.get(bytes(key.clone()), consistency.into()).await {
+                Ok(Some((value, version))) => {
+                    let text = String::from_utf8_lossy(&value).into_owned();
+                    print(
+                        json,
+                        json!({ "key": key, "value": text, "version": version, "found": true }),
+                        &text,
+                    );
+                    ExitCode::SUCCESS
+                }
+                Ok(None) => {
+                    if json {
+                        println!("{}", json!({ "key": key, "found": false }));
+                    }
+                    eprintln!("not found: {key}");
+                    ExitCode::from(1)
+                }
+                Err(e) => fail(&e),
+            }
+        }
+        Command::Del {
+            key,
+            expect_version,
+        } => match client.delete(bytes(key), expect_version).await {
+            Ok(deleted) => {
+                print(
+                    json,
+                    json!({ "deleted": deleted }),
+                    if deleted { "deleted" } else { "not found" },
+                );
+                ExitCode::SUCCESS
+            }
+            Err(e) => fail(&e),
+        },
+        Command::Cas {
+            key,
+            expect_version,
+            value,
+        } => match client.cas(bytes(key), expect_version, bytes(value)).await {
+            Ok(version) => {
+                print(
+                    json,
+                    json!({ "version": version }),
+                    &format!("OK version={version}"),
+                );
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                if let ClientError::Server {
+                    code: ErrorCode::VersionMismatch,
+                    current_version,
+                    ..
+                } = e
+                {
+                    if json {
+                        println!(
+                            "{}",
+                            json!({ "error": "version mismatch", "current_version": current_version })
+                        );
+                    }
+                }
+                fail(&e)
+            }
+        },
+        Command::Scan {
+            prefix,
+            from,
+            to,
+            limit,
+            consistency,
+        } => {
+            let (start, end) = match prefix {
+                Some(prefix) => {
+                    let end = prefix_end(prefix.as_bytes());
+                    (Bytes::from(prefix.into_bytes()), end)
+                }
+                None => (
+                    from.map(bytes).unwrap_or_default(),
+                    to.map(bytes).unwrap_or_default(),
+                ),
+            };
+            match client.scan(start, end, limit, consistency.into()).await {
+                Ok(result) => {
+                    if json {
+                        let pairs: Vec<_> = result
+                            .pairs
+                            .iter()
+                            .map(|kv| {
+                                json!({
+                                    "key": String::from_utf8_lossy(&kv.key),
+                                    "value": String::from_utf8_lossy(&kv.value),
+                                    "version": kv.version,
+                                })
+                            })
+                            .collect();
+                        println!("{}", json!({ "pairs": pairs, "more": result.more }));
+                    } else {
+                        for kv in &result.pairs {
+                            println!(
+                                "{}\t{}",
+                                String::from_utf8_lossy(&kv.key),
+                                String::from_utf8_lossy(&kv.value)
+                            );
+                        }
+                        if result.more {
+                            eprintln!("(more: raise --limit to see further keys)");
+                        }
+                    }
+                    ExitCode::SUCCESS
+                }
+                Err(e) => fail(&e),
+            }
+        }
+        Command::Status => status(&client, json).await,
+        Command::Run(_) | Command::Dev(_) => unreachable!("handled before connecting"),
+    };
+    Ok(code)
+}
+
+fn print(json: bool, value: serde_json::Value, text: &str) {
+    if json {
+        println!("{value}");
+    } else {
+        println!("{text}");
+    }
+}
+
+/// The smallest key greater than every key with `prefix` (empty = no bound).
+fn prefix_end(prefix: &[u8]) -> Bytes {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return Bytes::from(end);
+        }
+    }
+    Bytes::new()
+}
+
+/// Role name as `status` prints it.
+pub fn role_name(role: i32) -> &'static str {
+    match Role::try_from(role) {
+        Ok(Role::Leader) => "leader",
+        Ok(Role::Candidate) => "candidate",
+        Ok(Role::PreCandidate) => "pre_candidate",
+        _ => "follower",
+    }
+}
+
+async fn status(client: &Client, json: bool) -> ExitCode {
+    let mut nodes = Vec::new();
+    let mut rows = Vec::new();
+    let mut any_error = false;
+    for (node_id, addr) in client.node_addrs() {
+        let status = match addr.parse() {
+            Ok(socket) => client.status_at(socket).await.map_err(|e| e.to_string()),
+            Err(e) => Err(format!("bad address {addr}: {e}")),
+        };
+        match status {
+            Ok(status) => {
+                let shards: Vec<_> = status
+                    .shards
+                    .iter()
+                    .map(|s| {
+                        rows.push(format!(
+                            "{node_id:<5} {:<5} {:<13} {:<6} {:<6} {:<8} {:<8} {:<8}{}",
+                            s.shard,
+                            role_name(s.role),
+                            s.term,
+                            s.leader_id,
+                            s.commit_index,
+                            s.applied_index,
+                            s.commit_index.saturating_sub(s.applied_index),
+                            if s.leader_id == 0 { "  NO LEADER" } else { "" }
+                        ));
+                        json!({
+                            "shard": s.shard,
+                            "role": role_name(s.role),
+                            "term": s.term,
+                            "leader_id": s.leader_id,
+                            "commit_index": s.commit_index,
+                            "applied_index": s.applied_index,
+                            "last_index": s.last_index,
+                        })
+                    })
+                    .collect();
+                nodes.push(json!({ "node_id": node_id, "client_addr": addr, "shards": shards }));
+            }
+            Err(e) => {
+                any_error = true;
+                rows.push(format!("{node_id:<5} unreachable: {e}"));
+                nodes.push(json!({ "node_id": node_id, "client_addr": addr, "error": e }));
+            }
+        }
+    }
+    if json {
+        println!("{}", json!({ "nodes": nodes }));
+    } else {
+        println!(
+            "{:<5} {:<5} {:<13} {:<6} {:<6} {:<8} {:<8} {:<8}",
+            "node", "shard", "role", "term", "leader", "commit", "applied", "lag"
+        );
+        for row in rows {
+            println!("{row}");
+        }
+    }
+    if any_error {
+        ExitCode::from(2)
+    } else {
+        ExitCode::SUCCESS
+    }
 }

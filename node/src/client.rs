@@ -1,0 +1,472 @@
+//! The corekv client library (async, monoio, single-threaded).
+//!
+//! Shard-aware: it fetches the topology, sends each key to
+//! `client_port + shard(key)` on the shard's leader, pipelines any number of
+//! requests per connection, follows NOT_LEADER hints, retries NOT_LEADER and
+//! UNAVAILABLE within its deadline, and fans scans out to every shard.
+//! It depends only on the wire contract and the transport, never on shard
+//! internals.
+
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use corekv_proto::client::{
+    request::Op, response, CompareAndSwap, Consistency, Delete, ErrorCode, Get, KeyValue, Put,
+    Request, Response, Scan, ScanResult, Status, StatusResult, Topology, TopologyResult,
+};
+use corekv_transport::{
+    connect, decode_message, encode_frame_bytes, spawn_writer, FrameReader, FrameSender,
+    SocketOptions, DEFAULT_MAX_FRAME_BYTES,
+};
+use futures_channel::oneshot;
+use monoio::io::Splitable;
+
+/// How a client behaves.
+#[derive(Clone, Debug)]
+pub struct ClientOptions {
+    /// Nodes to ask for the topology, `host:port` of a client port.
+    pub endpoints: Vec<String>,
+    /// Total time one call may take, retries included.
+    pub request_timeout: Duration,
+    /// Socket settings (connect timeout, keepalive).
+    pub socket: SocketOptions,
+    /// Largest response frame accepted.
+    pub max_frame_bytes: usize,
+}
+
+impl Default for ClientOptions {
+    fn default() -> Self {
+        Self {
+            endpoints: vec!["127.0.0.1:7100".to_string()],
+            request_timeout: Duration::from_secs(10),
+            socket: SocketOptions::default(),
+            max_frame_bytes: DEFAULT_MAX_FRAME_BYTES,
+        }
+    }
+}
+
+/// Why a call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The server answered with an error that retrying would not fix.
+    #[error("{code:?}: {message}")]
+    Server {
+        /// The error code.
+        code: ErrorCode,
+        /// The server's explanation.
+        message: String,
+        /// With VERSION_MISMATCH: the key's current version.
+        current_version: u64,
+    },
+    /// The deadline passed; the last attempt's problem is given. A write may
+    /// or may not have been applied.
+    #[error("gave up after {elapsed:?}: {last}")]
+    Timeout {
+        /// Time spent.
+        elapsed: Duration,
+        /// What the last attempt saw.
+        last: String,
+    },
+    /// No endpoint could be reached for the topology.
+    #[error("no endpoint reachable: {0}")]
+    NoEndpoint(String),
+}
+
+impl ClientError {
+    /// The server error code, if the server answered.
+    pub fn code(&self) -> Option<ErrorCode> {
+        match self {
+            ClientError::Server { code, .. } => Some(*code),
+            _ => None,
+        }
+    }
+}
+
+type Pending = RefCell<HashMap<u64, oneshot::Sender<Response>>>;
+
+/// One pipelined connection.
+struct Conn {
+    sender: FrameSender,
+    pending: Rc<Pending>,
+    closed: Rc<Cell<bool>>,
+}
+
+/// A shard-aware corekv client. Cheap to clone; not Send (one per thread).
+#[derive(Clone)]
+pub struct Client {
+    inner: Rc<Inner>,
+}
+
+struct Inner {
+    options: ClientOptions,
+    topology: RefCell<TopologyResult>,
+    conns: RefCell<HashMap<SocketAddr, Rc<Conn>>>,
+    next_id: Cell<u64>,
+    round_robin: Cell<usize>,
+}
+
+/// What a retry loop should do after one attempt.
+enum Attempt {
+    Done(response::Result),
+    Retry(String),
+}
+
+impl Client {
+    /// Connects to the first reachable endpoint and fetches the topology.
+    pub async fn connect(options: ClientOptions) -> Result<Client, ClientError> {
+        let client = Client {
+            inner: Rc::new(Inner {
+                options,
+                topology: RefCell::new(TopologyResult::default()),
+                conns: RefCell::new(HashMap::new()),
+                next_id: Cell::new(1),
+                round_robin: Cell::new(0),
+            }),
+        };
+        client.refresh_topology().await?;
+        Ok(client)
+    }
+
+    /// The topology as last fetched.
+    pub fn topology(&self) -> TopologyResult {
+        self.inner.topology.borrow().clone()
+    }
+
+    /// Re-reads the topology from the endpoints (then from any known node).
+    pub async fn refresh_topology(&self) -> Result<TopologyResult, ClientError> {
+        let mut candidates: Vec<String> = self.inner.options.endpoints.clone();
+        for node in &self.inner.topology.borrow().nodes {
+            candidates.push(format!("{}:{}", node.host, node.client_port));
+        }
+        let mut last = String::from("no endpoints given");
+        for endpoint in candidates {
+            let addr = match resolve(&endpoint) {
+                Ok(addr) => addr,
+                Err(e) => {
+                    last = e;
+                    continue;
+                }
+            };
+            match self.call_at(addr, Op::Topology(Topology {}), false).await {
+                Ok(response::Result::Topology(topology)) => {
+                    *self.inner.topology.borrow_mut() = topology.clone();
+                    return Ok(topology);
+                }
+                Ok(other) => last = format!("{endpoint}: unexpected answer {other:?}"),
+                Err(e) => last = format!("{endpoint}: {e}"),
+            }
+        }
+        Err(ClientError::NoEndpoint(last))
+    }
+
+    /// Writes `value` at `key`; returns the new version.
+    pub async fn put(&self, key: Bytes, value: Bytes) -> Result<u64, ClientError> {
+        match self.keyed(key.clone(), Op::Put(Put { key, value })).await? {
+            response::Result::Write(w) => Ok(w.version),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Reads `key`: `Some((value, version))` or `None` when absent.
+    pub async fn get(
+        &self,
+        key: Bytes,
+        consistency: Consistency,
+    ) -> Result<Option<(Bytes, u64)>, ClientError> {
+        let op = Op::Get(Get {
+            key: key.clone(),
+            consistency: consistency as i32,
+        });
+        match self.keyed(key, op).await? {
+            response::Result::Get(g) if g.found => Ok(Some((g.value, g.version))),
+            response::Result::Get(_) => Ok(None),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Deletes `key` (only at `expected_version` when given); true if it existed.
+    pub async fn delete(
+        &self,
+        key: Bytes,
+        expected_version: Option<u64>,
+    ) -> Result<bool, ClientError> {
+        let op = Op::Delete(Delete {
+            key: key.clone(),
+            expected_version,
+        });
+        match self.keyed(key, op).await? {
+            response::Result::Delete(d) => Ok(d.deleted),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Writes `value` if the key's version is `expected_version` (0 = absent).
+    pub async fn cas(
+        &self,
+        key: Bytes,
+        expected_version: u64,
+        value: Bytes,
+    ) -> Result<u64, ClientError> {
+        let op = Op::Cas(CompareAndSwap {
+            key: key.clone(),
+            expected_version,
+            value,
+        });
+        match self.keyed(key, op).await? {
+            response::Result::Write(w) => Ok(w.version),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Pairs in `[start, end)` from every shard, merged in key order.
+    pub async fn scan(
+        &self,
+        start: Bytes,
+        end: Bytes,
+        limit: u32,
+        consistency: Consistency,
+    ) -> Result<ScanResult, ClientError> {
+        let shards = self.inner.topology.borrow().shards.max(1);
+        let mut pairs: Vec<KeyValue> = Vec::new();
+        let mut more = false;
+        for shard in 0..shards {
+            let op = Op::Scan(Scan {
+                start: start.clone(),
+                end: end.clone(),
+                limit,
+                consistency: consistency as i32,
+                shard: Some(shard),
+            });
+            match self.routed(shard, op).await? {
+                response::Result::Scan(result) => {
+                    more |= result.more;
+                    pairs.extend(result.pairs);
+                }
+                other => return Err(unexpected(other)),
+            }
+        }
+        pairs.sort_by(|a, b| a.key.cmp(&b.key));
+        let limit = crate::state_machine::effective_limit(limit);
+        if pairs.len() > limit {
+            pairs.truncate(limit);
+            more = true;
+        }
+        Ok(ScanResult { pairs, more })
+    }
+
+    /// Status of the node at `addr` (a client port).
+    pub async fn status_at(&self, addr: SocketAddr) -> Result<StatusResult, ClientError> {
+        let answer = self.call_at(addr, Op::Status(Status {}), false).await;
+        match answer.map_err(ClientError::NoEndpoint)? {
+            response::Result::Status(s) => Ok(s),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Client address of shard 0 of every node in the topology.
+    pub fn node_addrs(&self) -> Vec<(u64, String)> {
+        self.inner
+            .topology
+            .borrow()
+            .nodes
+            .iter()
+            .map(|n| (n.node_id, format!("{}:{}", n.host, n.client_port)))
+            .collect()
+    }
+
+    async fn keyed(&self, key: Bytes, op: Op) -> Result<response::Result, ClientError> {
+        let shards = self.inner.topology.borrow().shards.max(1);
+        let shard = corekv_proto::shard_of(&key, shards);
+        self.routed(shard, op).await
+    }
+
+    /// Sends `op` to the leader of `shard`, following hints and retrying
+    /// NOT_LEADER and UNAVAILABLE until the deadline.
+    async fn routed(&self, shard: u32, op: Op) -> Result<response::Result, ClientError> {
+        let started = Instant::now();
+        let deadline = started + self.inner.options.request_timeout;
+        let mut backoff = Duration::from_millis(5);
+        loop {
+            let attempt = self.attempt(shard, op.clone()).await?;
+            let last = match attempt {
+                Attempt::Done(result) => return Ok(result),
+                Attempt::Retry(why) => why,
+            };
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(ClientError::Timeout {
+                    elapsed: now - started,
+                    last,
+                });
+            }
+            monoio::time::sleep(backoff.min(deadline - now)).await;
+            backoff = (backoff * 2).min(Duration::from_millis(200));
+            if backoff >= Duration::from_millis(40) {
+                let _ = self.refresh_topology().await;
+            }
+        }
+    }
+
+    async fn attempt(&self, shard: u32, op: Op) -> Result<Attempt, ClientError> {
+        let (addr, knows_leader) = self.target(shard)?;
+        match self.call_at(addr, op.clone(), knows_leader).await {
+            Ok(response::Result::Error(error)) => {
+                let code = ErrorCode::try_from(error.code).unwrap_or(ErrorCode::Internal);
+                match code {
+                    ErrorCode::NotLeader => {
+                        self.set_leader(shard, error.leader_id);
+                        Ok(Attempt::Retry(error.message))
+                    }
+                    ErrorCode::Unavailable => {
+                        self.set_leader(shard, 0);
+                        Ok(Attempt::Retry(error.message))
+                    }
+                    _ => Err(ClientError::Server {
+                        code,
+                        message: error.message,
+                        current_version: error.current_version,
+                    }),
+                }
+            }
+            Ok(result) => Ok(Attempt::Done(result)),
+            Err(e) => {
+                self.set_leader(shard, 0);
+                Ok(Attempt::Retry(e.to_string()))
+            }
+        }
+    }
+
+    /// The address to send a request for `shard` to, and whether it is the
+    /// known leader (then forwarding is switched off: we follow hints).
+    fn target(&self, shard: u32) -> Result<(SocketAddr, bool), ClientError> {
+        let topology = self.inner.topology.borrow();
+        if topology.nodes.is_empty() {
+            return Err(ClientError::NoEndpoint("empty topology".into()));
+        }
+        let leader = topology.leaders.get(shard as usize).copied().unwrap_or(0);
+        let node = match topology
+            .nodes
+            .iter()
+            .find(|n| n.node_id == leader && leader != 0)
+        {
+            Some(node) => node,
+            None => {
+                let i = self.inner.round_robin.get();
+                self.inner.round_robin.set(i.wrapping_add(1));
+                &topology.nodes[i % topology.nodes.len()]
+            }
+        };
+        let endpoint = format!("{}:{}", node.host, node.client_port + shard);
+        let addr = resolve(&endpoint).map_err(ClientError::NoEndpoint)?;
+        Ok((addr, leader != 0 && node.node_id == leader))
+    }
+
+    fn set_leader(&self, shard: u32, leader: u64) {
+        let mut topology = self.inner.topology.borrow_mut();
+        let shards = topology.shards as usize;
+        if topology.leaders.len() < shards {
+            topology.leaders.resize(shards, 0);
+        }
+        if let Some(slot) = topology.leaders.get_mut(shard as usize) {
+            *slot = leader;
+        }
+    }
+
+    /// One request to one address, no retries.
+    async fn call_at(
+        &self,
+        addr: SocketAddr,
+        op: Op,
+        no_forward: bool,
+    ) -> Result<response::Result, String> {
+        let conn = self.conn(addr).await?;
+        let id = self.inner.next_id.get();
+        self.inner.next_id.set(id + 1);
+        let (tx, rx) = oneshot::channel();
+        conn.pending.borrow_mut().insert(id, tx);
+        let frame = encode_frame_bytes(&Request {
+            id,
+            no_forward,
+            op: Some(op),
+        });
+        if let Err(e) = conn.sender.send(frame) {
+            conn.pending.borrow_mut().remove(&id);
+            return Err(format!("{addr}: cannot send: {e:?}"));
+        }
+        let timeout = self.inner.options.request_timeout;
+        match monoio::time::timeout(timeout, rx).await {
+            Ok(Ok(response)) => response
+                .result
+                .ok_or_else(|| format!("{addr}: empty response")),
+            Ok(Err(_)) => Err(format!("{addr}: connection closed before the answer")),
+            Err(_) => {
+                conn.pending.borrow_mut().remove(&id);
+                Err(format!("{addr}: no answer within {timeout:?}"))
+            }
+        }
+    }
+
+    async fn conn(&self, addr: SocketAddr) -> Result<Rc<Conn>, String> {
+        if let Some(conn) = self.inner.conns.borrow().get(&addr) {
+            if !conn.closed.get() {
+                return Ok(conn.clone());
+            }
+        }
+        let stream = connect(addr, &self.inner.options.socket)
+            .await
+            .map_err(|e| format!("{addr}: {e}"))?;
+        let (read_half, write_half) = stream.into_split();
+        let sender = spawn_writer(write_half, 64 << 20);
+        let pending: Rc<Pending> = Rc::new(RefCell::new(HashMap::new()));
+        let closed = Rc::new(Cell::new(false));
+        let conn = Rc::new(Conn {
+            sender: sender.clone(),
+            pending: pending.clone(),
+            closed: closed.clone(),
+        });
+        let reader = FrameReader::new(read_half, self.inner.options.max_frame_bytes);
+        monoio::spawn(read_responses(reader, pending, closed, sender));
+        self.inner.conns.borrow_mut().insert(addr, conn.clone());
+        Ok(conn)
+    }
+}
+
+async fn read_responses<R: monoio::io::AsyncReadRent>(
+    mut reader: FrameReader<R>,
+    pending: Rc<Pending>,
+    closed: Rc<Cell<bool>>,
+    sender: FrameSender,
+) {
+    while let Ok(Some(frame)) = reader.next_frame().await {
+        let Ok(response) = decode_message::<Response>(frame) else {
+            break;
+        };
+        if let Some(tx) = pending.borrow_mut().remove(&response.id) {
+            let _ = tx.send(response);
+        }
+    }
+    closed.set(true);
+    sender.close();
+    // Dropping the senders wakes every waiter with "connection closed".
+    pending.borrow_mut().clear();
+}
+
+fn resolve(endpoint: &str) -> Result<SocketAddr, String> {
+    endpoint
+        .to_socket_addrs()
+        .map_err(|e| format!("cannot resolve {endpoint}: {e}"))?
+        .next()
+        .ok_or_else(|| format!("{endpoint} resolves to no address"))
+}
+
+fn unexpected(result: response::Result) -> ClientError {
+    ClientError::Server {
+        code: ErrorCode::Internal,
+        message: format!("unexpected answer: {result:?}"),
+        current_version: 0,
+    }
+}

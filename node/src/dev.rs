@@ -1,0 +1,281 @@
+//! `corekv dev`: a local cluster for trying corekv out.
+//!
+//! Writes one config per node under `DIR/node{i}/corekv.toml` (node i:
+//! client port `base + 100*i`, peer port `base + 100*i + 50`, admin port
+//! `base + 100*i + 90`), starts one `corekv run` child per node, waits until
+//! every shard has a leader, and stops the children on Ctrl-C or SIGTERM.
+//! An existing directory is resumed: its configs and data are kept.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context as _};
+use clap::Args;
+
+use crate::client::{Client, ClientOptions};
+use crate::config::{Config, PeerConfig};
+
+/// Client and peer ports of a node are 50 apart, so a dev cluster has at
+/// most 40 shards (the admin port sits at +90).
+const MAX_DEV_SHARDS: u32 = 40;
+
+/// Options of `corekv dev`.
+#[derive(Args, Debug, Clone)]
+pub struct DevArgs {
+    /// Number of nodes.
+    #[arg(long, default_value_t = 3)]
+    pub nodes: u64,
+    /// Shards per node (default: the number of cores).
+    #[arg(long)]
+    pub shards: Option<u32>,
+    /// Directory for configs, data and logs.
+    #[arg(long, default_value = "./corekv-dev")]
+    pub dir: PathBuf,
+    /// Port base: node i listens for clients on base + 100*i.
+    #[arg(long, default_value_t = 7000)]
+    pub port_base: u16,
+    /// Only write the config files; start nothing.
+    #[arg(long)]
+    pub no_start: bool,
+}
+
+/// Ports of node `i` (1-based) for a port base.
+pub fn node_ports(base: u16, i: u64) -> anyhow::Result<(u16, u16, u16)> {
+    let client = u64::from(base) + 100 * i;
+    let (peer, admin) = (client + 50, client + 90);
+    if admin > u64::from(u16::MAX) {
+        bail!("--port-base {base} with node {i} needs port {admin}, above 65535");
+    }
+    Ok((client as u16, peer as u16, admin as u16))
+}
+
+/// The configs of a dev cluster.
+pub fn configs(args: &DevArgs) -> anyhow::Result<Vec<Config>> {
+    if args.nodes == 0 {
+        bail!("--nodes must be at least 1");
+    }
+    let shards = args.shards.unwrap_or_else(|| {
+        std::thread::available_parallelism().map_or(1, |n| (n.get() as u32).min(MAX_DEV_SHARDS))
+    });
+    if shards == 0 || shards > MAX_DEV_SHARDS {
+        bail!("--shards must be between 1 and {MAX_DEV_SHARDS}: node ports are 50 apart in a dev cluster");
+    }
+    let mut peers = Vec::new();
+    for i in 1..=args.nodes {
+        let (client_port, peer_port, admin_port) = node_ports(args.port_base, i)?;
+        peers.push(PeerConfig {
+            id: i,
+            host: "127.0.0.1".to_string(),
+            client_port,
+            peer_port,
+            admin_port: Some(admin_port),
+        });
+    }
+    let dir = std::path::absolute(&args.dir).unwrap_or_else(|_| args.dir.clone());
+    let mut configs = Vec::new();
+    for peer in &peers {
+        let text = format!(
+            "node_id = {id}\ndata_dir = {data:?}\nclient_port = {c}\npeer_port = {p}\nadmin_port = {a}\nshards = {shards}\n",
+            id = peer.id,
+            data = dir.join(format!("node{}", peer.id)).join("data").display().to_string(),
+            c = peer.client_port,
+            p = peer.peer_port,
+            a = peer.admin_port.unwrap_or_default(),
+        );
+        let mut text = text;
+        for p in &peers {
+            text.push_str(&format!(
+                "\n[[peers]]\nid = {}\nhost = \"{}\"\nclient_port = {}\npeer_port = {}\nadmin_port = {}\n",
+                p.id,
+                p.host,
+                p.client_port,
+                p.peer_port,
+                p.admin_port.unwrap_or_default()
+            ));
+        }
+        configs.push(Config::from_toml_str(&text).map_err(|e| anyhow::anyhow!("{e}"))?);
+    }
+    Ok(configs)
+}
+
+fn config_path(dir: &Path, id: u64) -> PathBuf {
+    dir.join(format!("node{id}")).join("corekv.toml")
+}
+
+/// Writes the config files (keeping existing ones) and returns their paths.
+pub fn write_configs(args: &DevArgs) -> anyhow::Result<Vec<PathBuf>> {
+    let mut paths = Vec::new();
+    for config in configs(args)? {
+        let path = config_path(&args.dir, config.node_id);
+        if path.exists() {
+            // Resume: the cluster's identity and ports live in these files.
+            Config::from_toml_str(&std::fs::read_to_string(&path)?)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        } else {
+            std::fs::create_dir_all(path.parent().expect("config path has a parent"))?;
+            std::fs::write(&path, config.to_toml_string())
+                .with_context(|| format!("cannot write {}", path.display()))?;
+        }
+        paths.push(path);
+    }
+    Ok(paths)
+}
+
+struct Children(Vec<(u64, Child)>);
+
+impl Drop for Children {
+    fn drop(&mut self) {
+        for (_, child) in &mut self.0 {
+            // SAFETY: kill(2) on the pid of a child we spawned and have not reaped.
+            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        }
+        for (id, child) in &mut self.0 {
+            let deadline = Instant::now() + Duration::from_secs(15);
+            loop {
+                match child.try_wait() {
+                    Ok(Some(_)) | Err(_) => break,
+                    Ok(None) if Instant::now() > deadline => {
+                        eprintln!("node {id} did not stop in time; killing it");
+                        let _ = child.kill();
+                        let _ = child.wait();
+                        break;
+                    }
+                    Ok(None) => std::thread::sleep(Duration::from_millis(20)),
+                }
+            }
+        }
+    }
+}
+
+/// Runs `corekv dev`.
+pub fn run(args: DevArgs) -> anyhow::Result<()> {
+    let paths = write_configs(&args)?;
+    if args.no_start {
+        for path in &paths {
+            println!("{}", path.display());
+        }
+        return Ok(());
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    signal_hook::flag::register(libc::SIGTERM, stop.clone())?;
+    signal_hook::flag::register(libc::SIGINT, stop.clone())?;
+
+    let exe = std::env::current_exe().context("cannot find the corekv executable")?;
+    let mut children = Children(Vec::new());
+    for (i, path) in paths.iter().enumerate() {
+        let id = i as u64 + 1;
+        let log_path = path.with_file_name("corekv.log");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)
+            .with_context(|| format!("cannot open {}", log_path.display()))?;
+        let child = Command::new(&exe)
+            .arg("run")
+            .arg("--config")
+            .arg(path)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("cannot start a node")?;
+        println!(
+            "started node {id} (pid {}), log {}",
+            child.id(),
+            log_path.display()
+        );
+        children.0.push((id, child));
+    }
+
+    let configs = configs(&args)?;
+    let endpoints: Vec<String> = configs
+        .iter()
+        .map(|c| format!("127.0.0.1:{}", c.client_port))
+        .collect();
+    crate::cli::block_on(wait_for_leaders(
+        &endpoints,
+        configs[0].shards,
+        Duration::from_secs(60),
+        &stop,
+    ))?;
+    println!();
+    println!(
+        "corekv dev cluster is up: {} nodes, {} shards each",
+        args.nodes, configs[0].shards
+    );
+    for c in &configs {
+        println!(
+            "  node {}: client 127.0.0.1:{}  admin http://127.0.0.1:{}",
+            c.node_id, c.client_port, c.admin_port
+        );
+    }
+    let flag = format!("--endpoints {}", endpoints.join(","));
+    println!();
+    println!("try:");
+    println!("  corekv {flag} put a 1");
+    println!("  corekv {flag} get a");
+    println!("  corekv {flag} status");
+    println!();
+    println!(
+        "Ctrl-C stops the cluster; data stays in {}",
+        args.dir.display()
+    );
+
+    while !stop.load(Ordering::Relaxed) {
+        for (id, child) in &mut children.0 {
+            if let Some(status) = child.try_wait()? {
+                bail!("node {id} exited ({status}); see its corekv.log");
+            }
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    println!("stopping");
+    Ok(())
+}
+
+/// Waits until every shard of every node reports a leader.
+pub async fn wait_for_leaders(
+    endpoints: &[String],
+    shards: u32,
+    within: Duration,
+    stop: &AtomicBool,
+) -> anyhow::Result<()> {
+    let deadline = Instant::now() + within;
+    let mut last = String::from("no answer yet");
+    while Instant::now() < deadline && !stop.load(Ordering::Relaxed) {
+        let options = ClientOptions {
+            endpoints: endpoints.to_vec(),
+            request_timeout: Duration::from_secs(1),
+            ..Default::default()
+        };
+        match Client::connect(options).await {
+            Ok(client) => {
+                let mut ready = true;
+                for (id, addr) in client.node_addrs() {
+                    match client.status_at(addr.parse()?).await {
+                        Ok(status)
+                            if status.shards.len() == shards as usize
+                                && status.shards.iter().all(|s| s.leader_id != 0) => {}
+                        Ok(_) => {
+                            ready = false;
+                            last = format!("node {id} has a shard without a leader");
+                        }
+                        Err(e) => {
+                            ready = false;
+                            last = format!("node {id}: {e}");
+                        }
+                    }
+                }
+                if ready {
+                    return Ok(());
+                }
+            }
+            Err(e) => last = e.to_string(),
+        }
+        monoio::time::sleep(Duration::from_millis(100)).await;
+    }
+    bail!("cluster not ready: {last}")
+}

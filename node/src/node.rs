@@ -1,0 +1,234 @@
+//! The node process: locks the data directory, starts one pinned thread per
+//! shard, and stops them on SIGTERM/SIGINT.
+
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Seek, Write};
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::Context as _;
+use corekv_proto::client::{Request, Response, ShardStatus};
+use corekv_transport::SocketOptions;
+
+use crate::config::Config;
+use crate::metrics::Metrics;
+
+/// Bound of each shard's cross-core queue; a full queue answers UNAVAILABLE.
+const CROSS_CORE_QUEUE: usize = 64 * 1024;
+
+/// What one shard thread sends another.
+pub enum CrossCore {
+    /// A client request that arrived on `origin_shard`'s port for a key of
+    /// the receiving shard.
+    Request {
+        origin_shard: u32,
+        conn: u64,
+        request: Request,
+    },
+    /// The answer to such a request, for connection `conn` of the receiver.
+    Reply { conn: u64, response: Response },
+    /// Stop: the node is shutting down.
+    Shutdown,
+}
+
+/// State every shard of the node can see. Written rarely (status once per
+/// loop turn, each shard its own slot), read by status requests.
+pub struct NodeShared {
+    /// The validated configuration.
+    pub config: Config,
+    /// Latest status published by each shard.
+    pub shard_status: Vec<Mutex<ShardStatus>>,
+    /// Each shard's cross-core queue.
+    pub cross: Vec<flume::Sender<CrossCore>>,
+    /// The metrics registry (each shard holds its own handles).
+    pub metrics: Arc<Metrics>,
+}
+
+impl NodeShared {
+    /// Socket options from the configuration.
+    pub fn socket_options(&self) -> SocketOptions {
+        SocketOptions {
+            nodelay: true,
+            keepalive_idle: Duration::from_millis(self.config.keepalive_idle_ms),
+            keepalive_interval: Duration::from_millis(self.config.keepalive_interval_ms),
+            keepalive_count: self.config.keepalive_count,
+            connect_timeout: Duration::from_millis(self.config.connect_timeout_ms),
+        }
+    }
+}
+
+/// An exclusive lock on the data directory, held for the life of the node.
+pub struct DataDirLock {
+    _file: File,
+}
+
+impl DataDirLock {
+    /// Takes the lock, or fails naming the directory and the holder's pid.
+    pub fn acquire(dir: &Path) -> anyhow::Result<DataDirLock> {
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("cannot create data dir {}", dir.display()))?;
+        let path = dir.join("LOCK");
+        let mut file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .with_context(|| format!("cannot open {}", path.display()))?;
+        // SAFETY: flock on a descriptor we own; no memory is involved.
+        let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+        if rc != 0 {
+            let mut holder = String::new();
+            let _ = file.read_to_string(&mut holder);
+            let holder = holder.trim();
+            let holder = if holder.is_empty() {
+                "unknown".to_string()
+            } else {
+                holder.to_string()
+            };
+            anyhow::bail!(
+                "data dir {} is locked by another corekv process (pid {holder})",
+                dir.display()
+            );
+        }
+        file.set_len(0)?;
+        file.rewind()?;
+        write!(file, "{}", std::process::id())?;
+        Ok(DataDirLock { _file: file })
+    }
+}
+
+enum Event {
+    Signal(i32),
+    ShardExited(u32, anyhow::Result<()>),
+}
+
+/// Runs the node until SIGTERM/SIGINT (exit 0) or a shard fails (error).
+pub fn run(config: Config) -> anyhow::Result<()> {
+    let _lock = DataDirLock::acquire(&config.data_dir)?;
+    let shards = config.shards;
+    let mut receivers = Vec::new();
+    let mut senders = Vec::new();
+    for _ in 0..shards {
+        let (tx, rx) = flume::bounded(CROSS_CORE_QUEUE);
+        senders.push(tx);
+        receivers.push(rx);
+    }
+    let node = Arc::new(NodeShared {
+        shard_status: (0..shards)
+            .map(|s| {
+                Mutex::new(ShardStatus {
+                    shard: s,
+                    ..Default::default()
+                })
+            })
+            .collect(),
+        cross: senders,
+        metrics: Metrics::new(),
+        config,
+    });
+    crate::admin::start(node.clone())?;
+    tracing::info!(
+        node_id = node.config.node_id,
+        shards,
+        data_dir = %node.config.data_dir.display(),
+        "corekv node starting"
+    );
+
+    let (events_tx, events_rx) = mpsc::channel::<Event>();
+    let mut signals = signal_hook::iterator::Signals::new([libc::SIGTERM, libc::SIGINT])
+        .context("cannot install signal handlers")?;
+    let signal_handle = signals.handle();
+    {
+        let events_tx = events_tx.clone();
+        std::thread::Builder::new()
+            .name("corekv-signals".into())
+            .spawn(move || {
+                for signal in signals.forever() {
+                    if events_tx.send(Event::Signal(signal)).is_err() {
+                        break;
+                    }
+                }
+            })?;
+    }
+
+    let cores = core_affinity::get_core_ids().unwrap_or_default();
+    let mut threads = Vec::new();
+    for (shard, rx) in (0..shards).zip(receivers) {
+        let node = node.clone();
+        let events_tx = events_tx.clone();
+        let core = (!cores.is_empty()).then(|| cores[shard as usize % cores.len()]);
+        let thread = std::thread::Builder::new()
+            .name(format!("corekv-shard-{shard}"))
+            .spawn(move || {
+                if let Some(core) = core {
+                    core_affinity::set_for_current(core);
+                }
+                let result = run_shard(shard, node, rx);
+                let _ = events_tx.send(Event::ShardExited(shard, result));
+            })
+            .context("cannot start shard thread")?;
+        threads.push(thread);
+    }
+    drop(events_tx);
+
+    let mut result = Ok(());
+    let mut running = shards;
+    let mut stopping = false;
+    while running > 0 {
+        match events_rx.recv() {
+            Ok(Event::Signal(signal)) => {
+                if stopping {
+                    continue;
+                }
+                stopping = true;
+                tracing::info!(signal, "shutting down");
+                for tx in &node.cross {
+                    let _ = tx.send(CrossCore::Shutdown);
+                }
+            }
+            Ok(Event::ShardExited(shard, exit)) => {
+                running -= 1;
+                if let Err(e) = exit {
+                    tracing::error!(shard, error = %format!("{e:#}"), "shard failed; stopping the node");
+                    if result.is_ok() {
+                        result = Err(e.context(format!("shard {shard} failed")));
+                    }
+                    if !stopping {
+                        stopping = true;
+                        for tx in &node.cross {
+                            let _ = tx.send(CrossCore::Shutdown);
+                        }
+                    }
+                }
+            }
+            Err(_) => break,
+        }
+    }
+    signal_handle.close();
+    for thread in threads {
+        let _ = thread.join();
+    }
+    tracing::info!("corekv node stopped");
+    result
+}
+
+fn run_shard(
+    shard: u32,
+    node: Arc<NodeShared>,
+    rx: flume::Receiver<CrossCore>,
+) -> anyhow::Result<()> {
+    let mut runtime = monoio::RuntimeBuilder::<monoio::FusionDriver>::new()
+        .enable_timer()
+        .build()
+        .context("cannot build the shard runtime")?;
+    runtime.block_on(crate::shard::run(shard, node, rx))
+}
+
+/// Where shard `shard` keeps its WAL.
+pub fn wal_dir(data_dir: &Path, shard: u32) -> PathBuf {
+    data_dir.join(format!("shard-{shard:03}")).join("wal")
+}

@@ -1,0 +1,721 @@
+//! The sans-IO replica of one shard: raft-rs `RawNode` over the WAL, the
+//! state machine, and the bookkeeping of pending proposals and reads.
+//!
+//! It takes inputs (tick, peer message, proposal, read, "sync finished") and
+//! fills an [`Output`] (messages to send, a WAL sync to run, replies). It
+//! never touches a socket, a clock or a thread: time is counted in ticks,
+//! and the WAL sync is handed out as a job for the shell to run. That is what
+//! lets a test drive three replicas in one thread.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+
+use bytes::Bytes;
+use corekv_proto::client::{request::Op, response, ErrorCode, GetResult, Role, ShardStatus};
+use corekv_wal::{SyncJob, SyncOutcome, Wal, WalError};
+use prost::Message as _;
+use protobuf::Message as _;
+use raft::prelude::{ConfChange, ConfChangeV2, ConfState, Entry, EntryType, Message, MessageType};
+use raft::{RawNode, ReadOnlyOption, StateRole, Storage as _};
+
+use crate::state_machine::{self, StateMachine};
+use crate::storage::WalStorage;
+
+/// Opaque handle the shell uses to route a reply back to whoever asked.
+pub type Token = u64;
+
+/// Limits and timings of one replica.
+#[derive(Clone, Debug)]
+pub struct ReplicaOptions {
+    /// This node's raft id (>= 1).
+    pub node_id: u64,
+    /// Shard index, for logs.
+    pub shard: u32,
+    /// The static voter set a fresh cluster bootstraps with.
+    pub voters: Vec<u64>,
+    /// Ticks between leader heartbeats.
+    pub heartbeat_ticks: usize,
+    /// Ticks without a leader before an election (randomised by raft-rs in
+    /// `[election_ticks, 2 * election_ticks)`).
+    pub election_ticks: usize,
+    /// A pending request older than this many ticks is answered TIMEOUT.
+    pub request_timeout_ticks: u64,
+    /// Upper bound on the bytes of entries in one append message.
+    pub max_size_per_msg: u64,
+    /// Upper bound on append messages in flight to one follower.
+    pub max_inflight_msgs: usize,
+}
+
+/// An answer for the request behind `token`.
+#[derive(Debug)]
+pub struct Reply {
+    /// Whoever asked.
+    pub token: Token,
+    /// The outcome.
+    pub result: response::Result,
+}
+
+/// A change of role or leader, for logs and metrics.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RoleChange {
+    /// The new role.
+    pub role: StateRole,
+    /// The term it happened in.
+    pub term: u64,
+    /// The leader now known (0 = none).
+    pub leader_id: u64,
+}
+
+/// Everything one step of the replica asks the shell to do, in order.
+#[derive(Default)]
+pub struct Output {
+    /// Raft messages to send, in order, per destination.
+    pub messages: Vec<Message>,
+    /// Client answers.
+    pub replies: Vec<Reply>,
+    /// A WAL sync to run; when it finishes, call [`Replica::on_synced`].
+    pub sync: Option<SyncJob>,
+    /// Role or leader changes seen during this step.
+    pub role_changes: Vec<RoleChange>,
+    /// Writes handed to raft during this step.
+    pub proposals: u64,
+    /// Writes raft refused during this step.
+    pub proposals_dropped: u64,
+}
+
+/// Why the replica cannot take a request itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NotLeader {
+    /// The leader this replica knows of, 0 if none.
+    pub leader_id: u64,
+}
+
+/// A fatal storage failure: the replica cannot go on (fail-stop).
+#[derive(Debug, thiserror::Error)]
+#[error("shard {shard}: write-ahead log failed: {source}")]
+pub struct ReplicaError {
+    /// The shard.
+    pub shard: u32,
+    /// The WAL error.
+    #[source]
+    pub source: WalError,
+}
+
+struct PendingWrite {
+    term: u64,
+    token: Token,
+    deadline_tick: u64,
+}
+
+struct PendingRead {
+    token: Token,
+    op: Op,
+    deadline_tick: u64,
+}
+
+/// One shard's Raft replica.
+pub struct Replica {
+    raw: RawNode<WalStorage>,
+    state_machine: StateMachine,
+    options: ReplicaOptions,
+    ticks: u64,
+    /// Proposals of this loop turn, stepped into raft as one batch by `flush`.
+    queued_proposals: Vec<(Token, Vec<u8>)>,
+    /// Proposed entries by log index, waiting to be applied.
+    pending_writes: BTreeMap<u64, PendingWrite>,
+    /// Linearizable reads of this turn, waiting for one ReadIndex round.
+    queued_reads: Vec<PendingRead>,
+    /// Lease reads of this turn.
+    queued_lease_reads: Vec<PendingRead>,
+    /// ReadIndex rounds in flight, by request context.
+    read_rounds: HashMap<u64, Vec<PendingRead>>,
+    /// Reads whose read index is known, waiting for apply to reach it.
+    reads_awaiting_apply: VecDeque<(u64, Vec<PendingRead>)>,
+    next_read_ctx: u64,
+    /// Readys handed to raft but not yet durable: their number and the
+    /// messages that may leave only once they are.
+    unpersisted: VecDeque<(u64, Vec<Message>)>,
+    /// The newest Ready number the sync in flight covers.
+    sync_in_flight: Option<u64>,
+    role: StateRole,
+    leader_id: u64,
+}
+
+impl Replica {
+    /// Opens the replica over a recovered WAL. A WAL that has never held a
+    /// configuration is a fresh replica: it is bootstrapped with the static
+    /// voter set, durably, before raft starts.
+    pub fn open(mut wal: Wal, options: ReplicaOptions) -> Result<Replica, ReplicaError> {
+        let fail = |source| ReplicaError {
+            shard: options.shard,
+            source,
+        };
+        if wal.conf_state().is_none() {
+            wal.set_conf_state(&corekv_wal::ConfState {
+                voters: options.voters.clone(),
+                learners: Vec::new(),
+            })
+            .map_err(fail)?;
+            // Start-up, before the shard serves anything: a blocking sync here
+            // delays no request.
+            wal.sync().map_err(fail)?;
+        }
+        let applied = wal.snapshot_marker().index;
+        let config = raft::Config {
+            id: options.node_id,
+            election_tick: options.election_ticks,
+            heartbeat_tick: options.heartbeat_ticks,
+            applied,
+            max_size_per_msg: options.max_size_per_msg,
+            max_inflight_msgs: options.max_inflight_msgs,
+            check_quorum: true,
+            pre_vote: true,
+            read_only_option: ReadOnlyOption::Safe,
+            ..Default::default()
+        };
+        let logger = crate::raft_log::logger(options.shard, options.node_id);
+        let raw =
+            RawNode::new(&config, WalStorage::new(wal), &logger).map_err(|e| ReplicaError {
+                shard: options.shard,
+                source: WalError::Io {
+                    path: Default::default(),
+                    op: "raft init",
+                    source: std::io::Error::other(e.to_string()),
+                },
+            })?;
+        let mut state_machine = StateMachine::new();
+        state_machine.restore(applied, std::iter::empty());
+        Ok(Replica {
+            raw,
+            state_machine,
+            options,
+            ticks: 0,
+            queued_proposals: Vec::new(),
+            pending_writes: BTreeMap::new(),
+            queued_reads: Vec::new(),
+            queued_lease_reads: Vec::new(),
+            read_rounds: HashMap::new(),
+            reads_awaiting_apply: VecDeque::new(),
+            next_read_ctx: 1,
+            unpersisted: VecDeque::new(),
+            sync_in_flight: None,
+            role: StateRole::Follower,
+            leader_id: 0,
+        })
+    }
+
+    /// This replica's shard.
+    pub fn shard(&self) -> u32 {
+        self.options.shard
+    }
+
+    /// The leader this replica knows of (0 = none).
+    pub fn leader_id(&self) -> u64 {
+        self.raw.raft.leader_id
+    }
+
+    /// True while this replica leads its group.
+    pub fn is_leader(&self) -> bool {
+        self.raw.raft.state == StateRole::Leader
+    }
+
+    /// The state machine (stale reads, tests).
+    pub fn state_machine(&self) -> &StateMachine {
+        &self.state_machine
+    }
+
+    /// Advances raft's clock by one tick and expires requests past their
+    /// deadline.
+    pub fn tick(&mut self, out: &mut Output) {
+        self.raw.tick();
+        self.ticks += 1;
+        self.expire(out);
+    }
+
+    /// Feeds a message from a peer. Malformed or stale messages are dropped
+    /// by raft; they never stop the replica.
+    pub fn step(&mut self, message: Message) {
+        if let Err(e) = self.raw.step(message) {
+            tracing::debug!(shard = self.options.shard, error = %e, "raft message dropped");
+        }
+    }
+
+    /// Tells raft a peer could not be reached, so it stops pipelining to it.
+    pub fn report_unreachable(&mut self, peer: u64) {
+        self.raw.report_unreachable(peer);
+    }
+
+    /// Starts a transfer of leadership to `peer`.
+    pub fn transfer_leader(&mut self, peer: u64) {
+        self.raw.transfer_leader(peer);
+    }
+
+    /// Queues a write; it enters raft with every other write of this turn
+    /// at the next [`Replica::flush`].
+    pub fn propose(&mut self, token: Token, op: Op) -> Result<(), NotLeader> {
+        if !self.is_leader() {
+            return Err(NotLeader {
+                leader_id: self.leader_id(),
+            });
+        }
+        let request = corekv_proto::client::Request {
+            id: 0,
+            no_forward: false,
+            op: Some(op),
+        };
+        self.queued_proposals.push((token, request.encode_to_vec()));
+        Ok(())
+    }
+
+    /// Serves a read: STALE at once from the local state machine; otherwise
+    /// it waits for this turn's ReadIndex round (or lease check).
+    pub fn read(
+        &mut self,
+        token: Token,
+        op: Op,
+        consistency: corekv_proto::client::Consistency,
+        out: &mut Output,
+    ) -> Result<(), NotLeader> {
+        use corekv_proto::client::Consistency;
+        if consistency == Consistency::Stale {
+            let result = self.serve_read(&op);
+            out.replies.push(Reply { token, result });
+            return Ok(());
+        }
+        if !self.is_leader() {
+            return Err(NotLeader {
+                leader_id: self.leader_id(),
+            });
+        }
+        let read = PendingRead {
+            token,
+            op,
+            deadline_tick: self.ticks + self.options.request_timeout_ticks,
+        };
+        if consistency == Consistency::Lease {
+            self.queued_lease_reads.push(read);
+        } else {
+            self.queued_reads.push(read);
+        }
+        Ok(())
+    }
+
+    /// Hands this turn's writes to raft as one batch and starts this turn's
+    /// read rounds. Called once per loop turn, before [`Replica::handle_ready`].
+    pub fn flush(&mut self, out: &mut Output) {
+        self.flush_proposals(out);
+        self.flush_reads();
+    }
+
+    fn flush_proposals(&mut self, out: &mut Output) {
+        if self.queued_proposals.is_empty() {
+            return;
+        }
+        let proposals = std::mem::take(&mut self.queued_proposals);
+        let mut message = Message::default();
+        message.set_msg_type(MessageType::MsgPropose);
+        message.from = self.options.node_id;
+        let (tokens, datas): (Vec<Token>, Vec<Vec<u8>>) = proposals.into_iter().unzip();
+        let entries: Vec<Entry> = datas
+            .into_iter()
+            .map(|data| Entry {
+                data: Bytes::from(data),
+                ..Default::default()
+            })
+            .collect();
+        message.set_entries(entries.into());
+        let last_before = self.raw.raft.raft_log.last_index();
+        let accepted = self.raw.step(message).is_ok()
+            && self.raw.raft.raft_log.last_index() == last_before + tokens.len() as u64;
+        if !accepted {
+            out.proposals_dropped += tokens.len() as u64;
+            for token in tokens {
+                out.replies.push(Reply {
+                    token,
+                    result: state_machine::error(
+                        ErrorCode::Unavailable,
+                        "proposal dropped: leadership is changing",
+                    ),
+                });
+            }
+            return;
+        }
+        out.proposals += tokens.len() as u64;
+        let term = self.raw.raft.term;
+        let deadline_tick = self.ticks + self.options.request_timeout_ticks;
+        for (i, token) in tokens.into_iter().enumerate() {
+            self.pending_writes.insert(
+                last_before + 1 + i as u64,
+                PendingWrite {
+                    term,
+                    token,
+                    deadline_tick,
+                },
+            );
+        }
+    }
+
+    fn flush_reads(&mut self) {
+        // raft-rs silently drops a ReadIndex on a leader that has not yet
+        // committed an entry of its term; keep those reads queued until it has.
+        if !self.is_leader() || !self.raw.raft.commit_to_current_term() {
+            return;
+        }
+        if !self.queued_reads.is_empty() {
+            let reads = std::mem::take(&mut self.queued_reads);
+            self.start_read_round(reads, ReadOnlyOption::Safe);
+        }
+        if !self.queued_lease_reads.is_empty() {
+            let reads = std::mem::take(&mut self.queued_lease_reads);
+            self.start_read_round(reads, ReadOnlyOption::LeaseBased);
+        }
+    }
+
+    fn start_read_round(&mut self, reads: Vec<PendingRead>, option: ReadOnlyOption) {
+        let ctx = self.next_read_ctx;
+        self.next_read_ctx += 1;
+        self.read_rounds.insert(ctx, reads);
+        // The read-only option is a raft-wide setting; switching it for one
+        // round is how a lease read is asked of raft-rs per request.
+        self.raw.raft.read_only.option = option;
+        self.raw.read_index(ctx.to_be_bytes().to_vec());
+        self.raw.raft.read_only.option = ReadOnlyOption::Safe;
+    }
+
+    /// Handles every Ready raft has, in raft-rs's order: send messages, apply
+    /// committed entries, append to the WAL, queue the persisted messages
+    /// behind a sync. Starts a sync if none is in flight.
+    pub fn handle_ready(&mut self, out: &mut Output) -> Result<(), ReplicaError> {
+        while self.raw.has_ready() {
+            let mut ready = self.raw.ready();
+            if let Some(ss) = ready.ss() {
+                self.on_role(ss.raft_state, ss.leader_id, out);
+            }
+            // A leader may send before its own append is durable (raft
+            // thesis 10.2.1); these are never votes or acks of our log.
+            out.messages.extend(ready.take_messages());
+            if !ready.snapshot().is_empty() {
+                tracing::error!(
+                    shard = self.options.shard,
+                    "received a snapshot, which this version cannot install"
+                );
+            }
+            for read_state in ready.take_read_states() {
+                self.on_read_state(read_state.index, &read_state.request_ctx);
+            }
+            self.apply(ready.take_committed_entries(), out)?;
+            // Entries and hard state go to the WAL in one turn; they become
+            // durable together with the next sync.
+            let store = self.raw.mut_store();
+            store.append(ready.entries()).map_err(|e| self.fatal(e))?;
+            if let Some(hs) = ready.hs() {
+                let store = self.raw.mut_store();
+                store.set_hard_state(hs).map_err(|e| self.fatal(e))?;
+            }
+            let persisted = ready.take_persisted_messages();
+            let number = ready.number();
+            self.raw.advance_append_async(ready);
+            self.raw.advance_apply();
+            self.unpersisted.push_back((number, persisted));
+            self.serve_applied_reads(out);
+            self.maybe_sync(out)?;
+        }
+        Ok(())
+    }
+
+    /// Marks the sync handed out earlier as finished: raft learns its
+    /// entries are durable and the messages that waited for it may leave.
+    pub fn on_synced(
+        &mut self,
+        outcome: SyncOutcome,
+        out: &mut Output,
+    ) -> Result<(), ReplicaError> {
+        self.raw
+            .mut_store()
+            .wal_mut()
+            .finish_sync(outcome)
+            .map_err(|e| self.fatal(e))?;
+        let covered = self
+            .sync_in_flight
+            .take()
+            .expect("on_synced called without a sync in flight");
+        self.persisted_through(covered, out);
+        self.handle_ready(out)
+    }
+
+    fn maybe_sync(&mut self, out: &mut Output) -> Result<(), ReplicaError> {
+        if self.sync_in_flight.is_some() {
+            return Ok(());
+        }
+        let Some(&(newest, _)) = self.unpersisted.back() else {
+            return Ok(());
+        };
+        let job = self
+            .raw
+            .mut_store()
+            .wal_mut()
+            .begin_sync()
+            .map_err(|e| self.fatal(e))?;
+        match job {
+            Some(job) => {
+                self.sync_in_flight = Some(newest);
+                out.sync = Some(job);
+            }
+            // Nothing unsynced: whatever these readys wrote is already durable.
+            None => self.persisted_through(newest, out),
+        }
+        Ok(())
+    }
+
+    fn persisted_through(&mut self, number: u64, out: &mut Output) {
+        self.raw.on_persist_ready(number);
+        while let Some((n, _)) = self.unpersisted.front() {
+            if *n > number {
+                break;
+            }
+            let (_, messages) = self.unpersisted.pop_front().expect("front exists");
+            out.messages.extend(messages);
+        }
+    }
+
+    fn fatal(&self, source: WalError) -> ReplicaError {
+        ReplicaError {
+            shard: self.options.shard,
+            source,
+        }
+    }
+
+    fn on_role(&mut self, role: StateRole, leader_id: u64, out: &mut Output) {
+        let was_leader = self.role == StateRole::Leader;
+        self.role = role;
+        self.leader_id = leader_id;
+        out.role_changes.push(RoleChange {
+            role,
+            term: self.raw.raft.term,
+            leader_id,
+        });
+        if was_leader && role != StateRole::Leader {
+            self.fail_all_pending(out, "leadership changed while the request was pending");
+        }
+    }
+
+    fn fail_all_pending(&mut self, out: &mut Output, why: &str) {
+        let result = || state_machine::error(ErrorCode::Unavailable, why);
+        for (_, write) in std::mem::take(&mut self.pending_writes) {
+            out.replies.push(Reply {
+                token: write.token,
+                result: result(),
+            });
+        }
+        let reads = self
+            .queued_reads
+            .drain(..)
+            .chain(self.queued_lease_reads.drain(..))
+            .chain(self.read_rounds.drain().flat_map(|(_, r)| r))
+            .chain(self.reads_awaiting_apply.drain(..).flat_map(|(_, r)| r));
+        for read in reads {
+            out.replies.push(Reply {
+                token: read.token,
+                result: result(),
+            });
+        }
+    }
+
+    fn on_read_state(&mut self, index: u64, ctx: &[u8]) {
+        let Ok(ctx) = <[u8; 8]>::try_from(ctx) else {
+            return;
+        };
+        if let Some(reads) = self.read_rounds.remove(&u64::from_be_bytes(ctx)) {
+            self.reads_awaiting_apply.push_back((index, reads));
+        }
+    }
+
+    fn serve_applied_reads(&mut self, out: &mut Output) {
+        let applied = self.state_machine.applied_index();
+        // Read indexes arrive in increasing order, so the ready ones are a prefix.
+        while let Some((index, _)) = self.reads_awaiting_apply.front() {
+            if *index > applied {
+                break;
+            }
+            let (_, reads) = self.reads_awaiting_apply.pop_front().expect("front exists");
+            for read in reads {
+                let result = self.serve_read(&read.op);
+                out.replies.push(Reply {
+                    token: read.token,
+                    result,
+                });
+            }
+        }
+    }
+
+    fn serve_read(&self, op: &Op) -> response::Result {
+        match op {
+            Op::Get(get) => {
+                let result = match self.state_machine.get(&get.key) {
+                    Some((value, version)) => GetResult {
+                        found: true,
+                        value,
+                        version,
+                    },
+                    None => GetResult::default(),
+                };
+                response::Result::Get(result)
+            }
+            Op::Scan(scan) => {
+                response::Result::Scan(self.state_machine.scan(&scan.start, &scan.end, scan.limit))
+            }
+            _ => state_machine::error(ErrorCode::InvalidArgument, "not a read operation"),
+        }
+    }
+
+    fn apply(&mut self, entries: Vec<Entry>, out: &mut Output) -> Result<(), ReplicaError> {
+        for entry in entries {
+            let index = entry.index;
+            match entry.get_entry_type() {
+                EntryType::EntryNormal if entry.data.is_empty() => {
+                    // A new leader's empty entry.
+                    self.state_machine.skip(index);
+                }
+                EntryType::EntryNormal => {
+                    let result = self.state_machine.apply(index, &entry.data);
+                    self.answer_write(index, entry.term, result, out);
+                }
+                EntryType::EntryConfChange | EntryType::EntryConfChangeV2 => {
+                    self.state_machine.skip(index);
+                    self.apply_conf_change(&entry)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn answer_write(&mut self, index: u64, term: u64, result: response::Result, out: &mut Output) {
+        // Anything proposed below this index that is still pending was
+        // overwritten by another leader's log and will never be applied.
+        while let Some(entry) = self.pending_writes.first_entry() {
+            if *entry.key() >= index {
+                break;
+            }
+            let write = entry.remove();
+            out.replies.push(Reply {
+                token: write.token,
+                result: superseded(),
+            });
+        }
+        if let Some(write) = self.pending_writes.remove(&index) {
+            // Matched by index and term: the same index in another term is
+            // another leader's entry, not ours.
+            let result = if write.term == term {
+                result
+            } else {
+                superseded()
+            };
+            out.replies.push(Reply {
+                token: write.token,
+                result,
+            });
+        }
+    }
+
+    fn apply_conf_change(&mut self, entry: &Entry) -> Result<(), ReplicaError> {
+        let conf_state: ConfState = if entry.get_entry_type() == EntryType::EntryConfChangeV2 {
+            let mut change = ConfChangeV2::default();
+            if change.merge_from_bytes(&entry.data).is_err() {
+                return Ok(());
+            }
+            match self.raw.apply_conf_change(&change) {
+                Ok(cs) => cs,
+                Err(_) => return Ok(()),
+            }
+        } else {
+            let mut change = ConfChange::default();
+            if change.merge_from_bytes(&entry.data).is_err() {
+                return Ok(());
+            }
+            match self.raw.apply_conf_change(&change) {
+                Ok(cs) => cs,
+                Err(_) => return Ok(()),
+            }
+        };
+        self.raw
+            .mut_store()
+            .set_conf_state(&conf_state)
+            .map_err(|e| self.fatal(e))
+    }
+
+    fn expire(&mut self, out: &mut Output) {
+        let now = self.ticks;
+        let timeout = || state_machine::error(ErrorCode::Timeout, "request timed out");
+        // Writes are proposed in index order with the same timeout, so the
+        // expired ones are a prefix.
+        while let Some(entry) = self.pending_writes.first_entry() {
+            if entry.get().deadline_tick > now {
+                break;
+            }
+            let write = entry.remove();
+            out.replies.push(Reply {
+                token: write.token,
+                result: timeout(),
+            });
+        }
+        let expired_rounds: Vec<u64> = self
+            .read_rounds
+            .iter()
+            .filter(|(_, reads)| reads.first().is_some_and(|r| r.deadline_tick <= now))
+            .map(|(ctx, _)| *ctx)
+            .collect();
+        for ctx in expired_rounds {
+            for read in self.read_rounds.remove(&ctx).unwrap_or_default() {
+                out.replies.push(Reply {
+                    token: read.token,
+                    result: timeout(),
+                });
+            }
+        }
+        for queue in [&mut self.queued_reads, &mut self.queued_lease_reads] {
+            let mut kept = Vec::with_capacity(queue.len());
+            for read in queue.drain(..) {
+                if read.deadline_tick <= now {
+                    out.replies.push(Reply {
+                        token: read.token,
+                        result: timeout(),
+                    });
+                } else {
+                    kept.push(read);
+                }
+            }
+            *queue = kept;
+        }
+    }
+
+    /// The WAL (segment count, bytes written).
+    pub fn wal(&self) -> &Wal {
+        self.raw.store().wal()
+    }
+
+    /// Raft status of this replica, as the client protocol reports it.
+    pub fn status(&self) -> ShardStatus {
+        let raft = &self.raw.raft;
+        let role = match raft.state {
+            StateRole::Follower => Role::Follower,
+            StateRole::Candidate => Role::Candidate,
+            StateRole::Leader => Role::Leader,
+            StateRole::PreCandidate => Role::PreCandidate,
+        };
+        ShardStatus {
+            shard: self.options.shard,
+            role: role as i32,
+            term: raft.term,
+            leader_id: raft.leader_id,
+            commit_index: raft.raft_log.committed,
+            applied_index: self.state_machine.applied_index(),
+            last_index: self.raw.store().last_index().unwrap_or(0),
+        }
+    }
+}
+
+fn superseded() -> response::Result {
+    state_machine::error(
+        ErrorCode::Unavailable,
+        "the proposal was replaced by another leader's entry; it was not applied",
+    )
+}

@@ -1,0 +1,359 @@
+//! The replicated state machine of one shard: an ordered map from key to
+//! (value, version), where version is the Raft log index of the write.
+//!
+//! Apply is deterministic: the outcome depends only on the map and the entry
+//! (no clock, no randomness, no hash-order iteration), so every replica that
+//! applies the same log holds the same map.
+
+use std::collections::BTreeMap;
+use std::ops::Bound;
+
+use bytes::Bytes;
+use corekv_proto::client::{
+    request::Op, response, DeleteResult, Error, ErrorCode, KeyValue, Request, ScanResult,
+    WriteResult,
+};
+use prost::Message as _;
+
+/// Scan limit used when a request asks for 0 (the server's default).
+pub const DEFAULT_SCAN_LIMIT: usize = 1000;
+/// Upper bound on one scan answer, whatever the request asks.
+pub const MAX_SCAN_LIMIT: usize = 10_000;
+
+/// A stored value and the log index that wrote it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Versioned {
+    value: Bytes,
+    version: u64,
+}
+
+/// One shard's key-value map.
+#[derive(Debug, Default)]
+pub struct StateMachine {
+    map: BTreeMap<Bytes, Versioned>,
+    /// Index of the last entry applied.
+    applied_index: u64,
+}
+
+/// Encodes a write for the Raft log. The entry data is a `client.Request`
+/// holding only the operation, so the log is readable with the public proto.
+pub fn encode_command(op: &Op) -> Bytes {
+    let request = Request {
+        id: 0,
+        no_forward: false,
+        op: Some(op.clone()),
+    };
+    Bytes::from(request.encode_to_vec())
+}
+
+impl StateMachine {
+    /// An empty map at applied index 0.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Index of the last applied entry.
+    pub fn applied_index(&self) -> u64 {
+        self.applied_index
+    }
+
+    /// Number of keys.
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    /// True when no key is stored.
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+
+    /// Records that entry `index` was applied without a command (leader no-op,
+    /// configuration change).
+    ///
+    /// # Panics
+    ///
+    /// Panics if `index` does not follow the applied index: the log must be
+    /// applied in order, exactly once.
+    pub fn skip(&mut self, index: u64) {
+        self.advance(index);
+    }
+
+    fn advance(&mut self, index: u64) {
+        assert!(
+            index == self.applied_index + 1,
+            "entries must be applied in order, applied index: {}, entry index: {}",
+            self.applied_index,
+            index
+        );
+        self.applied_index = index;
+    }
+
+    /// Applies the command in entry `index` and returns the answer for the
+    /// client that proposed it. A command that cannot be decoded is answered
+    /// INTERNAL on every replica alike, so replicas never diverge over it.
+    pub fn apply(&mut self, index: u64, data: &Bytes) -> response::Result {
+        self.advance(index);
+        let op = match Request::decode(data.clone()) {
+            Ok(Request { op: Some(op), .. }) => op,
+            Ok(_) => return error(ErrorCode::Internal, "log entry without an operation"),
+            Err(e) => return error(ErrorCode::Internal, &format!("undecodable log entry: {e}")),
+        };
+        match op {
+            Op::Put(put) => {
+                self.map.insert(
+                    put.key,
+                    Versioned {
+                        value: put.value,
+                        version: index,
+                    },
+                );
+                response::Result::Write(WriteResult { version: index })
+            }
+            Op::Delete(delete) => {
+                let current = self.version(&delete.key);
+                if let Some(expected) = delete.expected_version {
+                    if expected != current {
+                        return version_mismatch(current);
+                    }
+                }
+                let deleted = self.map.remove(&delete.key).is_some();
+                response::Result::Delete(DeleteResult { deleted })
+            }
+            Op::Cas(cas) => {
+                let current = self.version(&cas.key);
+                if cas.expected_version != current {
+                    return version_mismatch(current);
+                }
+                self.map.insert(
+                    cas.key,
+                    Versioned {
+                        value: cas.value,
+                        version: index,
+                    },
+                );
+                response::Result::Write(WriteResult { version: index })
+            }
+            Op::Get(_) | Op::Scan(_) | Op::Topology(_) | Op::Status(_) => {
+                error(ErrorCode::Internal, "read operation found in the log")
+            }
+        }
+    }
+
+    /// Current version of `key`, 0 when absent.
+    pub fn version(&self, key: &[u8]) -> u64 {
+        self.map.get(key).map_or(0, |v| v.version)
+    }
+
+    /// Value and version of `key`.
+    pub fn get(&self, key: &[u8]) -> Option<(Bytes, u64)> {
+        self.map.get(key).map(|v| (v.value.clone(), v.version))
+    }
+
+    /// Pairs with keys in `[start, end)` (empty `end` = no upper bound), at
+    /// most `limit` of them (0 = DEFAULT_SCAN_LIMIT, capped at MAX_SCAN_LIMIT).
+    pub fn scan(&self, start: &[u8], end: &[u8], limit: u32) -> ScanResult {
+        let limit = effective_limit(limit);
+        let upper = if end.is_empty() {
+            Bound::Unbounded
+        } else {
+            Bound::Excluded(end)
+        };
+        if !end.is_empty() && start >= end {
+            return ScanResult::default();
+        }
+        let mut pairs = Vec::new();
+        let mut more = false;
+        for (key, v) in self.map.range::<[u8], _>((Bound::Included(start), upper)) {
+            if pairs.len() == limit {
+                more = true;
+                break;
+            }
+            pairs.push(KeyValue {
+                key: key.clone(),
+                value: v.value.clone(),
+                version: v.version,
+            });
+        }
+        ScanResult { pairs, more }
+    }
+
+    /// Every pair in key order (for snapshots and tests).
+    pub fn iter(&self) -> impl Iterator<Item = (&Bytes, &Bytes, u64)> {
+        self.map.iter().map(|(k, v)| (k, &v.value, v.version))
+    }
+
+    /// Replaces the whole map (snapshot install).
+    pub fn restore(&mut self, applied_index: u64, pairs: impl IntoIterator<Item = KeyValue>) {
+        self.map = pairs
+            .into_iter()
+            .map(|kv| {
+                (
+                    kv.key,
+                    Versioned {
+                        value: kv.value,
+                        version: kv.version,
+                    },
+                )
+            })
+            .collect();
+        self.applied_index = applied_index;
+    }
+}
+
+/// The scan limit actually used for a requested `limit`.
+pub fn effective_limit(limit: u32) -> usize {
+    match limit as usize {
+        0 => DEFAULT_SCAN_LIMIT,
+        n => n.min(MAX_SCAN_LIMIT),
+    }
+}
+
+fn version_mismatch(current: u64) -> response::Result {
+    response::Result::Error(Error {
+        code: ErrorCode::VersionMismatch as i32,
+        message: format!("version mismatch: current version is {current}"),
+        current_version: current,
+        ..Default::default()
+    })
+}
+
+/// An error answer with `code` and `message`.
+pub fn error(code: ErrorCode, message: &str) -> response::Result {
+    response::Result::Error(Error {
+        code: code as i32,
+        message: message.to_string(),
+        ..Default::default()
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use corekv_proto::client::{CompareAndSwap, Delete, Put};
+
+    fn put(key: &str, value: &str) -> Bytes {
+        encode_command(&Op::Put(Put {
+            key: Bytes::copy_from_slice(key.as_bytes()),
+            value: Bytes::copy_from_slice(value.as_bytes()),
+        }))
+    }
+
+    fn cas(key: &str, expected: u64, value: &str) -> Bytes {
+        encode_command(&Op::Cas(CompareAndSwap {
+            key: Bytes::copy_from_slice(key.as_bytes()),
+            expected_version: expected,
+            value: Bytes::copy_from_slice(value.as_bytes()),
+        }))
+    }
+
+    fn del(key: &str, expected: Option<u64>) -> Bytes {
+        encode_command(&Op::Delete(Delete {
+            key: Bytes::copy_from_slice(key.as_bytes()),
+            expected_version: expected,
+        }))
+    }
+
+    fn code(result: &response::Result) -> Option<ErrorCode> {
+        match result {
+            response::Result::Error(e) => Some(ErrorCode::try_from(e.code).unwrap()),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn put_sets_value_and_version_to_the_log_index() {
+        let mut sm = StateMachine::new();
+        assert_eq!(
+            sm.apply(1, &put("a", "1")),
+            response::Result::Write(WriteResult { version: 1 })
+        );
+        assert_eq!(sm.get(b"a"), Some((Bytes::from_static(b"1"), 1)));
+        sm.apply(2, &put("a", "2"));
+        assert_eq!(sm.get(b"a"), Some((Bytes::from_static(b"2"), 2)));
+        assert_eq!(sm.applied_index(), 2);
+    }
+
+    #[test]
+    fn cas_succeeds_only_at_the_expected_version() {
+        let mut sm = StateMachine::new();
+        assert_eq!(
+            code(&sm.apply(1, &cas("k", 5, "x"))),
+            Some(ErrorCode::VersionMismatch)
+        );
+        assert_eq!(sm.get(b"k"), None);
+        assert_eq!(code(&sm.apply(2, &cas("k", 0, "x"))), None);
+        assert_eq!(sm.version(b"k"), 2);
+        assert_eq!(
+            code(&sm.apply(3, &cas("k", 0, "y"))),
+            Some(ErrorCode::VersionMismatch)
+        );
+        assert_eq!(code(&sm.apply(4, &cas("k", 2, "y"))), None);
+        assert_eq!(sm.get(b"k"), Some((Bytes::from_static(b"y"), 4)));
+    }
+
+    #[test]
+    fn delete_with_and_without_expected_version() {
+        let mut sm = StateMachine::new();
+        sm.apply(1, &put("k", "v"));
+        assert_eq!(
+            code(&sm.apply(2, &del("k", Some(7)))),
+            Some(ErrorCode::VersionMismatch)
+        );
+        assert_eq!(
+            sm.apply(3, &del("k", Some(1))),
+            response::Result::Delete(DeleteResult { deleted: true })
+        );
+        assert_eq!(
+            sm.apply(4, &del("k", None)),
+            response::Result::Delete(DeleteResult { deleted: false })
+        );
+    }
+
+    #[test]
+    fn scan_is_ordered_half_open_and_limited() {
+        let mut sm = StateMachine::new();
+        for (i, k) in ["b", "a", "d", "c", "e"].iter().enumerate() {
+            sm.apply(i as u64 + 1, &put(k, k));
+        }
+        let r = sm.scan(b"b", b"e", 0);
+        let keys: Vec<_> = r.pairs.iter().map(|kv| kv.key.clone()).collect();
+        assert_eq!(keys, vec!["b", "c", "d"]);
+        assert!(!r.more);
+        let r = sm.scan(b"", b"", 2);
+        assert_eq!(r.pairs.len(), 2);
+        assert!(r.more);
+        assert!(sm.scan(b"z", b"a", 0).pairs.is_empty());
+    }
+
+    #[test]
+    fn garbage_entry_is_answered_internal_and_still_advances() {
+        let mut sm = StateMachine::new();
+        let r = sm.apply(1, &Bytes::from_static(&[0xff, 0xff, 0xff]));
+        assert_eq!(code(&r), Some(ErrorCode::Internal));
+        assert_eq!(sm.applied_index(), 1);
+    }
+
+    #[test]
+    #[should_panic(expected = "applied in order")]
+    fn out_of_order_apply_panics() {
+        let mut sm = StateMachine::new();
+        sm.apply(2, &put("a", "1"));
+    }
+
+    #[test]
+    fn identical_logs_give_identical_maps() {
+        let log: Vec<Bytes> = (0..200)
+            .map(|i| match i % 3 {
+                0 => put(&format!("k{}", i % 17), &i.to_string()),
+                1 => cas(&format!("k{}", i % 13), (i as u64).saturating_sub(3), "c"),
+                _ => del(&format!("k{}", i % 11), None),
+            })
+            .collect();
+        let mut a = StateMachine::new();
+        let mut b = StateMachine::new();
+        for (i, e) in log.iter().enumerate() {
+            assert_eq!(a.apply(i as u64 + 1, e), b.apply(i as u64 + 1, e));
+        }
+        assert!(a.iter().eq(b.iter()));
+    }
+}

@@ -1,0 +1,392 @@
+//! Test harness: real `corekv` processes on 127.0.0.1, each with its own
+//! temp data dir and free ports, killed by pid when the guard drops (also
+//! when a test panics).
+
+#![allow(dead_code)]
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use bytes::{Buf, BytesMut};
+use corekv_proto::client::{Request, Response, StatusResult};
+use prost::Message;
+
+/// Path of the binary under test.
+pub const COREKV: &str = env!("CARGO_BIN_EXE_corekv");
+
+/// A generous deadline for anything a cluster has to do on a noisy 2-core box.
+pub const DEADLINE: Duration = Duration::from_secs(60);
+
+/// Polls `check` until it returns Some or `within` passes.
+pub fn wait_for<T>(what: &str, within: Duration, mut check: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(value) = check() {
+            return value;
+        }
+        if Instant::now() > deadline {
+            panic!("timed out after {within:?} waiting for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A port base such that every port the cluster needs is free right now.
+/// Bases are spread by pid so parallel test processes rarely collide.
+fn free_port_base(nodes: u64, shards: u32) -> u16 {
+    let seed = std::process::id() as u64 ^ Instant::now().elapsed().as_nanos() as u64;
+    let mut candidate = 20_000 + (seed.wrapping_mul(7919) % 400) as u16 * 100;
+    for _ in 0..400 {
+        let ok = (1..=nodes).all(|i| {
+            let base = candidate as u64 + (i - 1) * 100;
+            (0..shards as u64)
+                .flat_map(|s| [base + s, base + 50 + s])
+                .chain([base + 90])
+                .all(|port| port < 65_000 && TcpListener::bind(("127.0.0.1", port as u16)).is_ok())
+        });
+        if ok {
+            return candidate;
+        }
+        candidate = if candidate > 60_000 {
+            20_000
+        } else {
+            candidate + 300
+        };
+    }
+    panic!("no free ports found");
+}
+
+/// One node of a test cluster.
+pub struct Node {
+    pub id: u64,
+    pub client_port: u16,
+    pub peer_port: u16,
+    pub admin_port: u16,
+    pub config_path: PathBuf,
+    pub data_dir: PathBuf,
+    pub log_path: PathBuf,
+    child: Option<Child>,
+}
+
+impl Node {
+    /// `127.0.0.1:client_port`.
+    pub fn endpoint(&self) -> String {
+        format!("127.0.0.1:{}", self.client_port)
+    }
+
+    /// True while the process runs.
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.as_mut().map(|c| c.try_wait()), Some(Ok(None)))
+    }
+
+    /// The pid, if running.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
+    /// Starts the process (it must not be running).
+    pub fn start(&mut self) {
+        assert!(self.child.is_none(), "node {} already running", self.id);
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log_path)
+            .expect("open log");
+        let child = Command::new(COREKV)
+            .arg("run")
+            .arg("--config")
+            .arg(&self.config_path)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("clone log"))
+            .stderr(log)
+            .spawn()
+            .expect("spawn corekv");
+        self.child = Some(child);
+    }
+
+    /// kill -9 and reap.
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// SIGTERM, then wait for the exit status.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("node not running");
+        // SAFETY: kill(2) on our own child's pid, not yet reaped.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + DEADLINE;
+        loop {
+            if let Some(status) = child.try_wait().expect("wait") {
+                return status;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("node {} ignored SIGTERM", self.id);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The node's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+}
+
+/// A cluster of real processes. Dropping it kills every node by pid.
+pub struct Cluster {
+    pub dir: tempfile::TempDir,
+    pub nodes: Vec<Node>,
+    pub shards: u32,
+}
+
+impl Cluster {
+    /// Writes configs for `nodes` nodes with `shards` shards and starts them.
+    pub fn start(nodes: u64, shards: u32) -> Cluster {
+        let mut cluster = Self::configure(nodes, shards, "");
+        for node in &mut cluster.nodes {
+            node.start();
+        }
+        cluster
+    }
+
+    /// Writes configs (with `extra` TOML lines for every node) without starting.
+    pub fn configure(nodes: u64, shards: u32, extra: &str) -> Cluster {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let base = free_port_base(nodes, shards);
+        let ports: Vec<(u16, u16, u16)> = (0..nodes)
+            .map(|i| {
+                let c = base + (i as u16) * 100;
+                (c, c + 50, c + 90)
+            })
+            .collect();
+        let mut peers = String::new();
+        for (i, (c, p, a)) in ports.iter().enumerate() {
+            peers.push_str(&format!(
+                "\n[[peers]]\nid = {}\nhost = \"127.0.0.1\"\nclient_port = {c}\npeer_port = {p}\nadmin_port = {a}\n",
+                i + 1
+            ));
+        }
+        let mut list = Vec::new();
+        for (i, (c, p, a)) in ports.iter().enumerate() {
+            let id = i as u64 + 1;
+            let node_dir = dir.path().join(format!("node{id}"));
+            std::fs::create_dir_all(&node_dir).unwrap();
+            let data_dir = node_dir.join("data");
+            let config_path = node_dir.join("corekv.toml");
+            let text = format!(
+                "node_id = {id}\ncluster_id = 7\ndata_dir = {:?}\nclient_port = {c}\npeer_port = {p}\nadmin_port = {a}\nshards = {shards}\nwal_segment_bytes = 4194304\n{extra}\n{peers}",
+                data_dir.display().to_string()
+            );
+            std::fs::write(&config_path, text).unwrap();
+            list.push(Node {
+                id,
+                client_port: *c,
+                peer_port: *p,
+                admin_port: *a,
+                config_path,
+                data_dir,
+                log_path: node_dir.join("corekv.log"),
+                child: None,
+            });
+        }
+        Cluster {
+            dir,
+            nodes: list,
+            shards,
+        }
+    }
+
+    /// Comma-separated client endpoints of every node.
+    pub fn endpoints(&self) -> String {
+        self.nodes
+            .iter()
+            .map(|n| n.endpoint())
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// Node by id.
+    pub fn node(&mut self, id: u64) -> &mut Node {
+        &mut self.nodes[id as usize - 1]
+    }
+
+    /// Status of one node, if it answers.
+    pub fn status(&self, id: u64) -> Option<StatusResult> {
+        let node = &self.nodes[id as usize - 1];
+        let response = RawClient::connect(node.client_port)
+            .ok()?
+            .call(Request {
+                id: 1,
+                no_forward: false,
+                op: Some(corekv_proto::client::request::Op::Status(Default::default())),
+            })
+            .ok()?;
+        match response.result? {
+            corekv_proto::client::response::Result::Status(s) => Some(s),
+            _ => None,
+        }
+    }
+
+    /// Waits until every running node sees a leader for every shard, and all
+    /// of them agree on it; returns leader ids by shard.
+    pub fn wait_for_leaders(&mut self) -> Vec<u64> {
+        let ids: Vec<u64> = self
+            .nodes
+            .iter_mut()
+            .filter_map(|n| n.is_running().then_some(n.id))
+            .collect();
+        let shards = self.shards as usize;
+        wait_for("a leader on every shard", DEADLINE, || {
+            let mut leaders = vec![0u64; shards];
+            for &id in &ids {
+                let status = self.status(id)?;
+                if status.shards.len() != shards {
+                    return None;
+                }
+                for s in &status.shards {
+                    let slot = &mut leaders[s.shard as usize];
+                    if s.leader_id == 0 || (*slot != 0 && *slot != s.leader_id) {
+                        return None;
+                    }
+                    *slot = s.leader_id;
+                }
+            }
+            // The leader must itself be running and say it leads.
+            for (shard, leader) in leaders.iter().enumerate() {
+                let status = self.status(*leader)?;
+                if status.shards[shard].role != corekv_proto::client::Role::Leader as i32 {
+                    return None;
+                }
+            }
+            Some(leaders)
+        })
+    }
+
+    /// Runs the CLI against this cluster; returns (exit code, stdout, stderr).
+    pub fn cli(&self, args: &[&str]) -> (i32, String, String) {
+        let output = Command::new(COREKV)
+            .arg("--endpoints")
+            .arg(self.endpoints())
+            .args(args)
+            .output()
+            .expect("run corekv cli");
+        (
+            output.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&output.stdout).into_owned(),
+            String::from_utf8_lossy(&output.stderr).into_owned(),
+        )
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for node in &mut self.nodes {
+            node.kill9();
+        }
+        if std::thread::panicking() {
+            for node in &self.nodes {
+                let log = node.log();
+                let tail: Vec<&str> = log.lines().rev().take(40).collect();
+                eprintln!("---- node {} log (last 40 lines) ----", node.id);
+                for line in tail.iter().rev() {
+                    eprintln!("{line}");
+                }
+            }
+        }
+    }
+}
+
+/// A blocking client speaking the raw wire protocol, for tests that need
+/// exact control over frames.
+pub struct RawClient {
+    pub stream: TcpStream,
+    buf: BytesMut,
+}
+
+impl RawClient {
+    /// Connects to 127.0.0.1:port.
+    pub fn connect(port: u16) -> std::io::Result<RawClient> {
+        let stream = TcpStream::connect(("127.0.0.1", port))?;
+        stream.set_read_timeout(Some(Duration::from_secs(20)))?;
+        stream.set_nodelay(true)?;
+        Ok(RawClient {
+            stream,
+            buf: BytesMut::new(),
+        })
+    }
+
+    /// Sends a request frame.
+    pub fn send(&mut self, request: &Request) -> std::io::Result<()> {
+        let body = request.encode_to_vec();
+        let mut frame = (body.len() as u32).to_be_bytes().to_vec();
+        frame.extend_from_slice(&body);
+        self.stream.write_all(&frame)
+    }
+
+    /// Reads one response frame; Err on EOF.
+    pub fn recv(&mut self) -> std::io::Result<Response> {
+        loop {
+            if self.buf.len() >= 4 {
+                let len = u32::from_be_bytes(self.buf[..4].try_into().unwrap()) as usize;
+                if self.buf.len() >= 4 + len {
+                    self.buf.advance(4);
+                    let body = self.buf.split_to(len);
+                    return Response::decode(body.freeze())
+                        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e));
+                }
+            }
+            let mut chunk = [0u8; 64 * 1024];
+            let n = self.stream.read(&mut chunk)?;
+            if n == 0 {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    "closed",
+                ));
+            }
+            self.buf.extend_from_slice(&chunk[..n]);
+        }
+    }
+
+    /// Sends one request and waits for its response.
+    pub fn call(&mut self, request: Request) -> std::io::Result<Response> {
+        self.send(&request)?;
+        self.recv()
+    }
+}
+
+/// Shard of a key, as the documented routing rule computes it.
+pub fn shard_of(key: &str, shards: u32) -> u32 {
+    corekv_proto::shard_of(key.as_bytes(), shards)
+}
+
+/// A key that lives on `shard`.
+pub fn key_on_shard(prefix: &str, shard: u32, shards: u32) -> String {
+    (0..)
+        .map(|i| format!("{prefix}{i}"))
+        .find(|k| shard_of(k, shards) == shard)
+        .unwrap()
+}
+
+/// Files under `dir`, recursively.
+pub fn files_under(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                out.extend(files_under(&path));
+            } else {
+                out.push(path);
+            }
+        }
+    }
+    out
+}
