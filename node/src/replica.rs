@@ -719,3 +719,304 @@ fn superseded() -> response::Result {
         "the proposal was replaced by another leader's entry; it was not applied",
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use corekv_proto::client::{Consistency, Get, Put};
+    use corekv_wal::WalOptions;
+
+    /// Three replicas in one thread: a simulated network (a queue of
+    /// messages) and a disk whose syncs complete when the test says so.
+    struct Sim {
+        replicas: Vec<Option<Replica>>,
+        _dirs: Vec<tempfile::TempDir>,
+        network: Vec<Message>,
+        pending_syncs: Vec<(usize, SyncJob)>,
+        replies: Vec<(usize, Reply)>,
+        /// Nodes cut off from everyone (messages to and from them are lost).
+        isolated: Vec<u64>,
+    }
+
+    fn options(id: u64) -> ReplicaOptions {
+        ReplicaOptions {
+            node_id: id,
+            shard: 0,
+            voters: vec![1, 2, 3],
+            heartbeat_ticks: 3,
+            election_ticks: 30,
+            request_timeout_ticks: 500,
+            max_size_per_msg: 1 << 20,
+            max_inflight_msgs: 256,
+        }
+    }
+
+    impl Sim {
+        fn new() -> Sim {
+            let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+            let replicas = dirs
+                .iter()
+                .enumerate()
+                .map(|(i, dir)| {
+                    let wal = Wal::open(dir.path(), WalOptions::default()).unwrap();
+                    Some(Replica::open(wal, options(i as u64 + 1)).unwrap())
+                })
+                .collect();
+            Sim {
+                replicas,
+                _dirs: dirs,
+                network: Vec::new(),
+                pending_syncs: Vec::new(),
+                replies: Vec::new(),
+                isolated: Vec::new(),
+            }
+        }
+
+        fn absorb(&mut self, i: usize, out: Output) {
+            self.network.extend(out.messages);
+            if let Some(job) = out.sync {
+                self.pending_syncs.push((i, job));
+            }
+            self.replies.extend(out.replies.into_iter().map(|r| (i, r)));
+        }
+
+        /// One round: every replica flushes and handles its ready; every
+        /// sync completes; every message is delivered.
+        fn round(&mut self) {
+            for i in 0..3 {
+                if let Some(replica) = self.replicas[i].as_mut() {
+                    let mut out = Output::default();
+                    replica.flush(&mut out);
+                    replica.handle_ready(&mut out).unwrap();
+                    self.absorb(i, out);
+                }
+            }
+            for (i, job) in std::mem::take(&mut self.pending_syncs) {
+                let outcome = job.run_blocking();
+                if let Some(replica) = self.replicas[i].as_mut() {
+                    let mut out = Output::default();
+                    replica.on_synced(outcome, &mut out).unwrap();
+                    self.absorb(i, out);
+                }
+            }
+            for message in std::mem::take(&mut self.network) {
+                if self.isolated.contains(&message.to) || self.isolated.contains(&message.from) {
+                    continue;
+                }
+                if let Some(replica) = self.replicas[message.to as usize - 1].as_mut() {
+                    replica.step(message);
+                }
+            }
+        }
+
+        fn tick(&mut self) {
+            for i in 0..3 {
+                if let Some(replica) = self.replicas[i].as_mut() {
+                    let mut out = Output::default();
+                    replica.tick(&mut out);
+                    self.absorb(i, out);
+                }
+            }
+            self.round();
+        }
+
+        fn leader(&self) -> Option<u64> {
+            let leaders: Vec<u64> = self
+                .replicas
+                .iter()
+                .flatten()
+                .filter(|r| r.is_leader() && !self.isolated.contains(&r.options.node_id))
+                .map(|r| r.options.node_id)
+                .collect();
+            (leaders.len() == 1).then(|| leaders[0])
+        }
+
+        fn elect(&mut self) -> u64 {
+            for _ in 0..1000 {
+                self.tick();
+                if let Some(leader) = self.leader() {
+                    // Let the leader commit its empty entry so reads can start.
+                    for _ in 0..5 {
+                        self.round();
+                    }
+                    return leader;
+                }
+            }
+            panic!("no leader after 1000 ticks");
+        }
+
+        fn replica(&mut self, id: u64) -> &mut Replica {
+            self.replicas[id as usize - 1].as_mut().unwrap()
+        }
+
+        fn take_reply(&mut self, token: Token) -> Option<response::Result> {
+            let pos = self.replies.iter().position(|(_, r)| r.token == token)?;
+            Some(self.replies.remove(pos).1.result)
+        }
+    }
+
+    fn put(key: &str, value: &str) -> Op {
+        Op::Put(Put {
+            key: Bytes::copy_from_slice(key.as_bytes()),
+            value: Bytes::copy_from_slice(value.as_bytes()),
+        })
+    }
+
+    #[test]
+    fn three_replicas_elect_one_leader_and_replicate_a_batch() {
+        let mut sim = Sim::new();
+        let leader = sim.elect();
+        for token in 1..=10 {
+            sim.replica(leader)
+                .propose(token, put(&format!("k{token}"), "v"))
+                .unwrap();
+        }
+        for _ in 0..10 {
+            sim.round();
+        }
+        for token in 1..=10 {
+            assert!(
+                matches!(sim.take_reply(token), Some(response::Result::Write(_))),
+                "write {token} not acknowledged"
+            );
+        }
+        // Every replica applied the same batch.
+        for id in 1..=3 {
+            let r = sim.replica(id);
+            assert_eq!(r.state_machine().len(), 10, "replica {id}");
+            assert!(r.state_machine().get(b"k7").is_some());
+        }
+        // A follower refuses writes and names the leader.
+        let follower = (1..=3).find(|&id| id != leader).unwrap();
+        assert_eq!(
+            sim.replica(follower).propose(99, put("x", "y")),
+            Err(NotLeader { leader_id: leader })
+        );
+    }
+
+    #[test]
+    fn nothing_is_acknowledged_before_a_majority_synced() {
+        let mut sim = Sim::new();
+        let leader = sim.elect();
+        sim.replica(leader).propose(1, put("a", "1")).unwrap();
+        // Run the leader alone: it appends and sends, but holds its sync.
+        let mut out = Output::default();
+        sim.replica(leader).flush(&mut out);
+        sim.replica(leader).handle_ready(&mut out).unwrap();
+        assert!(out.replies.is_empty());
+        let leader_sync = out.sync.take();
+        sim.network.extend(out.messages);
+        // Followers receive the entries but their syncs never complete.
+        for message in std::mem::take(&mut sim.network) {
+            let to = message.to;
+            sim.replica(to).step(message);
+        }
+        for id in (1..=3).filter(|&id| id != leader) {
+            let mut out = Output::default();
+            sim.replica(id).handle_ready(&mut out).unwrap();
+            // Their acks are persisted messages: held back until the sync.
+            assert!(
+                out.messages
+                    .iter()
+                    .all(|m| m.get_msg_type() != MessageType::MsgAppendResponse),
+                "follower {id} acked before its sync"
+            );
+            assert!(out.sync.is_some(), "follower {id} must sync the entries");
+        }
+        // The leader's own sync alone is not a majority.
+        if let Some(job) = leader_sync {
+            let outcome = job.run_blocking();
+            let mut out = Output::default();
+            sim.replica(leader).on_synced(outcome, &mut out).unwrap();
+            assert!(
+                out.replies.is_empty(),
+                "acknowledged with only the leader durable"
+            );
+        }
+    }
+
+    #[test]
+    fn isolated_leader_steps_down_and_fails_pending_writes() {
+        let mut sim = Sim::new();
+        let old = sim.elect();
+        sim.isolated.push(old);
+        sim.replica(old).propose(7, put("lost", "maybe")).unwrap();
+        // check_quorum: the isolated leader steps down within an election timeout.
+        for _ in 0..100 {
+            sim.tick();
+        }
+        assert!(
+            !sim.replica(old).is_leader(),
+            "isolated leader kept leading"
+        );
+        match sim.take_reply(7) {
+            Some(response::Result::Error(e)) => {
+                assert!(
+                    e.code == ErrorCode::Unavailable as i32 || e.code == ErrorCode::Timeout as i32,
+                    "{e:?}"
+                )
+            }
+            other => panic!("pending write not failed: {other:?}"),
+        }
+        // The majority elected another leader that serves reads.
+        let new = sim.leader().expect("majority has a leader");
+        assert_ne!(new, old);
+        let mut out = Output::default();
+        let get = Op::Get(Get {
+            key: Bytes::from_static(b"lost"),
+            consistency: Consistency::Linearizable as i32,
+        });
+        sim.replica(new)
+            .read(8, get, Consistency::Linearizable, &mut out)
+            .unwrap();
+        sim.absorb(new as usize - 1, out);
+        for _ in 0..10 {
+            sim.round();
+        }
+        assert!(matches!(sim.take_reply(8), Some(response::Result::Get(_))));
+    }
+
+    #[test]
+    fn restart_recovers_log_and_reapplies() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut opts = options(1);
+        opts.voters = vec![1];
+        {
+            let wal = Wal::open(dir.path(), WalOptions::default()).unwrap();
+            let mut r = Replica::open(wal, opts.clone()).unwrap();
+            let mut out = Output::default();
+            for _ in 0..100 {
+                r.tick(&mut out);
+                r.handle_ready(&mut out).unwrap();
+                while let Some(job) = out.sync.take() {
+                    r.on_synced(job.run_blocking(), &mut out).unwrap();
+                }
+                if r.is_leader() {
+                    break;
+                }
+            }
+            assert!(r.is_leader());
+            r.propose(1, put("durable", "yes")).unwrap();
+            r.flush(&mut out);
+            r.handle_ready(&mut out).unwrap();
+            while let Some(job) = out.sync.take() {
+                r.on_synced(job.run_blocking(), &mut out).unwrap();
+            }
+            assert!(out.replies.iter().any(
+                |reply| reply.token == 1 && matches!(reply.result, response::Result::Write(_))
+            ));
+        }
+        let wal = Wal::open(dir.path(), WalOptions::default()).unwrap();
+        let mut r = Replica::open(wal, opts).unwrap();
+        let mut out = Output::default();
+        r.handle_ready(&mut out).unwrap();
+        while let Some(job) = out.sync.take() {
+            r.on_synced(job.run_blocking(), &mut out).unwrap();
+        }
+        assert_eq!(
+            r.state_machine().get(b"durable").map(|(v, _)| v),
+            Some(Bytes::from_static(b"yes"))
+        );
+        assert!(r.status().term >= 1);
+    }
+}
