@@ -924,15 +924,14 @@ mod tests {
             assert!(out.sync.is_some(), "follower {id} must sync the entries");
         }
         // The leader's own sync alone is not a majority.
-        if let Some(job) = leader_sync {
-            let outcome = job.run_blocking();
-            let mut out = Output::default();
-            sim.replica(leader).on_synced(outcome, &mut out).unwrap();
-            assert!(
-                out.replies.is_empty(),
-                "acknowledged with only the leader durable"
-            );
-        }
+        let job = leader_sync.expect("the leader must sync its own entry");
+        let outcome = job.run_blocking();
+        let mut out = Output::default();
+        sim.replica(leader).on_synced(outcome, &mut out).unwrap();
+        assert!(
+            out.replies.is_empty(),
+            "acknowledged with only the leader durable"
+        );
     }
 
     #[test]
