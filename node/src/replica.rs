@@ -442,6 +442,52 @@ impl Replica {
         self.handle_ready(out)
     }
 
+    /// Fails every pending request: the node is stopping.
+    pub fn shutdown(&mut self, out: &mut Output) {
+        self.fail_all_pending(out, "node is shutting down");
+    }
+
+    /// True while a sync job handed out is not yet finished.
+    pub fn sync_in_flight(&self) -> bool {
+        self.sync_in_flight.is_some()
+    }
+
+    /// Finishes the sync in flight without handling new Readys (shutdown):
+    /// the messages that waited for it still leave.
+    pub fn finish_sync_only(
+        &mut self,
+        outcome: SyncOutcome,
+        out: &mut Output,
+    ) -> Result<(), ReplicaError> {
+        self.raw
+            .mut_store()
+            .wal_mut()
+            .finish_sync(outcome)
+            .map_err(|e| self.fatal(e))?;
+        if let Some(covered) = self.sync_in_flight.take() {
+            self.persisted_through(covered, out);
+        }
+        Ok(())
+    }
+
+    /// The last sync before exit: whatever was appended becomes durable.
+    pub fn begin_final_sync(&mut self) -> Result<Option<SyncJob>, ReplicaError> {
+        self.raw
+            .mut_store()
+            .wal_mut()
+            .begin_sync()
+            .map_err(|e| self.fatal(e))
+    }
+
+    /// Completes [`Replica::begin_final_sync`].
+    pub fn finish_final_sync(&mut self, outcome: SyncOutcome) -> Result<(), ReplicaError> {
+        self.raw
+            .mut_store()
+            .wal_mut()
+            .finish_sync(outcome)
+            .map_err(|e| self.fatal(e))
+    }
+
     fn maybe_sync(&mut self, out: &mut Output) -> Result<(), ReplicaError> {
         if self.sync_in_flight.is_some() {
             return Ok(());

@@ -42,6 +42,8 @@ type ConnId = u64;
 const MAX_CONN_QUEUE_BYTES: usize = 64 << 20;
 /// Upper bound on bytes queued for one peer link.
 const MAX_LINK_QUEUE_BYTES: usize = 256 << 20;
+/// Upper bound on how long a stopping shard waits for its last sync and answers.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 /// How long an inbound peer gets to send its Hello.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -182,7 +184,13 @@ pub async fn run(
     let peer_listener = TcpListener::bind(peer_addr).map_err(|e| {
         anyhow::anyhow!("shard {shard}: cannot listen for peers on {peer_addr}: {e}")
     })?;
-    tracing::info!(shard, %client_addr, %peer_addr, "shard listening");
+    // FusionDriver picks io_uring when the kernel allows it, epoll otherwise.
+    let driver = if monoio::utils::detect_uring() {
+        "io_uring"
+    } else {
+        "epoll"
+    };
+    tracing::info!(shard, %client_addr, %peer_addr, driver, "shard listening");
 
     monoio::spawn(accept_clients(client_listener, local.clone(), node.clone()));
     monoio::spawn(accept_peers(peer_listener, local.clone(), node.clone()));
@@ -802,11 +810,55 @@ impl Shard {
         *slot = status;
     }
 
+    /// Stops the shard: fails what is pending, makes the WAL durable, lets
+    /// the answers reach their connections, then returns.
     async fn shutdown(&mut self, _: ()) -> anyhow::Result<()> {
-        tracing::info!(shard = self.local.shard, "shard stopping");
+        let shard = self.local.shard;
+        tracing::info!(shard, "shard stopping");
+        let mut out = Output::default();
+        self.replica.shutdown(&mut out);
+        for (_, (route, _)) in std::mem::take(&mut self.forwarded) {
+            self.answer(
+                &route,
+                state_machine::error(ErrorCode::Unavailable, "node is shutting down"),
+            );
+        }
+        self.dispatch(&mut out);
+        // Wait for a sync in flight (its job owns the descriptors), then sync
+        // whatever was appended after it.
+        let deadline = Instant::now() + SHUTDOWN_GRACE;
+        let mut batch = Vec::new();
+        while self.replica.sync_in_flight() && Instant::now() < deadline {
+            let wait =
+                monoio::time::timeout(SHUTDOWN_GRACE, self.local.inbox.drain_into(&mut batch))
+                    .await;
+            if wait.is_err() {
+                break;
+            }
+            for input in batch.drain(..) {
+                if let Input::Synced { outcome, .. } = input {
+                    let mut out = Output::default();
+                    self.replica.finish_sync_only(outcome, &mut out)?;
+                    self.dispatch(&mut out);
+                }
+            }
+        }
+        if let Some(job) = self.replica.begin_final_sync()? {
+            let outcome = job.run().await;
+            self.replica.finish_final_sync(outcome)?;
+        }
         for link in self.links.values() {
             link.shutdown();
         }
+        // Give the writer tasks the chance to deliver the last answers.
+        let conns: Vec<FrameSender> = self.local.conns.borrow().values().cloned().collect();
+        for conn in &conns {
+            conn.close();
+        }
+        while conns.iter().any(|c| c.queued_bytes() > 0) && Instant::now() < deadline {
+            monoio::time::sleep(Duration::from_millis(1)).await;
+        }
+        tracing::info!(shard, "shard stopped; WAL synced");
         Ok(())
     }
 }

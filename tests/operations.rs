@@ -1,0 +1,175 @@
+//! Operations: admin HTTP, metrics, health, shutdown, data-dir lock.
+
+mod common;
+
+use std::process::Command;
+
+use common::{http, metric, wait_for, Cluster, COREKV, DEADLINE};
+
+#[test]
+fn metrics_show_one_leader_per_shard_and_rising_indexes() {
+    let mut cluster = Cluster::start(3, 2);
+    cluster.wait_for_leaders();
+    let scrape = |cluster: &Cluster, id: usize| {
+        let (status, body) = http("GET", cluster.nodes[id].admin_port, "/metrics").unwrap();
+        assert_eq!(status, 200);
+        body
+    };
+    let before: Vec<String> = (0..3).map(|i| scrape(&cluster, i)).collect();
+    for shard in 0..2 {
+        let label = format!("{{shard=\"{shard}\"}}");
+        let leaders = before
+            .iter()
+            .filter(|m| metric(m, &format!("raft_node_state{label}")) == Some(2.0))
+            .count();
+        assert_eq!(leaders, 1, "shard {shard}: exactly one leader in /metrics");
+        let terms: Vec<_> = before
+            .iter()
+            .map(|m| metric(m, &format!("raft_current_term{label}")))
+            .collect();
+        assert!(
+            terms.iter().all(|t| t.is_some() && *t == terms[0]),
+            "terms disagree: {terms:?}"
+        );
+    }
+    for i in 0..20 {
+        assert_eq!(cluster.cli(&["put", &format!("m{i}"), "x"]).0, 0);
+    }
+    let sum = |texts: &[String], name: &str| -> f64 {
+        texts
+            .iter()
+            .map(|m| {
+                (0..2)
+                    .map(|s| metric(m, &format!("{name}{{shard=\"{s}\"}}")).unwrap_or(0.0))
+                    .sum::<f64>()
+            })
+            .sum()
+    };
+    wait_for(
+        "commit and applied indexes to rise on every node",
+        DEADLINE,
+        || {
+            let after: Vec<String> = (0..3).map(|i| scrape(&cluster, i)).collect();
+            let ok = (0..3).all(|i| {
+                sum(&after[i..i + 1], "raft_applied_index")
+                    >= sum(&before[i..i + 1], "raft_applied_index") + 20.0
+                    && sum(&after[i..i + 1], "raft_commit_index")
+                        >= sum(&before[i..i + 1], "raft_commit_index") + 20.0
+            });
+            ok.then_some(())
+        },
+    );
+    let text = scrape(&cluster, 0);
+    for name in [
+        "raft_leader_changes_total",
+        "raft_proposals_total",
+        "wal_fsync_seconds_count",
+        "wal_bytes_written_total",
+        "wal_segments",
+        "process_resident_memory_bytes",
+        "process_open_fds",
+        "process_cpu_seconds_total",
+    ] {
+        assert!(text.contains(name), "/metrics lacks {name}");
+    }
+    assert!(
+        text.contains("client_requests_total{shard="),
+        "no client request counters"
+    );
+}
+
+#[test]
+fn health_ready_turns_200_once_shards_have_leaders() {
+    let mut cluster = Cluster::configure(3, 1, "");
+    cluster.node(1).start();
+    let admin = cluster.nodes[0].admin_port;
+    // Alone, node 1 cannot elect a leader: not ready, but live.
+    let (status, body) = wait_for("node 1 admin to answer", DEADLINE, || {
+        http("GET", admin, "/health/ready").ok()
+    });
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("no leader"), "{body}");
+    assert_eq!(http("GET", admin, "/health/live").unwrap().0, 200);
+    assert_eq!(http("GET", admin, "/nope").unwrap().0, 404);
+    assert_eq!(http("POST", admin, "/metrics").unwrap().0, 405);
+    let (status, body) = http("GET", admin, "/status").unwrap();
+    assert_eq!(status, 200);
+    let json: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(json["node_id"], 1);
+    cluster.node(2).start();
+    cluster.node(3).start();
+    wait_for("/health/ready to say 200", DEADLINE, || {
+        (http("GET", admin, "/health/ready").ok()?.0 == 200).then_some(())
+    });
+}
+
+#[test]
+fn sigterm_exits_zero_and_restart_keeps_applied_index_continuous() {
+    let mut cluster = Cluster::start(1, 1);
+    cluster.wait_for_leaders();
+    for i in 0..30 {
+        assert_eq!(cluster.cli(&["put", &format!("k{i}"), &i.to_string()]).0, 0);
+    }
+    let (_, out, _) = cluster.cli(&["--json", "get", "k29"]);
+    let before: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    let applied_before = cluster.status(1).unwrap().shards[0].applied_index;
+
+    let status = cluster.node(1).terminate();
+    assert_eq!(status.code(), Some(0), "SIGTERM must exit 0");
+    let log = cluster.nodes[0].log();
+    assert!(
+        log.contains("WAL synced"),
+        "shutdown must sync the WAL:\n{log}"
+    );
+
+    cluster.node(1).start();
+    cluster.wait_for_leaders();
+    let after = cluster.status(1).unwrap().shards[0];
+    // Replay re-applies exactly the log: the same entries, nothing twice,
+    // plus the new leader's empty entry.
+    assert!(
+        after.applied_index > applied_before,
+        "{after:?} vs {applied_before}"
+    );
+    let (_, out, _) = cluster.cli(&["--json", "get", "k29"]);
+    let again: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(
+        before, again,
+        "value and version survive the restart unchanged"
+    );
+    assert_eq!(
+        cluster
+            .cli(&["scan", "--prefix", "k", "--limit", "100"])
+            .1
+            .lines()
+            .count(),
+        30
+    );
+}
+
+#[test]
+fn second_node_on_the_same_data_dir_refuses_to_start() {
+    let mut cluster = Cluster::start(1, 1);
+    cluster.wait_for_leaders();
+    let pid = cluster.nodes[0].pid().unwrap();
+    let output = Command::new(COREKV)
+        .arg("run")
+        .arg("--config")
+        .arg(&cluster.nodes[0].config_path)
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("locked"), "{stderr}");
+    assert!(
+        stderr.contains(&cluster.nodes[0].data_dir.display().to_string()),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains(&pid.to_string()),
+        "holder pid missing: {stderr}"
+    );
+    // The first node is unharmed.
+    assert!(cluster.node(1).is_running());
+    assert_eq!(cluster.cli(&["put", "still", "here"]).0, 0);
+}
