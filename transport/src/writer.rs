@@ -12,7 +12,7 @@ use std::rc::Rc;
 
 use bytes::Bytes;
 use monoio::buf::IoVecBuf;
-use monoio::io::{AsyncWriteRent, AsyncWriteRentExt};
+use monoio::io::AsyncWriteRent;
 
 use crate::wake::{race, wait_until, Either, WakeSlot};
 
@@ -237,8 +237,8 @@ async fn run_writer<W: AsyncWriteRent>(mut writer: W, queue: Rc<SendQueue>) {
         let aborted = wait_until([&queue.writer_wake], || {
             queue.state.get() == QueueState::Aborted
         });
-        match race(writer.write_vectored_all(batch), aborted).await {
-            Either::Left((Ok(_), mut batch)) => {
+        match race(write_batch(&mut writer, batch), aborted).await {
+            Either::Left((Ok(()), mut batch)) => {
                 queue
                     .queued_bytes
                     .set(queue.queued_bytes.get() - batch_bytes);
@@ -270,12 +270,46 @@ async fn run_writer<W: AsyncWriteRent>(mut writer: W, queue: Rc<SendQueue>) {
     queue.finish_wake.wake();
 }
 
+/// Writes the whole batch, issuing further `writev`s after a short write.
+///
+/// Not monoio's `write_vectored_all`: in monoio 0.2.4 it resumes a short
+/// write without advancing the partly written iovec's base pointer and with
+/// an iovec count that ignores the ones already written, which corrupts the
+/// stream as soon as the socket buffer fills up.
+async fn write_batch<W: AsyncWriteRent>(
+    writer: &mut W,
+    mut batch: FrameBatch,
+) -> (std::io::Result<()>, FrameBatch) {
+    while batch.remaining() > 0 {
+        let (result, returned) = writer.writev(batch).await;
+        batch = returned;
+        match result {
+            Ok(0) => {
+                let error = std::io::Error::new(
+                    std::io::ErrorKind::WriteZero,
+                    "socket accepted no bytes of a vectored write",
+                );
+                return (Err(error), batch);
+            }
+            Ok(written) => batch.advance(written),
+            Err(error) if error.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(error) => return (Err(error), batch),
+        }
+    }
+    (Ok(()), batch)
+}
+
 /// Frames of one vectored write, with the iovec array that points into them.
 #[derive(Default)]
 struct FrameBatch {
     frames: Vec<Bytes>,
     iovecs: Vec<libc::iovec>,
+    /// Index of the first iovec not completely written.
+    first_unwritten: usize,
+    /// Total bytes of `frames`.
     bytes: usize,
+    /// Bytes of `frames` already written.
+    written: usize,
 }
 
 impl FrameBatch {
@@ -294,24 +328,58 @@ impl FrameBatch {
         }
     }
 
+    fn remaining(&self) -> usize {
+        self.bytes - self.written
+    }
+
+    /// Accounts for `n` more bytes written: drops whole iovecs from the
+    /// front and moves the base of a partly written one past its written
+    /// bytes.
+    ///
+    /// # Panics
+    ///
+    /// Panics if `n` exceeds the bytes not yet written (the kernel never
+    /// reports more than it was given).
+    fn advance(&mut self, mut n: usize) {
+        assert!(
+            n <= self.remaining(),
+            "writev reported {n} bytes written, only {} were pending",
+            self.remaining()
+        );
+        self.written += n;
+        while n > 0 {
+            let iovec = &mut self.iovecs[self.first_unwritten];
+            if n < iovec.iov_len {
+                // SAFETY: n < iov_len, so the new base stays inside the frame.
+                iovec.iov_base = unsafe { iovec.iov_base.cast::<u8>().add(n).cast() };
+                iovec.iov_len -= n;
+                return;
+            }
+            n -= iovec.iov_len;
+            self.first_unwritten += 1;
+        }
+    }
+
     fn clear(&mut self) {
         self.iovecs.clear();
         self.frames.clear();
+        self.first_unwritten = 0;
         self.bytes = 0;
+        self.written = 0;
     }
 }
 
-// SAFETY: every iovec points into a `Bytes` held in `frames`, whose heap
-// storage does not move when the batch moves, and `frames` is not touched
-// while the runtime owns the batch. The iovec array itself is not modified
-// while the batch is lent to a write.
+// SAFETY: every unwritten iovec points into a `Bytes` held in `frames`,
+// whose heap storage does not move when the batch moves, and neither
+// `frames` nor `iovecs` is modified while the runtime owns the batch (only
+// `advance`, between writes, changes them).
 unsafe impl IoVecBuf for FrameBatch {
     fn read_iovec_ptr(&self) -> *const libc::iovec {
-        self.iovecs.as_ptr()
+        self.iovecs[self.first_unwritten..].as_ptr()
     }
 
     fn read_iovec_len(&self) -> usize {
-        self.iovecs.len()
+        self.iovecs.len() - self.first_unwritten
     }
 }
 
@@ -327,6 +395,9 @@ mod tests {
         /// One entry per writev: the buffers it was given, copied.
         writes: Rc<RefCell<Vec<Vec<Vec<u8>>>>>,
         shut_down: Rc<Cell<bool>>,
+        /// When set, each writev accepts at most this many bytes, as a
+        /// socket with a full send buffer does.
+        short_write_bytes: Option<usize>,
     }
 
     impl AsyncWriteRent for RecordingWriter {
@@ -349,12 +420,19 @@ mod tests {
             let iovecs = unsafe {
                 std::slice::from_raw_parts(buf_vec.read_iovec_ptr(), buf_vec.read_iovec_len())
             };
-            let buffers: Vec<Vec<u8>> = iovecs
-                .iter()
-                .map(|iov| unsafe {
-                    std::slice::from_raw_parts(iov.iov_base as *const u8, iov.iov_len).to_vec()
-                })
-                .collect();
+            let mut budget = self.short_write_bytes.unwrap_or(usize::MAX);
+            let mut buffers: Vec<Vec<u8>> = Vec::new();
+            for iov in iovecs {
+                let take = iov.iov_len.min(budget);
+                if take == 0 {
+                    break;
+                }
+                budget -= take;
+                // SAFETY: the iovec describes `iov_len` readable bytes.
+                buffers.push(unsafe {
+                    std::slice::from_raw_parts(iov.iov_base as *const u8, take).to_vec()
+                });
+            }
             let n = buffers.iter().map(Vec::len).sum();
             self.writes.borrow_mut().push(buffers);
             async move { (Ok(n), buf_vec) }
@@ -501,6 +579,39 @@ mod tests {
                 .map(|b| u32::from_be_bytes(b[..].try_into().unwrap()))
                 .collect();
             assert_eq!(all, (0..count as u32).collect::<Vec<_>>());
+        });
+    }
+
+    #[test]
+    fn short_writes_resume_where_the_kernel_stopped() {
+        runtime().block_on(async {
+            let writer = RecordingWriter {
+                short_write_bytes: Some(7),
+                ..RecordingWriter::default()
+            };
+            let sender = spawn_writer(writer.clone(), 1 << 20);
+            let frames: Vec<Vec<u8>> = (0..20u8)
+                .map(|i| vec![i; (i as usize % 5) * 3 + 1])
+                .collect();
+            let total: usize = frames.iter().map(Vec::len).sum();
+            for frame in &frames {
+                sender.send(Bytes::from(frame.clone())).unwrap();
+            }
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+            while sender.queued_bytes() > 0 {
+                assert!(std::time::Instant::now() < deadline, "writer stalled");
+                monoio::time::sleep(std::time::Duration::from_millis(1)).await;
+            }
+            let written: Vec<u8> = writer
+                .writes
+                .borrow()
+                .iter()
+                .flatten()
+                .flatten()
+                .copied()
+                .collect();
+            assert_eq!(written, frames.concat(), "bytes reordered or repeated");
+            assert_eq!(writer.writes.borrow().len(), total.div_ceil(7));
         });
     }
 }
