@@ -191,6 +191,23 @@ impl Wal {
         Ok(())
     }
 
+    /// Drops the entries `<= index` that a durable state-machine snapshot now
+    /// covers: `apply_snapshot_marker` at `index` with the log's own term
+    /// there, so the log after it is kept. The caller promises the snapshot
+    /// is durable. `OutOfRange` unless `first_index() - 1 <= index <=
+    /// last_index()`.
+    pub fn compact(&mut self, index: u64) -> Result<(), WalError> {
+        let Some(term) = self.term(index) else {
+            return Err(WalError::OutOfRange {
+                low: index,
+                high: index + 1,
+                first_index: self.first_index(),
+                last_index: self.last_index(),
+            });
+        };
+        self.apply_snapshot_marker(SnapshotMarker { index, term })
+    }
+
     /// Paths of segments made obsolete by a durable snapshot marker since the
     /// last call. Delete them with [`crate::remove_segments`] (blocking).
     pub fn take_obsolete_segments(&mut self) -> Vec<PathBuf> {
@@ -910,6 +927,31 @@ mod tests {
         assert_eq!((wal.first_index(), wal.last_index()), (21, 22));
         assert_eq!(wal.term(20), Some(5));
         assert_eq!(read_all(&wal), batch(21, 2, 5, 4));
+    }
+
+    #[test]
+    fn wal_can_move_to_the_shard_thread() {
+        fn assert_send<T: Send>() {}
+        assert_send::<Wal>();
+    }
+
+    #[test]
+    fn compact_keeps_the_log_after_the_index() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut wal = open(dir.path());
+        append(&mut wal, &batch(1, 10, 2, 4)).unwrap();
+        wal.compact(6).unwrap();
+        assert_eq!(wal.snapshot_marker(), SnapshotMarker { index: 6, term: 2 });
+        assert_eq!(read_all(&wal), batch(7, 4, 2, 4));
+        let error = wal.compact(11).unwrap_err();
+        assert!(
+            matches!(error, WalError::OutOfRange { low: 11, .. }),
+            "{error}"
+        );
+        assert!(wal.compact(5).is_err(), "below the snapshot");
+        wal.compact(6)
+            .expect("compacting to the marker again is a no-op");
+        assert_eq!(wal.first_index(), 7);
     }
 
     #[test]
