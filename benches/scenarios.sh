@@ -1,0 +1,154 @@
+#!/usr/bin/env bash
+# The benchmark scenarios of issue 7 on a fresh local 3-node `corekv dev`
+# cluster, then one summary table.
+#
+#   L     1 client, puts            W64   64 clients, puts
+#   W256  256 clients, puts         R64   64 clients, linearizable gets (prefilled)
+#   S64   64 clients, stale gets    M64   64 clients, 50 % puts / 50 % gets
+#
+# All: 16 B keys, 256 B values, 100k keyspace, DURATION measured after WARMUP.
+#
+# Environment (all optional):
+#   PORT_BASE   port base of the dev cluster (default 7000: clients on 7100,
+#               7200, 7300; admin on 7190, 7290, 7390)
+#   DURATION    measured window per scenario (default 20s)
+#   WARMUP      warm-up per scenario (default 2s)
+#   SCENARIOS   which to run, space-separated (default: all six, in order;
+#               S64 reads the keys that R64 prefilled)
+#   COREKV      a corekv binary to use instead of building one in release mode
+#   OUT_DIR     where the JSON of each scenario is kept (default: a temp dir)
+#
+# Needs jq for the summary. The cluster (and its data) lives in a temp dir
+# that is removed on exit; the cluster is stopped on exit, by the pid this
+# script started.
+set -euo pipefail
+
+cd "$(dirname "$0")/.."
+
+PORT_BASE=${PORT_BASE:-7000}
+DURATION=${DURATION:-20s}
+WARMUP=${WARMUP:-2s}
+SCENARIOS=${SCENARIOS:-"L W64 W256 R64 S64 M64"}
+
+command -v jq >/dev/null || {
+    echo "scenarios.sh needs jq for its summary (apt-get install jq)" >&2
+    exit 2
+}
+
+if [[ -z "${COREKV:-}" ]]; then
+    echo "building corekv (release)" >&2
+    cargo build --release -p corekv >&2
+    COREKV="${CARGO_TARGET_DIR:-target}/release/corekv"
+fi
+[[ -x "$COREKV" ]] || {
+    echo "no corekv binary at $COREKV" >&2
+    exit 2
+}
+
+WORK=$(mktemp -d -t corekv-scenarios.XXXXXX)
+OUT_DIR=${OUT_DIR:-$WORK/results}
+mkdir -p "$OUT_DIR"
+DEV_PID=""
+
+stop_cluster() {
+    local status=$?
+    if [[ -n "$DEV_PID" ]] && kill -0 "$DEV_PID" 2>/dev/null; then
+        # `corekv dev` stops its nodes on SIGTERM and waits for them.
+        kill -TERM "$DEV_PID" 2>/dev/null || true
+        for _ in $(seq 1 200); do
+            kill -0 "$DEV_PID" 2>/dev/null || break
+            sleep 0.1
+        done
+        if kill -0 "$DEV_PID" 2>/dev/null; then
+            echo "corekv dev (pid $DEV_PID) did not stop; killing it and its nodes" >&2
+            # The node pids are the ones dev printed when it started them.
+            for pid in $(sed -n 's/^started node [0-9]* (pid \([0-9]*\)).*/\1/p' "$WORK/dev.log"); do
+                kill -KILL "$pid" 2>/dev/null || true
+            done
+            kill -KILL "$DEV_PID" 2>/dev/null || true
+        fi
+        wait "$DEV_PID" 2>/dev/null || true
+    fi
+    if [[ $status -ne 0 && -f "$WORK/dev.log" ]]; then
+        echo "--- last lines of the dev cluster's output ($WORK/dev.log) ---" >&2
+        tail -n 20 "$WORK/dev.log" >&2 || true
+    fi
+    if [[ "$OUT_DIR" == "$WORK/results" ]]; then
+        rm -rf "$WORK"
+    else
+        rm -rf "$WORK/cluster"
+    fi
+    exit "$status"
+}
+trap stop_cluster EXIT
+trap 'exit 130' INT TERM
+
+ENDPOINTS="127.0.0.1:$((PORT_BASE + 100)),127.0.0.1:$((PORT_BASE + 200)),127.0.0.1:$((PORT_BASE + 300))"
+ADMIN="127.0.0.1:$((PORT_BASE + 190)),127.0.0.1:$((PORT_BASE + 290)),127.0.0.1:$((PORT_BASE + 390))"
+
+echo "starting a 3-node dev cluster in $WORK/cluster (port base $PORT_BASE)" >&2
+"$COREKV" dev --nodes 3 --dir "$WORK/cluster" --port-base "$PORT_BASE" >"$WORK/dev.log" 2>&1 &
+DEV_PID=$!
+
+# Ready when `corekv status` reaches every node and every shard has a leader.
+ready=""
+for _ in $(seq 1 600); do
+    if ! kill -0 "$DEV_PID" 2>/dev/null; then
+        echo "corekv dev exited during start-up" >&2
+        exit 1
+    fi
+    if out=$("$COREKV" --endpoints "$ENDPOINTS" --timeout 1s status 2>/dev/null) &&
+        ! grep -q "NO LEADER" <<<"$out"; then
+        ready=yes
+        break
+    fi
+    sleep 0.1
+done
+[[ -n "$ready" ]] || {
+    echo "the dev cluster did not become ready within 60 s" >&2
+    exit 1
+}
+echo "cluster ready" >&2
+
+COMMON=(--endpoints "$ENDPOINTS" --json bench
+    --key-size 16 --value-size 256 --keyspace 100000
+    --duration "$DURATION" --warmup "$WARMUP" --seed 1 --admin "$ADMIN")
+
+scenario_flags() {
+    case "$1" in
+    L) echo "--clients 1 --mix put=100" ;;
+    W64) echo "--clients 64 --mix put=100" ;;
+    W256) echo "--clients 256 --mix put=100" ;;
+    R64) echo "--clients 64 --mix get=100 --consistency linearizable --prefill" ;;
+    S64) echo "--clients 64 --mix get=100 --consistency stale" ;;
+    M64) echo "--clients 64 --mix put=50,get=50" ;;
+    *)
+        echo "unknown scenario $1 (known: L W64 W256 R64 S64 M64)" >&2
+        return 1
+        ;;
+    esac
+}
+
+for name in $SCENARIOS; do
+    flags=$(scenario_flags "$name")
+    echo "== $name: $flags" >&2
+    # shellcheck disable=SC2086 # the flags are meant to split into words
+    "$COREKV" "${COMMON[@]}" $flags >"$OUT_DIR/$name.json"
+done
+
+printf '\n%-6s %10s %9s %9s %8s %12s %13s\n' scenario "ops/s" p50_us p99_us errors cpu_us_per_op term_changes
+for name in $SCENARIOS; do
+    jq -r --arg name "$name" '
+        [$name,
+         (.total.ops_per_s | floor),
+         .total.latency_us.p50,
+         .total.latency_us.p99,
+         (.total.errors | add // 0),
+         (if .cpu.cpu_us_per_op == null then "-" else (.cpu.cpu_us_per_op * 10 | round / 10) end),
+         .leadership.term_changes]
+        | @tsv' "$OUT_DIR/$name.json" |
+        awk -F'\t' '{ printf "%-6s %10s %9s %9s %8s %12s %13s\n", $1, $2, $3, $4, $5, $6, $7 }'
+done
+if [[ "$OUT_DIR" != "$WORK/results" ]]; then
+    echo "JSON of each scenario: $OUT_DIR" >&2
+fi
