@@ -34,7 +34,11 @@ pub(crate) fn open(dir: &Path, options: WalOptions) -> Result<Wal, WalError> {
 
     let (valid, unsynced, last_sequence) = classify_segments(dir, options.shard_id)?;
     for path in &unsynced {
-        tracing::warn!(segment = %path.display(), "removing WAL segment that was never synced (zero header)");
+        if has_records(path)? {
+            tracing::warn!(segment = %path.display(), "removing WAL segment whose records were never synced");
+        } else {
+            tracing::debug!(segment = %path.display(), "removing prepared WAL segment that was never used");
+        }
         std::fs::remove_file(path).map_err(|e| WalError::io(path, "remove unsynced segment", e))?;
     }
     if !unsynced.is_empty() {
@@ -70,6 +74,7 @@ pub(crate) fn open(dir: &Path, options: WalOptions) -> Result<Wal, WalError> {
         durable_marker: (replay.marker_position.sequence, replay.marker.index),
         obsolete: Vec::new(),
         poisoned: false,
+        next_segment: None,
         bytes_written: 0,
         recovery: report,
     };
@@ -89,6 +94,7 @@ pub(crate) fn open(dir: &Path, options: WalOptions) -> Result<Wal, WalError> {
     wal.recovery.obsolete_segments_removed = obsolete;
     wal.recovery.segments = wal.segments.len();
     wal.recovery.entries = wal.index.len() as u64;
+    wal.prepare_next_segment();
     Ok(wal)
 }
 
@@ -181,6 +187,18 @@ fn read_header(path: &Path) -> Result<Result<format::SegmentHeader, HeaderProble
         }
     }
     Ok(format::decode_header(&bytes[..filled]))
+}
+
+/// Whether a segment with a zero header had records written into it (as
+/// opposed to a segment prepared ahead and never rotated to).
+fn has_records(path: &Path) -> Result<bool, WalError> {
+    let file = File::open(path).map_err(|e| WalError::io(path, "open segment", e))?;
+    let mut length = [0u8; 4];
+    match file.read_exact_at(&mut length, HEADER_LEN as u64) {
+        Ok(()) => Ok(length != [0u8; 4]),
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Ok(false),
+        Err(e) => Err(WalError::io(path, "read segment", e)),
+    }
 }
 
 /// A fresh log (or one whose only segments were never synced): the first

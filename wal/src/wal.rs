@@ -5,6 +5,7 @@
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::thread::JoinHandle;
 
 use crate::error::WalError;
 use crate::format::{
@@ -71,6 +72,10 @@ pub struct Wal {
     pub(crate) durable_marker: (u64, u64),
     pub(crate) obsolete: Vec<PathBuf>,
     pub(crate) poisoned: bool,
+    /// The segment after the active one, being created (file, fallocate,
+    /// mmap with every page faulted in) on a helper thread so that rotation
+    /// costs the append path neither system calls nor page faults.
+    pub(crate) next_segment: Option<JoinHandle<Result<Segment, WalError>>>,
     pub(crate) bytes_written: u64,
     pub(crate) recovery: RecoveryReport,
 }
@@ -564,15 +569,55 @@ impl Wal {
     /// metadata in, so older segments can be deleted without losing it.
     /// Failure poisons the WAL: part of a batch may already be written.
     fn rotate(&mut self) -> Result<(), WalError> {
-        let sequence = self.active().sequence + 1;
-        let segment = match Segment::create(&self.dir, sequence, self.options.segment_bytes) {
+        let segment = match self.take_next_segment() {
             Ok(segment) => segment,
             Err(error) => return Err(self.poison(error)),
         };
+        assert_eq!(
+            segment.sequence,
+            self.active().sequence + 1,
+            "the prepared segment must follow the active one"
+        );
         self.segments.push_back(segment);
         self.created_segments += 1;
         self.write_metadata_copies();
+        self.prepare_next_segment();
         Ok(())
+    }
+
+    /// Starts creating the segment after the active one on a helper thread.
+    /// Its header stays zero, so until it is used a crash leaves a file that
+    /// recovery simply deletes. If no thread can be spawned, rotation creates
+    /// the segment itself.
+    pub(crate) fn prepare_next_segment(&mut self) {
+        let dir = self.dir.clone();
+        let sequence = self.active().sequence + 1;
+        let segment_bytes = self.options.segment_bytes;
+        let spawned = std::thread::Builder::new()
+            .name(format!("wal-prepare-{}", self.options.shard_id))
+            .spawn(move || Segment::create(&dir, sequence, segment_bytes));
+        match spawned {
+            Ok(handle) => self.next_segment = Some(handle),
+            Err(error) => {
+                tracing::warn!(%error, "cannot spawn the WAL segment preparer; rotation will create segments")
+            }
+        }
+    }
+
+    /// The prepared next segment (waiting for it if it is not ready yet), or a
+    /// new one created here.
+    fn take_next_segment(&mut self) -> Result<Segment, WalError> {
+        match self.next_segment.take() {
+            Some(handle) => match handle.join() {
+                Ok(result) => result,
+                Err(panic) => std::panic::resume_unwind(panic),
+            },
+            None => Segment::create(
+                &self.dir,
+                self.active().sequence + 1,
+                self.options.segment_bytes,
+            ),
+        }
     }
 
     pub(crate) fn write_metadata_copies(&mut self) {
@@ -604,6 +649,16 @@ impl Wal {
             }
             let segment = self.segments.pop_front().expect("checked non-empty");
             self.obsolete.push(segment.file.path.clone());
+        }
+    }
+}
+
+impl Drop for Wal {
+    /// Waits for the segment preparer: it must not create a file after the
+    /// directory lock is released, or it could race a later `Wal::open`.
+    fn drop(&mut self) {
+        if let Some(handle) = self.next_segment.take() {
+            let _ = handle.join();
         }
     }
 }
@@ -1020,11 +1075,27 @@ mod tests {
             max_segments < 12,
             "compaction keeps the segment count bounded: {max_segments}"
         );
-        let files = std::fs::read_dir(dir.path()).unwrap().count() - 1;
+        let mut files: Vec<PathBuf> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|entry| entry.unwrap().path())
+            .filter(|path| path.extension().is_some_and(|e| e == "wal"))
+            .collect();
+        files.sort();
+        let mut live: Vec<PathBuf> = wal
+            .segments
+            .iter()
+            .map(|s| s.path().to_path_buf())
+            .collect();
+        // The preparer may or may not have created the next segment yet.
+        let prepared = dir
+            .path()
+            .join(format::segment_file_name(wal.active().sequence + 1));
+        if files.last() == Some(&prepared) {
+            live.push(prepared);
+        }
         assert_eq!(
-            files,
-            wal.segment_count(),
-            "one file per live segment (plus LOCK)"
+            files, live,
+            "one file per live segment, plus the one being prepared"
         );
         let expected: Vec<_> = (wal.first_index()..next)
             .map(|index| (index, (index - 1) / 25 + 1, vec![(index % 251) as u8; 64]))
@@ -1130,6 +1201,28 @@ mod tests {
         }
         drop(wal);
         open(dir.path());
+    }
+
+    #[test]
+    fn rotation_uses_the_prepared_segment_and_prepares_the_next() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut wal = open(dir.path());
+        assert!(
+            wal.next_segment.is_some(),
+            "open starts preparing segment 2"
+        );
+        append(&mut wal, &batch(1, 30, 1, 200)).unwrap();
+        assert!(wal.segment_count() >= 2);
+        let next = wal
+            .next_segment
+            .take()
+            .expect("rotation starts preparing the next segment");
+        let prepared = next.join().unwrap().unwrap();
+        assert_eq!(prepared.sequence, wal.active().sequence + 1);
+        assert!(
+            prepared.map.iter().all(|&b| b == 0),
+            "a prepared segment is all zeros"
+        );
     }
 
     #[test]
