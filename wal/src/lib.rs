@@ -10,8 +10,9 @@
 //! - **Append** ([`Wal::append_entries`], [`Wal::set_hard_state`],
 //!   [`Wal::set_conf_state`], [`Wal::apply_snapshot_marker`]) copies a record
 //!   into the mapped active segment. No system call, except when the segment
-//!   is full: then a new preallocated segment is created and mapped
-//!   (rotation). Appended records are readable at once but not yet durable.
+//!   is full (rotation): the next segment, created, preallocated and mapped
+//!   ahead by a helper thread, becomes active, and the helper starts on the
+//!   one after. Appended records are readable at once but not yet durable.
 //! - **Sync** is split for group commit: [`Wal::begin_sync`] hands out a
 //!   [`SyncJob`] covering everything appended so far; the shard runs it with
 //!   [`SyncJob::run`] (fdatasync through io_uring) while it keeps appending,

@@ -113,6 +113,7 @@ impl Segment {
                 std::io::Error::from_raw_os_error(rc),
             ));
         }
+        prefill_page_cache(&file, path, segment_bytes)?;
         let file = SegmentFile {
             file,
             path: path.to_path_buf(),
@@ -180,6 +181,27 @@ impl Segment {
     pub(crate) fn remaining(&self) -> usize {
         self.map.len() - self.write_offset
     }
+}
+
+/// Reads the new (all zero) file once, so the kernel allocates and zeroes its
+/// page cache pages here, on the thread preparing the segment, rather than
+/// in page faults on the append path. Measured with 256 x 256 B batches:
+/// appends went from about 1.1 to 2.0 GB/s; the read costs the helper about
+/// 30 ms per 64 MiB. (MAP_POPULATE of the writable mapping and
+/// POSIX_FADV_WILLNEED were both measured slower than no prefill at all.)
+fn prefill_page_cache(file: &File, path: &Path, segment_bytes: u64) -> Result<(), WalError> {
+    const CHUNK_BYTES: usize = 128 << 10;
+    let mut buffer = vec![0u8; CHUNK_BYTES];
+    let mut offset = 0u64;
+    while offset < segment_bytes {
+        match file.read_at(&mut buffer, offset) {
+            Ok(0) => break,
+            Ok(read) => offset += read as u64,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(WalError::io(path, "read new segment", e)),
+        }
+    }
+    Ok(())
 }
 
 impl std::fmt::Debug for Segment {

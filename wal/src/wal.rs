@@ -73,8 +73,8 @@ pub struct Wal {
     pub(crate) obsolete: Vec<PathBuf>,
     pub(crate) poisoned: bool,
     /// The segment after the active one, being created (file, fallocate,
-    /// mmap) on a helper thread so that rotation costs the append path no
-    /// system calls.
+    /// mmap) on a helper thread, so rotation only joins that thread and
+    /// spawns the next instead of waiting for the filesystem.
     pub(crate) next_segment: Option<JoinHandle<Result<Segment, WalError>>>,
     pub(crate) bytes_written: u64,
     pub(crate) recovery: RecoveryReport,
