@@ -540,6 +540,47 @@ mod tests {
     }
 
     #[test]
+    fn crash_between_header_write_and_data_sync_is_a_torn_tail() {
+        let dir = tempfile::tempdir().unwrap();
+        let paths = write_log(dir.path(), 120);
+        let newest = paths.last().unwrap();
+        let first_in_newest = {
+            let wal = open_wal(dir.path()).unwrap();
+            let newest_sequence = wal.active().sequence;
+            let position = wal.index.iter().position(|l| l.sequence == newest_sequence);
+            position.expect("the newest segment holds entries") as u64 + 1
+        };
+        // The sync job wrote the newest segment's header, then the machine died
+        // before its fdatasync: only the first records' page made it, plus a
+        // page of junk further on.
+        let mut bytes = std::fs::read(newest).unwrap();
+        let keep = FIRST_RECORD_OFFSET as usize + 200;
+        bytes[keep..].fill(0);
+        bytes[keep + 700..keep + 720].fill(0xee);
+        std::fs::write(newest, &bytes).unwrap();
+        let wal = open_wal(dir.path()).unwrap();
+        let (torn_file, torn_offset) = wal
+            .recovery()
+            .torn_tail
+            .clone()
+            .expect("torn tail reported");
+        assert_eq!(&torn_file, newest);
+        assert!(torn_offset <= keep as u64, "{torn_offset}");
+        assert!(
+            wal.last_index() >= first_in_newest - 1,
+            "older segments are intact"
+        );
+        assert!(wal.last_index() < 120);
+        let mut count = 0;
+        wal.entries(1, wal.last_index() + 1, None, |e| {
+            assert_eq!(e.data, &[7u8; 100][..]);
+            count += 1;
+        })
+        .unwrap();
+        assert_eq!(count, wal.last_index());
+    }
+
+    #[test]
     fn bad_record_in_older_segment_is_corruption_naming_file_and_offset() {
         let dir = tempfile::tempdir().unwrap();
         let paths = write_log(dir.path(), 120);
