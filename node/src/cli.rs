@@ -98,6 +98,8 @@ enum Command {
     },
     /// Raft status of every shard of every node.
     Status,
+    /// Closed-loop load generator against a running cluster.
+    Bench(Box<crate::bench::BenchArgs>),
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -146,6 +148,19 @@ pub fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Run(args) => run_node(&args),
+        Command::Bench(args) => {
+            init_logging(
+                &std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
+                false,
+            );
+            match crate::bench::run(*args, cli.endpoints, cli.json) {
+                Ok(code) => code,
+                Err(e) => {
+                    eprintln!("error: {e:#}");
+                    ExitCode::from(2)
+                }
+            }
+        }
         Command::Dev(args) => {
             init_logging("info", false);
             match crate::dev::run(args) {
@@ -206,8 +221,11 @@ fn run_node(args: &RunArgs) -> ExitCode {
 pub fn init_logging(level: &str, json: bool) {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_new(level).unwrap_or_else(|_| EnvFilter::new("info"));
+    // Colours only for a person at a terminal, never into log files.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(ansi)
         .with_writer(std::io::stderr);
     let _ = if json {
         builder.json().try_init()
@@ -370,7 +388,9 @@ async fn client_command(
             }
         }
         Command::Status => status(&client, json).await,
-        Command::Run(_) | Command::Dev(_) => unreachable!("handled before connecting"),
+        Command::Run(_) | Command::Dev(_) | Command::Bench(_) => {
+            unreachable!("handled before connecting")
+        }
     };
     Ok(code)
 }

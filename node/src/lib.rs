@@ -6,6 +6,7 @@
 //! happens at start-up or on helper threads.
 
 pub mod admin;
+pub mod bench;
 pub mod cli;
 pub mod client;
 pub mod config;
@@ -16,5 +17,7 @@ pub mod node;
 mod raft_log;
 pub mod replica;
 mod shard;
+pub mod snapshot;
+mod snapshot_transfer;
 pub mod state_machine;
 mod storage;

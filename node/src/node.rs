@@ -32,6 +32,9 @@ pub enum CrossCore {
     Reply { conn: u64, response: Response },
     /// Stop: the node is shutting down.
     Shutdown,
+    /// A snapshot this shard asked for was written (or failed), by the
+    /// helper thread that wrote it.
+    SnapshotWritten(Result<(crate::snapshot::SnapshotMeta, std::path::PathBuf), String>),
 }
 
 /// State every shard of the node can see. Written rarely (status once per

@@ -11,13 +11,14 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 
 use bytes::Bytes;
 use corekv_proto::client::{request::Op, response, ErrorCode, GetResult, Role, ShardStatus};
-use corekv_wal::{SyncJob, SyncOutcome, Wal, WalError};
+use corekv_wal::{SnapshotMarker, SyncJob, SyncOutcome, Wal, WalError};
 use prost::Message as _;
 use protobuf::Message as _;
 use raft::prelude::{ConfChange, ConfChangeV2, ConfState, Entry, EntryType, Message, MessageType};
 use raft::{RawNode, ReadOnlyOption, StateRole, Storage as _};
 
-use crate::state_machine::{self, StateMachine};
+use crate::snapshot::SnapshotMeta;
+use crate::state_machine::{self, Map, StateMachine};
 use crate::storage::WalStorage;
 
 /// Opaque handle the shell uses to route a reply back to whoever asked.
@@ -43,6 +44,18 @@ pub struct ReplicaOptions {
     pub max_size_per_msg: u64,
     /// Upper bound on append messages in flight to one follower.
     pub max_inflight_msgs: usize,
+    /// Snapshot once this many entries were applied since the last one.
+    pub snapshot_entries: u64,
+    /// ... or once this many bytes of entries were applied.
+    pub snapshot_bytes: u64,
+}
+
+/// A snapshot restored at start-up or received from the leader.
+pub struct LoadedSnapshot {
+    /// What it covers.
+    pub meta: SnapshotMeta,
+    /// The state machine at `meta.index`.
+    pub map: Map,
 }
 
 /// An answer for the request behind `token`.
@@ -80,6 +93,11 @@ pub struct Output {
     pub proposals: u64,
     /// Writes raft refused during this step.
     pub proposals_dropped: u64,
+    /// A snapshot to write off the shard thread; report the outcome with
+    /// [`Replica::on_snapshot_written`].
+    pub snapshot_to_write: Option<(SnapshotMeta, Map)>,
+    /// A snapshot received from the leader was installed.
+    pub snapshot_installed: Option<SnapshotMeta>,
 }
 
 /// Why the replica cannot take a request itself.
@@ -138,17 +156,64 @@ pub struct Replica {
     sync_in_flight: Option<u64>,
     role: StateRole,
     leader_id: u64,
+    /// Applied since the last snapshot: entries and bytes.
+    applied_since_snapshot: (u64, u64),
+    snapshot_in_progress: bool,
+    /// A verified snapshot from the leader, waiting for raft to install it.
+    received_snapshot: Option<LoadedSnapshot>,
 }
 
 impl Replica {
     /// Opens the replica over a recovered WAL. A WAL that has never held a
     /// configuration is a fresh replica: it is bootstrapped with the static
     /// voter set, durably, before raft starts.
-    pub fn open(mut wal: Wal, options: ReplicaOptions) -> Result<Replica, ReplicaError> {
+    pub fn open(
+        mut wal: Wal,
+        options: ReplicaOptions,
+        snapshot: Option<LoadedSnapshot>,
+    ) -> Result<Replica, ReplicaError> {
         let fail = |source| ReplicaError {
             shard: options.shard,
             source,
         };
+        let marker = wal.snapshot_marker();
+        if let Some(loaded) = &snapshot {
+            let meta = &loaded.meta;
+            if marker.index < meta.index {
+                // The snapshot became durable but the marker did not: record it now.
+                wal.apply_snapshot_marker(SnapshotMarker {
+                    index: meta.index,
+                    term: meta.term,
+                })
+                .map_err(fail)?;
+            }
+            let mut hs = wal.hard_state();
+            if hs.commit < meta.index {
+                // A snapshot only covers committed entries.
+                hs.commit = meta.index;
+                wal.set_hard_state(hs).map_err(fail)?;
+            }
+            if wal.conf_state().is_none() {
+                wal.set_conf_state(&corekv_wal::ConfState {
+                    voters: meta.voters.clone(),
+                    learners: meta.learners.clone(),
+                })
+                .map_err(fail)?;
+            }
+            wal.sync().map_err(fail)?;
+        }
+        let covered = snapshot.as_ref().map_or(0, |s| s.meta.index);
+        if marker.index > covered {
+            return Err(fail(WalError::Io {
+                path: wal.dir().to_path_buf(),
+                op: "recover",
+                source: std::io::Error::other(format!(
+                    "the WAL starts after index {} but no readable snapshot covers it \
+                     (newest usable snapshot: index {covered}); restore this shard from a replica",
+                    marker.index
+                )),
+            }));
+        }
         if wal.conf_state().is_none() {
             wal.set_conf_state(&corekv_wal::ConfState {
                 voters: options.voters.clone(),
@@ -159,7 +224,7 @@ impl Replica {
             // delays no request.
             wal.sync().map_err(fail)?;
         }
-        let applied = wal.snapshot_marker().index;
+        let applied = covered;
         let config = raft::Config {
             id: options.node_id,
             election_tick: options.election_ticks,
@@ -173,17 +238,20 @@ impl Replica {
             ..Default::default()
         };
         let logger = crate::raft_log::logger(options.shard, options.node_id);
-        let raw =
-            RawNode::new(&config, WalStorage::new(wal), &logger).map_err(|e| ReplicaError {
-                shard: options.shard,
-                source: WalError::Io {
-                    path: Default::default(),
-                    op: "raft init",
-                    source: std::io::Error::other(e.to_string()),
-                },
-            })?;
+        let mut storage = WalStorage::new(wal);
         let mut state_machine = StateMachine::new();
-        state_machine.restore(applied, std::iter::empty());
+        if let Some(loaded) = snapshot {
+            storage.set_latest_snapshot(loaded.meta.clone());
+            state_machine.restore(loaded.meta.index, loaded.map);
+        }
+        let raw = RawNode::new(&config, storage, &logger).map_err(|e| ReplicaError {
+            shard: options.shard,
+            source: WalError::Io {
+                path: Default::default(),
+                op: "raft init",
+                source: std::io::Error::other(e.to_string()),
+            },
+        })?;
         Ok(Replica {
             raw,
             state_machine,
@@ -200,6 +268,9 @@ impl Replica {
             sync_in_flight: None,
             role: StateRole::Follower,
             leader_id: 0,
+            applied_since_snapshot: (0, 0),
+            snapshot_in_progress: false,
+            received_snapshot: None,
         })
     }
 
@@ -394,15 +465,14 @@ impl Replica {
             // thesis 10.2.1); these are never votes or acks of our log.
             out.messages.extend(ready.take_messages());
             if !ready.snapshot().is_empty() {
-                tracing::error!(
-                    shard = self.options.shard,
-                    "received a snapshot, which this version cannot install"
-                );
+                let metadata = ready.snapshot().get_metadata().clone();
+                self.install_snapshot(&metadata, out)?;
             }
             for read_state in ready.take_read_states() {
                 self.on_read_state(read_state.index, &read_state.request_ctx);
             }
             self.apply(ready.take_committed_entries(), out)?;
+            self.maybe_snapshot(out);
             // Entries and hard state go to the WAL in one turn; they become
             // durable together with the next sync.
             let store = self.raw.mut_store();
@@ -414,12 +484,13 @@ impl Replica {
             let persisted = ready.take_persisted_messages();
             let number = ready.number();
             self.raw.advance_append_async(ready);
-            self.raw.advance_apply();
+            self.report_applied();
             self.unpersisted.push_back((number, persisted));
             self.serve_applied_reads(out);
-            self.maybe_sync(out)?;
         }
-        Ok(())
+        // Readys appended while the previous sync was in flight wait for the
+        // next one, even if raft has nothing new to say.
+        self.maybe_sync(out)
     }
 
     /// Marks the sync handed out earlier as finished: raft learns its
@@ -440,6 +511,119 @@ impl Replica {
             .expect("on_synced called without a sync in flight");
         self.persisted_through(covered, out);
         self.handle_ready(out)
+    }
+
+    /// Stashes a verified snapshot received from the leader; raft installs
+    /// it when it steps the MsgSnapshot that came with it.
+    pub fn receive_snapshot(&mut self, snapshot: LoadedSnapshot, message: Message) {
+        self.received_snapshot = Some(snapshot);
+        self.step(message);
+    }
+
+    fn install_snapshot(
+        &mut self,
+        metadata: &raft::prelude::SnapshotMetadata,
+        out: &mut Output,
+    ) -> Result<(), ReplicaError> {
+        let received = self
+            .received_snapshot
+            .take()
+            .filter(|r| r.meta.index == metadata.index && r.meta.term == metadata.term);
+        let Some(received) = received else {
+            // raft only installs what we stepped in with receive_snapshot.
+            panic!(
+                "raft installs snapshot at index {} term {} that this replica never received",
+                metadata.index, metadata.term
+            );
+        };
+        let marker = SnapshotMarker {
+            index: metadata.index,
+            term: metadata.term,
+        };
+        let result = self.raw.mut_store().wal_mut().apply_snapshot_marker(marker);
+        result.map_err(|e| self.fatal(e))?;
+        let store = self.raw.mut_store();
+        let result = store.set_conf_state(metadata.get_conf_state());
+        store.set_latest_snapshot(received.meta.clone());
+        result.map_err(|e| self.fatal(e))?;
+        self.state_machine.restore(metadata.index, received.map);
+        self.applied_since_snapshot = (0, 0);
+        out.snapshot_installed = Some(received.meta);
+        Ok(())
+    }
+
+    fn maybe_snapshot(&mut self, out: &mut Output) {
+        let wanted = self.raw.store().take_snapshot_wanted();
+        let (entries, bytes) = self.applied_since_snapshot;
+        let due = entries >= self.options.snapshot_entries || bytes >= self.options.snapshot_bytes;
+        if self.snapshot_in_progress || !(due || wanted) {
+            return;
+        }
+        let index = self.state_machine.applied_index();
+        let Ok(term) = self.raw.store().term(index) else {
+            return;
+        };
+        if index == 0
+            || self
+                .raw
+                .store()
+                .latest_snapshot()
+                .is_some_and(|s| s.index >= index)
+        {
+            return;
+        }
+        let conf = self.raw.raft.prs().conf().to_conf_state();
+        let meta = SnapshotMeta {
+            shard: self.options.shard,
+            index,
+            term,
+            voters: conf.voters.clone(),
+            learners: conf.learners.clone(),
+        };
+        self.snapshot_in_progress = true;
+        self.applied_since_snapshot = (0, 0);
+        out.snapshot_to_write = Some((meta, self.state_machine.view()));
+    }
+
+    /// The snapshot handed out in [`Output::snapshot_to_write`] is durable
+    /// (Ok) or could not be written (Err, retried at the next threshold).
+    /// Durable: the WAL may now drop the entries it covers.
+    pub fn on_snapshot_written(
+        &mut self,
+        result: Result<SnapshotMeta, String>,
+    ) -> Result<(), ReplicaError> {
+        self.snapshot_in_progress = false;
+        let meta = match result {
+            Ok(meta) => meta,
+            Err(e) => {
+                tracing::error!(shard = self.options.shard, error = %e, "snapshot failed");
+                return Ok(());
+            }
+        };
+        let marker = SnapshotMarker {
+            index: meta.index,
+            term: meta.term,
+        };
+        let result = self.raw.mut_store().wal_mut().apply_snapshot_marker(marker);
+        result.map_err(|e| self.fatal(e))?;
+        self.raw.mut_store().set_latest_snapshot(meta);
+        Ok(())
+    }
+
+    /// Segment files the WAL no longer needs (their entries are covered by a
+    /// durable snapshot); the caller deletes them off the shard thread.
+    pub fn take_obsolete_segments(&mut self) -> Vec<std::path::PathBuf> {
+        self.raw.mut_store().wal_mut().take_obsolete_segments()
+    }
+
+    /// Tells raft how a snapshot transfer to `peer` ended.
+    pub fn report_snapshot(&mut self, peer: u64, ok: bool) {
+        let status = if ok {
+            raft::SnapshotStatus::Finish
+        } else {
+            raft::SnapshotStatus::Failure
+        };
+        self.raw.report_snapshot(peer, status);
     }
 
     /// Fails every pending request: the node is stopping.
@@ -512,8 +696,21 @@ impl Replica {
         Ok(())
     }
 
+    /// Tells raft how far the state machine got. raft-rs refuses an applied
+    /// index past what is persisted, and an installed snapshot is applied
+    /// before it is, so the report waits for the persistence to catch up.
+    fn report_applied(&mut self) {
+        let log = &self.raw.raft.raft_log;
+        let limit = log.committed.min(log.persisted);
+        let applied = self.state_machine.applied_index().min(limit);
+        if applied > log.applied {
+            self.raw.advance_apply_to(applied);
+        }
+    }
+
     fn persisted_through(&mut self, number: u64, out: &mut Output) {
         self.raw.on_persist_ready(number);
+        self.report_applied();
         while let Some((n, _)) = self.unpersisted.front() {
             if *n > number {
                 break;
@@ -622,6 +819,8 @@ impl Replica {
                     self.state_machine.skip(index);
                 }
                 EntryType::EntryNormal => {
+                    self.applied_since_snapshot.0 += 1;
+                    self.applied_since_snapshot.1 += entry.data.len() as u64;
                     let result = self.state_machine.apply(index, &entry.data);
                     self.answer_write(index, entry.term, result, out);
                 }
@@ -794,6 +993,8 @@ mod tests {
             request_timeout_ticks: 500,
             max_size_per_msg: 1 << 20,
             max_inflight_msgs: 256,
+            snapshot_entries: 1_000_000,
+            snapshot_bytes: 1 << 30,
         }
     }
 
@@ -805,7 +1006,7 @@ mod tests {
                 .enumerate()
                 .map(|(i, dir)| {
                     let wal = Wal::open(dir.path(), WalOptions::default()).unwrap();
-                    Some(Replica::open(wal, options(i as u64 + 1)).unwrap())
+                    Some(Replica::open(wal, options(i as u64 + 1), None).unwrap())
                 })
                 .collect();
             Sim {
@@ -1028,7 +1229,7 @@ mod tests {
         opts.voters = vec![1];
         {
             let wal = Wal::open(dir.path(), WalOptions::default()).unwrap();
-            let mut r = Replica::open(wal, opts.clone()).unwrap();
+            let mut r = Replica::open(wal, opts.clone(), None).unwrap();
             let mut out = Output::default();
             for _ in 0..100 {
                 r.tick(&mut out);
@@ -1052,7 +1253,7 @@ mod tests {
             ));
         }
         let wal = Wal::open(dir.path(), WalOptions::default()).unwrap();
-        let mut r = Replica::open(wal, opts).unwrap();
+        let mut r = Replica::open(wal, opts, None).unwrap();
         let mut out = Output::default();
         r.handle_ready(&mut out).unwrap();
         while let Some(job) = out.sync.take() {
@@ -1063,5 +1264,166 @@ mod tests {
             Some(Bytes::from_static(b"yes"))
         );
         assert!(r.status().term >= 1);
+    }
+}
+
+#[cfg(test)]
+mod rotation_tests {
+    use super::*;
+    use corekv_proto::client::Put;
+    use corekv_wal::WalOptions;
+
+    #[test]
+    fn commits_continue_across_wal_segment_rotation() {
+        let dir = tempfile::tempdir().unwrap();
+        let wal = Wal::open(
+            dir.path(),
+            WalOptions {
+                segment_bytes: 1 << 20,
+                shard_id: 0,
+            },
+        )
+        .unwrap();
+        let opts = ReplicaOptions {
+            node_id: 1,
+            shard: 0,
+            voters: vec![1],
+            heartbeat_ticks: 3,
+            election_ticks: 30,
+            request_timeout_ticks: 1_000_000,
+            max_size_per_msg: 1 << 20,
+            max_inflight_msgs: 256,
+            snapshot_entries: u64::MAX,
+            snapshot_bytes: u64::MAX,
+        };
+        let mut r = Replica::open(wal, opts, None).unwrap();
+        let mut out = Output::default();
+        while !r.is_leader() {
+            r.tick(&mut out);
+            r.handle_ready(&mut out).unwrap();
+            while let Some(job) = out.sync.take() {
+                r.on_synced(job.run_blocking(), &mut out).unwrap();
+            }
+        }
+        let value = Bytes::from(vec![b'v'; 4096]);
+        let mut token = 0;
+        for round in 0..10 {
+            for _ in 0..100 {
+                token += 1;
+                let op = Op::Put(Put {
+                    key: Bytes::from(format!("k{token}")),
+                    value: value.clone(),
+                });
+                r.propose(token, op).unwrap();
+            }
+            r.flush(&mut out);
+            r.handle_ready(&mut out).unwrap();
+            let mut syncs = 0;
+            while let Some(job) = out.sync.take() {
+                syncs += 1;
+                assert!(syncs < 100, "sync loop");
+                let outcome = crate::cli::block_on(job.run());
+                r.on_synced(outcome, &mut out).unwrap();
+            }
+            let status = r.status();
+            assert_eq!(
+                status.commit_index,
+                status.last_index,
+                "round {round}: commit stuck: {status:?}, segments {}",
+                r.wal().segment_count()
+            );
+        }
+    }
+}
+
+#[cfg(test)]
+mod group_commit_tests {
+    use super::*;
+    use corekv_proto::client::Put;
+    use corekv_wal::WalOptions;
+
+    #[test]
+    fn proposals_during_a_sync_in_flight_commit_across_rotation() {
+        let dir = tempfile::tempdir().unwrap();
+        let wal = Wal::open(
+            dir.path(),
+            WalOptions {
+                segment_bytes: 1 << 20,
+                shard_id: 0,
+            },
+        )
+        .unwrap();
+        let opts = ReplicaOptions {
+            node_id: 1,
+            shard: 0,
+            voters: vec![1],
+            heartbeat_ticks: 3,
+            election_ticks: 30,
+            request_timeout_ticks: 1_000_000,
+            max_size_per_msg: 1 << 20,
+            max_inflight_msgs: 256,
+            snapshot_entries: u64::MAX,
+            snapshot_bytes: u64::MAX,
+        };
+        let mut r = Replica::open(wal, opts, None).unwrap();
+        let mut out = Output::default();
+        while !r.is_leader() {
+            r.tick(&mut out);
+            r.handle_ready(&mut out).unwrap();
+            while let Some(job) = out.sync.take() {
+                r.on_synced(job.run_blocking(), &mut out).unwrap();
+            }
+        }
+        let value = Bytes::from(vec![b'v'; 4096]);
+        let mut in_flight: Option<SyncJob> = None;
+        for token in 1..=1000u64 {
+            let op = Op::Put(Put {
+                key: Bytes::from(format!("k{token}")),
+                value: value.clone(),
+            });
+            r.propose(token, op).unwrap();
+            if token % 7 == 0 {
+                r.flush(&mut out);
+                r.handle_ready(&mut out).unwrap();
+                if let Some(job) = out.sync.take() {
+                    assert!(in_flight.is_none(), "two syncs in flight");
+                    in_flight = Some(job);
+                }
+            }
+            if token % 13 == 0 {
+                if let Some(job) = in_flight.take() {
+                    r.on_synced(job.run_blocking(), &mut out).unwrap();
+                    if let Some(job) = out.sync.take() {
+                        in_flight = Some(job);
+                    }
+                }
+            }
+        }
+        // The last proposals reach raft while a sync may be in flight; from
+        // here on only sync completions drive the replica.
+        r.flush(&mut out);
+        r.handle_ready(&mut out).unwrap();
+        if let Some(job) = out.sync.take() {
+            assert!(in_flight.is_none(), "two syncs in flight");
+            in_flight = Some(job);
+        }
+        let mut rounds = 0;
+        while let Some(job) = in_flight.take() {
+            rounds += 1;
+            assert!(rounds < 100);
+            r.on_synced(job.run_blocking(), &mut out).unwrap();
+            in_flight = out.sync.take();
+        }
+        let status = r.status();
+        assert_eq!(
+            status.commit_index, status.last_index,
+            "commit stuck: {status:?}"
+        );
+        let acked = out
+            .replies
+            .iter()
+            .filter(|reply| matches!(reply.result, response::Result::Write(_)))
+            .count();
+        assert_eq!(acked, 1000);
     }
 }

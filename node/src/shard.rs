@@ -32,7 +32,9 @@ use raft::prelude::Message;
 use crate::inbox::Inbox;
 use crate::metrics::{self, ShardMetrics};
 use crate::node::{CrossCore, NodeShared};
-use crate::replica::{NotLeader, Output, Replica, ReplicaOptions, Token};
+use crate::replica::{LoadedSnapshot, NotLeader, Output, Replica, ReplicaOptions, Token};
+use crate::snapshot::{self, SnapshotMeta};
+use crate::snapshot_transfer;
 use crate::state_machine;
 
 /// Identifies a client connection within its shard.
@@ -100,6 +102,11 @@ pub enum Input {
         peer: u64,
         event: LinkEvent,
     },
+    SnapshotSent {
+        peer: u64,
+        result: Result<(), String>,
+    },
+    SnapshotReceived(Box<snapshot_transfer::Incoming>),
 }
 
 /// Shard-local state shared between the loop and its tasks.
@@ -130,6 +137,9 @@ struct Shard {
     /// Links that have been up at least once (a later Up is a reconnect).
     links_seen_up: std::collections::HashSet<u64>,
     wal_bytes_reported: u64,
+    snap_dir: std::path::PathBuf,
+    /// Peers a snapshot is being sent to right now.
+    snapshots_sending: std::collections::HashSet<u64>,
 }
 
 /// Runs shard `shard` until the node shuts down. Called on the shard's own
@@ -154,6 +164,12 @@ pub async fn run(
     if let Some((file, offset)) = &wal.recovery().torn_tail {
         tracing::warn!(shard, file = %file.display(), offset, "WAL tail repaired: torn record cut off");
     }
+    let snap_dir = snapshot_dir(&config.data_dir, shard);
+    // Start-up, before the shard serves: reading the snapshot here blocks nobody.
+    let loaded = snapshot::load_latest(&snap_dir).map(|(meta, map, path)| {
+        tracing::info!(shard, index = meta.index, term = meta.term, file = %path.display(), "snapshot loaded");
+        LoadedSnapshot { meta, map }
+    });
     let tick_ms = config.tick_ms.max(1);
     let request_timeout_ticks = config.request_timeout_ms.div_ceil(tick_ms).max(1);
     let replica = Replica::open(
@@ -167,7 +183,10 @@ pub async fn run(
             request_timeout_ticks,
             max_size_per_msg: 1 << 20,
             max_inflight_msgs: 256,
+            snapshot_entries: config.snapshot_entries,
+            snapshot_bytes: config.snapshot_bytes,
         },
+        loaded,
     )?;
     let local = Rc::new(Local {
         shard,
@@ -245,6 +264,8 @@ pub async fn run(
         rpc_counters: HashMap::new(),
         links_seen_up: Default::default(),
         wal_bytes_reported: 0,
+        snap_dir,
+        snapshots_sending: Default::default(),
     };
     shard_loop.run().await
 }
@@ -339,6 +360,13 @@ impl Shard {
                 }
                 CrossCore::Reply { conn, response } => self.send_to_conn(conn, &response),
                 CrossCore::Shutdown => return Ok(Some(())),
+                CrossCore::SnapshotWritten(result) => {
+                    let result = result.map(|(meta, path)| {
+                        tracing::info!(shard = self.local.shard, index = meta.index, term = meta.term, file = %path.display(), "snapshot created");
+                        meta
+                    });
+                    self.replica.on_snapshot_written(result)?;
+                }
             },
             Input::Synced { outcome, started } => {
                 let elapsed = started.elapsed();
@@ -351,6 +379,31 @@ impl Shard {
                     );
                 }
                 self.replica.on_synced(outcome, out)?;
+            }
+            Input::SnapshotSent { peer, result } => {
+                self.snapshots_sending.remove(&peer);
+                match &result {
+                    Ok(()) => {
+                        self.metrics.snapshots_sent.inc();
+                        tracing::info!(shard = self.local.shard, peer, "snapshot sent");
+                    }
+                    Err(reason) => {
+                        tracing::warn!(shard = self.local.shard, peer, %reason, "snapshot transfer failed")
+                    }
+                }
+                self.replica.report_snapshot(peer, result.is_ok());
+            }
+            Input::SnapshotReceived(incoming) => {
+                let incoming = *incoming;
+                tracing::info!(
+                    shard = self.local.shard,
+                    index = incoming.snapshot.meta.index,
+                    term = incoming.snapshot.meta.term,
+                    "snapshot received and verified"
+                );
+                self.metrics.snapshots_received.inc();
+                self.replica
+                    .receive_snapshot(incoming.snapshot, incoming.message);
             }
             Input::Link { peer, event } => match event {
                 LinkEvent::Up => {
@@ -616,6 +669,7 @@ impl Shard {
     }
 
     fn dispatch(&mut self, out: &mut Output) {
+        self.handle_snapshot_outputs(out);
         self.metrics
             .proposals
             .inc_by(std::mem::take(&mut out.proposals));
@@ -630,9 +684,12 @@ impl Shard {
         self.send_messages(&mut out.messages);
         if let Some(job) = out.sync.take() {
             let local = self.local.clone();
+            let shard = self.local.shard;
             monoio::spawn(async move {
                 let started = Instant::now();
+                tracing::trace!(shard, "WAL sync started");
                 let outcome = job.run().await;
+                tracing::trace!(shard, ok = outcome.is_ok(), "WAL sync finished");
                 local.inbox.push(Input::Synced { outcome, started });
             });
         }
@@ -664,6 +721,10 @@ impl Shard {
         }
         let mut by_peer: Vec<(u64, Vec<Bytes>)> = Vec::new();
         for message in messages.drain(..) {
+            if message.get_msg_type() == raft::prelude::MessageType::MsgSnapshot {
+                self.start_snapshot_transfer(message);
+                continue;
+            }
             let bytes = match message.write_to_bytes() {
                 Ok(bytes) => Bytes::from(bytes),
                 Err(e) => {
@@ -692,6 +753,110 @@ impl Shard {
                 self.metrics.frames_dropped(to).inc();
                 self.replica.report_unreachable(to);
             }
+        }
+    }
+
+    /// Streams the snapshot raft wants `message.to` to have, on a
+    /// connection of its own, so heartbeats never wait behind it.
+    fn start_snapshot_transfer(&mut self, message: Message) {
+        let to = message.to;
+        let metadata = message.get_snapshot().get_metadata();
+        let path = self
+            .snap_dir
+            .join(snapshot::file_name(metadata.index, metadata.term));
+        let peer = self.node.config.peer(to).cloned();
+        let (Some(peer), false) = (peer, self.snapshots_sending.contains(&to)) else {
+            return;
+        };
+        let addr = match resolve(&peer.host, peer.peer_port, self.local.shard) {
+            Ok(addr) => addr,
+            Err(e) => {
+                tracing::warn!(shard = self.local.shard, peer = to, error = %e, "cannot send snapshot");
+                self.replica.report_snapshot(to, false);
+                return;
+            }
+        };
+        let meta = SnapshotMeta {
+            shard: self.local.shard,
+            index: metadata.index,
+            term: metadata.term,
+            ..Default::default()
+        };
+        tracing::info!(
+            shard = self.local.shard,
+            peer = to,
+            index = meta.index,
+            "sending snapshot"
+        );
+        self.snapshots_sending.insert(to);
+        let config = &self.node.config;
+        let outgoing = snapshot_transfer::Outgoing {
+            addr,
+            hello: Hello {
+                cluster_id: config.cluster_id,
+                node_id: config.node_id,
+                shard: self.local.shard,
+                protocol_version: corekv_proto::PEER_PROTOCOL_VERSION,
+                shards: config.shards,
+                kind: LinkKind::Snapshot as i32,
+            },
+            socket: self.node.socket_options(),
+            max_frame_bytes: config.max_frame_bytes,
+            path,
+            meta,
+            message,
+        };
+        let local = self.local.clone();
+        monoio::spawn(async move {
+            let result = snapshot_transfer::send(outgoing).await;
+            local.inbox.push(Input::SnapshotSent { peer: to, result });
+        });
+    }
+
+    /// Hands blocking snapshot work (writing one, deleting what it made
+    /// obsolete) to helper threads.
+    fn handle_snapshot_outputs(&mut self, out: &mut Output) {
+        if let Some((meta, map)) = out.snapshot_to_write.take() {
+            let dir = self.snap_dir.clone();
+            let reply = self.node.cross[self.local.shard as usize].clone();
+            let shard = self.local.shard;
+            let spawned = std::thread::Builder::new()
+                .name(format!("corekv-snap-{shard}"))
+                .spawn(move || {
+                    let result = snapshot::write(&dir, &meta, &map)
+                        .map(|path| (meta, path))
+                        .map_err(|e| e.to_string());
+                    // Dropping the map here, off the shard thread, frees what
+                    // the shard no longer shares.
+                    drop(map);
+                    let _ = reply.send(CrossCore::SnapshotWritten(result));
+                });
+            if let Err(e) = spawned {
+                let _ = self.replica.on_snapshot_written(Err(e.to_string()));
+            }
+        }
+        if let Some(meta) = out.snapshot_installed.take() {
+            tracing::info!(
+                shard = self.local.shard,
+                index = meta.index,
+                term = meta.term,
+                "snapshot applied"
+            );
+        }
+        let obsolete = self.replica.take_obsolete_segments();
+        if !obsolete.is_empty() {
+            let dir = self.snap_dir.clone();
+            let shard = self.local.shard;
+            let _ = std::thread::Builder::new()
+                .name(format!("corekv-compact-{shard}"))
+                .spawn(move || {
+                    let count = obsolete.len();
+                    match corekv_wal::remove_segments(obsolete) {
+                        Ok(()) => tracing::info!(shard, segments = count, "WAL compacted"),
+                        Err(e) => tracing::warn!(shard, error = %e, "cannot delete WAL segments"),
+                    }
+                    snapshot::prune(&dir);
+                });
         }
     }
 
@@ -872,6 +1037,11 @@ fn role_name(role: raft::StateRole) -> &'static str {
     }
 }
 
+/// Where shard `shard` keeps its snapshot files.
+fn snapshot_dir(data_dir: &std::path::Path, shard: u32) -> std::path::PathBuf {
+    data_dir.join(format!("shard-{shard:03}")).join("snap")
+}
+
 fn listen_addr(host: &str, base_port: u16, shard: u32) -> anyhow::Result<SocketAddr> {
     resolve(host, base_port, shard)
 }
@@ -1017,6 +1187,16 @@ async fn serve_peer(
         }
     };
     let peer = hello.node_id;
+    if hello.kind == LinkKind::Snapshot as i32 {
+        let dir = snapshot_dir(&config.data_dir, shard);
+        match snapshot_transfer::receive(reader, write_half, shard, dir).await {
+            Ok(incoming) => local
+                .inbox
+                .push(Input::SnapshotReceived(Box::new(incoming))),
+            Err(reason) => tracing::warn!(shard, peer, %reason, "snapshot from leader refused"),
+        }
+        return;
+    }
     tracing::info!(shard, peer, %remote, "peer connected");
     loop {
         let frame = match reader.next_frame().await {

@@ -5,7 +5,6 @@
 //! (no clock, no randomness, no hash-order iteration), so every replica that
 //! applies the same log holds the same map.
 
-use std::collections::BTreeMap;
 use std::ops::Bound;
 
 use bytes::Bytes;
@@ -22,15 +21,22 @@ pub const MAX_SCAN_LIMIT: usize = 10_000;
 
 /// A stored value and the log index that wrote it.
 #[derive(Clone, Debug, PartialEq, Eq)]
-struct Versioned {
-    value: Bytes,
-    version: u64,
+pub struct Versioned {
+    /// The value.
+    pub value: Bytes,
+    /// Raft index of the write that produced it.
+    pub version: u64,
 }
+
+/// The ordered map of a shard. Persistent (structure-sharing): a clone is
+/// O(1), which is how a snapshot gets an immutable view without stalling
+/// the shard; while no clone is alive, updates happen in place.
+pub type Map = imbl::OrdMap<Bytes, Versioned>;
 
 /// One shard's key-value map.
 #[derive(Debug, Default)]
 pub struct StateMachine {
-    map: BTreeMap<Bytes, Versioned>,
+    map: Map,
     /// Index of the last entry applied.
     applied_index: u64,
 }
@@ -163,7 +169,7 @@ impl StateMachine {
         }
         let mut pairs = Vec::new();
         let mut more = false;
-        for (key, v) in self.map.range::<[u8], _>((Bound::Included(start), upper)) {
+        for (key, v) in self.map.range::<_, [u8]>((Bound::Included(start), upper)) {
             if pairs.len() == limit {
                 more = true;
                 break;
@@ -182,21 +188,15 @@ impl StateMachine {
         self.map.iter().map(|(k, v)| (k, &v.value, v.version))
     }
 
-    /// Replaces the whole map (snapshot install).
-    pub fn restore(&mut self, applied_index: u64, pairs: impl IntoIterator<Item = KeyValue>) {
-        self.map = pairs
-            .into_iter()
-            .map(|kv| {
-                (
-                    kv.key,
-                    Versioned {
-                        value: kv.value,
-                        version: kv.version,
-                    },
-                )
-            })
-            .collect();
+    /// Replaces the whole map (snapshot install or restart).
+    pub fn restore(&mut self, applied_index: u64, map: Map) {
+        self.map = map;
         self.applied_index = applied_index;
+    }
+
+    /// An immutable view of the map as of now, for a snapshot (O(1)).
+    pub fn view(&self) -> Map {
+        self.map.clone()
     }
 }
 

@@ -3,20 +3,48 @@
 //! Reading is the `Storage` trait (raft-rs's own split); writing is plain
 //! methods on the WAL, called by the replica in Ready order.
 
+use std::cell::Cell;
+
 use bytes::Bytes;
 use corekv_wal::{EntryRef, Wal};
 use raft::prelude::{ConfState, Entry, EntryType, HardState, Snapshot};
 use raft::{GetEntriesContext, RaftState, StorageError};
 
+use crate::snapshot::SnapshotMeta;
+
 /// The WAL seen through raft-rs's read-only storage interface.
 pub struct WalStorage {
     wal: Wal,
+    /// The newest durable state-machine snapshot, offered to followers that
+    /// are behind the compacted log.
+    latest_snapshot: Option<SnapshotMeta>,
+    /// Set when raft asked for a snapshot newer than the latest one.
+    snapshot_wanted: Cell<bool>,
 }
 
 impl WalStorage {
     /// Wraps an open WAL.
     pub fn new(wal: Wal) -> Self {
-        Self { wal }
+        Self {
+            wal,
+            latest_snapshot: None,
+            snapshot_wanted: Cell::new(false),
+        }
+    }
+
+    /// Records the newest durable snapshot.
+    pub fn set_latest_snapshot(&mut self, meta: SnapshotMeta) {
+        self.latest_snapshot = Some(meta);
+    }
+
+    /// The newest durable snapshot.
+    pub fn latest_snapshot(&self) -> Option<&SnapshotMeta> {
+        self.latest_snapshot.as_ref()
+    }
+
+    /// True (once) if raft asked for a snapshot we do not have yet.
+    pub fn take_snapshot_wanted(&self) -> bool {
+        self.snapshot_wanted.replace(false)
     }
 
     /// The WAL, for reads outside raft (status, metrics).
@@ -144,11 +172,25 @@ impl raft::Storage for WalStorage {
         Ok(self.wal.last_index())
     }
 
-    fn snapshot(&self, _request_index: u64, _to: u64) -> raft::Result<Snapshot> {
-        // The log is never compacted before snapshots exist, so raft only asks
-        // for one when a follower's log diverged below our first index.
-        Err(raft::Error::Store(
-            StorageError::SnapshotTemporarilyUnavailable,
-        ))
+    fn snapshot(&self, request_index: u64, _to: u64) -> raft::Result<Snapshot> {
+        // The snapshot's data travels out of band (SnapshotChunk frames on a
+        // connection of its own); raft only carries its metadata.
+        match &self.latest_snapshot {
+            Some(meta) if meta.index >= request_index => {
+                let mut snapshot = Snapshot::default();
+                let metadata = snapshot.mut_metadata();
+                metadata.index = meta.index;
+                metadata.term = meta.term;
+                metadata.mut_conf_state().voters = meta.voters.clone();
+                metadata.mut_conf_state().learners = meta.learners.clone();
+                Ok(snapshot)
+            }
+            _ => {
+                self.snapshot_wanted.set(true);
+                Err(raft::Error::Store(
+                    StorageError::SnapshotTemporarilyUnavailable,
+                ))
+            }
+        }
     }
 }

@@ -174,6 +174,12 @@ impl Cluster {
                 i + 1
             ));
         }
+        // Small segments keep test data dirs small; `extra` may choose its own.
+        let segment = if extra.contains("wal_segment_bytes") {
+            ""
+        } else {
+            "wal_segment_bytes = 4194304\n"
+        };
         let mut list = Vec::new();
         for (i, (c, p, a)) in ports.iter().enumerate() {
             let id = i as u64 + 1;
@@ -182,7 +188,7 @@ impl Cluster {
             let data_dir = node_dir.join("data");
             let config_path = node_dir.join("corekv.toml");
             let text = format!(
-                "node_id = {id}\ncluster_id = 7\ndata_dir = {:?}\nclient_port = {c}\npeer_port = {p}\nadmin_port = {a}\nshards = {shards}\nwal_segment_bytes = 4194304\n{extra}\n{peers}",
+                "node_id = {id}\ncluster_id = 7\ndata_dir = {:?}\nclient_port = {c}\npeer_port = {p}\nadmin_port = {a}\nshards = {shards}\n{segment}{extra}\n{peers}",
                 data_dir.display().to_string()
             );
             std::fs::write(&config_path, text).unwrap();
@@ -294,6 +300,13 @@ impl Drop for Cluster {
         if std::thread::panicking() {
             for node in &self.nodes {
                 let log = node.log();
+                // Panics and errors first: a backtrace would push them out of the tail.
+                for line in log
+                    .lines()
+                    .filter(|l| l.contains("panicked") || l.contains("ERROR"))
+                {
+                    eprintln!("node {}: {line}", node.id);
+                }
                 let tail: Vec<&str> = log.lines().rev().take(40).collect();
                 eprintln!("---- node {} log (last 40 lines) ----", node.id);
                 for line in tail.iter().rev() {

@@ -1,0 +1,398 @@
+//! State-machine snapshot files.
+//!
+//! A snapshot is written off the shard thread from an immutable view of the
+//! map (an `imbl::OrdMap` clone is O(1) and shares structure), fsynced, and
+//! renamed into place; only then may the WAL drop the entries it covers.
+//!
+//! File `snap/{index:020}-{term:020}.snap`, all integers little-endian:
+//!
+//! ```text
+//! offset  size  field
+//! 0       8     MAGIC "CKVSNAP1"
+//! 8       4     FORMAT_VERSION
+//! 12      4     shard
+//! 16      8     index   (last log index the snapshot covers)
+//! 24      8     term    (term of that entry)
+//! 32      4     voter count V, then V x u64 voter ids
+//! ..      4     learner count L, then L x u64 learner ids
+//! ..      8     pair count N
+//! ..            N x { key_len u32 | key | value_len u32 | value | version u64 }
+//! end-4   4     crc32 (crc32fast) of every byte before it
+//! ```
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{BufWriter, Read, Write};
+use std::path::{Path, PathBuf};
+
+use bytes::{Buf, Bytes};
+
+use crate::state_machine::{Map, Versioned};
+
+/// First bytes of every snapshot file.
+pub const MAGIC: &[u8; 8] = b"CKVSNAP1";
+/// Version of the layout above.
+pub const FORMAT_VERSION: u32 = 1;
+/// Bytes of the trailing checksum.
+pub const CHECKSUM_LEN: usize = 4;
+/// Snapshot files kept on disk (the newest ones); older are deleted.
+pub const SNAPSHOTS_KEPT: usize = 2;
+/// Upper bound on one key or value inside a snapshot (sanity check on read).
+const MAX_ITEM_BYTES: u32 = 64 << 20;
+
+/// What a snapshot covers.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SnapshotMeta {
+    /// Shard it belongs to.
+    pub shard: u32,
+    /// Last log index covered.
+    pub index: u64,
+    /// Term of that entry.
+    pub term: u64,
+    /// Voters at that index.
+    pub voters: Vec<u64>,
+    /// Learners at that index.
+    pub learners: Vec<u64>,
+}
+
+/// Why a snapshot could not be written or read.
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    /// An I/O call failed.
+    #[error("snapshot {path}: {op} failed: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// What was being done.
+        op: &'static str,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file is not a valid snapshot.
+    #[error("snapshot {path} is corrupt: {reason}")]
+    Corrupt {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong, with expected and actual values.
+        reason: String,
+    },
+}
+
+fn io<'a>(path: &'a Path, op: &'static str) -> impl FnOnce(std::io::Error) -> SnapshotError + 'a {
+    move |source| SnapshotError::Io {
+        path: path.to_path_buf(),
+        op,
+        source,
+    }
+}
+
+/// File name of a snapshot.
+pub fn file_name(index: u64, term: u64) -> String {
+    format!("{index:020}-{term:020}.snap")
+}
+
+struct CrcWriter<W: Write> {
+    inner: W,
+    hasher: crc32fast::Hasher,
+}
+
+impl<W: Write> Write for CrcWriter<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.hasher.update(&buf[..n]);
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+/// Writes `map` as the snapshot `meta` into `dir`, durably (fsync of the
+/// file, rename, fsync of the directory). Blocking: call it off the shard
+/// thread. Returns the file's path.
+pub fn write(dir: &Path, meta: &SnapshotMeta, map: &Map) -> Result<PathBuf, SnapshotError> {
+    fs::create_dir_all(dir).map_err(io(dir, "create dir"))?;
+    let path = dir.join(file_name(meta.index, meta.term));
+    let tmp = dir.join(format!("{}.tmp", file_name(meta.index, meta.term)));
+    let file = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&tmp)
+        .map_err(io(&tmp, "create"))?;
+    let mut out = CrcWriter {
+        inner: BufWriter::with_capacity(1 << 20, file),
+        hasher: crc32fast::Hasher::new(),
+    };
+    let write_all = |out: &mut CrcWriter<BufWriter<File>>, bytes: &[u8]| {
+        out.write_all(bytes).map_err(io(&tmp, "write"))
+    };
+    write_all(&mut out, MAGIC)?;
+    write_all(&mut out, &FORMAT_VERSION.to_le_bytes())?;
+    write_all(&mut out, &meta.shard.to_le_bytes())?;
+    write_all(&mut out, &meta.index.to_le_bytes())?;
+    write_all(&mut out, &meta.term.to_le_bytes())?;
+    for ids in [&meta.voters, &meta.learners] {
+        write_all(&mut out, &(ids.len() as u32).to_le_bytes())?;
+        for id in ids {
+            write_all(&mut out, &id.to_le_bytes())?;
+        }
+    }
+    write_all(&mut out, &(map.len() as u64).to_le_bytes())?;
+    for (key, v) in map.iter() {
+        write_all(&mut out, &(key.len() as u32).to_le_bytes())?;
+        write_all(&mut out, key)?;
+        write_all(&mut out, &(v.value.len() as u32).to_le_bytes())?;
+        write_all(&mut out, &v.value)?;
+        write_all(&mut out, &v.version.to_le_bytes())?;
+    }
+    let crc = out.hasher.clone().finalize();
+    let mut buffered = out.inner;
+    buffered
+        .write_all(&crc.to_le_bytes())
+        .map_err(io(&tmp, "write"))?;
+    let file = buffered
+        .into_inner()
+        .map_err(|e| io(&tmp, "flush")(e.into_error()))?;
+    file.sync_all().map_err(io(&tmp, "fsync"))?;
+    drop(file);
+    fs::rename(&tmp, &path).map_err(io(&path, "rename"))?;
+    sync_dir(dir)?;
+    Ok(path)
+}
+
+/// fsync of a directory, so a rename or unlink in it is durable.
+pub fn sync_dir(dir: &Path) -> Result<(), SnapshotError> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io(dir, "fsync dir"))
+}
+
+/// Reads and verifies a snapshot file: checksum first, then every length.
+pub fn read(path: &Path) -> Result<(SnapshotMeta, Map), SnapshotError> {
+    let mut bytes = Vec::new();
+    File::open(path)
+        .and_then(|mut f| f.read_to_end(&mut bytes))
+        .map_err(io(path, "read"))?;
+    decode(path, Bytes::from(bytes))
+}
+
+/// Verifies and decodes snapshot bytes (`path` only names them in errors).
+pub fn decode(path: &Path, bytes: Bytes) -> Result<(SnapshotMeta, Map), SnapshotError> {
+    let corrupt = |reason: String| SnapshotError::Corrupt {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let min_len = MAGIC.len() + 4 + 4 + 8 + 8 + 4 + 4 + 8 + CHECKSUM_LEN;
+    if bytes.len() < min_len {
+        return Err(corrupt(format!(
+            "length {} is below the minimum {min_len}",
+            bytes.len()
+        )));
+    }
+    let body_len = bytes.len() - CHECKSUM_LEN;
+    let expected = u32::from_le_bytes(bytes[body_len..].try_into().expect("4 bytes"));
+    let actual = crc32fast::hash(&bytes[..body_len]);
+    if expected != actual {
+        return Err(corrupt(format!(
+            "checksum expected {expected:#010x} but got {actual:#010x}"
+        )));
+    }
+    let mut body = bytes.slice(..body_len);
+    if &body[..MAGIC.len()] != MAGIC {
+        return Err(corrupt("bad magic".into()));
+    }
+    body.advance(MAGIC.len());
+    let need = |body: &Bytes, n: usize, what: &str| {
+        if body.remaining() < n {
+            Err(corrupt(format!(
+                "truncated in {what}: need {n} bytes, {} left",
+                body.remaining()
+            )))
+        } else {
+            Ok(())
+        }
+    };
+    need(&body, 24, "header")?;
+    let version = body.get_u32_le();
+    if version != FORMAT_VERSION {
+        return Err(corrupt(format!(
+            "format version expected {FORMAT_VERSION} but got {version}"
+        )));
+    }
+    let mut meta = SnapshotMeta {
+        shard: body.get_u32_le(),
+        index: body.get_u64_le(),
+        term: body.get_u64_le(),
+        ..Default::default()
+    };
+    for list in [&mut meta.voters, &mut meta.learners] {
+        need(&body, 4, "member count")?;
+        let count = body.get_u32_le() as usize;
+        need(&body, count.saturating_mul(8), "members")?;
+        list.extend((0..count).map(|_| body.get_u64_le()));
+    }
+    need(&body, 8, "pair count")?;
+    let count = body.get_u64_le();
+    let mut map = Map::new();
+    for i in 0..count {
+        need(&body, 4, "key length")?;
+        let key_len = body.get_u32_le();
+        if key_len > MAX_ITEM_BYTES {
+            return Err(corrupt(format!(
+                "pair {i}: key length {key_len} is impossible"
+            )));
+        }
+        need(&body, key_len as usize, "key")?;
+        let key = body.split_to(key_len as usize);
+        need(&body, 4, "value length")?;
+        let value_len = body.get_u32_le();
+        if value_len > MAX_ITEM_BYTES {
+            return Err(corrupt(format!(
+                "pair {i}: value length {value_len} is impossible"
+            )));
+        }
+        need(&body, value_len as usize + 8, "value")?;
+        let value = body.split_to(value_len as usize);
+        let version = body.get_u64_le();
+        map.insert(key, Versioned { value, version });
+    }
+    if body.has_remaining() {
+        return Err(corrupt(format!(
+            "{} bytes after the last pair",
+            body.remaining()
+        )));
+    }
+    Ok((meta, map))
+}
+
+/// Snapshot files in `dir`, newest first, as (index, term, path).
+pub fn list(dir: &Path) -> Vec<(u64, u64, PathBuf)> {
+    let mut found = Vec::new();
+    let Ok(entries) = fs::read_dir(dir) else {
+        return found;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(stem) = name.to_str().and_then(|n| n.strip_suffix(".snap")) else {
+            continue;
+        };
+        let Some((index, term)) = stem.split_once('-') else {
+            continue;
+        };
+        if let (Ok(index), Ok(term)) = (index.parse(), term.parse()) {
+            found.push((index, term, entry.path()));
+        }
+    }
+    found.sort_by_key(|f| std::cmp::Reverse((f.0, f.1)));
+    found
+}
+
+/// The newest snapshot in `dir` that verifies; a bad one is skipped with a
+/// warning for the one before it.
+pub fn load_latest(dir: &Path) -> Option<(SnapshotMeta, Map, PathBuf)> {
+    for (_, _, path) in list(dir) {
+        match read(&path) {
+            Ok((meta, map)) => return Some((meta, map, path)),
+            Err(e) => tracing::warn!(error = %e, "skipping unreadable snapshot"),
+        }
+    }
+    None
+}
+
+/// Deletes all but the newest `SNAPSHOTS_KEPT` snapshots and stray temp
+/// files. Blocking: off the shard thread.
+pub fn prune(dir: &Path) {
+    for (_, _, path) in list(dir).into_iter().skip(SNAPSHOTS_KEPT) {
+        if let Err(e) = fs::remove_file(&path) {
+            tracing::warn!(file = %path.display(), error = %e, "cannot delete old snapshot");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> (SnapshotMeta, Map) {
+        let meta = SnapshotMeta {
+            shard: 3,
+            index: 42,
+            term: 7,
+            voters: vec![1, 2, 3],
+            learners: vec![9],
+        };
+        let mut map = Map::new();
+        for i in 0..100u64 {
+            map.insert(
+                Bytes::from(format!("key{i:03}")),
+                Versioned {
+                    value: Bytes::from(vec![i as u8; i as usize]),
+                    version: i + 1,
+                },
+            );
+        }
+        (meta, map)
+    }
+
+    #[test]
+    fn round_trip() {
+        let dir = tempfile::tempdir().unwrap();
+        let (meta, map) = sample();
+        let path = write(dir.path(), &meta, &map).unwrap();
+        assert_eq!(
+            path.file_name().unwrap().to_str().unwrap(),
+            file_name(42, 7)
+        );
+        let (meta2, map2) = read(&path).unwrap();
+        assert_eq!(meta, meta2);
+        assert_eq!(map, map2);
+    }
+
+    #[test]
+    fn every_flipped_byte_is_detected() {
+        let dir = tempfile::tempdir().unwrap();
+        let (meta, map) = sample();
+        let path = write(dir.path(), &meta, &map).unwrap();
+        let good = fs::read(&path).unwrap();
+        for i in (0..good.len()).step_by(37) {
+            let mut bad = good.clone();
+            bad[i] ^= 0x40;
+            assert!(
+                decode(&path, Bytes::from(bad)).is_err(),
+                "flip at {i} not detected"
+            );
+        }
+        assert!(decode(&path, Bytes::from(good[..good.len() - 9].to_vec())).is_err());
+    }
+
+    #[test]
+    fn load_latest_skips_a_corrupt_newest_snapshot() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut meta, map) = sample();
+        write(dir.path(), &meta, &map).unwrap();
+        meta.index = 50;
+        let newest = write(dir.path(), &meta, &map).unwrap();
+        let mut bytes = fs::read(&newest).unwrap();
+        let mid = bytes.len() / 2;
+        bytes[mid] ^= 1;
+        fs::write(&newest, bytes).unwrap();
+        let (loaded, _, path) = load_latest(dir.path()).unwrap();
+        assert_eq!(loaded.index, 42);
+        assert_ne!(path, newest);
+    }
+
+    #[test]
+    fn prune_keeps_the_newest() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut meta, map) = sample();
+        for index in [10, 20, 30, 40] {
+            meta.index = index;
+            write(dir.path(), &meta, &map).unwrap();
+        }
+        prune(dir.path());
+        let left: Vec<u64> = list(dir.path()).iter().map(|(i, _, _)| *i).collect();
+        assert_eq!(left, vec![40, 30]);
+    }
+}
