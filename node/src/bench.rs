@@ -1065,9 +1065,15 @@ fn run_measure(settings: &Settings) -> anyhow::Result<Measured> {
         if before.is_none() && now >= measure_start {
             before = Some(ClusterSnapshot::take(settings));
         }
-        let next_print = window_start + PROGRESS_INTERVAL;
-        match tick_rx.recv_timeout(next_print.saturating_duration_since(Instant::now())) {
+        let mut wake = window_start + PROGRESS_INTERVAL;
+        if before.is_none() {
+            // Wake at the start of the window to read the cluster then.
+            wake = wake.min(measure_start);
+        }
+        match tick_rx.recv_timeout(wake.saturating_duration_since(Instant::now())) {
             Ok(tick) => window.merge(&tick),
+            Err(mpsc::RecvTimeoutError::Timeout)
+                if Instant::now() < window_start + PROGRESS_INTERVAL => {}
             Err(mpsc::RecvTimeoutError::Timeout) => {
                 let now = Instant::now();
                 let label = if now < measure_start { "warmup" } else { "run" };
@@ -1087,7 +1093,8 @@ fn run_measure(settings: &Settings) -> anyhow::Result<Measured> {
     progress.finish();
     let stats = join_workers(handles)?;
     let after = ClusterSnapshot::take(settings);
-    // A run shorter than its warm-up never took the first snapshot.
+    // Only threads that all ended before the window opened leave no first
+    // snapshot; then nothing was measured and the window is empty.
     let before = before.unwrap_or_else(|| after.clone());
     let elapsed = match settings.duration {
         Some(duration) => duration,
@@ -1537,7 +1544,7 @@ impl Report {
         let mut out = String::new();
         let _ = writeln!(
             out,
-            "{} clients x {} in flight on {} threads, {} B keys, {} B values, {} keys, mix {}, {} gets, seed {}",
+            "{} clients x {} in flight on {} threads, {} B keys, {} B values, {} keys, mix {}{}, seed {}",
             args.clients,
             args.pipeline,
             self.settings.threads,
@@ -1545,7 +1552,11 @@ impl Report {
             args.value_size,
             args.keyspace,
             self.mix_text(),
-            args.consistency.name(),
+            if args.mix.weight(OpKind::Get) > 0 {
+                format!(", {} gets", args.consistency.name())
+            } else {
+                String::new()
+            },
             self.settings.seed,
         );
         let _ = writeln!(
