@@ -98,6 +98,15 @@ enum Command {
     },
     /// Raft status of every shard of every node.
     Status,
+    /// Move the leadership of a shard to another node (waits until it has moved).
+    TransferLeader {
+        /// The shard.
+        #[arg(long)]
+        shard: u32,
+        /// Node id of the new leader.
+        #[arg(long)]
+        to: u64,
+    },
     /// Closed-loop load generator against a running cluster.
     Bench(Box<crate::bench::BenchArgs>),
 }
@@ -388,6 +397,7 @@ async fn client_command(
             }
         }
         Command::Status => status(&client, json).await,
+        Command::TransferLeader { shard, to } => transfer_leader(&client, shard, to, json).await,
         Command::Run(_) | Command::Dev(_) | Command::Bench(_) => {
             unreachable!("handled before connecting")
         }
@@ -422,6 +432,43 @@ pub fn role_name(role: i32) -> &'static str {
         Ok(Role::Candidate) => "candidate",
         Ok(Role::PreCandidate) => "pre_candidate",
         _ => "follower",
+    }
+}
+
+async fn transfer_leader(client: &Client, shard: u32, to: u64, json: bool) -> ExitCode {
+    if let Err(e) = client.transfer_leader(shard, to).await {
+        return fail(&e);
+    }
+    // The transfer completes once the target has caught up and won its
+    // election; watch the target's own status for it.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let target = client.node_addrs().into_iter().find(|(id, _)| *id == to);
+    let Some((_, addr)) = target else {
+        eprintln!("error: node {to} is not in the topology");
+        return ExitCode::from(2);
+    };
+    let Ok(addr) = addr.parse() else {
+        eprintln!("error: bad address {addr}");
+        return ExitCode::from(2);
+    };
+    loop {
+        if let Ok(status) = client.status_at(addr).await {
+            if let Some(s) = status.shards.get(shard as usize) {
+                if s.role == Role::Leader as i32 {
+                    print(
+                        json,
+                        json!({ "shard": shard, "leader_id": to, "term": s.term }),
+                        &format!("shard {shard}: node {to} leads (term {})", s.term),
+                    );
+                    return ExitCode::SUCCESS;
+                }
+            }
+        }
+        if std::time::Instant::now() > deadline {
+            eprintln!("error: node {to} did not become leader of shard {shard} within 10s");
+            return ExitCode::from(2);
+        }
+        monoio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 

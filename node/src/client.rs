@@ -258,6 +258,16 @@ impl Client {
         Ok(ScanResult { pairs, more })
     }
 
+    /// Asks the leader of `shard` to hand leadership to node `to`; returns
+    /// once the transfer has started.
+    pub async fn transfer_leader(&self, shard: u32, to: u64) -> Result<(), ClientError> {
+        let op = Op::TransferLeader(corekv_proto::client::TransferLeader { shard, to });
+        match self.routed(shard, op).await? {
+            response::Result::TransferLeader(_) => Ok(()),
+            other => Err(unexpected(other)),
+        }
+    }
+
     /// Status of the node at `addr` (a client port).
     pub async fn status_at(&self, addr: SocketAddr) -> Result<StatusResult, ClientError> {
         let answer = self.call_at(addr, Op::Status(Status {}), false).await;

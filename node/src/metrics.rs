@@ -47,7 +47,16 @@ struct OpLabels {
 }
 
 /// Client operations as metric labels.
-pub const OPS: [&str; 7] = ["put", "get", "delete", "cas", "scan", "topology", "status"];
+pub const OPS: [&str; 8] = [
+    "put",
+    "get",
+    "delete",
+    "cas",
+    "scan",
+    "topology",
+    "status",
+    "transfer_leader",
+];
 /// Outcomes of client requests as metric labels ("ok" or an error code).
 pub const STATUSES: [&str; 9] = [
     "ok",
@@ -354,6 +363,7 @@ pub fn op_index(op: &corekv_proto::client::request::Op) -> usize {
         Op::Scan(_) => 4,
         Op::Topology(_) => 5,
         Op::Status(_) => 6,
+        Op::TransferLeader(_) => 7,
     }
 }
 

@@ -320,6 +320,24 @@ impl Replica {
         self.raw.transfer_leader(peer);
     }
 
+    /// True if `id` is a voter of this group.
+    pub fn is_voter(&self, id: u64) -> bool {
+        self.raw.raft.prs().conf().voters().contains(id)
+    }
+
+    /// The most caught-up other voter (by matched index), the natural
+    /// successor when this leader steps away.
+    pub fn best_successor(&self) -> Option<u64> {
+        let me = self.options.node_id;
+        self.raw
+            .raft
+            .prs()
+            .iter()
+            .filter(|(id, _)| **id != me && self.is_voter(**id))
+            .max_by_key(|(id, progress)| (progress.matched, std::cmp::Reverse(**id)))
+            .map(|(id, _)| *id)
+    }
+
     /// Queues a write; it enters raft with every other write of this turn
     /// at the next [`Replica::flush`].
     pub fn propose(&mut self, token: Token, op: Op) -> Result<(), NotLeader> {

@@ -44,6 +44,8 @@ type ConnId = u64;
 const MAX_CONN_QUEUE_BYTES: usize = 64 << 20;
 /// Upper bound on bytes queued for one peer link.
 const MAX_LINK_QUEUE_BYTES: usize = 256 << 20;
+/// How long a stopping leader waits for its successor to take over.
+const LEADER_HANDOFF_GRACE: Duration = Duration::from_secs(3);
 /// Upper bound on how long a stopping shard waits for its last sync and answers.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 /// How long an inbound peer gets to send its Hello.
@@ -138,6 +140,8 @@ struct Shard {
     links_seen_up: std::collections::HashSet<u64>,
     wal_bytes_reported: u64,
     snap_dir: std::path::PathBuf,
+    /// Set once SIGTERM arrived: the deadline for handing leadership away.
+    stopping: Option<Instant>,
     /// Peers a snapshot is being sent to right now.
     snapshots_sending: std::collections::HashSet<u64>,
 }
@@ -266,6 +270,7 @@ pub async fn run(
         wal_bytes_reported: 0,
         snap_dir,
         snapshots_sending: Default::default(),
+        stopping: None,
     };
     shard_loop.run().await
 }
@@ -279,8 +284,16 @@ impl Shard {
             self.local.inbox.drain_into(&mut batch).await;
             // 2. Feed it all to the replica; proposals only queue up.
             for input in batch.drain(..) {
-                if let Some(shutdown) = self.handle_input(input, &mut out)? {
-                    return self.shutdown(shutdown).await;
+                if self.handle_input(input, &mut out)?.is_some() {
+                    self.begin_stopping();
+                }
+            }
+            // A stopping leader keeps running until its successor took over
+            // (or the grace time ran out), so clients see no election gap.
+            if let Some(deadline) = self.stopping {
+                if !self.replica.is_leader() || Instant::now() >= deadline {
+                    self.dispatch(&mut out);
+                    return self.shutdown(()).await;
                 }
             }
             // 3. This turn's proposals enter raft as one batch; reads share one round.
@@ -432,6 +445,11 @@ impl Shard {
         no_forward: bool,
         out: &mut Output,
     ) {
+        if self.stopping.is_some() {
+            let result = state_machine::error(ErrorCode::Unavailable, "node is shutting down");
+            self.answer(&route, result);
+            return;
+        }
         let Some(op) = request.op else {
             self.answer(
                 &route,
@@ -444,7 +462,7 @@ impl Shard {
             Op::Get(g) => Some(&g.key),
             Op::Delete(d) => Some(&d.key),
             Op::Cas(c) => Some(&c.key),
-            Op::Scan(_) | Op::Topology(_) | Op::Status(_) => None,
+            Op::Scan(_) | Op::Topology(_) | Op::Status(_) | Op::TransferLeader(_) => None,
         };
         if let Some(key) = key {
             if let Err(result) = self.check_sizes(key, &op) {
@@ -491,6 +509,34 @@ impl Shard {
             Op::Get(ref get) => {
                 let consistency = get.consistency();
                 self.read(route, op, consistency, no_forward, out);
+            }
+            Op::TransferLeader(ref transfer) => {
+                let (target, to) = (transfer.shard, transfer.to);
+                if target >= self.node.config.shards {
+                    let message = format!("no shard {target}");
+                    self.answer(
+                        &route,
+                        state_machine::error(ErrorCode::WrongShard, &message),
+                    );
+                } else if target != self.local.shard {
+                    self.hand_over(target, route, op, no_forward);
+                } else if !self.replica.is_voter(to) {
+                    let message = format!("node {to} is not a voter of shard {target}");
+                    self.answer(
+                        &route,
+                        state_machine::error(ErrorCode::InvalidArgument, &message),
+                    );
+                } else if !self.replica.is_leader() {
+                    let leader_id = self.replica.leader_id();
+                    self.not_leader(route, op, NotLeader { leader_id }, no_forward);
+                } else {
+                    if to != self.node.config.node_id {
+                        tracing::info!(shard = target, to, "leadership transfer requested");
+                        self.replica.transfer_leader(to);
+                    }
+                    let result = response::Result::TransferLeader(Default::default());
+                    self.answer(&route, result);
+                }
             }
             Op::Put(_) | Op::Delete(_) | Op::Cas(_) => {
                 let token = self.token(route.clone());
@@ -973,6 +1019,30 @@ impl Shard {
             .lock()
             .expect("status lock poisoned");
         *slot = status;
+    }
+
+    /// SIGTERM: a leader hands the shard to its most caught-up follower
+    /// first; everyone else stops at once (at the next turn).
+    fn begin_stopping(&mut self) {
+        if self.stopping.is_some() {
+            return;
+        }
+        let shard = self.local.shard;
+        let mut deadline = Instant::now();
+        if self.replica.is_leader() {
+            if let Some(successor) = self.replica.best_successor() {
+                tracing::info!(
+                    shard,
+                    to = successor,
+                    "handing leadership over before shutdown"
+                );
+                self.replica.transfer_leader(successor);
+                deadline += LEADER_HANDOFF_GRACE;
+            }
+        }
+        self.stopping = Some(deadline);
+        // Wake the loop even if nothing else arrives.
+        self.local.inbox.push(Input::Tick);
     }
 
     /// Stops the shard: fails what is pending, makes the WAL durable, lets

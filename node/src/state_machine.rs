@@ -139,7 +139,7 @@ impl StateMachine {
                 );
                 response::Result::Write(WriteResult { version: index })
             }
-            Op::Get(_) | Op::Scan(_) | Op::Topology(_) | Op::Status(_) => {
+            Op::Get(_) | Op::Scan(_) | Op::Topology(_) | Op::Status(_) | Op::TransferLeader(_) => {
                 error(ErrorCode::Internal, "read operation found in the log")
             }
         }
