@@ -124,12 +124,15 @@ fn sigterm_exits_zero_and_restart_keeps_applied_index_continuous() {
 
     cluster.node(1).start();
     cluster.wait_for_leaders();
-    let after = cluster.status(1).unwrap().shards[0];
     // Replay re-applies exactly the log: the same entries, nothing twice,
-    // plus the new leader's empty entry.
-    assert!(
-        after.applied_index > applied_before,
-        "{after:?} vs {applied_before}"
+    // plus the new leader's empty entry once it commits.
+    wait_for(
+        "the applied index to pass its value before the restart",
+        DEADLINE,
+        || {
+            let after = cluster.status(1)?.shards[0];
+            (after.applied_index > applied_before).then_some(())
+        },
     );
     let (_, out, _) = cluster.cli(&["--json", "get", "k29"]);
     let again: serde_json::Value = serde_json::from_str(out.trim()).unwrap();

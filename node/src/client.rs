@@ -105,6 +105,8 @@ struct Inner {
     options: ClientOptions,
     topology: RefCell<TopologyResult>,
     conns: RefCell<HashMap<SocketAddr, Rc<Conn>>>,
+    /// Client address of each (node, shard), resolved on first use.
+    addrs: RefCell<HashMap<(u64, u32), SocketAddr>>,
     next_id: Cell<u64>,
     round_robin: Cell<usize>,
 }
@@ -123,6 +125,7 @@ impl Client {
                 options,
                 topology: RefCell::new(TopologyResult::default()),
                 conns: RefCell::new(HashMap::new()),
+                addrs: RefCell::new(HashMap::new()),
                 next_id: Cell::new(1),
                 round_robin: Cell::new(0),
             }),
@@ -154,6 +157,7 @@ impl Client {
             match self.call_at(addr, Op::Topology(Topology {}), false).await {
                 Ok(response::Result::Topology(topology)) => {
                     *self.inner.topology.borrow_mut() = topology.clone();
+                    self.inner.addrs.borrow_mut().clear();
                     return Ok(topology);
                 }
                 Ok(other) => last = format!("{endpoint}: unexpected answer {other:?}"),
@@ -370,9 +374,16 @@ impl Client {
                 &topology.nodes[i % topology.nodes.len()]
             }
         };
+        let knows_leader = leader != 0 && node.node_id == leader;
+        let key = (node.node_id, shard);
+        if let Some(addr) = self.inner.addrs.borrow().get(&key) {
+            return Ok((*addr, knows_leader));
+        }
+        // Resolved once per (node, shard): no formatting or lookup per request.
         let endpoint = format!("{}:{}", node.host, node.client_port + shard);
         let addr = resolve(&endpoint).map_err(ClientError::NoEndpoint)?;
-        Ok((addr, leader != 0 && node.node_id == leader))
+        self.inner.addrs.borrow_mut().insert(key, addr);
+        Ok((addr, knows_leader))
     }
 
     fn set_leader(&self, shard: u32, leader: u64) {

@@ -325,6 +325,16 @@ impl Replica {
         self.raw.raft.prs().conf().voters().contains(id)
     }
 
+    /// True if `peer` holds every entry of this leader's log and is active.
+    pub fn is_caught_up(&self, peer: u64) -> bool {
+        let last = self.raw.raft.raft_log.last_index();
+        self.raw
+            .raft
+            .prs()
+            .get(peer)
+            .is_some_and(|p| p.matched == last && p.recent_active)
+    }
+
     /// The most caught-up other voter (by matched index), the natural
     /// successor when this leader steps away.
     pub fn best_successor(&self) -> Option<u64> {

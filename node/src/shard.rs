@@ -44,6 +44,10 @@ type ConnId = u64;
 const MAX_CONN_QUEUE_BYTES: usize = 64 << 20;
 /// Upper bound on bytes queued for one peer link.
 const MAX_LINK_QUEUE_BYTES: usize = 256 << 20;
+/// How often (in ticks) a leader checks whether another node should lead.
+const BALANCE_EVERY_TICKS: u64 = 50;
+/// Ticks to wait after a balancing transfer before considering another.
+const BALANCE_BACKOFF_TICKS: u64 = 3000;
 /// How long a stopping leader waits for its successor to take over.
 const LEADER_HANDOFF_GRACE: Duration = Duration::from_secs(3);
 /// Upper bound on how long a stopping shard waits for its last sync and answers.
@@ -142,6 +146,8 @@ struct Shard {
     snap_dir: std::path::PathBuf,
     /// Set once SIGTERM arrived: the deadline for handing leadership away.
     stopping: Option<Instant>,
+    /// No leadership balancing before this tick (back-off after an attempt).
+    next_balance_tick: u64,
     /// Peers a snapshot is being sent to right now.
     snapshots_sending: std::collections::HashSet<u64>,
 }
@@ -271,6 +277,7 @@ pub async fn run(
         snap_dir,
         snapshots_sending: Default::default(),
         stopping: None,
+        next_balance_tick: 0,
     };
     shard_loop.run().await
 }
@@ -313,6 +320,9 @@ impl Shard {
                 self.ticks += 1;
                 self.replica.tick(out);
                 self.expire_forwards();
+                if self.ticks % BALANCE_EVERY_TICKS == 0 {
+                    self.balance_leadership();
+                }
             }
             Input::Raft(message) => self.replica.step(*message),
             Input::Client { conn, request } => {
@@ -748,6 +758,17 @@ impl Shard {
                 {
                     self.metrics.leader_changes.inc();
                 }
+                if change.role == raft::StateRole::Leader {
+                    // The first leaders of a new cluster (term 1) are placed at
+                    // once; after a failover or an operator's transfer the new
+                    // leader keeps the shard for a while before balancing.
+                    let delay = if change.term <= 1 {
+                        0
+                    } else {
+                        BALANCE_BACKOFF_TICKS
+                    };
+                    self.next_balance_tick = self.ticks + delay;
+                }
                 self.last_role = Some(key);
                 tracing::info!(
                     shard = self.local.shard,
@@ -1019,6 +1040,37 @@ impl Shard {
             .lock()
             .expect("status lock poisoned");
         *slot = status;
+    }
+
+    /// Spreads leadership over the nodes: shard `s` prefers the `s`-th voter
+    /// (by id, wrapping), so every node leads about shards/nodes groups and
+    /// the write load is shared. A leader that is not the preferred one hands
+    /// over once the preferred node is connected and fully caught up; after
+    /// an attempt it waits before trying again, so a flaky node cannot make
+    /// leadership flap.
+    fn balance_leadership(&mut self) {
+        if self.stopping.is_some()
+            || !self.replica.is_leader()
+            || self.ticks < self.next_balance_tick
+        {
+            return;
+        }
+        let mut voters: Vec<u64> = self.node.config.peers.iter().map(|p| p.id).collect();
+        voters.sort_unstable();
+        let preferred = voters[self.local.shard as usize % voters.len()];
+        if preferred == self.node.config.node_id
+            || !self.links.get(&preferred).is_some_and(|l| l.is_up())
+            || !self.replica.is_caught_up(preferred)
+        {
+            return;
+        }
+        tracing::info!(
+            shard = self.local.shard,
+            to = preferred,
+            "moving leadership to the shard's preferred node"
+        );
+        self.replica.transfer_leader(preferred);
+        self.next_balance_tick = self.ticks + BALANCE_BACKOFF_TICKS;
     }
 
     /// SIGTERM: a leader hands the shard to its most caught-up follower

@@ -272,6 +272,15 @@ impl Cluster {
                     return None;
                 }
             }
+            // With every node up, leadership settles on each shard's
+            // preferred node (the node balances it); wait for that steady state.
+            if ids.len() == self.nodes.len() {
+                for (shard, leader) in leaders.iter().enumerate() {
+                    if *leader != preferred_leader(shard as u32, self.nodes.len() as u64) {
+                        return None;
+                    }
+                }
+            }
             Some(leaders)
         })
     }
@@ -375,6 +384,12 @@ impl RawClient {
     }
 }
 
+/// The node a shard's leadership settles on when every node is up: the
+/// `shard`-th voter by id, wrapping (node ids here are 1..=nodes).
+pub fn preferred_leader(shard: u32, nodes: u64) -> u64 {
+    shard as u64 % nodes + 1
+}
+
 /// Shard of a key, as the documented routing rule computes it.
 pub fn shard_of(key: &str, shards: u32) -> u32 {
     corekv_proto::shard_of(key.as_bytes(), shards)
@@ -435,5 +450,3 @@ pub fn metric(text: &str, name_and_labels: &str) -> Option<f64> {
         .and_then(|line| line.rsplit(' ').next())
         .and_then(|value| value.parse().ok())
 }
-
-pub mod proxy;
