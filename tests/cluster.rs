@@ -275,6 +275,20 @@ fn garbage_and_oversize_frames_close_only_that_connection() {
     let _ = junk.stream.read_to_end(&mut rest);
     // Whatever it said before closing, it closed (read_to_end returned).
 
+    // Oversized keys and values are refused with TOO_LARGE, connection kept.
+    let big_key = "k".repeat(5000);
+    let response = good.call(put_request(4, &big_key, "v", false)).unwrap();
+    match response.result {
+        Some(response::Result::Error(e)) => assert_eq!(e.code, ErrorCode::TooLarge as i32, "{e:?}"),
+        other => panic!("expected TOO_LARGE for a 5000-byte key, got {other:?}"),
+    }
+    let big_value = "v".repeat((1 << 20) + 1);
+    let response = good.call(put_request(5, "k2", &big_value, false)).unwrap();
+    match response.result {
+        Some(response::Result::Error(e)) => assert_eq!(e.code, ErrorCode::TooLarge as i32, "{e:?}"),
+        other => panic!("expected TOO_LARGE for a 1 MiB + 1 value, got {other:?}"),
+    }
+
     // The healthy client and new clients carry on.
     let response = good
         .call(get_request(2, "k", Consistency::Linearizable))

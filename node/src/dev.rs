@@ -201,6 +201,11 @@ pub fn run(args: DevArgs) -> anyhow::Result<()> {
         Duration::from_secs(60),
         &stop,
     ))?;
+    if stop.load(Ordering::Relaxed) {
+        // Ctrl-C while starting: stop the children (Children's drop) and exit cleanly.
+        println!("stopping");
+        return Ok(());
+    }
     println!();
     println!(
         "corekv dev cluster is up: {} nodes, {} shards each",
@@ -236,7 +241,8 @@ pub fn run(args: DevArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Waits until every shard of every node reports a leader.
+/// Waits until every shard of every node reports a leader, or until `stop`
+/// is set (then returns Ok: the caller checks `stop`).
 pub async fn wait_for_leaders(
     endpoints: &[String],
     shards: u32,
@@ -276,6 +282,9 @@ pub async fn wait_for_leaders(
             Err(e) => last = e.to_string(),
         }
         monoio::time::sleep(Duration::from_millis(100)).await;
+    }
+    if stop.load(Ordering::Relaxed) {
+        return Ok(());
     }
     bail!("cluster not ready: {last}")
 }

@@ -1,0 +1,139 @@
+//! `corekv dev`: the README's "run it" command, end to end.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::net::TcpListener;
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use common::{wait_for, COREKV, DEADLINE};
+
+fn free_base() -> u16 {
+    // Node i uses base+100i .. base+100i+90; find a base whose ports are free.
+    let seed = std::process::id() as u16 % 150;
+    (0..150)
+        .map(|i| 21_000 + ((seed + i * 7) % 150) * 200)
+        .find(|&base| {
+            (1..=3u16).all(|i| {
+                [0u16, 50, 90]
+                    .iter()
+                    .all(|off| TcpListener::bind(("127.0.0.1", base + 100 * i + off)).is_ok())
+            })
+        })
+        .expect("free ports")
+}
+
+#[test]
+fn dev_starts_a_cluster_that_serves_and_stops_on_sigterm() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = free_base();
+    let mut dev = Command::new(COREKV)
+        .args([
+            "dev",
+            "--shards",
+            "2",
+            "--port-base",
+            &base.to_string(),
+            "--dir",
+        ])
+        .arg(dir.path())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let pid = dev.id();
+    struct Guard(u32);
+    impl Drop for Guard {
+        fn drop(&mut self) {
+            // SAFETY: kill(2) on the pid of our own child.
+            unsafe { libc::kill(self.0 as i32, libc::SIGKILL) };
+        }
+    }
+    let _guard = Guard(pid);
+    let (tx, rx) = mpsc::channel();
+    let stdout = dev.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let mut printed = Vec::new();
+    wait_for("corekv dev to report the cluster up", DEADLINE, || {
+        while let Ok(line) = rx.try_recv() {
+            printed.push(line);
+        }
+        printed
+            .iter()
+            .any(|l| l.contains("cluster is up"))
+            .then_some(())
+    });
+    let endpoint = format!("127.0.0.1:{}", base + 100);
+    assert!(printed.iter().any(|l| l.contains(&endpoint)), "{printed:?}");
+    assert!(printed.iter().any(|l| l.contains("put a 1")), "{printed:?}");
+    let cli = |args: &[&str]| {
+        let out = Command::new(COREKV)
+            .arg("--endpoints")
+            .arg(&endpoint)
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    };
+    assert_eq!(cli(&["put", "a", "1"]).0, Some(0));
+    assert_eq!(cli(&["get", "a"]), (Some(0), "1\n".to_string()));
+    let (code, status) = cli(&["--json", "status"]);
+    assert_eq!(code, Some(0));
+    let status: serde_json::Value = serde_json::from_str(status.trim()).unwrap();
+    assert_eq!(status["nodes"].as_array().unwrap().len(), 3);
+    for i in 1..=3 {
+        assert!(dir.path().join(format!("node{i}/corekv.toml")).exists());
+    }
+
+    // SIGTERM stops the children too: their ports come free.
+    // SAFETY: kill(2) on our own child's pid.
+    unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+    let status = wait_for("corekv dev to exit", DEADLINE, || dev.try_wait().unwrap());
+    assert!(status.success(), "{status}");
+    wait_for(
+        "the nodes' ports to be free",
+        Duration::from_secs(30),
+        || {
+            (1..=3u16)
+                .all(|i| TcpListener::bind(("127.0.0.1", base + 100 * i)).is_ok())
+                .then_some(())
+        },
+    );
+
+    // A second run resumes with the data.
+    let mut again = Command::new(COREKV)
+        .args([
+            "dev",
+            "--shards",
+            "2",
+            "--port-base",
+            &base.to_string(),
+            "--dir",
+        ])
+        .arg(dir.path())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let _guard2 = Guard(again.id());
+    let value = wait_for("the resumed cluster to serve the old key", DEADLINE, || {
+        let (code, out) = cli(&["--timeout", "1s", "get", "a"]);
+        (code == Some(0)).then_some(out)
+    });
+    assert_eq!(value, "1\n");
+    // SAFETY: as above.
+    unsafe { libc::kill(again.id() as i32, libc::SIGTERM) };
+    let status = wait_for("the resumed dev to exit", DEADLINE, || {
+        again.try_wait().unwrap()
+    });
+    assert!(status.success());
+}
