@@ -450,3 +450,4 @@ pub fn metric(text: &str, name_and_labels: &str) -> Option<f64> {
         .and_then(|line| line.rsplit(' ').next())
         .and_then(|value| value.parse().ok())
 }
+pub mod proxy;
