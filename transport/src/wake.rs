@@ -36,6 +36,30 @@ impl WakeSlot {
     }
 }
 
+/// Holds the wakers of any number of tasks waiting on the same state.
+#[derive(Default)]
+pub(crate) struct WakeList {
+    wakers: RefCell<Vec<Waker>>,
+}
+
+impl WakeList {
+    /// Adds a waiting task (once, however often it polls).
+    pub(crate) fn register(&self, waker: &Waker) {
+        let mut wakers = self.wakers.borrow_mut();
+        if !wakers.iter().any(|w| w.will_wake(waker)) {
+            wakers.push(waker.clone());
+        }
+    }
+
+    /// Wakes every waiting task; they re-register if still waiting.
+    pub(crate) fn wake_all(&self) {
+        let wakers = std::mem::take(&mut *self.wakers.borrow_mut());
+        for waker in wakers {
+            waker.wake();
+        }
+    }
+}
+
 /// Resolves once `ready()` returns true; re-checked whenever one of `slots`
 /// is woken.
 pub(crate) async fn wait_until<const N: usize>(

@@ -14,7 +14,7 @@ use bytes::Bytes;
 use monoio::buf::IoVecBuf;
 use monoio::io::AsyncWriteRent;
 
-use crate::wake::{race, wait_until, Either, WakeSlot};
+use crate::wake::{race, wait_until, Either, WakeList, WakeSlot};
 
 /// Frames handed to one `writev` at most: Linux's `IOV_MAX` (`UIO_MAXIOV`),
 /// above which both `writev` and io_uring refuse the call with `EINVAL`.
@@ -75,6 +75,8 @@ pub(crate) struct SendQueue {
     writer_wake: WakeSlot,
     /// Whoever waits for the writer to exit (the peer link) waits here.
     finish_wake: WakeSlot,
+    /// Senders waiting for room in the queue wait here.
+    room_wake: WakeList,
     /// The write error that ended the writer, if one did.
     failure: RefCell<Option<std::io::Error>>,
 }
@@ -88,6 +90,7 @@ impl SendQueue {
             state: Cell::new(QueueState::Open),
             writer_wake: WakeSlot::default(),
             finish_wake: WakeSlot::default(),
+            room_wake: WakeList::default(),
             failure: RefCell::new(None),
         }
     }
@@ -113,6 +116,7 @@ impl SendQueue {
         if self.state.get() == QueueState::Open {
             self.state.set(QueueState::Closing);
             self.writer_wake.wake();
+            self.room_wake.wake_all();
         }
     }
 
@@ -127,13 +131,20 @@ impl SendQueue {
         discarded
     }
 
+    /// Bytes left the queue (written or discarded): senders waiting for
+    /// room may proceed.
+    fn release(&self, bytes: usize) {
+        self.queued_bytes.set(self.queued_bytes.get() - bytes);
+        self.room_wake.wake_all();
+    }
+
     fn discard_queued(&self) -> usize {
         let mut frames = self.frames.borrow_mut();
         let discarded_bytes: usize = frames.iter().map(Bytes::len).sum();
-        self.queued_bytes
-            .set(self.queued_bytes.get() - discarded_bytes);
         let discarded = frames.len();
         frames.clear();
+        drop(frames);
+        self.release(discarded_bytes);
         discarded
     }
 
@@ -182,6 +193,35 @@ impl FrameSender {
     /// writer task runs next, in the order they were queued.
     pub fn send(&self, frame: Bytes) -> Result<(), SendError> {
         self.handle.queue.push(frame)
+    }
+
+    /// Waits until a frame of `frame_len` bytes would be accepted by
+    /// [`send`](Self::send), for a caller that would rather wait than drop
+    /// on [`SendError::Full`]. Errors: `Closed` once the sender is closed;
+    /// `Full` at once if the frame is larger than the whole queue.
+    ///
+    /// Wait here instead of retrying `send` after a yield: a task that is
+    /// always ready keeps monoio from reaping the completion of the very
+    /// write that would make room.
+    pub async fn wait_for_room(&self, frame_len: usize) -> Result<(), SendError> {
+        let queue = &self.handle.queue;
+        if frame_len > queue.max_queue_bytes {
+            return Err(SendError::Full {
+                queued_bytes: queue.queued_bytes.get(),
+                max: queue.max_queue_bytes,
+            });
+        }
+        std::future::poll_fn(|cx| {
+            if queue.state.get() != QueueState::Open {
+                return std::task::Poll::Ready(Err(SendError::Closed));
+            }
+            if queue.queued_bytes.get() + frame_len <= queue.max_queue_bytes {
+                return std::task::Poll::Ready(Ok(()));
+            }
+            queue.room_wake.register(cx.waker());
+            std::task::Poll::Pending
+        })
+        .await
     }
 
     /// Bytes queued or being written.
@@ -239,31 +279,26 @@ async fn run_writer<W: AsyncWriteRent>(mut writer: W, queue: Rc<SendQueue>) {
         });
         match race(write_batch(&mut writer, batch), aborted).await {
             Either::Left((Ok(()), mut batch)) => {
-                queue
-                    .queued_bytes
-                    .set(queue.queued_bytes.get() - batch_bytes);
+                queue.release(batch_bytes);
                 batch.clear();
                 spare = Some(batch);
             }
             Either::Left((Err(error), _)) => {
                 tracing::debug!(%error, "frame writer stopped on a write error");
-                queue
-                    .queued_bytes
-                    .set(queue.queued_bytes.get() - batch_bytes);
                 *queue.failure.borrow_mut() = Some(error);
+                queue.release(batch_bytes);
                 break;
             }
             // The in-flight write was cancelled by dropping it; its bytes
             // are no longer held by this queue.
             Either::Right(()) => {
-                queue
-                    .queued_bytes
-                    .set(queue.queued_bytes.get() - batch_bytes);
+                queue.release(batch_bytes);
                 break;
             }
         }
     }
     queue.state.set(QueueState::Finished);
+    // Also wakes senders waiting for room, who now see the sender closed.
     queue.discard_queued();
     // Tell the peer we are done writing (a no-op if the socket already failed).
     let _ = writer.shutdown().await;
@@ -612,6 +647,27 @@ mod tests {
                 .collect();
             assert_eq!(written, frames.concat(), "bytes reordered or repeated");
             assert_eq!(writer.writes.borrow().len(), total.div_ceil(7));
+        });
+    }
+
+    #[test]
+    fn wait_for_room_resumes_once_the_writer_has_made_room() {
+        runtime().block_on(async {
+            let writer = RecordingWriter::default();
+            let sender = spawn_writer(writer.clone(), 100);
+            sender.send(Bytes::from(vec![1; 80])).unwrap();
+            assert!(matches!(
+                sender.send(Bytes::from(vec![2; 80])),
+                Err(SendError::Full { .. })
+            ));
+            sender.wait_for_room(80).await.unwrap();
+            sender.send(Bytes::from(vec![2; 80])).unwrap();
+            assert!(matches!(
+                sender.wait_for_room(101).await,
+                Err(SendError::Full { .. })
+            ));
+            sender.close();
+            assert_eq!(sender.wait_for_room(1).await, Err(SendError::Closed));
         });
     }
 }
