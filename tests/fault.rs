@@ -36,10 +36,10 @@ use corekv_proto::client::{
 #[test]
 fn kill9_leader_during_writes_loses_nothing_acknowledged() {
     let mut cluster = Cluster::start(3, 2);
-    let leaders = cluster.wait_for_leaders();
+    cluster.wait_for_leaders();
     let shard = 0;
-    let victim = leaders[shard];
-    let term_before = shard_status(&cluster, victim, shard).unwrap().term;
+    let before = wait_for_agreed_leaders(&mut cluster)[shard];
+    let (victim, term_before) = (before.leader_id, before.term);
 
     let acked = Arc::new([AtomicU64::new(0), AtomicU64::new(0)]);
     let workload = Background::start({
@@ -114,11 +114,11 @@ fn failover_time_over_ten_leader_kills() {
     let mut times = Vec::new();
     let mut written = Vec::new();
     for round in 0..10 {
-        let leader = wait_for_agreed_leaders(&mut cluster)[0];
         let key = format!("round-{round}");
         put_one(&cluster.endpoints(), &key, &key);
         written.push(key);
-        let term = shard_status(&cluster, leader, 0).unwrap().term;
+        let before = wait_for_agreed_leaders(&mut cluster)[0];
+        let (leader, term) = (before.leader_id, before.term);
 
         let killed = Instant::now();
         cluster.node(leader).kill9();
@@ -185,7 +185,7 @@ fn chaos_kill9_random_nodes_for_60_seconds() {
         std::thread::sleep(Duration::from_millis(1000 + rng.below(1500)));
         let leaders = wait_for_agreed_leaders(&mut cluster);
         let victim = if kills.len() % 2 == 0 {
-            leaders[rng.below(leaders.len() as u64) as usize]
+            leaders[rng.below(leaders.len() as u64) as usize].leader_id
         } else {
             1 + rng.below(3)
         };
@@ -281,9 +281,6 @@ fn torn_wal_tail_at_a_random_offset_is_repaired_after_a_cluster_restart() {
 /// whose client port accepts connections and never answers (the client
 /// library waits out its whole deadline), instead of exiting non-zero.
 #[test]
-#[ignore = "node: a follower that lost acknowledged entries panics its shard thread \
-            (raft-rs `to_commit N is out of range [last_index M]`) and the panic is \
-            never reported, leaving a running process with a dead shard"]
 fn torn_wal_tail_at_a_random_offset_on_a_restarted_follower() {
     torn_tail_scenario(Tear::RandomOffset, Restart::Follower);
 }
@@ -486,7 +483,8 @@ fn partitioned_leader_steps_down_serves_nothing_stale_and_rejoins_quietly() {
         cluster.proxy.forwarded_bytes() > 0,
         "peer traffic must go through the proxy"
     );
-    let old = shard_status(&cluster, isolated, shard).unwrap();
+    let old = wait_for_agreed_leaders(&mut cluster)[shard];
+    assert_eq!(old.leader_id, isolated, "leadership moved before the cut");
     let links_lost = |cluster: &ProxiedCluster| {
         let log = cluster.nodes[isolated as usize - 1].log();
         log.matches("connection lost").count()
@@ -615,23 +613,31 @@ fn agreed_leader(cluster: &Cluster, ids: &[u64], shard: usize, not: u64) -> Opti
     (status.role == Role::Leader as i32).then_some(status)
 }
 
-/// The leader of every shard, once every running node names the same one
-/// and it says it leads. Unlike `Cluster::wait_for_leaders` this does not
-/// wait for leadership to move back to each shard's preferred node, which the
-/// node holds off for 30 s after a failover: these tests kill leaders faster.
-fn wait_for_agreed_leaders(cluster: &mut Cluster) -> Vec<u64> {
+/// The status of the leader of every shard, once every running node names
+/// the same leader and it says it leads. Unlike `Cluster::wait_for_leaders`
+/// this does not wait for leadership to move back to each shard's preferred
+/// node, which the node holds off for 30 s after a failover: these tests
+/// kill leaders faster. Fails at once if a running node's log shows a panic.
+fn wait_for_agreed_leaders(cluster: &mut Cluster) -> Vec<ShardStatus> {
     let running: Vec<u64> = cluster
         .nodes
         .iter_mut()
         .filter_map(|n| n.is_running().then_some(n.id))
         .collect();
     let shards = cluster.shards as usize;
+    let mut polls = 0u64;
     wait_for(
         "the running nodes to agree on every leader",
         DEADLINE,
         || {
+            polls += 1;
+            if polls % 20 == 0 {
+                for &id in &running {
+                    assert_no_panic(cluster.node(id));
+                }
+            }
             (0..shards)
-                .map(|s| agreed_leader(cluster, &running, s, 0).map(|status| status.leader_id))
+                .map(|s| agreed_leader(cluster, &running, s, 0))
                 .collect()
         },
     )
