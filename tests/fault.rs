@@ -270,20 +270,12 @@ fn torn_wal_tail_at_a_random_offset_is_repaired_after_a_cluster_restart() {
 /// newest segment torn at a random offset inside its records, and it alone
 /// restarts while the leader keeps running.
 ///
-/// Ignored: the node cannot survive it. The tear cuts records the follower
-/// had synced and acknowledged, so the leader's progress for it still says
-/// `matched = N` while its log now ends at M < N. The leader's first
-/// heartbeat carries commit = min(matched, committed) = N, and raft-rs
-/// panics in the follower's shard thread: `to_commit N is out of range
-/// [last_index M]` (raft_log.rs:292; etcd raft does the same: losing synced
-/// entries is outside raft's model). Worse, node.rs never catches that panic:
-/// `ShardExited` is not sent, so the process keeps running with a dead shard
-/// whose client port accepts connections and never answers (the client
-/// library waits out its whole deadline), instead of exiting non-zero.
+/// The tear may cut records the follower had synced and acknowledged, so
+/// the leader's progress for it still says `matched = N` while its log now
+/// ends at M < N (losing synced entries is outside raft's model). The node
+/// must not die of it: it lowers its commit index at start-up, clamps the
+/// leader's heartbeat commit to its log, and the leader resends the rest.
 #[test]
-#[ignore = "node: a follower that lost acknowledged entries panics its shard thread \
-            (raft-rs `to_commit N is out of range [last_index M]`) and the panic is \
-            never reported, leaving a running process with a dead shard"]
 fn torn_wal_tail_at_a_random_offset_on_a_restarted_follower() {
     torn_tail_scenario(Tear::RandomOffset, Restart::Follower);
 }

@@ -170,7 +170,17 @@ pub fn run(config: Config) -> anyhow::Result<()> {
                 if let Some(core) = core {
                     core_affinity::set_for_current(core);
                 }
-                let result = run_shard(shard, node, rx);
+                // A panicking shard must stop the node loudly, not leave a
+                // process that looks alive with a dead shard.
+                let run = std::panic::AssertUnwindSafe(|| run_shard(shard, node, rx));
+                let result = std::panic::catch_unwind(run).unwrap_or_else(|panic| {
+                    let message = panic
+                        .downcast_ref::<String>()
+                        .cloned()
+                        .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                        .unwrap_or_else(|| "unknown panic".to_string());
+                    Err(anyhow::anyhow!("shard thread panicked: {message}"))
+                });
                 let _ = events_tx.send(Event::ShardExited(shard, result));
             })
             .context("cannot start shard thread")?;

@@ -202,6 +202,21 @@ impl Replica {
             }
             wal.sync().map_err(fail)?;
         }
+        let mut hs = wal.hard_state();
+        if hs.commit > wal.last_index() {
+            // Entries this node once held as committed are gone (a damaged
+            // disk, a WAL cut by hand). The majority still has them and the
+            // leader will send them again; raft-rs would refuse to start.
+            tracing::error!(
+                shard = options.shard,
+                commit = hs.commit,
+                last_index = wal.last_index(),
+                "WAL lost committed entries; commit index lowered to the log's end, the leader will resend them"
+            );
+            hs.commit = wal.last_index();
+            wal.set_hard_state(hs).map_err(fail)?;
+            wal.sync().map_err(fail)?;
+        }
         let covered = snapshot.as_ref().map_or(0, |s| s.meta.index);
         if marker.index > covered {
             return Err(fail(WalError::Io {
@@ -304,7 +319,24 @@ impl Replica {
 
     /// Feeds a message from a peer. Malformed or stale messages are dropped
     /// by raft; they never stop the replica.
-    pub fn step(&mut self, message: Message) {
+    pub fn step(&mut self, mut message: Message) {
+        // A leader sends heartbeats with the commit index it believes we
+        // hold. After this node lost entries it had acknowledged (a damaged
+        // disk), that is past our log's end and raft-rs would abort; clamp it,
+        // and the next append's rejection makes the leader resend what is
+        // missing.
+        if message.get_msg_type() == MessageType::MsgHeartbeat {
+            let last = self.raw.raft.raft_log.last_index();
+            if message.commit > last {
+                tracing::warn!(
+                    shard = self.options.shard,
+                    leader_commit = message.commit,
+                    last_index = last,
+                    "heartbeat commit beyond our log: entries were lost locally"
+                );
+                message.commit = last;
+            }
+        }
         if let Err(e) = self.raw.step(message) {
             tracing::debug!(shard = self.options.shard, error = %e, "raft message dropped");
         }
