@@ -176,3 +176,38 @@ fn second_node_on_the_same_data_dir_refuses_to_start() {
     assert!(cluster.node(1).is_running());
     assert_eq!(cluster.cli(&["put", "still", "here"]).0, 0);
 }
+
+#[test]
+fn a_second_node_on_the_same_ports_fails_instead_of_sharing_them() {
+    let mut cluster = Cluster::start(1, 1);
+    cluster.wait_for_leaders();
+    // Same ports, another data dir: the admin or client bind must fail.
+    let config = std::fs::read_to_string(&cluster.nodes[0].config_path).unwrap();
+    let other_dir = cluster.dir.path().join("other-data");
+    let data_line = config.lines().find(|l| l.starts_with("data_dir")).unwrap();
+    let twin = config.replace(
+        data_line,
+        &format!("data_dir = {:?}", other_dir.display().to_string()),
+    );
+    let twin_path = cluster.dir.path().join("twin.toml");
+    std::fs::write(&twin_path, twin).unwrap();
+    let mut child = Command::new(COREKV)
+        .arg("run")
+        .arg("--config")
+        .arg(&twin_path)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let status = wait_for("the twin node to exit", DEADLINE, || {
+        child.try_wait().unwrap()
+    });
+    if status.success() {
+        panic!("a node on ports already in use must not start");
+    }
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut stderr).unwrap();
+    assert!(stderr.contains("cannot listen"), "{stderr}");
+    assert!(cluster.node(1).is_running());
+    assert_eq!(cluster.cli(&["put", "k", "v"]).0, 0);
+}

@@ -207,10 +207,14 @@ pub async fn run(
 
     let client_addr = listen_addr(&config.listen_host, config.client_port, shard)?;
     let peer_addr = listen_addr(&config.listen_host, config.peer_port, shard)?;
-    let client_listener = TcpListener::bind(client_addr).map_err(|e| {
+    // monoio turns SO_REUSEPORT on by default: a second process (or a
+    // misconfigured node) could then bind the same port and silently take
+    // half of its connections. Exclusive ports make that a start-up error.
+    let exclusive = monoio::net::ListenerOpts::new().reuse_port(false);
+    let client_listener = TcpListener::bind_with_config(client_addr, &exclusive).map_err(|e| {
         anyhow::anyhow!("shard {shard}: cannot listen for clients on {client_addr}: {e}")
     })?;
-    let peer_listener = TcpListener::bind(peer_addr).map_err(|e| {
+    let peer_listener = TcpListener::bind_with_config(peer_addr, &exclusive).map_err(|e| {
         anyhow::anyhow!("shard {shard}: cannot listen for peers on {peer_addr}: {e}")
     })?;
     // FusionDriver picks io_uring when the kernel allows it, epoll otherwise.
