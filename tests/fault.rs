@@ -286,8 +286,6 @@ fn torn_wal_tail_at_a_random_offset_is_repaired_after_a_cluster_restart() {
 /// `matched` (e.g. become_probe with `matched = 0`) when the peer reconnects,
 /// or the follower must come back through a snapshot.
 #[test]
-#[ignore = "node: a follower that lost acknowledged entries never catches up \
-            (the leader's Progress.matched for it stays above its log end)"]
 fn torn_wal_tail_at_a_random_offset_on_a_restarted_follower() {
     torn_tail_scenario(Tear::RandomOffset, Restart::Follower);
 }

@@ -347,6 +347,22 @@ impl Replica {
         self.raw.report_unreachable(peer);
     }
 
+    /// Our link to `peer` came back after being down: the peer may have
+    /// restarted with fewer entries than it once acknowledged (a damaged
+    /// disk). The leader forgets what it believed the peer holds and probes
+    /// from where it was, so a rejection walks it back to the peer's real log
+    /// end even on an idle shard. Forgetting only delays counting the peer
+    /// towards a commit until its next ack; it never commits anything early.
+    pub fn peer_reconnected(&mut self, peer: u64) {
+        if !self.is_leader() {
+            return;
+        }
+        if let Some(progress) = self.raw.raft.mut_prs().get_mut(peer) {
+            progress.become_probe();
+            progress.matched = 0;
+        }
+    }
+
     /// Starts a transfer of leadership to `peer`.
     pub fn transfer_leader(&mut self, peer: u64) {
         self.raw.transfer_leader(peer);

@@ -436,6 +436,7 @@ impl Shard {
                 LinkEvent::Up => {
                     if !self.links_seen_up.insert(peer) {
                         self.metrics.reconnects(peer).inc();
+                        self.replica.peer_reconnected(peer);
                     }
                     tracing::info!(shard = self.local.shard, peer, "connection up");
                 }
