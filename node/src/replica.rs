@@ -118,6 +118,17 @@ pub struct ReplicaError {
     pub source: WalError,
 }
 
+/// A Ready handed to raft whose persistence is not yet reported.
+struct Unpersisted {
+    number: u64,
+    /// Messages that may leave only once it is persisted.
+    messages: Vec<Message>,
+    /// raft-rs's `must_sync`: it holds entries, a snapshot, or a new term
+    /// or vote. A Ready that only moved the commit index needs no fsync
+    /// (the commit index is recovered from the log), only its turn.
+    must_sync: bool,
+}
+
 struct PendingWrite {
     term: u64,
     token: Token,
@@ -151,7 +162,7 @@ pub struct Replica {
     next_read_ctx: u64,
     /// Readys handed to raft but not yet durable: their number and the
     /// messages that may leave only once they are.
-    unpersisted: VecDeque<(u64, Vec<Message>)>,
+    unpersisted: VecDeque<Unpersisted>,
     /// The newest Ready number the sync in flight covers.
     sync_in_flight: Option<u64>,
     role: StateRole,
@@ -557,16 +568,23 @@ impl Replica {
                 let store = self.raw.mut_store();
                 store.set_hard_state(hs).map_err(|e| self.fatal(e))?;
             }
-            let persisted = ready.take_persisted_messages();
-            let number = ready.number();
+            let unpersisted = Unpersisted {
+                number: ready.number(),
+                messages: ready.take_persisted_messages(),
+                must_sync: ready.must_sync(),
+            };
             self.raw.advance_append_async(ready);
             self.report_applied();
-            self.unpersisted.push_back((number, persisted));
+            self.unpersisted.push_back(unpersisted);
             self.serve_applied_reads(out);
         }
         // Readys appended while the previous sync was in flight wait for the
         // next one, even if raft has nothing new to say.
-        self.maybe_sync(out)
+        self.maybe_sync(out)?;
+        if self.raw.has_ready() {
+            return self.handle_ready(out);
+        }
+        Ok(())
     }
 
     /// Marks the sync handed out earlier as finished: raft learns its
@@ -752,9 +770,14 @@ impl Replica {
         if self.sync_in_flight.is_some() {
             return Ok(());
         }
-        let Some(&(newest, _)) = self.unpersisted.back() else {
+        let Some(newest) = self.unpersisted.back().map(|u| u.number) else {
             return Ok(());
         };
+        if !self.unpersisted.iter().any(|u| u.must_sync) {
+            // Commit-only Readys: nothing raft needs durable before they count.
+            self.persisted_through(newest, out);
+            return Ok(());
+        }
         let job = self
             .raw
             .mut_store()
@@ -787,12 +810,12 @@ impl Replica {
     fn persisted_through(&mut self, number: u64, out: &mut Output) {
         self.raw.on_persist_ready(number);
         self.report_applied();
-        while let Some((n, _)) = self.unpersisted.front() {
-            if *n > number {
+        while let Some(front) = self.unpersisted.front() {
+            if front.number > number {
                 break;
             }
-            let (_, messages) = self.unpersisted.pop_front().expect("front exists");
-            out.messages.extend(messages);
+            let done = self.unpersisted.pop_front().expect("front exists");
+            out.messages.extend(done.messages);
         }
     }
 
