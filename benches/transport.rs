@@ -181,7 +181,7 @@ fn transport(c: &mut Criterion) {
         let mut group = c.benchmark_group("transport");
         group.measurement_time(Duration::from_secs(5));
         group.throughput(Throughput::Elements(1));
-        group.bench_function("ping_pong_64B", |b| b.iter_custom(|iters| run(iters)));
+        group.bench_function("ping_pong_64B", |b| b.iter_custom(&mut *run));
         group.finish();
     });
     with_client(c, false, |c, run| {
@@ -189,7 +189,7 @@ fn transport(c: &mut Criterion) {
         group.measurement_time(Duration::from_secs(5));
         group.throughput(Throughput::Elements(1));
         group.bench_function("one_way_pipelined_64B", |b| {
-            b.iter_custom(|iters| run(iters))
+            b.iter_custom(&mut *run)
         });
         group.finish();
     });
