@@ -188,9 +188,7 @@ fn transport(c: &mut Criterion) {
         let mut group = c.benchmark_group("transport");
         group.measurement_time(Duration::from_secs(5));
         group.throughput(Throughput::Elements(1));
-        group.bench_function("one_way_pipelined_64B", |b| {
-            b.iter_custom(&mut *run)
-        });
+        group.bench_function("one_way_pipelined_64B", |b| b.iter_custom(&mut *run));
         group.finish();
     });
 }
