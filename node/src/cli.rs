@@ -472,31 +472,58 @@ async fn transfer_leader(client: &Client, shard: u32, to: u64, json: bool) -> Ex
     }
 }
 
+/// Lag (entries the node has not applied behind the shard's newest commit)
+/// above which `status` marks a replica as lagging.
+const STATUS_LAG_MARK: u64 = 1000;
+
 async fn status(client: &Client, json: bool) -> ExitCode {
-    let mut nodes = Vec::new();
-    let mut rows = Vec::new();
-    let mut any_error = false;
+    let mut answers = Vec::new();
     for (node_id, addr) in client.node_addrs() {
         let status = match addr.parse() {
             Ok(socket) => client.status_at(socket).await.map_err(|e| e.to_string()),
             Err(e) => Err(format!("bad address {addr}: {e}")),
         };
+        answers.push((node_id, addr, status));
+    }
+    // The newest commit index any node reports, per shard: a replica is
+    // lagging when its applied index trails it by much.
+    let mut newest_commit: Vec<u64> = Vec::new();
+    for (_, _, status) in &answers {
+        for s in status.iter().flat_map(|st| st.shards.iter()) {
+            let i = s.shard as usize;
+            if newest_commit.len() <= i {
+                newest_commit.resize(i + 1, 0);
+            }
+            newest_commit[i] = newest_commit[i].max(s.commit_index);
+        }
+    }
+    let mut nodes = Vec::new();
+    let mut rows = Vec::new();
+    let mut any_error = false;
+    for (node_id, addr, status) in answers {
         match status {
             Ok(status) => {
                 let shards: Vec<_> = status
                     .shards
                     .iter()
                     .map(|s| {
+                        let lag = newest_commit[s.shard as usize].saturating_sub(s.applied_index);
+                        let mut marks = String::new();
+                        if s.leader_id == 0 {
+                            marks.push_str("  NO LEADER");
+                        }
+                        if lag > STATUS_LAG_MARK {
+                            marks.push_str("  LAGGING");
+                        }
                         rows.push(format!(
-                            "{node_id:<5} {:<5} {:<13} {:<6} {:<6} {:<8} {:<8} {:<8}{}",
+                            "{node_id:<5} {:<5} {:<13} {:<6} {:<6} {:<8} {:<8} {:<8}{marks}",
                             s.shard,
                             role_name(s.role),
                             s.term,
                             s.leader_id,
                             s.commit_index,
                             s.applied_index,
-                            s.commit_index.saturating_sub(s.applied_index),
-                            if s.leader_id == 0 { "  NO LEADER" } else { "" }
+                            lag,
                         ));
                         json!({
                             "shard": s.shard,
