@@ -1366,44 +1366,48 @@ mod tests {
     }
 }
 
+/// A single-voter replica on 1 MiB WAL segments, elected leader, with
+/// every sync run to completion (tests of rotation and group commit).
+#[cfg(test)]
+fn single_voter_leader(dir: &std::path::Path) -> (Replica, Output) {
+    let options = corekv_wal::WalOptions {
+        segment_bytes: 1 << 20,
+        shard_id: 0,
+    };
+    let wal = Wal::open(dir, options).unwrap();
+    let opts = ReplicaOptions {
+        node_id: 1,
+        shard: 0,
+        voters: vec![1],
+        heartbeat_ticks: 3,
+        election_ticks: 30,
+        request_timeout_ticks: 1_000_000,
+        max_size_per_msg: 1 << 20,
+        max_inflight_msgs: 256,
+        snapshot_entries: u64::MAX,
+        snapshot_bytes: u64::MAX,
+    };
+    let mut r = Replica::open(wal, opts, None).unwrap();
+    let mut out = Output::default();
+    while !r.is_leader() {
+        r.tick(&mut out);
+        r.handle_ready(&mut out).unwrap();
+        while let Some(job) = out.sync.take() {
+            r.on_synced(job.run_blocking(), &mut out).unwrap();
+        }
+    }
+    (r, out)
+}
+
 #[cfg(test)]
 mod rotation_tests {
     use super::*;
     use corekv_proto::client::Put;
-    use corekv_wal::WalOptions;
 
     #[test]
     fn commits_continue_across_wal_segment_rotation() {
         let dir = tempfile::tempdir().unwrap();
-        let wal = Wal::open(
-            dir.path(),
-            WalOptions {
-                segment_bytes: 1 << 20,
-                shard_id: 0,
-            },
-        )
-        .unwrap();
-        let opts = ReplicaOptions {
-            node_id: 1,
-            shard: 0,
-            voters: vec![1],
-            heartbeat_ticks: 3,
-            election_ticks: 30,
-            request_timeout_ticks: 1_000_000,
-            max_size_per_msg: 1 << 20,
-            max_inflight_msgs: 256,
-            snapshot_entries: u64::MAX,
-            snapshot_bytes: u64::MAX,
-        };
-        let mut r = Replica::open(wal, opts, None).unwrap();
-        let mut out = Output::default();
-        while !r.is_leader() {
-            r.tick(&mut out);
-            r.handle_ready(&mut out).unwrap();
-            while let Some(job) = out.sync.take() {
-                r.on_synced(job.run_blocking(), &mut out).unwrap();
-            }
-        }
+        let (mut r, mut out) = single_voter_leader(dir.path());
         let value = Bytes::from(vec![b'v'; 4096]);
         let mut token = 0;
         for round in 0..10 {
@@ -1439,40 +1443,11 @@ mod rotation_tests {
 mod group_commit_tests {
     use super::*;
     use corekv_proto::client::Put;
-    use corekv_wal::WalOptions;
 
     #[test]
     fn proposals_during_a_sync_in_flight_commit_across_rotation() {
         let dir = tempfile::tempdir().unwrap();
-        let wal = Wal::open(
-            dir.path(),
-            WalOptions {
-                segment_bytes: 1 << 20,
-                shard_id: 0,
-            },
-        )
-        .unwrap();
-        let opts = ReplicaOptions {
-            node_id: 1,
-            shard: 0,
-            voters: vec![1],
-            heartbeat_ticks: 3,
-            election_ticks: 30,
-            request_timeout_ticks: 1_000_000,
-            max_size_per_msg: 1 << 20,
-            max_inflight_msgs: 256,
-            snapshot_entries: u64::MAX,
-            snapshot_bytes: u64::MAX,
-        };
-        let mut r = Replica::open(wal, opts, None).unwrap();
-        let mut out = Output::default();
-        while !r.is_leader() {
-            r.tick(&mut out);
-            r.handle_ready(&mut out).unwrap();
-            while let Some(job) = out.sync.take() {
-                r.on_synced(job.run_blocking(), &mut out).unwrap();
-            }
-        }
+        let (mut r, mut out) = single_voter_leader(dir.path());
         let value = Bytes::from(vec![b'v'; 4096]);
         let mut in_flight: Option<SyncJob> = None;
         for token in 1..=1000u64 {
