@@ -11,13 +11,15 @@ use std::time::Duration;
 use common::{wait_for, COREKV, DEADLINE};
 
 fn free_base() -> u16 {
-    // Node i uses base+100i .. base+100i+90; find a base whose ports are free.
-    let seed = std::process::id() as u16 % 150;
-    (0..150)
-        .map(|i| 21_000 + ((seed + i * 7) % 150) * 200)
+    // Node i uses base+100i .. base+100i+90. Bases sit above Linux's
+    // ephemeral range (up to 60999) and above the harness's clusters
+    // (below 32000), so no other test or outgoing connection takes them.
+    let seed = std::process::id() as u16 % 18;
+    (0..18)
+        .map(|i| 61_000 + ((seed + i) % 18) * 200)
         .find(|&base| {
             (1..=3u16).all(|i| {
-                [0u16, 50, 90]
+                [0u16, 1, 50, 51, 90]
                     .iter()
                     .all(|off| TcpListener::bind(("127.0.0.1", base + 100 * i + off)).is_ok())
             })
@@ -40,18 +42,31 @@ fn dev_starts_a_cluster_that_serves_and_stops_on_sigterm() {
         ])
         .arg(dir.path())
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
+        .stderr(std::fs::File::create(dir.path().join("dev.err")).unwrap())
         .spawn()
         .unwrap();
     let pid = dev.id();
-    struct Guard(u32);
+    struct Guard(u32, std::path::PathBuf);
     impl Drop for Guard {
         fn drop(&mut self) {
             // SAFETY: kill(2) on the pid of our own child.
             unsafe { libc::kill(self.0 as i32, libc::SIGKILL) };
+            if std::thread::panicking() {
+                let err = std::fs::read_to_string(self.1.join("dev.err")).unwrap_or_default();
+                eprintln!("---- corekv dev stderr ----\n{err}");
+                for i in 1..=3 {
+                    let log = self.1.join(format!("node{i}/corekv.log"));
+                    let log = std::fs::read_to_string(log).unwrap_or_default();
+                    let tail: Vec<&str> = log.lines().rev().take(15).collect();
+                    eprintln!("---- node {i} log (tail) ----");
+                    for line in tail.iter().rev() {
+                        eprintln!("{line}");
+                    }
+                }
+            }
         }
     }
-    let _guard = Guard(pid);
+    let _guard = Guard(pid, dir.path().to_path_buf());
     let (tx, rx) = mpsc::channel();
     let stdout = dev.stdout.take().unwrap();
     std::thread::spawn(move || {
@@ -124,7 +139,7 @@ fn dev_starts_a_cluster_that_serves_and_stops_on_sigterm() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let _guard2 = Guard(again.id());
+    let _guard2 = Guard(again.id(), dir.path().to_path_buf());
     let value = wait_for("the resumed cluster to serve the old key", DEADLINE, || {
         let (code, out) = cli(&["--timeout", "1s", "get", "a"]);
         (code == Some(0)).then_some(out)

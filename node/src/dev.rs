@@ -195,11 +195,21 @@ pub fn run(args: DevArgs) -> anyhow::Result<()> {
         .iter()
         .map(|c| format!("127.0.0.1:{}", c.client_port))
         .collect();
+    let dead_child = || {
+        children
+            .0
+            .iter_mut()
+            .find_map(|(id, child)| match child.try_wait() {
+                Ok(Some(status)) => Some(format!("node {id} ({status})")),
+                _ => None,
+            })
+    };
     crate::cli::block_on(wait_for_leaders(
         &endpoints,
         configs[0].shards,
         Duration::from_secs(60),
         &stop,
+        dead_child,
     ))?;
     if stop.load(Ordering::Relaxed) {
         // Ctrl-C while starting: stop the children (Children's drop) and exit cleanly.
@@ -242,16 +252,23 @@ pub fn run(args: DevArgs) -> anyhow::Result<()> {
 }
 
 /// Waits until every shard of every node reports a leader, or until `stop`
-/// is set (then returns Ok: the caller checks `stop`).
+/// is set (then returns Ok: the caller checks `stop`). `dead_child` names a
+/// node process that has exited, which fails the wait at once.
 pub async fn wait_for_leaders(
     endpoints: &[String],
     shards: u32,
     within: Duration,
     stop: &AtomicBool,
+    mut dead_child: impl FnMut() -> Option<String>,
 ) -> anyhow::Result<()> {
     let deadline = Instant::now() + within;
     let mut last = String::from("no answer yet");
     while Instant::now() < deadline && !stop.load(Ordering::Relaxed) {
+        if let Some(which) = dead_child() {
+            // A node that exited (a taken port, a bad data dir) will not come
+            // back: say so now instead of waiting out the deadline.
+            bail!("{which} exited during start-up; see its corekv.log");
+        }
         let options = ClientOptions {
             endpoints: endpoints.to_vec(),
             request_timeout: Duration::from_secs(1),

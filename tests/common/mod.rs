@@ -35,26 +35,30 @@ pub fn wait_for<T>(what: &str, within: Duration, mut check: impl FnMut() -> Opti
 }
 
 /// A port base such that every port the cluster needs is free right now.
-/// Bases are spread by pid so parallel test processes rarely collide.
+/// Bases are spread by pid and time so parallel test processes rarely
+/// collide, and stay below Linux's ephemeral range (32768 and up), where an
+/// outgoing connection could take a port before a node binds it.
 fn free_port_base(nodes: u64, shards: u32) -> u16 {
-    let seed = std::process::id() as u64 ^ Instant::now().elapsed().as_nanos() as u64;
-    let mut candidate = 20_000 + (seed.wrapping_mul(7919) % 400) as u16 * 100;
-    for _ in 0..400 {
+    const LOW: u64 = 10_000;
+    const HIGH: u64 = 32_000;
+    let span = nodes * 100;
+    let slots = (HIGH - LOW - span) / 100;
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos() as u64);
+    let seed = (std::process::id() as u64).wrapping_mul(7919) ^ nanos;
+    for attempt in 0..slots {
+        let candidate = LOW + ((seed + attempt * 7) % slots) * 100;
         let ok = (1..=nodes).all(|i| {
-            let base = candidate as u64 + (i - 1) * 100;
+            let base = candidate + (i - 1) * 100;
             (0..shards as u64)
                 .flat_map(|s| [base + s, base + 50 + s])
                 .chain([base + 90])
-                .all(|port| port < 65_000 && TcpListener::bind(("127.0.0.1", port as u16)).is_ok())
+                .all(|port| TcpListener::bind(("127.0.0.1", port as u16)).is_ok())
         });
         if ok {
-            return candidate;
+            return candidate as u16;
         }
-        candidate = if candidate > 60_000 {
-            20_000
-        } else {
-            candidate + 300
-        };
     }
     panic!("no free ports found");
 }
