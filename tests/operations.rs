@@ -211,3 +211,36 @@ fn a_second_node_on_the_same_ports_fails_instead_of_sharing_them() {
     assert!(cluster.node(1).is_running());
     assert_eq!(cluster.cli(&["put", "k", "v"]).0, 0);
 }
+
+#[test]
+fn a_peer_of_another_cluster_is_refused_and_both_sides_log_why() {
+    let mut cluster = Cluster::configure(2, 1, "");
+    // Node 2 believes it belongs to cluster 8; node 1 to cluster 7.
+    let path = cluster.nodes[1].config_path.clone();
+    let config = std::fs::read_to_string(&path).unwrap();
+    std::fs::write(&path, config.replace("cluster_id = 7", "cluster_id = 8")).unwrap();
+    cluster.node(1).start();
+    cluster.node(2).start();
+    wait_for("both sides to log the refused handshake", DEADLINE, || {
+        let listener = cluster.nodes[0].log();
+        let dialer = cluster.nodes[1].log();
+        (listener.contains("cluster id mismatch: mine 7, yours 8")
+            && dialer.contains("cluster id mismatch: mine 7, yours 8"))
+        .then_some(())
+    });
+    // Refused peers never form a group: both campaign, neither wins.
+    wait_for("both nodes to have campaigned", DEADLINE, || {
+        cluster
+            .nodes
+            .iter()
+            .all(|n| n.log().contains("became pre_candidate"))
+            .then_some(())
+    });
+    for id in 1..=2 {
+        let status = cluster.status(id).expect("node answers status");
+        assert_eq!(
+            status.shards[0].leader_id, 0,
+            "node {id} must not elect with a foreign peer"
+        );
+    }
+}
