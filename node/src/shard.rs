@@ -48,6 +48,8 @@ const MAX_LINK_QUEUE_BYTES: usize = 256 << 20;
 const BALANCE_EVERY_TICKS: u64 = 50;
 /// Ticks to wait after a balancing transfer before considering another.
 const BALANCE_BACKOFF_TICKS: u64 = 3000;
+/// Pause after a failed accept before trying again.
+const ACCEPT_RETRY: Duration = Duration::from_millis(10);
 /// How long a stopping leader waits for its successor to take over.
 const LEADER_HANDOFF_GRACE: Duration = Duration::from_secs(3);
 /// Upper bound on how long a stopping shard waits for its last sync and answers.
@@ -1201,18 +1203,33 @@ async fn receive_cross_core(local: Rc<Local>, rx: flume::Receiver<CrossCore>) {
     }
 }
 
-async fn accept_clients(listener: TcpListener, local: Rc<Local>, node: Arc<NodeShared>) {
+/// The next accepted connection, with our socket options set. An accept
+/// error (say, out of file descriptors) is logged and retried after a short
+/// pause, so a persistent one cannot spin the shard thread.
+async fn next_connection(
+    listener: &TcpListener,
+    local: &Local,
+    node: &NodeShared,
+) -> (monoio::net::TcpStream, SocketAddr) {
     loop {
-        let (stream, remote) = match listener.accept().await {
-            Ok(accepted) => accepted,
+        match listener.accept().await {
+            Ok((stream, remote)) => {
+                if let Err(e) = configure_stream(&stream, &node.socket_options()) {
+                    tracing::warn!(shard = local.shard, %remote, error = %e, "cannot set socket options");
+                }
+                return (stream, remote);
+            }
             Err(e) => {
                 tracing::warn!(shard = local.shard, error = %e, "accept failed");
-                continue;
+                monoio::time::sleep(ACCEPT_RETRY).await;
             }
-        };
-        if let Err(e) = configure_stream(&stream, &node.socket_options()) {
-            tracing::warn!(shard = local.shard, %remote, error = %e, "cannot set socket options");
         }
+    }
+}
+
+async fn accept_clients(listener: TcpListener, local: Rc<Local>, node: Arc<NodeShared>) {
+    loop {
+        let (stream, remote) = next_connection(&listener, &local, &node).await;
         let conn = local.next_conn.get();
         local.next_conn.set(conn + 1);
         let (read_half, write_half) = stream.into_split();
@@ -1273,16 +1290,7 @@ fn refuse_client(sender: &FrameSender, error: &FrameError) {
 
 async fn accept_peers(listener: TcpListener, local: Rc<Local>, node: Arc<NodeShared>) {
     loop {
-        let (stream, remote) = match listener.accept().await {
-            Ok(accepted) => accepted,
-            Err(e) => {
-                tracing::warn!(shard = local.shard, error = %e, "accept failed");
-                continue;
-            }
-        };
-        if let Err(e) = configure_stream(&stream, &node.socket_options()) {
-            tracing::warn!(shard = local.shard, %remote, error = %e, "cannot set socket options");
-        }
+        let (stream, remote) = next_connection(&listener, &local, &node).await;
         monoio::spawn(serve_peer(stream, remote, local.clone(), node.clone()));
     }
 }
