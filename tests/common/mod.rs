@@ -34,11 +34,36 @@ pub fn wait_for<T>(what: &str, within: Duration, mut check: impl FnMut() -> Opti
     }
 }
 
-/// A port base such that every port the cluster needs is free right now.
+/// Port blocks held by this test process: one lock file per 100-port
+/// block, flock'ed for as long as the cluster lives. A killed node's ports
+/// look free to a bind probe, so without this a parallel test could take them
+/// and the node could not come back (or would talk to a stranger's cluster).
+/// The kernel drops the locks when the process dies, however it dies.
+pub struct PortReservation {
+    _locks: Vec<std::fs::File>,
+}
+
+fn try_lock_block(block: u64) -> Option<std::fs::File> {
+    use std::os::fd::AsRawFd;
+    let dir = std::env::temp_dir().join("corekv-test-ports");
+    std::fs::create_dir_all(&dir).ok()?;
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(dir.join(format!("{block}.lock")))
+        .ok()?;
+    // SAFETY: flock(2) on a descriptor we own.
+    let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    (rc == 0).then_some(file)
+}
+
+/// A port base such that every port the cluster needs is free right now and
+/// reserved against other test processes until the reservation drops.
 /// Bases are spread by pid and time so parallel test processes rarely
 /// collide, and stay below Linux's ephemeral range (32768 and up), where an
 /// outgoing connection could take a port before a node binds it.
-fn free_port_base(nodes: u64, shards: u32) -> u16 {
+fn free_port_base(nodes: u64, shards: u32) -> (u16, PortReservation) {
     const LOW: u64 = 10_000;
     const HIGH: u64 = 32_000;
     let span = nodes * 100;
@@ -49,15 +74,19 @@ fn free_port_base(nodes: u64, shards: u32) -> u16 {
     let seed = (std::process::id() as u64).wrapping_mul(7919) ^ nanos;
     for attempt in 0..slots {
         let candidate = LOW + ((seed + attempt * 7) % slots) * 100;
-        let ok = (1..=nodes).all(|i| {
+        let blocks = (0..nodes).map(|i| candidate + i * 100);
+        let Some(locks) = blocks.map(try_lock_block).collect::<Option<Vec<_>>>() else {
+            continue;
+        };
+        let free = (1..=nodes).all(|i| {
             let base = candidate + (i - 1) * 100;
             (0..shards as u64)
                 .flat_map(|s| [base + s, base + 50 + s])
                 .chain([base + 90])
                 .all(|port| TcpListener::bind(("127.0.0.1", port as u16)).is_ok())
         });
-        if ok {
-            return candidate as u16;
+        if free {
+            return (candidate as u16, PortReservation { _locks: locks });
         }
     }
     panic!("no free ports found");
@@ -149,6 +178,8 @@ pub struct Cluster {
     pub dir: tempfile::TempDir,
     pub nodes: Vec<Node>,
     pub shards: u32,
+    /// Dropped after the nodes are killed (fields drop after `Drop::drop`).
+    _ports: PortReservation,
 }
 
 impl Cluster {
@@ -164,7 +195,7 @@ impl Cluster {
     /// Writes configs (with `extra` TOML lines for every node) without starting.
     pub fn configure(nodes: u64, shards: u32, extra: &str) -> Cluster {
         let dir = tempfile::tempdir().expect("tempdir");
-        let base = free_port_base(nodes, shards);
+        let (base, ports_held) = free_port_base(nodes, shards);
         let ports: Vec<(u16, u16, u16)> = (0..nodes)
             .map(|i| {
                 let c = base + (i as u16) * 100;
@@ -211,6 +242,7 @@ impl Cluster {
             dir,
             nodes: list,
             shards,
+            _ports: ports_held,
         }
     }
 
