@@ -55,6 +55,9 @@ pub(crate) fn open(dir: &Path, options: WalOptions) -> Result<Wal, WalError> {
         segments.push_back(segment);
     }
     replay.check_log_is_contiguous()?;
+    if let Some(newest) = segments.back() {
+        newest.prepare_recovered_for_appends()?;
+    }
 
     let mut wal = Wal {
         dir: dir.to_path_buf(),
