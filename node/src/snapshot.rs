@@ -26,7 +26,7 @@ use std::path::{Path, PathBuf};
 
 use bytes::{Buf, Bytes};
 
-use crate::state_machine::{Map, Versioned};
+use crate::state_machine::{Key, Map, Versioned};
 
 /// First bytes of every snapshot file.
 pub const MAGIC: &[u8; 8] = b"CKVSNAP1";
@@ -141,6 +141,7 @@ pub fn write(dir: &Path, meta: &SnapshotMeta, map: &Map) -> Result<PathBuf, Snap
     }
     write_all(&mut out, &(map.len() as u64).to_le_bytes())?;
     for (key, v) in map.iter() {
+        let key = key.as_slice();
         write_all(&mut out, &(key.len() as u32).to_le_bytes())?;
         write_all(&mut out, key)?;
         write_all(&mut out, &(v.value.len() as u32).to_le_bytes())?;
@@ -256,7 +257,7 @@ pub fn decode(path: &Path, bytes: Bytes) -> Result<(SnapshotMeta, Map), Snapshot
         need(&body, value_len as usize + 8, "value")?;
         let value = body.split_to(value_len as usize);
         let version = body.get_u64_le();
-        map.insert(key, Versioned { value, version });
+        map.insert(Key::new(&key), Versioned { value, version });
     }
     if body.has_remaining() {
         return Err(corrupt(format!(
@@ -326,7 +327,7 @@ mod tests {
         let mut map = Map::new();
         for i in 0..100u64 {
             map.insert(
-                Bytes::from(format!("key{i:03}")),
+                Key::from_slice(format!("key{i:03}").as_bytes()),
                 Versioned {
                     value: Bytes::from(vec![i as u8; i as usize]),
                     version: i + 1,

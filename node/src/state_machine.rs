@@ -31,7 +31,100 @@ pub struct Versioned {
 /// The ordered map of a shard. Persistent (structure-sharing): a clone is
 /// O(1), which is how a snapshot gets an immutable view without stalling
 /// the shard; while no clone is alive, updates happen in place.
-pub type Map = imbl::OrdMap<Bytes, Versioned>;
+pub type Map = imbl::OrdMap<Key, Versioned>;
+
+/// Keys up to this long are stored inside the map's nodes.
+pub const INLINE_KEY_BYTES: usize = 30;
+
+/// A key of the map. Short keys (the common case) live inline, so the
+/// binary search in a map node compares bytes that sit in the node itself
+/// instead of following a heap pointer per comparison (a cache miss each on
+/// a big map). Ordered, and compared, as its bytes.
+#[derive(Clone)]
+pub enum Key {
+    /// At most `INLINE_KEY_BYTES` bytes: `bytes[..len]`.
+    Inline {
+        /// Length in bytes.
+        len: u8,
+        /// The key, zero padded.
+        bytes: [u8; INLINE_KEY_BYTES],
+    },
+    /// A longer key.
+    Heap(Bytes),
+}
+
+impl Key {
+    /// The key for `bytes` (copied when short, shared otherwise).
+    pub fn new(key: &Bytes) -> Key {
+        if key.len() <= INLINE_KEY_BYTES {
+            Key::from_slice(key)
+        } else {
+            Key::Heap(key.clone())
+        }
+    }
+
+    /// The key for `bytes`, copied.
+    pub fn from_slice(key: &[u8]) -> Key {
+        if key.len() <= INLINE_KEY_BYTES {
+            let mut bytes = [0u8; INLINE_KEY_BYTES];
+            bytes[..key.len()].copy_from_slice(key);
+            Key::Inline {
+                len: key.len() as u8,
+                bytes,
+            }
+        } else {
+            Key::Heap(Bytes::copy_from_slice(key))
+        }
+    }
+
+    /// The key's bytes.
+    pub fn as_slice(&self) -> &[u8] {
+        match self {
+            Key::Inline { len, bytes } => &bytes[..*len as usize],
+            Key::Heap(bytes) => bytes,
+        }
+    }
+
+    /// The key as `Bytes` (a copy for an inline key).
+    pub fn to_bytes(&self) -> Bytes {
+        match self {
+            Key::Inline { .. } => Bytes::copy_from_slice(self.as_slice()),
+            Key::Heap(bytes) => bytes.clone(),
+        }
+    }
+}
+
+impl std::borrow::Borrow<[u8]> for Key {
+    fn borrow(&self) -> &[u8] {
+        self.as_slice()
+    }
+}
+
+impl PartialEq for Key {
+    fn eq(&self, other: &Self) -> bool {
+        self.as_slice() == other.as_slice()
+    }
+}
+
+impl Eq for Key {}
+
+impl PartialOrd for Key {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for Key {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.as_slice().cmp(other.as_slice())
+    }
+}
+
+impl std::fmt::Debug for Key {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:?}", Bytes::copy_from_slice(self.as_slice()))
+    }
+}
 
 /// One shard's key-value map.
 #[derive(Debug, Default)]
@@ -107,7 +200,7 @@ impl StateMachine {
         match op {
             Op::Put(put) => {
                 self.map.insert(
-                    put.key,
+                    Key::new(&put.key),
                     Versioned {
                         value: put.value,
                         version: index,
@@ -122,7 +215,7 @@ impl StateMachine {
                         return version_mismatch(current);
                     }
                 }
-                let deleted = self.map.remove(&delete.key).is_some();
+                let deleted = self.map.remove(delete.key.as_ref()).is_some();
                 response::Result::Delete(DeleteResult { deleted })
             }
             Op::Cas(cas) => {
@@ -131,7 +224,7 @@ impl StateMachine {
                     return version_mismatch(current);
                 }
                 self.map.insert(
-                    cas.key,
+                    Key::new(&cas.key),
                     Versioned {
                         value: cas.value,
                         version: index,
@@ -175,7 +268,7 @@ impl StateMachine {
                 break;
             }
             pairs.push(KeyValue {
-                key: key.clone(),
+                key: key.to_bytes(),
                 value: v.value.clone(),
                 version: v.version,
             });
@@ -184,8 +277,10 @@ impl StateMachine {
     }
 
     /// Every pair in key order (for snapshots and tests).
-    pub fn iter(&self) -> impl Iterator<Item = (&Bytes, &Bytes, u64)> {
-        self.map.iter().map(|(k, v)| (k, &v.value, v.version))
+    pub fn iter(&self) -> impl Iterator<Item = (&[u8], &Bytes, u64)> {
+        self.map
+            .iter()
+            .map(|(k, v)| (k.as_slice(), &v.value, v.version))
     }
 
     /// Replaces the whole map (snapshot install or restart).
@@ -230,6 +325,23 @@ pub fn error(code: ErrorCode, message: &str) -> response::Result {
 mod tests {
     use super::*;
     use corekv_proto::client::{CompareAndSwap, Delete, Put};
+    use proptest::prelude::*;
+
+    proptest! {
+        /// Inline and heap keys (lengths around the inline limit, including
+        /// zero bytes that look like padding) order and compare as their bytes.
+        #[test]
+        fn keys_order_like_their_bytes(
+            a in proptest::collection::vec(prop_oneof![Just(0u8), any::<u8>()], 0..=2 * INLINE_KEY_BYTES),
+            b in proptest::collection::vec(prop_oneof![Just(0u8), any::<u8>()], 0..=2 * INLINE_KEY_BYTES),
+        ) {
+            let (ka, kb) = (Key::new(&Bytes::from(a.clone())), Key::from_slice(&b));
+            prop_assert_eq!(ka.as_slice(), &a[..]);
+            prop_assert_eq!(kb.to_bytes(), Bytes::from(b.clone()));
+            prop_assert_eq!(ka.cmp(&kb), a.cmp(&b));
+            prop_assert_eq!(ka == kb, a == b);
+        }
+    }
 
     fn put(key: &str, value: &str) -> Bytes {
         encode_command(&Op::Put(Put {
