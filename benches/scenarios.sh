@@ -17,6 +17,9 @@
 #               S64 reads the keys that R64 prefilled)
 #   COREKV      a corekv binary to use instead of building one in release mode
 #   OUT_DIR     where the JSON of each scenario is kept (default: a temp dir)
+#   RUNS        runs per scenario (default 1); the table shows, per scenario,
+#               the run with the median ops/s (RUNS=3 for the README table)
+#   SHARDS      shards per node (default: corekv dev's default, the cores)
 #
 # Needs jq for the summary. The cluster (and its data) lives in a temp dir
 # that is removed on exit; the cluster is stopped on exit, by the pid this
@@ -29,6 +32,8 @@ PORT_BASE=${PORT_BASE:-7000}
 DURATION=${DURATION:-20s}
 WARMUP=${WARMUP:-2s}
 SCENARIOS=${SCENARIOS:-"L W64 W256 R64 S64 M64"}
+RUNS=${RUNS:-1}
+SHARDS=${SHARDS:-}
 
 command -v jq >/dev/null || {
     echo "scenarios.sh needs jq for its summary (apt-get install jq)" >&2
@@ -87,7 +92,7 @@ ENDPOINTS="127.0.0.1:$((PORT_BASE + 100)),127.0.0.1:$((PORT_BASE + 200)),127.0.0
 ADMIN="127.0.0.1:$((PORT_BASE + 190)),127.0.0.1:$((PORT_BASE + 290)),127.0.0.1:$((PORT_BASE + 390))"
 
 echo "starting a 3-node dev cluster in $WORK/cluster (port base $PORT_BASE)" >&2
-"$COREKV" dev --nodes 3 --dir "$WORK/cluster" --port-base "$PORT_BASE" >"$WORK/dev.log" 2>&1 &
+"$COREKV" dev --nodes 3 --dir "$WORK/cluster" --port-base "$PORT_BASE" ${SHARDS:+--shards "$SHARDS"} >"$WORK/dev.log" 2>&1 &
 DEV_PID=$!
 
 # Ready when `corekv status` reaches every node and every shard has a leader.
@@ -129,11 +134,26 @@ scenario_flags() {
     esac
 }
 
+# The floor on this disk: 4 KiB writes, each followed by fdatasync (dd's
+# oflag=dsync), into a file in the cluster's directory; mean per write.
+floor_file="$WORK/cluster/floor.dd"
+dd if=/dev/zero of="$floor_file" bs=4k count=1000 2>/dev/null
+floor=$(dd if=/dev/zero of="$floor_file" bs=4k count=1000 oflag=dsync conv=notrunc 2>&1 |
+    awk '/copied/ { for (i = 1; i < NF; i++) if ($(i + 1) ~ /^s,?$/) s = $i; printf "%.0f", s * 1e6 / 1000 }')
+rm -f "$floor_file"
+
 for name in $SCENARIOS; do
     flags=$(scenario_flags "$name")
-    echo "== $name: $flags" >&2
-    # shellcheck disable=SC2086 # the flags are meant to split into words
-    "$COREKV" "${COMMON[@]}" $flags >"$OUT_DIR/$name.json"
+    for run in $(seq 1 "$RUNS"); do
+        echo "== $name (run $run of $RUNS): $flags" >&2
+        # shellcheck disable=SC2086 # the flags are meant to split into words
+        "$COREKV" "${COMMON[@]}" $flags >"$OUT_DIR/$name.$run.json"
+    done
+    # The median run by ops/s stands for the scenario.
+    median=$(for run in $(seq 1 "$RUNS"); do
+        printf '%s %s\n' "$(jq '.total.ops_per_s' "$OUT_DIR/$name.$run.json")" "$run"
+    done | sort -g | awk -v n="$RUNS" 'NR == int((n + 1) / 2) { print $2 }')
+    cp "$OUT_DIR/$name.$median.json" "$OUT_DIR/$name.json"
 done
 
 printf '\n%-6s %10s %9s %9s %8s %12s %13s\n' scenario "ops/s" p50_us p99_us errors cpu_us_per_op term_changes
@@ -149,6 +169,10 @@ for name in $SCENARIOS; do
         | @tsv' "$OUT_DIR/$name.json" |
         awk -F'\t' '{ printf "%-6s %10s %9s %9s %8s %12s %13s\n", $1, $2, $3, $4, $5, $6, $7 }'
 done
+if [[ "$RUNS" -gt 1 ]]; then
+    echo "(each row: the median of $RUNS runs by ops/s)"
+fi
+echo "floor: 4 KiB write + fdatasync (dd oflag=dsync) ${floor:-?} us mean"
 if [[ "$OUT_DIR" != "$WORK/results" ]]; then
-    echo "JSON of each scenario: $OUT_DIR" >&2
+    echo "JSON of each scenario (every run, and NAME.json = the median run): $OUT_DIR" >&2
 fi

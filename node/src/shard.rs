@@ -156,6 +156,19 @@ struct Shard {
 
 /// Runs shard `shard` until the node shuts down. Called on the shard's own
 /// thread inside its monoio runtime.
+/// Upper bound on the entries one append message carries (raft-rs
+/// `max_size_per_msg`): a catching-up follower gets the log in 1 MiB steps.
+const MAX_APPEND_BYTES: u64 = 1 << 20;
+
+/// Append messages a leader keeps in flight per follower (raft-rs
+/// `max_inflight_msgs`). One: a follower acknowledges only after its WAL
+/// sync, and it has one sync in flight anyway, so what the leader proposes
+/// meanwhile waits for the acknowledgement and then travels as one batch
+/// instead of one small message per loop turn. Measured at W64 (3-node dev
+/// cluster, 64 clients, same machine, runs interleaved): 13.2-14.0k puts/s at
+/// 92-96 us cluster CPU per put with 256, 13.9-14.6k at 83-87 us with 1.
+const MAX_INFLIGHT_APPENDS: usize = 1;
+
 pub async fn run(
     shard: u32,
     node: Arc<NodeShared>,
@@ -193,8 +206,8 @@ pub async fn run(
             heartbeat_ticks: config.heartbeat_ticks,
             election_ticks: config.election_ticks,
             request_timeout_ticks,
-            max_size_per_msg: 1 << 20,
-            max_inflight_msgs: 256,
+            max_size_per_msg: MAX_APPEND_BYTES,
+            max_inflight_msgs: MAX_INFLIGHT_APPENDS,
             snapshot_entries: config.snapshot_entries,
             snapshot_bytes: config.snapshot_bytes,
         },
