@@ -105,20 +105,52 @@ async fn run_step_async(step: &SyncStep) -> Result<(), WalError> {
         SyncStep::DataSync(segment) => (segment, "fdatasync"),
     };
     let error = |e| WalError::io(&segment.path, op, e);
-    // monoio's File owns (and closes) its descriptor, so it gets a dup: the
-    // WAL keeps its own descriptor for the mapping and later jobs.
-    let std_file = segment
-        .file
-        .try_clone()
-        .map_err(|e| WalError::io(&segment.path, "dup", e))?;
-    let file = monoio::fs::File::from_std(std_file).map_err(error)?;
+    let file = uring_handle(segment)?;
     let result = match step {
         SyncStep::Directory(_) => file.sync_all().await,
         SyncStep::WriteHeader(_, header) => file.write_all_at(header.to_vec(), 0).await.0,
         SyncStep::DataSync(_) => file.sync_data().await,
     };
-    let _ = file.close().await;
     result.map_err(error)
+}
+
+/// How many monoio handles a thread keeps: the active segment, the one
+/// before it (a rotation syncs both) and the directory.
+#[cfg(feature = "monoio")]
+const CACHED_HANDLES: usize = 3;
+
+#[cfg(feature = "monoio")]
+thread_local! {
+    /// monoio handles of the files this thread syncs, newest first. monoio's
+    /// File owns (and closes) its descriptor, so it gets a dup of the WAL's;
+    /// keeping it saves a dup and a close on every sync. A handle holds its
+    /// file open, so only the few most recently used are kept.
+    static HANDLES: std::cell::RefCell<Vec<(Arc<SegmentFile>, std::rc::Rc<monoio::fs::File>)>> =
+        const { std::cell::RefCell::new(Vec::new()) };
+}
+
+#[cfg(feature = "monoio")]
+fn uring_handle(segment: &Arc<SegmentFile>) -> Result<std::rc::Rc<monoio::fs::File>, WalError> {
+    HANDLES.with(|handles| {
+        let mut handles = handles.borrow_mut();
+        if let Some(at) = handles.iter().position(|(s, _)| Arc::ptr_eq(s, segment)) {
+            let entry = handles.remove(at);
+            let file = entry.1.clone();
+            handles.insert(0, entry);
+            return Ok(file);
+        }
+        let std_file = segment
+            .file
+            .try_clone()
+            .map_err(|e| WalError::io(&segment.path, "dup", e))?;
+        let file = std::rc::Rc::new(
+            monoio::fs::File::from_std(std_file)
+                .map_err(|e| WalError::io(&segment.path, "register with io_uring", e))?,
+        );
+        handles.insert(0, (segment.clone(), file.clone()));
+        handles.truncate(CACHED_HANDLES);
+        Ok(file)
+    })
 }
 
 /// Deletes segment files that `Wal::take_obsolete_segments` handed out, oldest
