@@ -244,3 +244,53 @@ fn a_peer_of_another_cluster_is_refused_and_both_sides_log_why() {
         );
     }
 }
+
+/// The CPUs this test process may run on, from /proc (`0-1,4` style).
+fn allowed_cpus(status: &str) -> Vec<usize> {
+    let list = status
+        .lines()
+        .find_map(|line| line.strip_prefix("Cpus_allowed_list:"))
+        .expect("Cpus_allowed_list in /proc status")
+        .trim();
+    list.split(',')
+        .flat_map(|range| {
+            let (low, high) = range.split_once('-').unwrap_or((range, range));
+            low.parse::<usize>().unwrap()..=high.parse::<usize>().unwrap()
+        })
+        .collect()
+}
+
+#[test]
+fn cpus_pins_shard_threads_and_an_unavailable_cpu_is_refused() {
+    let refused = Cluster::configure(1, 1, "cpus = [4095]\n");
+    let output = Command::new(COREKV)
+        .arg("run")
+        .arg("--config")
+        .arg(&refused.nodes[0].config_path)
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("`cpus`") && stderr.contains("CPU 4095"),
+        "{stderr}"
+    );
+
+    let cpu = *allowed_cpus(&std::fs::read_to_string("/proc/self/status").unwrap())
+        .last()
+        .unwrap();
+    let mut cluster = Cluster::configure(1, 1, &format!("cpus = [{cpu}]\n"));
+    cluster.node(1).start();
+    cluster.wait_for_leaders();
+    let pid = cluster.nodes[0].pid().unwrap();
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).unwrap();
+    let shard_thread = tasks
+        .map(|task| task.unwrap().path())
+        .find(|task| {
+            std::fs::read_to_string(task.join("comm")).is_ok_and(|c| c.trim() == "corekv-shard-0")
+        })
+        .expect("a thread named corekv-shard-0");
+    let status = std::fs::read_to_string(shard_thread.join("status")).unwrap();
+    assert_eq!(allowed_cpus(&status), vec![cpu]);
+    assert_eq!(cluster.cli(&["put", "pinned", "yes"]).0, 0);
+}

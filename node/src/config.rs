@@ -206,6 +206,12 @@ pub struct Config {
     /// process may use, so set it explicitly for a multi-node cluster whose
     /// machines differ.
     pub shards: u32,
+    /// CPUs the shard threads are pinned to: shard `s` runs on
+    /// `cpus[s % len]`. Default (empty): every CPU this process may use, in
+    /// order. Set it when several nodes share a machine (as `corekv dev`
+    /// does), or to keep shards off CPUs reserved for other work.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub cpus: Vec<usize>,
     /// Every voter of the cluster, this node included. All nodes must list the
     /// same set. Default: this node alone (a single-node cluster), built from
     /// `node_id`, `advertise_host` and the own ports.
@@ -299,6 +305,9 @@ pub struct RunArgs {
     /// Number of shards, the same on every node [default: CPU count] [env: COREKV_SHARDS]
     #[arg(long, value_name = "N")]
     pub shards: Option<u32>,
+    /// CPUs to pin shard threads to, e.g. 0,2 (shard s on the (s mod n)-th) [default: every CPU this process may use] [env: COREKV_CPUS]
+    #[arg(long, value_name = "CPU,...")]
+    pub cpus: Option<String>,
     /// Every voter, this node included, e.g. 1=10.0.0.1:7100:7150:7190,2=10.0.0.2:7100:7150:7190 [default: this node alone] [env: COREKV_PEERS]
     #[arg(long, value_name = "ID=HOST:CLIENT_PORT:PEER_PORT[:ADMIN_PORT],...")]
     pub peers: Option<String>,
@@ -430,6 +439,7 @@ struct Layer {
     peer_port: Option<u16>,
     admin_port: Option<u16>,
     shards: Option<u32>,
+    cpus: Option<Vec<usize>>,
     peers: Option<Vec<PeerConfig>>,
     tick_ms: Option<u64>,
     heartbeat_ticks: Option<usize>,
@@ -463,6 +473,7 @@ impl Layer {
             peer_port: self.peer_port.or(lower.peer_port),
             admin_port: self.admin_port.or(lower.admin_port),
             shards: self.shards.or(lower.shards),
+            cpus: self.cpus.or(lower.cpus),
             peers: self.peers.or(lower.peers),
             tick_ms: self.tick_ms.or(lower.tick_ms),
             heartbeat_ticks: self.heartbeat_ticks.or(lower.heartbeat_ticks),
@@ -496,6 +507,15 @@ impl Layer {
             })?),
             None => None,
         };
+        let cpus = match &args.cpus {
+            Some(text) => Some(parse_cpus(text).map_err(|reason| ConfigError::Parse {
+                key: "cpus",
+                origin: "flag --cpus".to_string(),
+                value: text.clone(),
+                reason,
+            })?),
+            None => None,
+        };
         let log_format = match &args.log_format {
             Some(text) => Some(text.parse().map_err(|reason| ConfigError::Parse {
                 key: "log_format",
@@ -515,6 +535,7 @@ impl Layer {
             peer_port: args.peer_port,
             admin_port: args.admin_port,
             shards: args.shards,
+            cpus,
             peers,
             tick_ms: args.tick_ms,
             heartbeat_ticks: args.heartbeat_ticks,
@@ -550,6 +571,7 @@ impl Layer {
             peer_port: env_parse(env, "peer_port")?,
             admin_port: env_parse(env, "admin_port")?,
             shards: env_parse(env, "shards")?,
+            cpus: env_with(env, "cpus", parse_cpus)?,
             peers: env_with(env, "peers", parse_peers)?,
             tick_ms: env_parse(env, "tick_ms")?,
             heartbeat_ticks: env_parse(env, "heartbeat_ticks")?,
@@ -624,6 +646,19 @@ fn env_parse<T: FromStr>(
             )
         })
     })
+}
+
+/// Parses the `--cpus` / `COREKV_CPUS` syntax: CPU ids separated by commas.
+fn parse_cpus(text: &str) -> Result<Vec<usize>, String> {
+    text.split(',')
+        .map(str::trim)
+        .filter(|entry| !entry.is_empty())
+        .map(|entry| {
+            entry
+                .parse::<usize>()
+                .map_err(|_| format!("`{entry}` is not a CPU id; expected ids like 0,2,3"))
+        })
+        .collect()
 }
 
 /// Parses the `--peers` / `COREKV_PEERS` syntax,
@@ -1360,6 +1395,7 @@ fn resolve(layer: Layer) -> Result<Config, ConfigError> {
         peer_port,
         admin_port,
         shards: layer.shards.unwrap_or_else(default_shards),
+        cpus: layer.cpus.unwrap_or_default(),
         peers,
         tick_ms: layer.tick_ms.unwrap_or(DEFAULT_TICK_MS),
         heartbeat_ticks: layer.heartbeat_ticks.unwrap_or(DEFAULT_HEARTBEAT_TICKS),
@@ -1586,6 +1622,31 @@ mod tests {
         let env = [("COREKV_SHARDS", "3"), ("COREKV_NODE_ID", "5")];
         let config = load_text(&args(&["--node-id", "7"]), &env, Some(file)).unwrap();
         assert_eq!((config.node_id, config.shards, config.tick_ms), (7, 3, 20));
+    }
+
+    #[test]
+    fn cpus_come_from_file_env_or_flag_and_default_to_none() {
+        let file = "node_id = 1\ncpus = [1, 0]";
+        let config = load_text(&RunArgs::default(), &[], Some(file)).unwrap();
+        assert_eq!(config.cpus, vec![1, 0]);
+        assert!(config.to_toml_string().contains("cpus = [1, 0]"));
+        let env = [("COREKV_CPUS", " 2, 3 ")];
+        let config = load_text(&RunArgs::default(), &env, Some(file)).unwrap();
+        assert_eq!(config.cpus, vec![2, 3]);
+        let config = load_text(&args(&["--cpus", "4"]), &env, Some(file)).unwrap();
+        assert_eq!(config.cpus, vec![4]);
+        let config = load_text(&args(&["--node-id", "1"]), &[], None).unwrap();
+        assert!(config.cpus.is_empty());
+        assert!(!config.to_toml_string().contains("cpus"));
+
+        let error = load_text(&RunArgs::default(), &[("COREKV_CPUS", "0,x")], Some(file))
+            .expect_err("a CPU id must be a number");
+        let message = error.to_string();
+        assert_eq!(error.key(), Some("cpus"), "{message}");
+        assert!(
+            message.contains("COREKV_CPUS") && message.contains("`x`"),
+            "{message}"
+        );
     }
 
     #[test]

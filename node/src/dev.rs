@@ -75,8 +75,13 @@ pub fn configs(args: &DevArgs) -> anyhow::Result<Vec<Config>> {
         });
     }
     let dir = std::path::absolute(&args.dir).unwrap_or_else(|_| args.dir.clone());
+    let cores: Vec<usize> = core_affinity::get_core_ids()
+        .unwrap_or_default()
+        .iter()
+        .map(|core| core.id)
+        .collect();
     let mut configs = Vec::new();
-    for peer in &peers {
+    for (i, peer) in peers.iter().enumerate() {
         let text = format!(
             "node_id = {id}\ndata_dir = {data:?}\nclient_port = {c}\npeer_port = {p}\nadmin_port = {a}\nshards = {shards}\n",
             id = peer.id,
@@ -86,6 +91,15 @@ pub fn configs(args: &DevArgs) -> anyhow::Result<Vec<Config>> {
             a = peer.admin_port.unwrap_or_default(),
         );
         let mut text = text;
+        // The nodes share this machine: with fewer shards than cores, give
+        // each node the next cores in turn instead of pinning every node's
+        // shard 0 to core 0.
+        if (shards as usize) < cores.len() {
+            let cpus: Vec<String> = (0..shards as usize)
+                .map(|s| cores[(i * shards as usize + s) % cores.len()].to_string())
+                .collect();
+            text.push_str(&format!("cpus = [{}]\n", cpus.join(", ")));
+        }
         for p in &peers {
             text.push_str(&format!(
                 "\n[[peers]]\nid = {}\nhost = \"{}\"\nclient_port = {}\npeer_port = {}\nadmin_port = {}\n",
@@ -304,4 +318,39 @@ pub async fn wait_for_leaders(
         return Ok(());
     }
     bail!("cluster not ready: {last}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(shards: u32) -> DevArgs {
+        DevArgs {
+            nodes: 3,
+            shards: Some(shards),
+            dir: PathBuf::from("corekv-dev-test"),
+            port_base: 7000,
+            no_start: true,
+        }
+    }
+
+    #[test]
+    fn nodes_with_fewer_shards_than_cores_are_pinned_to_different_cores() {
+        let cores: Vec<usize> = core_affinity::get_core_ids()
+            .unwrap_or_default()
+            .iter()
+            .map(|core| core.id)
+            .collect();
+        // As many shards as cores: every node may use every core.
+        let all = configs(&args(cores.len().max(1) as u32)).unwrap();
+        assert!(all.iter().all(|config| config.cpus.is_empty()));
+        if cores.len() >= 2 {
+            let one = configs(&args(1)).unwrap();
+            let cpus: Vec<Vec<usize>> = one.iter().map(|config| config.cpus.clone()).collect();
+            assert_eq!(
+                cpus,
+                vec![vec![cores[0]], vec![cores[1]], vec![cores[2 % cores.len()]]]
+            );
+        }
+    }
 }

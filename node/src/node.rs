@@ -158,7 +158,7 @@ pub fn run(config: Config) -> anyhow::Result<()> {
             })?;
     }
 
-    let cores = core_affinity::get_core_ids().unwrap_or_default();
+    let cores = shard_cores(&node.config.cpus)?;
     let mut threads = Vec::new();
     for (shard, rx) in (0..shards).zip(receivers) {
         let node = node.clone();
@@ -227,6 +227,30 @@ pub fn run(config: Config) -> anyhow::Result<()> {
     }
     tracing::info!("corekv node stopped");
     result
+}
+
+/// The CPUs shard threads are pinned to, in shard order (shard `s` gets
+/// entry `s % len`): `cpus` if the config names any, else every CPU this
+/// process may use. Empty when the platform cannot tell (then nothing is pinned).
+fn shard_cores(cpus: &[usize]) -> anyhow::Result<Vec<core_affinity::CoreId>> {
+    let available = core_affinity::get_core_ids().unwrap_or_default();
+    if cpus.is_empty() {
+        return Ok(available);
+    }
+    cpus.iter()
+        .map(|&id| {
+            available
+                .iter()
+                .find(|core| core.id == id)
+                .copied()
+                .ok_or_else(|| {
+                    let ids: Vec<usize> = available.iter().map(|core| core.id).collect();
+                    anyhow::anyhow!(
+                        "config key `cpus`: CPU {id} is not available to this process (available: {ids:?})"
+                    )
+                })
+        })
+        .collect()
 }
 
 fn run_shard(
