@@ -2,13 +2,18 @@
 //! read a key back, as the scenarios do (16 B keys, 256 B values, random keys
 //! over the keyspace).
 //!
+//! The `snapshot_stall` group measures what taking a snapshot costs the
+//! shard loop with 1M keys: the O(1) view of the map, the first apply after
+//! it (copy-on-write of one path), and spawning the writer thread; the
+//! serialisation itself runs on that thread.
+//!
 //! `cargo bench --bench apply`. Reported per operation.
 
 use bytes::Bytes;
 use corekv_node::state_machine::{encode_command, StateMachine};
 use corekv_proto::client::{request::Op, Put};
 use criterion::{black_box, criterion_group, criterion_main, Criterion};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 const KEYSPACE: u64 = 100_000;
 
@@ -64,5 +69,54 @@ fn bench(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, bench);
+fn snapshot_stall(c: &mut Criterion) {
+    const KEYS: u64 = 1_000_000;
+    let mut sm = StateMachine::new();
+    for i in 0..KEYS {
+        let _ = sm.apply(i + 1, &put_entry(i));
+    }
+    let mut index = sm.applied_index();
+    let entries: Vec<Bytes> = (0..4096).map(|i| put_entry(i * 241 % KEYS)).collect();
+    let mut n = 0usize;
+    let mut group = c.benchmark_group("snapshot_stall");
+    group
+        .warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(3));
+    group.bench_function("take_view_1m_keys", |b| b.iter(|| black_box(sm.view())));
+    group.bench_function("first_apply_after_view_1m_keys", |b| {
+        b.iter_custom(|iters| {
+            let mut total = Duration::ZERO;
+            for _ in 0..iters {
+                // A live view makes the next write copy its path.
+                let view = sm.view();
+                index += 1;
+                n = (n + 1) % entries.len();
+                let started = Instant::now();
+                black_box(sm.apply(index, &entries[n]));
+                total += started.elapsed();
+                drop(view);
+            }
+            total
+        })
+    });
+    group.bench_function("spawn_writer_thread", |b| {
+        b.iter_custom(|iters| {
+            let mut total = Duration::ZERO;
+            for _ in 0..iters {
+                let view = sm.view();
+                let started = Instant::now();
+                let handle = std::thread::Builder::new()
+                    .name("bench-snapshot-writer".into())
+                    .spawn(move || drop(view))
+                    .expect("spawn");
+                total += started.elapsed();
+                handle.join().expect("join");
+            }
+            total
+        })
+    });
+    group.finish();
+}
+
+criterion_group!(benches, bench, snapshot_stall);
 criterion_main!(benches);

@@ -294,3 +294,24 @@ fn cpus_pins_shard_threads_and_an_unavailable_cpu_is_refused() {
     assert_eq!(allowed_cpus(&status), vec![cpu]);
     assert_eq!(cluster.cli(&["put", "pinned", "yes"]).0, 0);
 }
+
+#[test]
+fn frames_for_a_dead_peer_are_counted_as_dropped() {
+    let mut cluster = Cluster::start(3, 1);
+    let leader = cluster.wait_for_leaders()[0];
+    let follower = (1..=3).find(|&id| id != leader).unwrap();
+    let name = format!("transport_frames_dropped_total{{shard=\"0\",peer=\"{follower}\"}}");
+    let dropped = |cluster: &Cluster| {
+        let port = cluster.nodes[leader as usize - 1].admin_port;
+        let (_, body) = http("GET", port, "/metrics").ok()?;
+        Some(metric(&body, &name).unwrap_or(0.0))
+    };
+    // Start-up may have dropped a few frames before every link was up.
+    let before = dropped(&cluster).expect("leader's /metrics");
+    cluster.node(follower).kill9();
+    // Heartbeats and appends to the dead follower find its link down.
+    assert_eq!(cluster.cli(&["put", "while", "down"]).0, 0);
+    wait_for("dropped frames to the dead follower", DEADLINE, || {
+        dropped(&cluster).filter(|&n| n > before)
+    });
+}

@@ -144,6 +144,9 @@ struct Shard {
     rpc_counters: HashMap<(u64, bool), prometheus_client::metrics::counter::Counter>,
     /// Links that have been up at least once (a later Up is a reconnect).
     links_seen_up: std::collections::HashSet<u64>,
+    /// Per peer, the link's dropped-frame count already added to
+    /// transport_frames_dropped_total.
+    dropped_reported: HashMap<u64, u64>,
     wal_bytes_reported: u64,
     snap_dir: std::path::PathBuf,
     /// Set once SIGTERM arrived: the deadline for handing leadership away.
@@ -293,6 +296,7 @@ pub async fn run(
         rpc_counters: HashMap::new(),
         links_seen_up: Default::default(),
         wal_bytes_reported: 0,
+        dropped_reported: HashMap::new(),
         snap_dir,
         snapshots_sending: Default::default(),
         stopping: None,
@@ -456,6 +460,7 @@ impl Shard {
                     tracing::info!(shard = self.local.shard, peer, "connection up");
                 }
                 LinkEvent::Down { reason } => {
+                    self.report_dropped_frames(peer);
                     tracing::warn!(shard = self.local.shard, peer, %reason, "connection lost");
                     self.replica.report_unreachable(peer);
                 }
@@ -831,15 +836,38 @@ impl Shard {
             let frame = encode_frame_bytes(&PeerFrame {
                 msg: Some(peer_frame::Msg::Raft(RaftBatch { messages: batch })),
             });
-            let success = link.send(frame).is_ok();
+            let result = link.send(frame);
+            let success = result.is_ok();
             self.rpc_counters
                 .entry((to, success))
                 .or_insert_with(|| self.metrics.rpc(to, success))
                 .inc();
+            match result {
+                Ok(()) => {}
+                // The link counted it (it was down).
+                Err(corekv_transport::SendError::Down) => self.report_dropped_frames(to),
+                Err(_) => {
+                    self.metrics.frames_dropped(to).inc();
+                }
+            }
             if !success {
-                self.metrics.frames_dropped(to).inc();
                 self.replica.report_unreachable(to);
             }
+        }
+    }
+
+    /// Brings transport_frames_dropped_total up to the link's own count:
+    /// frames refused while it was down and frames still queued when a
+    /// connection was lost.
+    fn report_dropped_frames(&mut self, peer: u64) {
+        let Some(link) = self.links.get(&peer) else {
+            return;
+        };
+        let total = link.dropped_frames();
+        let reported = self.dropped_reported.entry(peer).or_default();
+        if total > *reported {
+            self.metrics.frames_dropped(peer).inc_by(total - *reported);
+            *reported = total;
         }
     }
 
