@@ -573,9 +573,19 @@ impl Replica {
                 let store = self.raw.mut_store();
                 store.set_hard_state(hs).map_err(|e| self.fatal(e))?;
             }
+            // raft-rs holds every message of a non-leader until the Ready is
+            // durable. A heartbeat response promises nothing about our log or
+            // vote (etcd's raft sends it at once too; only append and vote
+            // responses wait), and held behind a slow sync it would make the
+            // leader believe it lost its quorum and step down.
+            let (heartbeat_responses, messages): (Vec<Message>, Vec<Message>) = ready
+                .take_persisted_messages()
+                .into_iter()
+                .partition(|m| m.get_msg_type() == MessageType::MsgHeartbeatResponse);
+            out.messages.extend(heartbeat_responses);
             let unpersisted = Unpersisted {
                 number: ready.number(),
-                messages: ready.take_persisted_messages(),
+                messages,
                 must_sync: ready.must_sync(),
             };
             self.raw.advance_append_async(ready);
@@ -1085,6 +1095,8 @@ mod tests {
         replies: Vec<(usize, Reply)>,
         /// Nodes cut off from everyone (messages to and from them are lost).
         isolated: Vec<u64>,
+        /// Replicas (by index) whose syncs do not finish for now.
+        stalled: Vec<usize>,
     }
 
     fn options(id: u64) -> ReplicaOptions {
@@ -1120,6 +1132,7 @@ mod tests {
                 pending_syncs: Vec::new(),
                 replies: Vec::new(),
                 isolated: Vec::new(),
+                stalled: Vec::new(),
             }
         }
 
@@ -1143,6 +1156,10 @@ mod tests {
                 }
             }
             for (i, job) in std::mem::take(&mut self.pending_syncs) {
+                if self.stalled.contains(&i) {
+                    self.pending_syncs.push((i, job));
+                    continue;
+                }
                 let outcome = job.run_blocking();
                 if let Some(replica) = self.replicas[i].as_mut() {
                     let mut out = Output::default();
@@ -1245,6 +1262,36 @@ mod tests {
             sim.replica(follower).propose(99, put("x", "y")),
             Err(NotLeader { leader_id: leader })
         );
+    }
+
+    #[test]
+    fn followers_with_a_stalled_sync_still_answer_heartbeats() {
+        let mut sim = Sim::new();
+        let leader = sim.elect();
+        let term = sim.replica(leader).status().term;
+        // Both followers start syncing a write, and their disks hang.
+        sim.stalled = (0..3).filter(|&i| i as u64 + 1 != leader).collect();
+        sim.replica(leader).propose(1, put("a", "1")).unwrap();
+        // Three election timeouts: check_quorum steps a leader down when a
+        // majority has not answered within one.
+        for _ in 0..90 {
+            sim.tick();
+        }
+        assert_eq!(sim.leader(), Some(leader));
+        assert_eq!(sim.replica(leader).status().term, term);
+        assert!(
+            sim.take_reply(1).is_none(),
+            "acknowledged before a majority synced"
+        );
+        // The disks recover: the write commits.
+        sim.stalled.clear();
+        for _ in 0..10 {
+            sim.tick();
+        }
+        assert!(matches!(
+            sim.take_reply(1),
+            Some(response::Result::Write(_))
+        ));
     }
 
     #[test]
