@@ -214,19 +214,37 @@ fn a_second_node_on_the_same_ports_fails_instead_of_sharing_them() {
 
 #[test]
 fn a_peer_of_another_cluster_is_refused_and_both_sides_log_why() {
-    let mut cluster = Cluster::configure(2, 1, "");
     // Node 2 believes it belongs to cluster 8; node 1 to cluster 7.
+    refused_peers_log_why(
+        |config| config.replace("cluster_id = 7", "cluster_id = 8"),
+        "cluster id mismatch: mine 7, yours 8",
+    );
+}
+
+#[test]
+fn a_peer_with_another_shard_count_is_refused_and_both_sides_log_why() {
+    // Node 2 runs 2 shards, node 1 one: shard 0 of each meets and refuses.
+    refused_peers_log_why(
+        |config| config.replace("shards = 1", "shards = 2"),
+        "shard count mismatch: mine 1, yours 2",
+    );
+}
+
+/// Starts two nodes, node 2 with its config changed by `edit`, and checks
+/// that both log `why` for the refused handshake and never elect a leader.
+fn refused_peers_log_why(edit: impl Fn(String) -> String, why: &str) {
+    let mut cluster = Cluster::configure(2, 1, "");
     let path = cluster.nodes[1].config_path.clone();
     let config = std::fs::read_to_string(&path).unwrap();
-    std::fs::write(&path, config.replace("cluster_id = 7", "cluster_id = 8")).unwrap();
+    let changed = edit(config.clone());
+    assert_ne!(changed, config, "the edit must change node 2's config");
+    std::fs::write(&path, changed).unwrap();
     cluster.node(1).start();
     cluster.node(2).start();
     wait_for("both sides to log the refused handshake", DEADLINE, || {
         let listener = cluster.nodes[0].log();
         let dialer = cluster.nodes[1].log();
-        (listener.contains("cluster id mismatch: mine 7, yours 8")
-            && dialer.contains("cluster id mismatch: mine 7, yours 8"))
-        .then_some(())
+        (listener.contains(why) && dialer.contains(why)).then_some(())
     });
     // Refused peers never form a group: both campaign, neither wins.
     wait_for("both nodes to have campaigned", DEADLINE, || {
