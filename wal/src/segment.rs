@@ -128,14 +128,14 @@ impl Segment {
     /// Readies a recovered segment for appends: its cached pages may be
     /// large folios, read ahead by recovery or by an earlier life of the
     /// process (see `small_pages`). Syncs it (after a kill -9 the page cache
-    /// may still hold unsynced pages), drops its cached pages, and turns
-    /// readahead off, so appends fault pages back in one at a time. Blocking:
-    /// for `Wal::open` only.
+    /// may still hold unsynced pages), drops its cached pages and reads the
+    /// file back in 4 KiB pages, so neither appends nor reads of its entries
+    /// fault on the shard thread. Blocking: for `Wal::open` only.
     pub(crate) fn prepare_recovered_for_appends(&self) -> Result<(), WalError> {
         self.file.sync_data()?;
-        small_pages(&self.file.file);
         // SAFETY: plain syscall on an open descriptor. Only a hint.
         unsafe { libc::posix_fadvise(self.file.file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+        prefill_page_cache(&self.file.file, &self.file.path, self.map.len() as u64)?;
         let _ = self.map.advise(memmap2::Advice::Random);
         Ok(())
     }
