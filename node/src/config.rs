@@ -495,36 +495,13 @@ impl Layer {
         }
     }
 
-    /// The flag layer. clap has parsed the numbers; `peers` and `log_format`
-    /// are parsed here so that their errors name the key like every other.
+    /// The flag layer. clap has parsed the numbers; `peers`, `cpus` and
+    /// `log_format` are parsed here so that their errors name the key like
+    /// every other.
     fn from_args(args: &RunArgs) -> Result<Layer, ConfigError> {
-        let peers = match &args.peers {
-            Some(text) => Some(parse_peers(text).map_err(|reason| ConfigError::Parse {
-                key: "peers",
-                origin: "flag --peers".to_string(),
-                value: text.clone(),
-                reason,
-            })?),
-            None => None,
-        };
-        let cpus = match &args.cpus {
-            Some(text) => Some(parse_cpus(text).map_err(|reason| ConfigError::Parse {
-                key: "cpus",
-                origin: "flag --cpus".to_string(),
-                value: text.clone(),
-                reason,
-            })?),
-            None => None,
-        };
-        let log_format = match &args.log_format {
-            Some(text) => Some(text.parse().map_err(|reason| ConfigError::Parse {
-                key: "log_format",
-                origin: "flag --log-format".to_string(),
-                value: text.clone(),
-                reason,
-            })?),
-            None => None,
-        };
+        let peers = flag_with("peers", &args.peers, parse_peers)?;
+        let cpus = flag_with("cpus", &args.cpus, parse_cpus)?;
+        let log_format = flag_with("log_format", &args.log_format, str::parse)?;
         Ok(Layer {
             node_id: args.node_id,
             cluster_id: args.cluster_id,
@@ -632,6 +609,23 @@ fn env_with<T>(
             reason,
         }),
     }
+}
+
+/// Parses the flag for `key` (`--key-name`) if it was given.
+fn flag_with<T>(
+    key: &'static str,
+    text: &Option<String>,
+    parse: impl Fn(&str) -> Result<T, String>,
+) -> Result<Option<T>, ConfigError> {
+    let Some(text) = text else {
+        return Ok(None);
+    };
+    parse(text).map(Some).map_err(|reason| ConfigError::Parse {
+        key,
+        origin: format!("flag --{}", key.replace('_', "-")),
+        value: text.clone(),
+        reason,
+    })
 }
 
 fn env_parse<T: FromStr>(
