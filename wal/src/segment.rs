@@ -133,6 +133,17 @@ impl Segment {
     /// fault on the shard thread. Blocking: for `Wal::open` only.
     pub(crate) fn prepare_recovered_for_appends(&self) -> Result<(), WalError> {
         self.file.sync_data()?;
+        // Recovery read the segment through the mapping, and the kernel
+        // does not drop pages that are mapped: unmap them first.
+        // SAFETY: on a shared file mapping MADV_DONTNEED only drops this
+        // process's page table entries: the mapping stays valid at the same
+        // addresses, its bytes stay in the file (synced just above) and the
+        // next access faults them back in unchanged.
+        unsafe {
+            self.map
+                .unchecked_advise(memmap2::UncheckedAdvice::DontNeed)
+        }
+        .map_err(|e| WalError::io(&self.file.path, "madvise(DONTNEED)", e))?;
         // SAFETY: plain syscall on an open descriptor. Only a hint.
         unsafe { libc::posix_fadvise(self.file.file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
         prefill_page_cache(&self.file.file, &self.file.path, self.map.len() as u64)?;
