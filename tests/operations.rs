@@ -76,6 +76,16 @@ fn metrics_show_one_leader_per_shard_and_rising_indexes() {
         text.contains("client_requests_total{shard="),
         "no client request counters"
     );
+    for shard in 0..2 {
+        let turns = metric(
+            &text,
+            &format!("shard_loop_turn_seconds_count{{shard=\"{shard}\"}}"),
+        );
+        assert!(
+            turns.is_some_and(|n| n > 0.0),
+            "shard {shard}: {turns:?} loop turns"
+        );
+    }
 }
 
 #[test]

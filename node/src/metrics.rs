@@ -75,6 +75,11 @@ fn fsync_histogram() -> Histogram {
     Histogram::new(exponential_buckets(0.000_05, 2.0, 16))
 }
 
+fn loop_turn_histogram() -> Histogram {
+    // 5 µs .. ~5 s
+    Histogram::new(exponential_buckets(0.000_005, 4.0, 11))
+}
+
 fn request_histogram() -> Histogram {
     // 20 µs .. ~5 s
     Histogram::new(exponential_buckets(0.000_02, 2.0, 18))
@@ -95,6 +100,7 @@ pub struct Metrics {
     snapshots_received: Family<ShardLabel, Counter>,
     rpc: Family<RpcLabels, Counter>,
     fsync: Family<ShardLabel, Histogram, fn() -> Histogram>,
+    loop_turn: Family<ShardLabel, Histogram, fn() -> Histogram>,
     wal_bytes: Family<ShardLabel, Counter>,
     wal_segments: Family<ShardLabel, Gauge>,
     requests: Family<RequestLabels, Counter>,
@@ -127,6 +133,8 @@ pub struct ShardMetrics {
     pub snapshots_received: Counter,
     /// wal_fsync_seconds.
     pub fsync: Histogram,
+    /// shard_loop_turn_seconds.
+    pub loop_turn: Histogram,
     /// wal_bytes_written_total.
     pub wal_bytes: Counter,
     /// wal_segments.
@@ -156,6 +164,7 @@ impl Metrics {
             snapshots_received: Family::default(),
             rpc: Family::default(),
             fsync: Family::new_with_constructor(fsync_histogram),
+            loop_turn: Family::new_with_constructor(loop_turn_histogram),
             wal_bytes: Family::default(),
             wal_segments: Family::default(),
             requests: Family::default(),
@@ -221,6 +230,11 @@ impl Metrics {
             m.fsync.clone(),
         );
         registry.register(
+            "shard_loop_turn_seconds",
+            "Time a shard loop turn spends on what woke it (not the wait); long turns delay every request and heartbeat of the shard",
+            m.loop_turn.clone(),
+        );
+        registry.register(
             "wal_bytes_written",
             "Bytes appended to the WAL",
             m.wal_bytes.clone(),
@@ -268,6 +282,7 @@ impl Metrics {
             snapshots_sent: self.snapshots_sent.get_or_create(&l).clone(),
             snapshots_received: self.snapshots_received.get_or_create(&l).clone(),
             fsync: self.fsync.get_or_create(&l).clone(),
+            loop_turn: self.loop_turn.get_or_create(&l).clone(),
             wal_bytes: self.wal_bytes.get_or_create(&l).clone(),
             wal_segments: self.wal_segments.get_or_create(&l).clone(),
             requests: OPS

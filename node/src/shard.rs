@@ -312,6 +312,7 @@ impl Shard {
         loop {
             // 1. Wait for anything, then take everything that is there.
             self.local.inbox.drain_into(&mut batch).await;
+            let turn_started = Instant::now();
             // 2. Feed it all to the replica; proposals only queue up.
             for input in batch.drain(..) {
                 if self.handle_input(input, &mut out)?.is_some() {
@@ -334,6 +335,9 @@ impl Shard {
             //    everything queued now in one write per connection.
             self.dispatch(&mut out);
             self.publish_status();
+            self.metrics
+                .loop_turn
+                .observe(turn_started.elapsed().as_secs_f64());
         }
     }
 
