@@ -246,7 +246,10 @@ pub fn decode(path: &Path, bytes: Bytes) -> Result<(SnapshotMeta, Map), Snapshot
             )));
         }
         need(&body, key_len as usize, "key")?;
-        let key = body.split_to(key_len as usize);
+        // Keys and values are copied out: slices would keep the whole
+        // snapshot buffer alive for as long as any one of them lives.
+        let key = Key::from_slice(&body[..key_len as usize]);
+        body.advance(key_len as usize);
         need(&body, 4, "value length")?;
         let value_len = body.get_u32_le();
         if value_len > MAX_ITEM_BYTES {
@@ -255,9 +258,10 @@ pub fn decode(path: &Path, bytes: Bytes) -> Result<(SnapshotMeta, Map), Snapshot
             )));
         }
         need(&body, value_len as usize + 8, "value")?;
-        let value = body.split_to(value_len as usize);
+        let value = Bytes::copy_from_slice(&body[..value_len as usize]);
+        body.advance(value_len as usize);
         let version = body.get_u64_le();
-        map.insert(Key::new(&key), Versioned { value, version });
+        map.insert(key, Versioned { value, version });
     }
     if body.has_remaining() {
         return Err(corrupt(format!(
@@ -349,6 +353,33 @@ mod tests {
         let (meta2, map2) = read(&path).unwrap();
         assert_eq!(meta, meta2);
         assert_eq!(map, map2);
+    }
+
+    #[test]
+    fn decoded_pairs_do_not_borrow_the_snapshot_buffer() {
+        let dir = tempfile::tempdir().unwrap();
+        let (meta, mut map) = sample();
+        let long_key = vec![b'k'; 100];
+        map.insert(
+            Key::from_slice(&long_key),
+            Versioned {
+                value: Bytes::from(vec![7u8; 1000]),
+                version: 101,
+            },
+        );
+        let path = write(dir.path(), &meta, &map).unwrap();
+        let buffer = Bytes::from(fs::read(&path).unwrap());
+        let range = buffer.as_ptr_range();
+        let (_, decoded) = decode(&path, buffer.clone()).unwrap();
+        assert_eq!(decoded, map);
+        for (key, versioned) in decoded.iter() {
+            for bytes in [key.as_slice(), &versioned.value[..]] {
+                assert!(
+                    !range.contains(&bytes.as_ptr()),
+                    "a decoded key or value points into the snapshot buffer"
+                );
+            }
+        }
     }
 
     #[test]
