@@ -165,6 +165,11 @@ pub struct Replica {
     unpersisted: VecDeque<Unpersisted>,
     /// The newest Ready number the sync in flight covers.
     sync_in_flight: Option<u64>,
+    /// Number of the newest Ready handled.
+    last_ready_number: u64,
+    /// A snapshot marker no sync covers yet. It gets a sync of its own, so
+    /// an idle shard does not keep compactable segments until its next write.
+    marker_unsynced: bool,
     role: StateRole,
     leader_id: u64,
     /// Applied since the last snapshot: entries and bytes.
@@ -297,6 +302,8 @@ impl Replica {
             next_read_ctx: 1,
             unpersisted: VecDeque::new(),
             sync_in_flight: None,
+            last_ready_number: 0,
+            marker_unsynced: false,
             role: StateRole::Follower,
             leader_id: 0,
             applied_since_snapshot: (0, 0),
@@ -583,6 +590,7 @@ impl Replica {
                 .into_iter()
                 .partition(|m| m.get_msg_type() == MessageType::MsgHeartbeatResponse);
             out.messages.extend(heartbeat_responses);
+            self.last_ready_number = ready.number();
             let unpersisted = Unpersisted {
                 number: ready.number(),
                 messages,
@@ -716,6 +724,7 @@ impl Replica {
         let result = self.raw.mut_store().wal_mut().apply_snapshot_marker(marker);
         result.map_err(|e| self.fatal(e))?;
         self.raw.mut_store().set_latest_snapshot(meta);
+        self.marker_unsynced = true;
         Ok(())
     }
 
@@ -785,27 +794,33 @@ impl Replica {
         if self.sync_in_flight.is_some() {
             return Ok(());
         }
-        let Some(newest) = self.unpersisted.back().map(|u| u.number) else {
-            return Ok(());
-        };
+        let mut newest = self.unpersisted.back().map(|u| u.number);
         if !self.unpersisted.iter().any(|u| u.must_sync) {
             // Commit-only Readys: nothing raft needs durable before they count.
-            self.persisted_through(newest, out);
-            return Ok(());
+            if let Some(newest) = newest.take() {
+                self.persisted_through(newest, out);
+            }
+            if !self.marker_unsynced {
+                return Ok(());
+            }
         }
+        self.marker_unsynced = false;
         let job = self
             .raw
             .mut_store()
             .wal_mut()
             .begin_sync()
             .map_err(|e| self.fatal(e))?;
-        match job {
-            Some(job) => {
-                self.sync_in_flight = Some(newest);
+        match (job, newest) {
+            (Some(job), newest) => {
+                // A sync for a marker alone covers the newest Ready handled,
+                // which is already persisted: raft ignores it a second time.
+                self.sync_in_flight = Some(newest.unwrap_or(self.last_ready_number));
                 out.sync = Some(job);
             }
             // Nothing unsynced: whatever these readys wrote is already durable.
-            None => self.persisted_through(newest, out),
+            (None, Some(newest)) => self.persisted_through(newest, out),
+            (None, None) => {}
         }
         Ok(())
     }
@@ -1490,6 +1505,50 @@ mod rotation_tests {
                 r.wal().segment_count()
             );
         }
+    }
+}
+
+#[cfg(test)]
+mod snapshot_marker_tests {
+    use super::*;
+    use corekv_proto::client::Put;
+
+    #[test]
+    fn an_idle_shard_syncs_its_snapshot_marker_and_compacts() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut r, mut out) = single_voter_leader(dir.path());
+        r.options.snapshot_entries = 500;
+        let value = Bytes::from(vec![b'v'; 4096]);
+        let mut snapshot = None;
+        for token in 1..=1000u64 {
+            let op = Op::Put(Put {
+                key: Bytes::from(format!("k{token}")),
+                value: value.clone(),
+            });
+            r.propose(token, op).unwrap();
+            r.flush(&mut out);
+            r.handle_ready(&mut out).unwrap();
+            while let Some(job) = out.sync.take() {
+                r.on_synced(job.run_blocking(), &mut out).unwrap();
+            }
+            if let Some(taken) = out.snapshot_to_write.take() {
+                snapshot.get_or_insert(taken);
+            }
+        }
+        let (meta, map) = snapshot.expect("a snapshot after 500 entries");
+        let snapshots = tempfile::tempdir().unwrap();
+        crate::snapshot::write(snapshots.path(), &meta, &map).unwrap();
+        // The writes have stopped; the snapshot becomes durable now.
+        r.on_snapshot_written(Ok(meta)).unwrap();
+        r.handle_ready(&mut out).unwrap();
+        let job = out.sync.take().expect("the marker gets a sync of its own");
+        r.on_synced(job.run_blocking(), &mut out).unwrap();
+        assert!(
+            !r.take_obsolete_segments().is_empty(),
+            "segments covered by the snapshot are handed out for deletion"
+        );
+        let status = r.status();
+        assert_eq!(status.commit_index, status.last_index);
     }
 }
 
