@@ -1461,17 +1461,31 @@ fn single_voter_leader(dir: &std::path::Path) -> (Replica, Output) {
     while !r.is_leader() {
         r.tick(&mut out);
         r.handle_ready(&mut out).unwrap();
-        while let Some(job) = out.sync.take() {
-            r.on_synced(job.run_blocking(), &mut out).unwrap();
-        }
+        run_syncs(&mut r, &mut out);
     }
     (r, out)
+}
+
+/// Runs every sync the replica asks for, blocking, until it asks for none.
+#[cfg(test)]
+fn run_syncs(r: &mut Replica, out: &mut Output) {
+    while let Some(job) = out.sync.take() {
+        r.on_synced(job.run_blocking(), out).unwrap();
+    }
+}
+
+/// A Put of `value` under key `k{token}`.
+#[cfg(test)]
+fn numbered_put(token: u64, value: &Bytes) -> Op {
+    Op::Put(corekv_proto::client::Put {
+        key: Bytes::from(format!("k{token}")),
+        value: value.clone(),
+    })
 }
 
 #[cfg(test)]
 mod rotation_tests {
     use super::*;
-    use corekv_proto::client::Put;
 
     #[test]
     fn commits_continue_across_wal_segment_rotation() {
@@ -1482,11 +1496,7 @@ mod rotation_tests {
         for round in 0..10 {
             for _ in 0..100 {
                 token += 1;
-                let op = Op::Put(Put {
-                    key: Bytes::from(format!("k{token}")),
-                    value: value.clone(),
-                });
-                r.propose(token, op).unwrap();
+                r.propose(token, numbered_put(token, &value)).unwrap();
             }
             r.flush(&mut out);
             r.handle_ready(&mut out).unwrap();
@@ -1511,7 +1521,6 @@ mod rotation_tests {
 #[cfg(test)]
 mod snapshot_marker_tests {
     use super::*;
-    use corekv_proto::client::Put;
 
     #[test]
     fn an_idle_shard_syncs_its_snapshot_marker_and_compacts() {
@@ -1521,16 +1530,10 @@ mod snapshot_marker_tests {
         let value = Bytes::from(vec![b'v'; 4096]);
         let mut snapshot = None;
         for token in 1..=1000u64 {
-            let op = Op::Put(Put {
-                key: Bytes::from(format!("k{token}")),
-                value: value.clone(),
-            });
-            r.propose(token, op).unwrap();
+            r.propose(token, numbered_put(token, &value)).unwrap();
             r.flush(&mut out);
             r.handle_ready(&mut out).unwrap();
-            while let Some(job) = out.sync.take() {
-                r.on_synced(job.run_blocking(), &mut out).unwrap();
-            }
+            run_syncs(&mut r, &mut out);
             if let Some(taken) = out.snapshot_to_write.take() {
                 snapshot.get_or_insert(taken);
             }
@@ -1555,7 +1558,6 @@ mod snapshot_marker_tests {
 #[cfg(test)]
 mod group_commit_tests {
     use super::*;
-    use corekv_proto::client::Put;
 
     #[test]
     fn proposals_during_a_sync_in_flight_commit_across_rotation() {
@@ -1564,11 +1566,7 @@ mod group_commit_tests {
         let value = Bytes::from(vec![b'v'; 4096]);
         let mut in_flight: Option<SyncJob> = None;
         for token in 1..=1000u64 {
-            let op = Op::Put(Put {
-                key: Bytes::from(format!("k{token}")),
-                value: value.clone(),
-            });
-            r.propose(token, op).unwrap();
+            r.propose(token, numbered_put(token, &value)).unwrap();
             if token % 7 == 0 {
                 r.flush(&mut out);
                 r.handle_ready(&mut out).unwrap();
