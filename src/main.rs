@@ -1,5 +1,5 @@
-//! The `corekv` binary: a thin entry point over `corekv-node`.
+//! The `corekv` binary: a thin entry point over the command line in `corekv::cli`.
 
 fn main() -> std::process::ExitCode {
-    corekv_node::cli::main()
+    corekv::cli::main()
 }

@@ -2,7 +2,7 @@
 //! writes, failover time, chaos with acknowledged-write accounting, a torn WAL
 //! tail, a corrupt older WAL segment, and a network partition.
 //!
-//! Workloads run the client library (`corekv_node::client`) on a thread of
+//! Workloads run the client library (`corekv_client`) on a thread of
 //! their own; everything they were told "done" is checked at the end.
 
 mod common;
@@ -20,8 +20,8 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use common::proxy::ProxiedCluster;
 use common::{shard_of, wait_for, Cluster, Node, RawClient, COREKV, DEADLINE};
-use corekv_node::cli::block_on;
-use corekv_node::client::{Client, ClientError, ClientOptions};
+use corekv_client::block_on;
+use corekv_client::{Client, ClientError, ClientOptions};
 use corekv_proto::client::{
     request::Op, response, Consistency, ErrorCode, Get, Put, Request, Role, ShardStatus,
 };

@@ -110,7 +110,7 @@ pub fn status_json(node: &NodeShared) -> serde_json::Value {
         .map(|s| {
             json!({
                 "shard": s.shard,
-                "role": crate::cli::role_name(s.role),
+                "role": corekv_proto::client::Role::from_wire(s.role).as_str(),
                 "term": s.term,
                 "leader_id": s.leader_id,
                 "commit_index": s.commit_index,

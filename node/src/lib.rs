@@ -1,16 +1,15 @@
-//! corekv-node: the storage node.
+//! corekv-node: the storage node, the server only.
 //!
-//! Owns configuration, the shard threads, the sans-IO Raft replica, the state
-//! machine, the client library, the admin server and the CLI. It never blocks
-//! a shard thread (no std fsync, no sleep, no DNS on a shard): blocking work
-//! happens at start-up or on helper threads.
+//! Owns configuration, the supervisor that starts and stops shard threads,
+//! the shards (event loop, routing, connections, snapshots), the sans-IO Raft
+//! replica, the state machine, snapshots, the admin server and metrics. It
+//! never blocks a shard thread (no std fsync, no sleep, no DNS on a shard):
+//! blocking work happens at start-up or on helper threads. It holds no client
+//! library and no command line: those are corekv-client and the `corekv`
+//! binary.
 
 pub mod admin;
-pub mod bench;
-pub mod cli;
-pub mod client;
 pub mod config;
-pub mod dev;
 mod inbox;
 pub mod metrics;
 pub mod node;
@@ -21,3 +20,5 @@ pub mod snapshot;
 mod snapshot_transfer;
 pub mod state_machine;
 mod storage;
+
+pub use node::run;

@@ -1504,7 +1504,10 @@ mod rotation_tests {
             while let Some(job) = out.sync.take() {
                 syncs += 1;
                 assert!(syncs < 100, "sync loop");
-                let outcome = crate::cli::block_on(job.run());
+                let outcome = monoio::RuntimeBuilder::<monoio::FusionDriver>::new()
+                    .build()
+                    .expect("monoio runtime")
+                    .block_on(job.run());
                 r.on_synced(outcome, &mut out).unwrap();
             }
             let status = r.status();

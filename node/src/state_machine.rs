@@ -14,11 +14,6 @@ use corekv_proto::client::{
 };
 use prost::Message as _;
 
-/// Scan limit used when a request asks for 0 (the server's default).
-pub const DEFAULT_SCAN_LIMIT: usize = 1000;
-/// Upper bound on one scan answer, whatever the request asks.
-pub const MAX_SCAN_LIMIT: usize = 10_000;
-
 /// A stored value and the log index that wrote it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Versioned {
@@ -251,7 +246,7 @@ impl StateMachine {
     /// Pairs with keys in `[start, end)` (empty `end` = no upper bound), at
     /// most `limit` of them (0 = DEFAULT_SCAN_LIMIT, capped at MAX_SCAN_LIMIT).
     pub fn scan(&self, start: &[u8], end: &[u8], limit: u32) -> ScanResult {
-        let limit = effective_limit(limit);
+        let limit = corekv_proto::scan_limit(limit);
         let upper = if end.is_empty() {
             Bound::Unbounded
         } else {
@@ -292,14 +287,6 @@ impl StateMachine {
     /// An immutable view of the map as of now, for a snapshot (O(1)).
     pub fn view(&self) -> Map {
         self.map.clone()
-    }
-}
-
-/// The scan limit actually used for a requested `limit`.
-pub fn effective_limit(limit: u32) -> usize {
-    match limit as usize {
-        0 => DEFAULT_SCAN_LIMIT,
-        n => n.min(MAX_SCAN_LIMIT),
     }
 }
 

@@ -29,6 +29,39 @@ pub fn shard_of(key: &[u8], shards: u32) -> u32 {
     crc32(key) % shards
 }
 
+/// Pairs a scan returns when the request asks for 0 (the server's default).
+pub const DEFAULT_SCAN_LIMIT: usize = 1000;
+/// Upper bound on one scan answer, whatever the request asks.
+pub const MAX_SCAN_LIMIT: usize = 10_000;
+
+/// The number of pairs a scan with `limit` may return: 0 means
+/// [`DEFAULT_SCAN_LIMIT`], and nothing passes [`MAX_SCAN_LIMIT`]. Part of the
+/// contract, so a client merging the answers of several shards cuts the
+/// merged list where one server would have.
+pub fn scan_limit(limit: u32) -> usize {
+    match limit as usize {
+        0 => DEFAULT_SCAN_LIMIT,
+        n => n.min(MAX_SCAN_LIMIT),
+    }
+}
+
+impl client::Role {
+    /// The role's name in logs, `corekv status` and the admin JSON.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            client::Role::Follower => "follower",
+            client::Role::Candidate => "candidate",
+            client::Role::Leader => "leader",
+            client::Role::PreCandidate => "pre_candidate",
+        }
+    }
+
+    /// The role of a wire value; an unknown value reads as a follower.
+    pub fn from_wire(role: i32) -> client::Role {
+        client::Role::try_from(role).unwrap_or(client::Role::Follower)
+    }
+}
+
 /// IEEE CRC-32 (reflected, polynomial 0xEDB88320), the same as zlib's.
 fn crc32(data: &[u8]) -> u32 {
     crc32fast::hash(data)
@@ -43,6 +76,13 @@ mod tests {
         // The CRC-32/ISO-HDLC check value from the CRC catalogue.
         assert_eq!(crc32(b"123456789"), 0xCBF4_3926);
         assert_eq!(crc32(b""), 0);
+    }
+
+    #[test]
+    fn scan_limit_defaults_and_caps() {
+        assert_eq!(scan_limit(0), DEFAULT_SCAN_LIMIT);
+        assert_eq!(scan_limit(7), 7);
+        assert_eq!(scan_limit(u32::MAX), MAX_SCAN_LIMIT);
     }
 
     #[test]

@@ -12,8 +12,10 @@ use clap::{Parser, Subcommand, ValueEnum};
 use corekv_proto::client::{Consistency, ErrorCode, Role};
 use serde_json::json;
 
-use crate::client::{Client, ClientError, ClientOptions};
-use crate::config::{Config, RunArgs};
+use corekv_client::{block_on, Client, ClientError, ClientOptions};
+use corekv_node::config::{Config, LogFormat, RunArgs};
+
+use crate::duration::parse_duration;
 
 /// corekv: a Raft-replicated, shard-per-core key-value store.
 #[derive(Parser, Debug)]
@@ -128,30 +130,6 @@ impl From<ConsistencyArg> for Consistency {
     }
 }
 
-/// Parses `10s`, `500ms`, `2m` or a plain number of seconds.
-pub fn parse_duration(text: &str) -> Result<Duration, String> {
-    let text = text.trim();
-    let (number, unit) = match text.find(|c: char| !c.is_ascii_digit() && c != '.') {
-        Some(i) => text.split_at(i),
-        None => (text, "s"),
-    };
-    let value: f64 = number
-        .parse()
-        .map_err(|_| format!("`{text}` is not a duration like 10s, 500ms or 2m"))?;
-    let seconds = match unit {
-        "ms" => value / 1000.0,
-        "s" => value,
-        "m" => value * 60.0,
-        "h" => value * 3600.0,
-        _ => {
-            return Err(format!(
-                "`{text}`: unknown unit `{unit}` (use ms, s, m or h)"
-            ))
-        }
-    };
-    Ok(Duration::from_secs_f64(seconds))
-}
-
 /// Runs the command line and returns the process exit code.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -210,11 +188,8 @@ fn run_node(args: &RunArgs) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    init_logging(
-        &config.log_level,
-        config.log_format == crate::config::LogFormat::Json,
-    );
-    match crate::node::run(config) {
+    init_logging(&config.log_level, config.log_format == LogFormat::Json);
+    match corekv_node::run(config) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e:#}");
@@ -241,15 +216,6 @@ pub fn init_logging(level: &str, json: bool) {
     } else {
         builder.try_init()
     };
-}
-
-/// Runs a future on a fresh single-threaded monoio runtime.
-pub fn block_on<F: std::future::Future>(future: F) -> F::Output {
-    let mut runtime = monoio::RuntimeBuilder::<monoio::FusionDriver>::new()
-        .enable_timer()
-        .build()
-        .expect("cannot build a monoio runtime");
-    runtime.block_on(future)
 }
 
 fn fail(error: &ClientError) -> ExitCode {
@@ -425,16 +391,6 @@ fn prefix_end(prefix: &[u8]) -> Bytes {
     Bytes::new()
 }
 
-/// Role name as `status` prints it.
-pub fn role_name(role: i32) -> &'static str {
-    match Role::try_from(role) {
-        Ok(Role::Leader) => "leader",
-        Ok(Role::Candidate) => "candidate",
-        Ok(Role::PreCandidate) => "pre_candidate",
-        _ => "follower",
-    }
-}
-
 async fn transfer_leader(client: &Client, shard: u32, to: u64, json: bool) -> ExitCode {
     if let Err(e) = client.transfer_leader(shard, to).await {
         return fail(&e);
@@ -518,7 +474,7 @@ async fn status(client: &Client, json: bool) -> ExitCode {
                         rows.push(format!(
                             "{node_id:<5} {:<5} {:<13} {:<6} {:<6} {:<8} {:<8} {:<8}{marks}",
                             s.shard,
-                            role_name(s.role),
+                            Role::from_wire(s.role).as_str(),
                             s.term,
                             s.leader_id,
                             s.commit_index,
@@ -527,7 +483,7 @@ async fn status(client: &Client, json: bool) -> ExitCode {
                         ));
                         json!({
                             "shard": s.shard,
-                            "role": role_name(s.role),
+                            "role": Role::from_wire(s.role).as_str(),
                             "term": s.term,
                             "leader_id": s.leader_id,
                             "commit_index": s.commit_index,

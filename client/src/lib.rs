@@ -1,11 +1,60 @@
-//! The corekv client library (async, monoio, single-threaded).
+//! corekv-client: the Rust client library of corekv (async, monoio,
+//! single-threaded).
 //!
-//! Shard-aware: it fetches the topology, sends each key to
+//! Owns routing, pipelining and retries for one application thread. It is
+//! shard-aware: it fetches the topology, sends each key to
 //! `client_port + shard(key)` on the shard's leader, pipelines any number of
 //! requests per connection, follows NOT_LEADER hints, retries NOT_LEADER and
 //! UNAVAILABLE within its deadline, and fans scans out to every shard.
-//! It depends only on the wire contract and the transport, never on shard
-//! internals.
+//! It depends only on the wire contract (corekv-proto) and the transport;
+//! it never links Raft, the WAL or the server.
+//!
+//! # Example
+//!
+//! ```no_run
+//! use bytes::Bytes;
+//! use corekv_client::{block_on, Client, ClientError, ClientOptions, Consistency, ErrorCode};
+//!
+//! block_on(async {
+//!     let client = Client::connect(ClientOptions {
+//!         endpoints: vec!["127.0.0.1:7100".into()],
+//!         ..ClientOptions::default()
+//!     })
+//!     .await?;
+//!
+//!     // A write answers with the key's new version (the Raft index that wrote it).
+//!     let version = client.put(Bytes::from("user/1"), Bytes::from("ada")).await?;
+//!
+//!     // Linearizable by default; `Consistency::Stale` reads any replica.
+//!     if let Some((value, at)) = client.get(Bytes::from("user/1"), Consistency::Linearizable).await? {
+//!         println!("{value:?} at version {at}");
+//!     }
+//!
+//!     // Compare-and-swap: write only if the key is still at `version`.
+//!     match client.cas(Bytes::from("user/1"), version, Bytes::from("grace")).await {
+//!         Ok(new_version) => println!("swapped, now at {new_version}"),
+//!         Err(ClientError::Server { code: ErrorCode::VersionMismatch, current_version, .. }) => {
+//!             println!("someone else wrote it first (now at {current_version})")
+//!         }
+//!         Err(other) => return Err(other),
+//!     }
+//!
+//!     // Keys in order, `[start, end)`, across every shard; `more` says the limit cut it.
+//!     let page = client
+//!         .scan(Bytes::from("user/"), Bytes::from("user0"), 100, Consistency::Linearizable)
+//!         .await?;
+//!     for pair in &page.pairs {
+//!         println!("{:?} = {:?}", pair.key, pair.value);
+//!     }
+//!
+//!     // A write that timed out may or may not have been applied: read to find out.
+//!     if let Err(e @ ClientError::Timeout { .. }) = client.delete(Bytes::from("user/1"), None).await {
+//!         eprintln!("unknown outcome: {e}");
+//!     }
+//!     Ok::<(), ClientError>(())
+//! })
+//! .expect("corekv request failed");
+//! ```
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
@@ -15,8 +64,8 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use corekv_proto::client::{
-    request::Op, response, CompareAndSwap, Consistency, Delete, ErrorCode, Get, KeyValue, Put,
-    Request, Response, Scan, ScanResult, Status, StatusResult, Topology, TopologyResult,
+    request::Op, response, CompareAndSwap, Delete, Get, Put, Request, Response, Scan, Status,
+    Topology, TopologyResult,
 };
 use corekv_transport::{
     connect, decode_message, encode_frame_bytes, spawn_writer, FrameReader, FrameSender,
@@ -24,6 +73,22 @@ use corekv_transport::{
 };
 use futures_channel::oneshot;
 use monoio::io::Splitable;
+
+pub use corekv_proto::client::{Consistency, ErrorCode, KeyValue, ScanResult, StatusResult};
+
+/// Runs `future` to completion on a new monoio runtime on this thread: the
+/// way a synchronous program (a CLI, a test) uses the async client.
+///
+/// # Panics
+///
+/// Panics if the runtime cannot be built (no io_uring and no epoll).
+pub fn block_on<F: std::future::Future>(future: F) -> F::Output {
+    let mut runtime = monoio::RuntimeBuilder::<monoio::FusionDriver>::new()
+        .enable_timer()
+        .build()
+        .expect("cannot build a monoio runtime");
+    runtime.block_on(future)
+}
 
 /// How a client behaves.
 #[derive(Clone, Debug)]
@@ -254,7 +319,7 @@ impl Client {
             }
         }
         pairs.sort_by(|a, b| a.key.cmp(&b.key));
-        let limit = crate::state_machine::effective_limit(limit);
+        let limit = corekv_proto::scan_limit(limit);
         if pairs.len() > limit {
             pairs.truncate(limit);
             more = true;

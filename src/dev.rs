@@ -15,8 +15,8 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context as _};
 use clap::Args;
 
-use crate::client::{Client, ClientOptions};
-use crate::config::{Config, PeerConfig};
+use corekv_client::{block_on, Client, ClientOptions};
+use corekv_node::config::{Config, PeerConfig};
 
 /// Client and peer ports of a node are 50 apart, so a dev cluster has at
 /// most 40 shards (the admin port sits at +90).
@@ -223,7 +223,7 @@ pub fn run(args: DevArgs) -> anyhow::Result<()> {
                 _ => None,
             })
     };
-    crate::cli::block_on(wait_for_leaders(
+    block_on(wait_for_leaders(
         &endpoints,
         configs[0].shards,
         Duration::from_secs(60),

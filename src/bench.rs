@@ -89,8 +89,8 @@ use rand::rngs::StdRng;
 use rand::{Rng, RngCore, SeedableRng};
 use serde_json::{json, Value};
 
-use crate::cli::parse_duration;
-use crate::client::{Client, ClientError, ClientOptions};
+use crate::duration::parse_duration;
+use corekv_client::{block_on, Client, ClientError, ClientOptions};
 
 /// Highest latency the histograms hold; slower operations count as this.
 const LATENCY_MAX_US: u64 = 60_000_000;
@@ -1160,7 +1160,7 @@ fn shard_terms(settings: &Settings) -> Result<Vec<ShardTerm>, String> {
         request_timeout: ADMIN_TIMEOUT,
         ..settings.client_options()
     };
-    crate::cli::block_on(async move {
+    block_on(async move {
         let client = Client::connect(options).await.map_err(|e| e.to_string())?;
         let mut replicas = Vec::new();
         for (node_id, addr) in client.node_addrs() {

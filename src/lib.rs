@@ -1,0 +1,12 @@
+//! corekv: the command line over the node and the client library.
+//!
+//! Owns what an operator types: `corekv run` (hands the configuration to
+//! corekv-node), `corekv dev` (a local cluster of child processes), the
+//! client commands (through corekv-client) and `corekv bench`. It never
+//! reaches into a node's internals: a running node is only ever spoken to
+//! over its client and admin ports, like any other program would.
+
+pub mod bench;
+pub mod cli;
+pub mod dev;
+mod duration;
