@@ -13,7 +13,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use serde_json::json;
 
-use crate::node::NodeShared;
+use crate::shared::NodeShared;
 
 /// A replica whose applied index trails its commit index by more than this
 /// is not ready.

@@ -12,13 +12,14 @@ pub mod admin;
 pub mod config;
 mod inbox;
 pub mod metrics;
-pub mod node;
 mod raft_log;
 pub mod replica;
 mod shard;
+pub mod shared;
 pub mod snapshot;
 mod snapshot_transfer;
 pub mod state_machine;
 mod storage;
+pub mod supervisor;
 
-pub use node::run;
+pub use supervisor::run;

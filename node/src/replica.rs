@@ -1069,12 +1069,7 @@ impl Replica {
     /// Raft status of this replica, as the client protocol reports it.
     pub fn status(&self) -> ShardStatus {
         let raft = &self.raw.raft;
-        let role = match raft.state {
-            StateRole::Follower => Role::Follower,
-            StateRole::Candidate => Role::Candidate,
-            StateRole::Leader => Role::Leader,
-            StateRole::PreCandidate => Role::PreCandidate,
-        };
+        let role = role_of(raft.state);
         ShardStatus {
             shard: self.options.shard,
             role: role as i32,
@@ -1084,6 +1079,16 @@ impl Replica {
             applied_index: self.state_machine.applied_index(),
             last_index: self.raw.store().last_index().unwrap_or(0),
         }
+    }
+}
+
+/// raft-rs's role as the client protocol names it.
+pub fn role_of(role: StateRole) -> Role {
+    match role {
+        StateRole::Follower => Role::Follower,
+        StateRole::Candidate => Role::Candidate,
+        StateRole::Leader => Role::Leader,
+        StateRole::PreCandidate => Role::PreCandidate,
     }
 }
 

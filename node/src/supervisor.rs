@@ -1,67 +1,20 @@
-//! The node process: locks the data directory, starts one pinned thread per
-//! shard, and stops them on SIGTERM/SIGINT.
+//! The supervisor: locks the data directory, starts the admin server and one
+//! pinned thread per shard, and stops them all on SIGTERM/SIGINT or when one
+//! shard fails.
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, Write};
 use std::os::fd::AsRawFd;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use anyhow::Context as _;
-use corekv_proto::client::{Request, Response, ShardStatus};
-use corekv_transport::SocketOptions;
+use corekv_proto::client::ShardStatus;
 
 use crate::config::Config;
 use crate::metrics::Metrics;
-
-/// Bound of each shard's cross-core queue; a full queue answers UNAVAILABLE.
-const CROSS_CORE_QUEUE: usize = 64 * 1024;
-
-/// What one shard thread sends another.
-pub enum CrossCore {
-    /// A client request that arrived on `origin_shard`'s port for a key of
-    /// the receiving shard.
-    Request {
-        origin_shard: u32,
-        conn: u64,
-        request: Request,
-    },
-    /// The answer to such a request, for connection `conn` of the receiver.
-    Reply { conn: u64, response: Response },
-    /// Stop: the node is shutting down.
-    Shutdown,
-    /// A snapshot this shard asked for was written (or failed), by the
-    /// helper thread that wrote it.
-    SnapshotWritten(Result<(crate::snapshot::SnapshotMeta, std::path::PathBuf), String>),
-}
-
-/// State every shard of the node can see. Written rarely (status once per
-/// loop turn, each shard its own slot), read by status requests.
-pub struct NodeShared {
-    /// The validated configuration.
-    pub config: Config,
-    /// Latest status published by each shard.
-    pub shard_status: Vec<Mutex<ShardStatus>>,
-    /// Each shard's cross-core queue.
-    pub cross: Vec<flume::Sender<CrossCore>>,
-    /// The metrics registry (each shard holds its own handles).
-    pub metrics: Arc<Metrics>,
-}
-
-impl NodeShared {
-    /// Socket options from the configuration.
-    pub fn socket_options(&self) -> SocketOptions {
-        SocketOptions {
-            nodelay: true,
-            keepalive_idle: Duration::from_millis(self.config.keepalive_idle_ms),
-            keepalive_interval: Duration::from_millis(self.config.keepalive_interval_ms),
-            keepalive_count: self.config.keepalive_count,
-            connect_timeout: Duration::from_millis(self.config.connect_timeout_ms),
-        }
-    }
-}
+use crate::shared::{CrossCore, NodeShared, CROSS_CORE_QUEUE};
 
 /// An exclusive lock on the data directory, held for the life of the node.
 pub struct DataDirLock {
@@ -263,9 +216,4 @@ fn run_shard(
         .build()
         .context("cannot build the shard runtime")?;
     runtime.block_on(crate::shard::run(shard, node, rx))
-}
-
-/// Where shard `shard` keeps its WAL.
-pub fn wal_dir(data_dir: &Path, shard: u32) -> PathBuf {
-    data_dir.join(format!("shard-{shard:03}")).join("wal")
 }

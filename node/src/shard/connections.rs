@@ -1,0 +1,259 @@
+//! Connection tasks: listeners, client connections, inbound peer links and
+//! their handshake, and the timer and cross-core tasks that feed the inbox.
+
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::Duration;
+
+use corekv_proto::client::{ErrorCode, Request, Response};
+use corekv_proto::peer::{peer_frame, Hello, LinkKind, PeerFrame};
+use corekv_transport::{
+    accept_peer, configure_stream, decode_message, encode_frame_bytes, spawn_writer, FrameError,
+    FrameReader, FrameSender,
+};
+use monoio::io::Splitable;
+use monoio::net::TcpListener;
+use protobuf::Message as _;
+use raft::prelude::Message;
+
+use crate::shared::{self, CrossCore, NodeShared};
+use crate::snapshot_transfer;
+use crate::state_machine;
+
+use super::inputs::{ConnId, Input, Local};
+
+/// Upper bound on bytes queued for one connection before sends fail.
+const MAX_CONN_QUEUE_BYTES: usize = 64 << 20;
+/// Pause after a failed accept before trying again.
+const ACCEPT_RETRY: Duration = Duration::from_millis(10);
+/// How long an inbound peer gets to send its Hello.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+
+pub(super) async fn tick(local: Rc<Local>, every: Duration) {
+    let mut interval = monoio::time::interval(every);
+    loop {
+        interval.tick().await;
+        local.inbox.push(Input::Tick);
+    }
+}
+
+pub(super) async fn receive_cross_core(local: Rc<Local>, rx: flume::Receiver<CrossCore>) {
+    while let Ok(message) = rx.recv_async().await {
+        local.inbox.push(Input::CrossCore(message));
+    }
+}
+
+/// The next accepted connection, with our socket options set. An accept
+/// error (say, out of file descriptors) is logged and retried after a short
+/// pause, so a persistent one cannot spin the shard thread.
+async fn next_connection(
+    listener: &TcpListener,
+    local: &Local,
+    node: &NodeShared,
+) -> (monoio::net::TcpStream, SocketAddr) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, remote)) => {
+                if let Err(e) = configure_stream(&stream, &node.socket_options()) {
+                    tracing::warn!(shard = local.shard, %remote, error = %e, "cannot set socket options");
+                }
+                return (stream, remote);
+            }
+            Err(e) => {
+                tracing::warn!(shard = local.shard, error = %e, "accept failed");
+                monoio::time::sleep(ACCEPT_RETRY).await;
+            }
+        }
+    }
+}
+
+pub(super) async fn accept_clients(listener: TcpListener, local: Rc<Local>, node: Arc<NodeShared>) {
+    loop {
+        let (stream, remote) = next_connection(&listener, &local, &node).await;
+        let conn = local.next_conn.get();
+        local.next_conn.set(conn + 1);
+        let (read_half, write_half) = stream.into_split();
+        let sender = spawn_writer(write_half, MAX_CONN_QUEUE_BYTES);
+        local.conns.borrow_mut().insert(conn, sender.clone());
+        monoio::spawn(read_client(
+            FrameReader::new(read_half, node.config.max_frame_bytes),
+            conn,
+            remote,
+            sender,
+            local.clone(),
+        ));
+    }
+}
+
+async fn read_client<R: monoio::io::AsyncReadRent>(
+    mut reader: FrameReader<R>,
+    conn: ConnId,
+    remote: SocketAddr,
+    sender: FrameSender,
+    local: Rc<Local>,
+) {
+    loop {
+        let frame = match reader.next_frame().await {
+            Ok(Some(frame)) => frame,
+            Ok(None) => break,
+            Err(e) => {
+                refuse_client(&sender, &e);
+                tracing::info!(shard = local.shard, %remote, error = %e, "closing client connection");
+                break;
+            }
+        };
+        match decode_message::<Request>(frame) {
+            Ok(request) => local.inbox.push(Input::Client { conn, request }),
+            Err(e) => {
+                refuse_client(&sender, &e);
+                tracing::info!(shard = local.shard, %remote, error = %e, "closing client connection: undecodable request");
+                break;
+            }
+        }
+    }
+    sender.close();
+    local.inbox.push(Input::ConnClosed(conn));
+}
+
+/// Tells a client why its connection is about to close.
+fn refuse_client(sender: &FrameSender, error: &FrameError) {
+    let code = match error {
+        FrameError::FrameTooLarge { .. } => ErrorCode::TooLarge,
+        _ => ErrorCode::InvalidArgument,
+    };
+    let response = Response {
+        id: 0,
+        result: Some(state_machine::error(code, &error.to_string())),
+    };
+    let _ = sender.send(encode_frame_bytes(&response));
+}
+
+pub(super) async fn accept_peers(listener: TcpListener, local: Rc<Local>, node: Arc<NodeShared>) {
+    loop {
+        let (stream, remote) = next_connection(&listener, &local, &node).await;
+        monoio::spawn(serve_peer(stream, remote, local.clone(), node.clone()));
+    }
+}
+
+async fn serve_peer(
+    stream: monoio::net::TcpStream,
+    remote: SocketAddr,
+    local: Rc<Local>,
+    node: Arc<NodeShared>,
+) {
+    let config = &node.config;
+    let shard = local.shard;
+    let check = |hello: &Hello| check_hello(hello, &node, shard);
+    // The write half stays alive while we read: dropping it would shut the
+    // socket down for writing and the dialer would see a closed link.
+    let (hello, mut reader, write_half) = match accept_peer(
+        stream,
+        config.node_id,
+        config.max_frame_bytes,
+        HANDSHAKE_TIMEOUT,
+        check,
+    )
+    .await
+    {
+        Ok(accepted) => accepted,
+        Err(e) => {
+            tracing::warn!(shard, %remote, error = %e, "peer handshake refused");
+            return;
+        }
+    };
+    let peer = hello.node_id;
+    if hello.kind == LinkKind::Snapshot as i32 {
+        let dir = shared::snapshot_dir(&config.data_dir, shard);
+        match snapshot_transfer::receive(reader, write_half, shard, dir).await {
+            Ok(incoming) => local
+                .inbox
+                .push(Input::SnapshotReceived(Box::new(incoming))),
+            Err(reason) => tracing::warn!(shard, peer, %reason, "snapshot from leader refused"),
+        }
+        return;
+    }
+    tracing::info!(shard, peer, %remote, "peer connected");
+    loop {
+        let frame = match reader.next_frame().await {
+            Ok(Some(frame)) => frame,
+            Ok(None) => break,
+            Err(e) => {
+                tracing::warn!(shard, peer, error = %e, "closing peer connection");
+                break;
+            }
+        };
+        let frame = match decode_message::<PeerFrame>(frame) {
+            Ok(frame) => frame,
+            Err(e) => {
+                tracing::warn!(shard, peer, error = %e, "closing peer connection: undecodable frame");
+                break;
+            }
+        };
+        match frame.msg {
+            Some(peer_frame::Msg::Raft(batch)) => {
+                for bytes in batch.messages {
+                    match Message::parse_from_carllerche_bytes(&bytes) {
+                        Ok(message) => local.inbox.push(Input::Raft(Box::new(message))),
+                        Err(e) => {
+                            tracing::warn!(shard, peer, error = %e, "undecodable raft message dropped")
+                        }
+                    }
+                }
+            }
+            Some(peer_frame::Msg::Forward(forward)) => {
+                if let Some(request) = forward.request {
+                    local.inbox.push(Input::Forward {
+                        origin_node: forward.origin_node,
+                        request,
+                    });
+                }
+            }
+            Some(peer_frame::Msg::ForwardReply(reply)) => {
+                if let Some(response) = reply.response {
+                    local.inbox.push(Input::ForwardReply(response));
+                }
+            }
+            _ => tracing::debug!(shard, peer, "unexpected peer frame ignored"),
+        }
+    }
+    drop(write_half);
+    tracing::info!(shard, peer, "peer disconnected");
+}
+
+fn check_hello(hello: &Hello, node: &NodeShared, shard: u32) -> Result<(), String> {
+    let config = &node.config;
+    if hello.cluster_id != config.cluster_id {
+        return Err(format!(
+            "cluster id mismatch: mine {}, yours {}",
+            config.cluster_id, hello.cluster_id
+        ));
+    }
+    if hello.shards != config.shards {
+        return Err(format!(
+            "shard count mismatch: mine {}, yours {}",
+            config.shards, hello.shards
+        ));
+    }
+    if hello.shard != shard {
+        return Err(format!(
+            "wrong shard: this port serves shard {shard}, you asked for {}",
+            hello.shard
+        ));
+    }
+    if hello.protocol_version != corekv_proto::PEER_PROTOCOL_VERSION {
+        return Err(format!(
+            "protocol version mismatch: mine {}, yours {}",
+            corekv_proto::PEER_PROTOCOL_VERSION,
+            hello.protocol_version
+        ));
+    }
+    if hello.node_id == config.node_id || config.peer(hello.node_id).is_none() {
+        let ids: Vec<u64> = config.peers.iter().map(|p| p.id).collect();
+        return Err(format!(
+            "unknown node id {}: members are {ids:?}",
+            hello.node_id
+        ));
+    }
+    Ok(())
+}

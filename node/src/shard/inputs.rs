@@ -1,0 +1,86 @@
+//! What the shard loop receives (its inputs) and where each answer goes.
+
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::time::Instant;
+
+use corekv_proto::client::{Request, Response};
+use corekv_transport::{FrameSender, LinkEvent};
+use corekv_wal::SyncOutcome;
+use raft::prelude::Message;
+
+use crate::inbox::Inbox;
+use crate::metrics;
+use crate::shared::CrossCore;
+use crate::snapshot_transfer;
+
+/// Identifies a client connection within its shard.
+pub(super) type ConnId = u64;
+
+/// Where the answer to a request must go, and what to count it as.
+#[derive(Clone, Debug)]
+pub(super) struct Route {
+    pub(super) dest: Dest,
+    /// Index into `metrics::OPS`; None for a request without an operation.
+    pub(super) op: Option<usize>,
+    pub(super) started: Instant,
+}
+
+impl Route {
+    pub(super) fn new(dest: Dest, request: &Request) -> Route {
+        Route {
+            dest,
+            op: request.op.as_ref().map(metrics::op_index),
+            started: Instant::now(),
+        }
+    }
+}
+
+/// Who asked.
+#[derive(Clone, Debug)]
+pub(super) enum Dest {
+    /// A client connection of this shard, with the client's request id.
+    Client { conn: ConnId, id: u64 },
+    /// A follower that forwarded the request to us, with its forward id.
+    Forwarded { origin_node: u64, id: u64 },
+    /// A client connection of another shard of this node.
+    CrossCore { shard: u32, conn: ConnId, id: u64 },
+}
+
+/// Everything the shard loop reacts to.
+pub(super) enum Input {
+    Tick,
+    Raft(Box<Message>),
+    Client {
+        conn: ConnId,
+        request: Request,
+    },
+    ConnClosed(ConnId),
+    Forward {
+        origin_node: u64,
+        request: Request,
+    },
+    ForwardReply(Response),
+    CrossCore(CrossCore),
+    Synced {
+        outcome: SyncOutcome,
+        started: Instant,
+    },
+    Link {
+        peer: u64,
+        event: LinkEvent,
+    },
+    SnapshotSent {
+        peer: u64,
+        result: Result<(), String>,
+    },
+    SnapshotReceived(Box<snapshot_transfer::Incoming>),
+}
+
+/// Shard-local state shared between the loop and its tasks.
+pub(super) struct Local {
+    pub(super) shard: u32,
+    pub(super) inbox: Inbox<Input>,
+    pub(super) conns: RefCell<HashMap<ConnId, FrameSender>>,
+    pub(super) next_conn: Cell<ConnId>,
+}

@@ -1,0 +1,391 @@
+//! Requests: size checks, which shard owns a key, hand-over to another
+//! shard of this node, forwarding to the leader, and delivering answers.
+
+use bytes::Bytes;
+use corekv_proto::client::{
+    request::Op, response, Consistency, ErrorCode, NodeInfo, Request, Response, TopologyResult,
+};
+use corekv_proto::peer::{peer_frame, ForwardReply, PeerFrame};
+use corekv_transport::encode_frame_bytes;
+
+use crate::metrics::{self};
+use crate::replica::{NotLeader, Output, Token};
+use crate::shared::CrossCore;
+use crate::state_machine;
+
+use super::inputs::{ConnId, Dest, Route};
+use super::Shard;
+
+impl Shard {
+    pub(super) fn handle_request(
+        &mut self,
+        route: Route,
+        request: Request,
+        no_forward: bool,
+        out: &mut Output,
+    ) {
+        if self.stopping.is_some() {
+            let result = state_machine::error(ErrorCode::Unavailable, "node is shutting down");
+            self.answer(&route, result);
+            return;
+        }
+        let Some(op) = request.op else {
+            self.answer(
+                &route,
+                state_machine::error(ErrorCode::InvalidArgument, "request has no operation"),
+            );
+            return;
+        };
+        let key = match &op {
+            Op::Put(p) => Some(&p.key),
+            Op::Get(g) => Some(&g.key),
+            Op::Delete(d) => Some(&d.key),
+            Op::Cas(c) => Some(&c.key),
+            Op::Scan(_) | Op::Topology(_) | Op::Status(_) | Op::TransferLeader(_) => None,
+        };
+        if let Some(key) = key {
+            if let Err(result) = self.check_sizes(key, &op) {
+                self.answer(&route, result);
+                return;
+            }
+            let owner = corekv_proto::shard_of(key, self.node.config.shards);
+            if owner != self.local.shard {
+                self.hand_over(owner, route, op, no_forward);
+                return;
+            }
+        }
+        match op {
+            Op::Topology(_) => {
+                let result = response::Result::Topology(self.topology());
+                self.answer(&route, result);
+            }
+            Op::Status(_) => {
+                let result = response::Result::Status(self.node.status());
+                self.answer(&route, result);
+            }
+            Op::Scan(ref scan) => {
+                let target = scan.shard.unwrap_or(self.local.shard);
+                if scan.shard.is_none() && self.node.config.shards > 1 {
+                    self.answer(
+                        &route,
+                        state_machine::error(
+                            ErrorCode::InvalidArgument,
+                            "scan on a multi-shard node needs `shard` set (the client library fans out)",
+                        ),
+                    );
+                } else if target >= self.node.config.shards {
+                    self.answer(
+                        &route,
+                        state_machine::error(ErrorCode::WrongShard, &format!("no shard {target}")),
+                    );
+                } else if target != self.local.shard {
+                    self.hand_over(target, route, op, no_forward);
+                } else {
+                    let consistency = scan.consistency();
+                    self.read(route, op, consistency, no_forward, out);
+                }
+            }
+            Op::Get(ref get) => {
+                let consistency = get.consistency();
+                self.read(route, op, consistency, no_forward, out);
+            }
+            Op::TransferLeader(ref transfer) => {
+                let (target, to) = (transfer.shard, transfer.to);
+                if target >= self.node.config.shards {
+                    let message = format!("no shard {target}");
+                    self.answer(
+                        &route,
+                        state_machine::error(ErrorCode::WrongShard, &message),
+                    );
+                } else if target != self.local.shard {
+                    self.hand_over(target, route, op, no_forward);
+                } else if !self.replica.is_voter(to) {
+                    let message = format!("node {to} is not a voter of shard {target}");
+                    self.answer(
+                        &route,
+                        state_machine::error(ErrorCode::InvalidArgument, &message),
+                    );
+                } else if !self.replica.is_leader() {
+                    let leader_id = self.replica.leader_id();
+                    self.not_leader(route, op, NotLeader { leader_id }, no_forward);
+                } else {
+                    if to != self.node.config.node_id {
+                        tracing::info!(shard = target, to, "leadership transfer requested");
+                        self.replica.transfer_leader(to);
+                    }
+                    let result = response::Result::TransferLeader(Default::default());
+                    self.answer(&route, result);
+                }
+            }
+            Op::Put(_) | Op::Delete(_) | Op::Cas(_) => {
+                let token = self.token(route.clone());
+                if let Err(not_leader) = self.replica.propose(token, op.clone()) {
+                    self.routes.remove(&token);
+                    self.not_leader(route, op, not_leader, no_forward);
+                }
+            }
+        }
+    }
+
+    pub(super) fn read(
+        &mut self,
+        route: Route,
+        op: Op,
+        consistency: Consistency,
+        no_forward: bool,
+        out: &mut Output,
+    ) {
+        let token = self.token(route.clone());
+        if let Err(not_leader) = self.replica.read(token, op.clone(), consistency, out) {
+            self.routes.remove(&token);
+            self.not_leader(route, op, not_leader, no_forward);
+        }
+    }
+
+    pub(super) fn check_sizes(&self, key: &Bytes, op: &Op) -> Result<(), response::Result> {
+        let config = &self.node.config;
+        if key.is_empty() {
+            return Err(state_machine::error(
+                ErrorCode::InvalidArgument,
+                "empty key",
+            ));
+        }
+        if key.len() > config.max_key_bytes {
+            return Err(state_machine::error(
+                ErrorCode::TooLarge,
+                &format!(
+                    "key of {} bytes exceeds max_key_bytes {}",
+                    key.len(),
+                    config.max_key_bytes
+                ),
+            ));
+        }
+        let value_len = match op {
+            Op::Put(p) => p.value.len(),
+            Op::Cas(c) => c.value.len(),
+            _ => 0,
+        };
+        if value_len > config.max_value_bytes {
+            return Err(state_machine::error(
+                ErrorCode::TooLarge,
+                &format!(
+                    "value of {value_len} bytes exceeds max_value_bytes {}",
+                    config.max_value_bytes
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Sends a request of a client of this shard to the shard that owns it.
+    pub(super) fn hand_over(&mut self, owner: u32, route: Route, op: Op, no_forward: bool) {
+        let Dest::Client { conn, id } = route.dest else {
+            // Peers dial the owning shard's port directly; anything else is a
+            // confused peer.
+            self.answer(
+                &route,
+                state_machine::error(
+                    ErrorCode::WrongShard,
+                    &format!("key belongs to shard {owner}"),
+                ),
+            );
+            return;
+        };
+        let message = CrossCore::Request {
+            origin_shard: self.local.shard,
+            conn,
+            request: Request {
+                id,
+                no_forward,
+                op: Some(op),
+            },
+        };
+        if self.node.cross[owner as usize].try_send(message).is_err() {
+            self.answer(
+                &route,
+                state_machine::error(
+                    ErrorCode::Unavailable,
+                    &format!("shard {owner} is overloaded"),
+                ),
+            );
+        }
+    }
+
+    pub(super) fn not_leader(
+        &mut self,
+        route: Route,
+        op: Op,
+        not_leader: NotLeader,
+        no_forward: bool,
+    ) {
+        let leader_id = not_leader.leader_id;
+        if leader_id == 0 {
+            let message = format!("shard {} has no leader right now", self.local.shard);
+            self.answer(
+                &route,
+                state_machine::error(ErrorCode::Unavailable, &message),
+            );
+            return;
+        }
+        if no_forward || !self.links.contains_key(&leader_id) {
+            let mut error = corekv_proto::client::Error {
+                code: ErrorCode::NotLeader as i32,
+                message: format!(
+                    "node {} does not lead shard {}; node {leader_id} does",
+                    self.node.config.node_id, self.local.shard
+                ),
+                leader_id,
+                ..Default::default()
+            };
+            if let Some(peer) = self.node.config.peer(leader_id) {
+                error.leader_addr = format!(
+                    "{}:{}",
+                    peer.host,
+                    u32::from(peer.client_port) + self.local.shard
+                );
+            }
+            self.answer(&route, response::Result::Error(error));
+            return;
+        }
+        let id = self.next_forward_id;
+        self.next_forward_id += 1;
+        let frame = encode_frame_bytes(&PeerFrame {
+            msg: Some(peer_frame::Msg::Forward(corekv_proto::peer::Forward {
+                origin_node: self.node.config.node_id,
+                request: Some(Request {
+                    id,
+                    no_forward: true,
+                    op: Some(op),
+                }),
+            })),
+        });
+        if self.links[&leader_id].send(frame).is_err() {
+            let message = format!(
+                "cannot reach leader {leader_id} of shard {}",
+                self.local.shard
+            );
+            self.answer(
+                &route,
+                state_machine::error(ErrorCode::Unavailable, &message),
+            );
+            return;
+        }
+        self.forwarded
+            .insert(id, (route, self.ticks + self.request_timeout_ticks));
+    }
+
+    pub(super) fn expire_forwards(&mut self) {
+        let now = self.ticks;
+        let expired: Vec<u64> = self
+            .forwarded
+            .iter()
+            .filter(|(_, (_, deadline))| *deadline <= now)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in expired {
+            if let Some((route, _)) = self.forwarded.remove(&id) {
+                self.answer(
+                    &route,
+                    state_machine::error(ErrorCode::Timeout, "the leader did not answer in time"),
+                );
+            }
+        }
+    }
+
+    pub(super) fn token(&mut self, route: Route) -> Token {
+        let token = self.next_token;
+        self.next_token += 1;
+        self.routes.insert(token, route);
+        token
+    }
+
+    pub(super) fn answer(&self, route: &Route, result: response::Result) {
+        if let Some(op) = route.op {
+            let status = metrics::status_index(&result);
+            self.metrics
+                .request(op, status, route.started.elapsed().as_secs_f64());
+        }
+        match route.dest {
+            Dest::Client { conn, id } => {
+                self.send_to_conn(
+                    conn,
+                    &Response {
+                        id,
+                        result: Some(result),
+                    },
+                );
+            }
+            Dest::Forwarded { origin_node, id } => {
+                let frame = encode_frame_bytes(&PeerFrame {
+                    msg: Some(peer_frame::Msg::ForwardReply(ForwardReply {
+                        response: Some(Response {
+                            id,
+                            result: Some(result),
+                        }),
+                    })),
+                });
+                if let Some(link) = self.links.get(&origin_node) {
+                    // If the link is down the follower times the request out.
+                    let _ = link.send(frame);
+                }
+            }
+            Dest::CrossCore { shard, conn, id } => {
+                let reply = CrossCore::Reply {
+                    conn,
+                    response: Response {
+                        id,
+                        result: Some(result),
+                    },
+                };
+                if self.node.cross[shard as usize].try_send(reply).is_err() {
+                    tracing::warn!(
+                        shard = self.local.shard,
+                        to_shard = shard,
+                        "cross-core queue full, reply dropped"
+                    );
+                }
+            }
+        }
+    }
+
+    pub(super) fn send_to_conn(&self, conn: ConnId, response: &Response) {
+        let conns = self.local.conns.borrow();
+        if let Some(sender) = conns.get(&conn) {
+            if sender.send(encode_frame_bytes(response)).is_err() {
+                // A client that does not read its answers loses its connection
+                // instead of growing our memory.
+                tracing::warn!(
+                    shard = self.local.shard,
+                    conn,
+                    "client send queue full, closing connection"
+                );
+                sender.close();
+            }
+        }
+    }
+
+    pub(super) fn topology(&self) -> TopologyResult {
+        let config = &self.node.config;
+        TopologyResult {
+            cluster_id: config.cluster_id,
+            shards: config.shards,
+            nodes: config
+                .peers
+                .iter()
+                .map(|p| NodeInfo {
+                    node_id: p.id,
+                    host: p.host.clone(),
+                    client_port: u32::from(p.client_port),
+                    peer_port: u32::from(p.peer_port),
+                })
+                .collect(),
+            leaders: self
+                .node
+                .status()
+                .shards
+                .iter()
+                .map(|s| s.leader_id)
+                .collect(),
+        }
+    }
+}

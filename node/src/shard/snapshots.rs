@@ -1,0 +1,118 @@
+//! Snapshot orchestration: writing one on a helper thread, deleting what it
+//! made obsolete, and streaming one to a follower on a connection of its own.
+
+use corekv_proto::peer::{Hello, LinkKind};
+use raft::prelude::Message;
+
+use crate::replica::Output;
+use crate::shared::CrossCore;
+use crate::snapshot::{self, SnapshotMeta};
+use crate::snapshot_transfer;
+
+use super::addr::resolve;
+use super::inputs::Input;
+use super::Shard;
+
+impl Shard {
+    pub(super) fn start_snapshot_transfer(&mut self, message: Message) {
+        let to = message.to;
+        let metadata = message.get_snapshot().get_metadata();
+        let path = self
+            .snap_dir
+            .join(snapshot::file_name(metadata.index, metadata.term));
+        let peer = self.node.config.peer(to).cloned();
+        let (Some(peer), false) = (peer, self.snapshots_sending.contains(&to)) else {
+            return;
+        };
+        let addr = match resolve(&peer.host, peer.peer_port, self.local.shard) {
+            Ok(addr) => addr,
+            Err(e) => {
+                tracing::warn!(shard = self.local.shard, peer = to, error = %e, "cannot send snapshot");
+                self.replica.report_snapshot(to, false);
+                return;
+            }
+        };
+        let meta = SnapshotMeta {
+            shard: self.local.shard,
+            index: metadata.index,
+            term: metadata.term,
+            ..Default::default()
+        };
+        tracing::info!(
+            shard = self.local.shard,
+            peer = to,
+            index = meta.index,
+            "sending snapshot"
+        );
+        self.snapshots_sending.insert(to);
+        let config = &self.node.config;
+        let outgoing = snapshot_transfer::Outgoing {
+            addr,
+            hello: Hello {
+                cluster_id: config.cluster_id,
+                node_id: config.node_id,
+                shard: self.local.shard,
+                protocol_version: corekv_proto::PEER_PROTOCOL_VERSION,
+                shards: config.shards,
+                kind: LinkKind::Snapshot as i32,
+            },
+            socket: self.node.socket_options(),
+            max_frame_bytes: config.max_frame_bytes,
+            path,
+            meta,
+            message,
+        };
+        let local = self.local.clone();
+        monoio::spawn(async move {
+            let result = snapshot_transfer::send(outgoing).await;
+            local.inbox.push(Input::SnapshotSent { peer: to, result });
+        });
+    }
+
+    /// Hands blocking snapshot work (writing one, deleting what it made
+    /// obsolete) to helper threads.
+    pub(super) fn handle_snapshot_outputs(&mut self, out: &mut Output) {
+        if let Some((meta, map)) = out.snapshot_to_write.take() {
+            let dir = self.snap_dir.clone();
+            let reply = self.node.cross[self.local.shard as usize].clone();
+            let shard = self.local.shard;
+            let spawned = std::thread::Builder::new()
+                .name(format!("corekv-snap-{shard}"))
+                .spawn(move || {
+                    let result = snapshot::write(&dir, &meta, &map)
+                        .map(|path| (meta, path))
+                        .map_err(|e| e.to_string());
+                    // Dropping the map here, off the shard thread, frees what
+                    // the shard no longer shares.
+                    drop(map);
+                    let _ = reply.send(CrossCore::SnapshotWritten(result));
+                });
+            if let Err(e) = spawned {
+                let _ = self.replica.on_snapshot_written(Err(e.to_string()));
+            }
+        }
+        if let Some(meta) = out.snapshot_installed.take() {
+            tracing::info!(
+                shard = self.local.shard,
+                index = meta.index,
+                term = meta.term,
+                "snapshot applied"
+            );
+        }
+        let obsolete = self.replica.take_obsolete_segments();
+        if !obsolete.is_empty() {
+            let dir = self.snap_dir.clone();
+            let shard = self.local.shard;
+            let _ = std::thread::Builder::new()
+                .name(format!("corekv-compact-{shard}"))
+                .spawn(move || {
+                    let count = obsolete.len();
+                    match corekv_wal::remove_segments(obsolete) {
+                        Ok(()) => tracing::info!(shard, segments = count, "WAL compacted"),
+                        Err(e) => tracing::warn!(shard, error = %e, "cannot delete WAL segments"),
+                    }
+                    snapshot::prune(&dir);
+                });
+        }
+    }
+}
