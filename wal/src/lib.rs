@@ -44,6 +44,7 @@
 
 mod error;
 mod format;
+mod index;
 mod lock;
 mod recovery;
 mod segment;
@@ -54,7 +55,7 @@ mod wal;
 pub use error::WalError;
 pub use sync::{remove_segments, SyncJob, SyncOutcome};
 pub use types::{
-    ConfState, EntryRef, HardState, SnapshotMarker, WalOptions, DEFAULT_SEGMENT_BYTES,
-    MAX_SEGMENT_BYTES, MIN_SEGMENT_BYTES,
+    ConfState, EntryRef, HardState, RecoveryReport, SnapshotMarker, WalOptions,
+    DEFAULT_SEGMENT_BYTES, MAX_SEGMENT_BYTES, MIN_SEGMENT_BYTES,
 };
-pub use wal::{RecoveryReport, Wal};
+pub use wal::Wal;

@@ -8,6 +8,9 @@
 //! Only the newest valid segment can end in records that were being written
 //! when the process or machine died; those were never acknowledged by a sync,
 //! so cutting them loses nothing that was promised.
+//!
+//! Recovery hands back a `Recovered` value and never builds the `Wal`
+//! itself, so the log's fields stay private to it.
 
 use std::collections::VecDeque;
 use std::fs::File;
@@ -17,16 +20,46 @@ use std::sync::Arc;
 
 use crate::error::WalError;
 use crate::format::{self, HeaderProblem, ReadRecord, HEADER_LEN};
+use crate::index::EntryLocation;
 use crate::lock::DirLock;
 use crate::segment::{Segment, SegmentFile};
 use crate::sync::Position;
 use crate::types::{
-    ConfState, HardState, SnapshotMarker, WalOptions, MAX_SEGMENT_BYTES, MIN_SEGMENT_BYTES,
+    ConfState, HardState, RecoveryReport, SnapshotMarker, WalOptions, MAX_SEGMENT_BYTES,
+    MIN_SEGMENT_BYTES,
 };
-use crate::wal::{EntryLocation, RecoveryReport, Wal};
 
-pub(crate) fn open(dir: &Path, options: WalOptions) -> Result<Wal, WalError> {
-    validate_options(&options)?;
+/// What replay found on disk, for `Wal` to build itself from. Everything in
+/// it is durable: recovery removed what was never synced and cut torn tails.
+pub(crate) struct Recovered {
+    /// Taken before anything is read and kept by the `Wal` for its whole
+    /// life: one `Wal` per directory.
+    pub(crate) lock: DirLock,
+    pub(crate) dir_file: Arc<SegmentFile>,
+    /// Valid segments, oldest first, the newest ready for appends. Empty for
+    /// a fresh log: creating the first segment is a write, left to the `Wal`.
+    pub(crate) segments: VecDeque<Segment>,
+    /// Entries `marker.index + 1..`, in order.
+    pub(crate) index: VecDeque<EntryLocation>,
+    pub(crate) marker: SnapshotMarker,
+    /// Sequence of the segment holding the latest snapshot marker record
+    /// replayed, which compaction needs to know what is obsolete.
+    pub(crate) marker_sequence: u64,
+    pub(crate) hard_state: HardState,
+    pub(crate) conf_state: Option<ConfState>,
+    /// Highest sequence among the segment files found, valid or not: a fresh
+    /// first segment comes after it, so no sequence is ever reused.
+    pub(crate) last_sequence: u64,
+    /// Torn tail and unsynced segments; the `Wal` adds what it removes and
+    /// the final counts.
+    pub(crate) report: RecoveryReport,
+}
+
+/// Locks `dir` (creating it if missing), removes segments that were never
+/// synced, replays the valid ones and cuts a torn tail off the newest.
+/// Blocking.
+pub(crate) fn recover(dir: &Path, options: &WalOptions) -> Result<Recovered, WalError> {
+    validate_options(options)?;
     std::fs::create_dir_all(dir).map_err(|e| WalError::io(dir, "create directory", e))?;
     let lock = DirLock::acquire(dir)?;
     let dir_file = Arc::new(SegmentFile::open_dir(dir)?);
@@ -59,46 +92,18 @@ pub(crate) fn open(dir: &Path, options: WalOptions) -> Result<Wal, WalError> {
         newest.prepare_recovered_for_appends()?;
     }
 
-    let mut wal = Wal {
-        dir: dir.to_path_buf(),
+    Ok(Recovered {
+        lock,
         dir_file,
-        options,
-        _lock: lock,
         segments,
         index: replay.index,
         marker: replay.marker,
+        marker_sequence: replay.marker_position.sequence,
         hard_state: replay.hard_state,
         conf_state: replay.conf_state,
-        synced: Position::default(),
-        sync_in_flight: false,
-        created_segments: 0,
-        synced_created_segments: 0,
-        pending_markers: VecDeque::new(),
-        durable_marker: (replay.marker_position.sequence, replay.marker.index),
-        obsolete: Vec::new(),
-        poisoned: false,
-        next_segment: None,
-        bytes_written: 0,
-        recovery: report,
-    };
-    if wal.segments.is_empty() {
-        create_first_segment(&mut wal, last_sequence + 1)?;
-    }
-    let active = wal.active();
-    wal.synced = Position {
-        sequence: active.sequence,
-        offset: active.write_offset,
-    };
-    // Everything recovered is on disk, so obsolete segments can go right away
-    // (open is blocking anyway).
-    wal.collect_obsolete();
-    let obsolete = wal.take_obsolete_segments();
-    crate::sync::remove_segments(obsolete.clone())?;
-    wal.recovery.obsolete_segments_removed = obsolete;
-    wal.recovery.segments = wal.segments.len();
-    wal.recovery.entries = wal.index.len() as u64;
-    wal.prepare_next_segment();
-    Ok(wal)
+        last_sequence,
+        report,
+    })
 }
 
 fn validate_options(options: &WalOptions) -> Result<(), WalError> {
@@ -202,23 +207,6 @@ fn has_records(path: &Path) -> Result<bool, WalError> {
         Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Ok(false),
         Err(e) => Err(WalError::io(path, "read segment", e)),
     }
-}
-
-/// A fresh log (or one whose only segments were never synced): the first
-/// segment's header is written and synced at once, there being nothing older
-/// that must be durable first.
-fn create_first_segment(wal: &mut Wal, sequence: u64) -> Result<(), WalError> {
-    let segment = Segment::create(&wal.dir, sequence, wal.options.segment_bytes)?;
-    segment
-        .file
-        .write_header(&segment.header(wal.options.shard_id))?;
-    wal.segments.push_back(segment);
-    wal.write_metadata_copies();
-    wal.pending_markers.clear();
-    let segment = wal.segments.back_mut().expect("just pushed");
-    segment.file.sync_data()?;
-    segment.header_durable = true;
-    wal.dir_file.sync_all()
 }
 
 /// The state replay builds, record by record.
@@ -455,20 +443,29 @@ fn nonzero_span(bytes: &[u8]) -> Option<(usize, usize)> {
 mod tests {
     use super::*;
     use crate::types::EntryRef;
+    // Only to write the logs that recovery is tested on.
+    use crate::wal::Wal;
 
     const SEGMENT_BYTES: u64 = 4096;
     /// Offset of the first record after the metadata copies of a segment
     /// without conf state: header, hard state record (40), marker record (32).
     const FIRST_RECORD_OFFSET: u64 = HEADER_LEN as u64 + 40 + 32;
 
+    fn options() -> WalOptions {
+        WalOptions {
+            segment_bytes: SEGMENT_BYTES,
+            shard_id: 1,
+        }
+    }
+
     fn open_wal(dir: &Path) -> Result<Wal, WalError> {
-        Wal::open(
-            dir,
-            WalOptions {
-                segment_bytes: SEGMENT_BYTES,
-                shard_id: 1,
-            },
-        )
+        Wal::open(dir, options())
+    }
+
+    /// Recovery alone, to look at what replay found (it holds the lock until
+    /// dropped).
+    fn recover_ok(dir: &Path) -> Recovered {
+        recover(dir, &options()).unwrap()
     }
 
     /// A synced WAL of `count` entries of 100 bytes (about 35 per segment).
@@ -485,10 +482,13 @@ mod tests {
             wal.append_entries(&[entry]).unwrap();
         }
         wal.sync().unwrap();
-        wal.segments
-            .iter()
-            .map(|s| s.path().to_path_buf())
-            .collect()
+        drop(wal);
+        segment_paths(&recover_ok(dir))
+    }
+
+    fn segment_paths(recovered: &Recovered) -> Vec<PathBuf> {
+        let segments = recovered.segments.iter();
+        segments.map(|s| s.path().to_path_buf()).collect()
     }
 
     fn patch(path: &Path, offset: u64, bytes: &[u8]) {
@@ -513,8 +513,8 @@ mod tests {
         let paths = write_log(dir.path(), 10);
         assert_eq!(paths.len(), 1);
         let end = {
-            let wal = open_wal(dir.path()).unwrap();
-            wal.active().write_offset as u64
+            let recovered = recover_ok(dir.path());
+            recovered.segments.back().unwrap().write_offset as u64
         };
         // Half a record: a length that promises more than the crc covers.
         patch(&paths[0], end, &[200, 0, 0, 0, 1, 2, 3, 4, 1, 9, 9]);
@@ -548,9 +548,10 @@ mod tests {
         let paths = write_log(dir.path(), 120);
         let newest = paths.last().unwrap();
         let first_in_newest = {
-            let wal = open_wal(dir.path()).unwrap();
-            let newest_sequence = wal.active().sequence;
-            let position = wal.index.iter().position(|l| l.sequence == newest_sequence);
+            let recovered = recover_ok(dir.path());
+            let newest_sequence = recovered.segments.back().unwrap().sequence;
+            let mut locations = recovered.index.iter();
+            let position = locations.position(|l| l.sequence == newest_sequence);
             position.expect("the newest segment holds entries") as u64 + 1
         };
         // The sync job wrote the newest segment's header, then the machine died
@@ -638,14 +639,14 @@ mod tests {
         std::fs::write(&leftover, vec![0u8; 4096]).unwrap();
         let short = dir.path().join(format::segment_file_name(3));
         std::fs::write(&short, b"").unwrap();
-        let wal = open_wal(dir.path()).unwrap();
+        let recovered = recover_ok(dir.path());
         assert_eq!(
-            wal.recovery().unsynced_segments_removed,
+            recovered.report.unsynced_segments_removed,
             vec![leftover.clone(), short.clone()]
         );
         assert!(!leftover.exists() && !short.exists());
-        assert_eq!(wal.last_index(), 10);
-        assert_eq!(wal.active().path(), paths[0]);
+        assert_eq!(recovered.index.len(), 10);
+        assert_eq!(segment_paths(&recovered), paths);
     }
 
     #[test]

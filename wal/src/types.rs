@@ -1,6 +1,8 @@
 //! The plain values the WAL stores and hands back. They mirror raft's types
 //! without depending on raft, so the log stays usable by any replication layer.
 
+use std::path::PathBuf;
+
 /// How a WAL is laid out on disk.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct WalOptions {
@@ -74,4 +76,20 @@ pub struct SnapshotMarker {
     pub index: u64,
     /// Term of the entry at `index`.
     pub term: u64,
+}
+
+/// What recovery did when the WAL was opened, for the caller to log.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RecoveryReport {
+    /// A torn tail cut off the newest segment: the file and the offset of the
+    /// first byte dropped (records after it were never acknowledged).
+    pub torn_tail: Option<(PathBuf, u64)>,
+    /// Segments holding the log after recovery.
+    pub segments: usize,
+    /// Entries in the log after recovery.
+    pub entries: u64,
+    /// Segments created but never synced (zero header) that were deleted.
+    pub unsynced_segments_removed: Vec<PathBuf>,
+    /// Segments compaction had made obsolete that were deleted.
+    pub obsolete_segments_removed: Vec<PathBuf>,
 }

@@ -13,71 +13,45 @@ use crate::format::{
     HARD_STATE_LEN, HEADER_LEN, KIND_CONF_STATE, KIND_ENTRIES, KIND_HARD_STATE, KIND_LEN,
     KIND_SNAPSHOT_MARKER, RECORD_HEADER_LEN, SNAPSHOT_MARKER_LEN,
 };
+use crate::index::EntryLocation;
 use crate::lock::DirLock;
-use crate::recovery;
+use crate::recovery::{self, Recovered};
 use crate::segment::{Segment, SegmentFile};
-use crate::sync::{Position, SyncJob, SyncOutcome, SyncStep};
-use crate::types::{ConfState, EntryRef, HardState, SnapshotMarker, WalOptions};
-
-/// Where an entry's data lives: no copy of the data is kept in memory.
-#[derive(Clone, Copy, Debug)]
-pub(crate) struct EntryLocation {
-    pub(crate) term: u64,
-    pub(crate) sequence: u64,
-    /// Offset of the data inside the segment.
-    pub(crate) data_offset: u32,
-    pub(crate) data_len: u32,
-    pub(crate) entry_type: u8,
-}
-
-/// What recovery did when the WAL was opened, for the caller to log.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct RecoveryReport {
-    /// A torn tail cut off the newest segment: the file and the offset of the
-    /// first byte dropped (records after it were never acknowledged).
-    pub torn_tail: Option<(PathBuf, u64)>,
-    /// Segments holding the log after recovery.
-    pub segments: usize,
-    /// Entries in the log after recovery.
-    pub entries: u64,
-    /// Segments created but never synced (zero header) that were deleted.
-    pub unsynced_segments_removed: Vec<PathBuf>,
-    /// Segments compaction had made obsolete that were deleted.
-    pub obsolete_segments_removed: Vec<PathBuf>,
-}
+use crate::sync::{self, Position, SyncJob, SyncOutcome, SyncStep};
+use crate::types::{ConfState, EntryRef, HardState, RecoveryReport, SnapshotMarker, WalOptions};
 
 /// The write-ahead log of one shard. See the crate docs for the model.
 pub struct Wal {
-    pub(crate) dir: PathBuf,
-    pub(crate) dir_file: Arc<SegmentFile>,
-    pub(crate) options: WalOptions,
-    pub(crate) _lock: DirLock,
+    dir: PathBuf,
+    dir_file: Arc<SegmentFile>,
+    options: WalOptions,
+    _lock: DirLock,
     /// Live segments, oldest first; the last one is the active one.
-    pub(crate) segments: VecDeque<Segment>,
+    segments: VecDeque<Segment>,
     /// Entries `first_index()..=last_index()`.
-    pub(crate) index: VecDeque<EntryLocation>,
-    pub(crate) marker: SnapshotMarker,
-    pub(crate) hard_state: HardState,
-    pub(crate) conf_state: Option<ConfState>,
+    index: VecDeque<EntryLocation>,
+    marker: SnapshotMarker,
+    hard_state: HardState,
+    conf_state: Option<ConfState>,
     /// Everything before this position is durable.
-    pub(crate) synced: Position,
-    pub(crate) sync_in_flight: bool,
+    synced: Position,
+    sync_in_flight: bool,
     /// Segments created since open; the directory is durable for the first
     /// `synced_created_segments` of them.
-    pub(crate) created_segments: u64,
-    pub(crate) synced_created_segments: u64,
+    created_segments: u64,
+    synced_created_segments: u64,
     /// Snapshot marker records not known durable yet: end position, index.
-    pub(crate) pending_markers: VecDeque<(Position, u64)>,
+    pending_markers: VecDeque<(Position, u64)>,
     /// The latest durable snapshot marker record: its segment and index.
-    pub(crate) durable_marker: (u64, u64),
-    pub(crate) obsolete: Vec<PathBuf>,
-    pub(crate) poisoned: bool,
+    durable_marker: (u64, u64),
+    obsolete: Vec<PathBuf>,
+    poisoned: bool,
     /// The segment after the active one, being created (file, fallocate,
     /// mmap) on a helper thread, so rotation only joins that thread and
     /// spawns the next instead of waiting for the filesystem.
-    pub(crate) next_segment: Option<JoinHandle<Result<Segment, WalError>>>,
-    pub(crate) bytes_written: u64,
-    pub(crate) recovery: RecoveryReport,
+    next_segment: Option<JoinHandle<Result<Segment, WalError>>>,
+    bytes_written: u64,
+    recovery: RecoveryReport,
 }
 
 impl Wal {
@@ -86,7 +60,88 @@ impl Wal {
     /// segment, cuts a torn tail off the newest one, and refuses corruption
     /// anywhere else. Blocking; run it before the shard's loop starts.
     pub fn open(dir: &Path, options: WalOptions) -> Result<Wal, WalError> {
-        recovery::open(dir, options)
+        let recovered = recovery::recover(dir, &options)?;
+        Wal::from_recovered(dir, options, recovered)
+    }
+
+    /// Finishes opening from what replay found. Recovery only reads and
+    /// repairs what is on disk; writing (a fresh log's first segment, its
+    /// metadata copies) and compaction are the log's own business.
+    fn from_recovered(
+        dir: &Path,
+        options: WalOptions,
+        recovered: Recovered,
+    ) -> Result<Wal, WalError> {
+        let Recovered {
+            lock,
+            dir_file,
+            segments,
+            index,
+            marker,
+            marker_sequence,
+            hard_state,
+            conf_state,
+            last_sequence,
+            report,
+        } = recovered;
+        let mut wal = Wal {
+            dir: dir.to_path_buf(),
+            dir_file,
+            options,
+            _lock: lock,
+            segments,
+            index,
+            marker,
+            hard_state,
+            conf_state,
+            synced: Position::default(),
+            sync_in_flight: false,
+            created_segments: 0,
+            synced_created_segments: 0,
+            pending_markers: VecDeque::new(),
+            // Everything replayed was on disk, so the latest marker is durable.
+            durable_marker: (marker_sequence, marker.index),
+            obsolete: Vec::new(),
+            poisoned: false,
+            next_segment: None,
+            bytes_written: 0,
+            recovery: report,
+        };
+        if wal.segments.is_empty() {
+            wal.create_first_segment(last_sequence + 1)?;
+        }
+        let active = wal.active();
+        wal.synced = Position {
+            sequence: active.sequence,
+            offset: active.write_offset,
+        };
+        // Everything recovered is on disk, so obsolete segments can go right away
+        // (open is blocking anyway).
+        wal.collect_obsolete();
+        let obsolete = wal.take_obsolete_segments();
+        sync::remove_segments(obsolete.clone())?;
+        wal.recovery.obsolete_segments_removed = obsolete;
+        wal.recovery.segments = wal.segments.len();
+        wal.recovery.entries = wal.index.len() as u64;
+        wal.prepare_next_segment();
+        Ok(wal)
+    }
+
+    /// A fresh log (or one whose only segments were never synced): the first
+    /// segment's header is written and synced at once, there being nothing older
+    /// that must be durable first.
+    fn create_first_segment(&mut self, sequence: u64) -> Result<(), WalError> {
+        let segment = Segment::create(&self.dir, sequence, self.options.segment_bytes)?;
+        segment
+            .file
+            .write_header(&segment.header(self.options.shard_id))?;
+        self.segments.push_back(segment);
+        self.write_metadata_copies();
+        self.pending_markers.clear();
+        let segment = self.segments.back_mut().expect("just pushed");
+        segment.file.sync_data()?;
+        segment.header_durable = true;
+        self.dir_file.sync_all()
     }
 
     /// What recovery did (torn tail cut, segments removed), for logging.
@@ -467,7 +522,7 @@ impl Wal {
         Self::fixed_metadata_len() + conf_state
     }
 
-    pub(crate) fn active(&self) -> &Segment {
+    fn active(&self) -> &Segment {
         self.segments
             .back()
             .expect("a WAL always has an active segment")
@@ -589,7 +644,7 @@ impl Wal {
     /// Its header stays zero, so until it is used a crash leaves a file that
     /// recovery simply deletes. If no thread can be spawned, rotation creates
     /// the segment itself.
-    pub(crate) fn prepare_next_segment(&mut self) {
+    fn prepare_next_segment(&mut self) {
         let dir = self.dir.clone();
         let sequence = self.active().sequence + 1;
         let segment_bytes = self.options.segment_bytes;
@@ -620,7 +675,7 @@ impl Wal {
         }
     }
 
-    pub(crate) fn write_metadata_copies(&mut self) {
+    fn write_metadata_copies(&mut self) {
         self.put_record(KIND_HARD_STATE, &format::encode_hard_state(self.hard_state));
         if let Some(conf_state) = self.conf_state.take() {
             self.put_record(KIND_CONF_STATE, &format::encode_conf_state(&conf_state));
@@ -640,7 +695,7 @@ impl Wal {
     /// before the segment of the latest durable snapshot marker whose entries
     /// are all covered by it. Only a prefix, so the files left always form a
     /// contiguous run of sequence numbers.
-    pub(crate) fn collect_obsolete(&mut self) {
+    fn collect_obsolete(&mut self) {
         let (marker_sequence, marker_index) = self.durable_marker;
         while self.segments.len() > 1 {
             let oldest = &self.segments[0];
