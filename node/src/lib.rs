@@ -11,6 +11,7 @@
 pub mod admin;
 pub mod config;
 mod inbox;
+pub mod log_store;
 pub mod metrics;
 mod raft_log;
 pub mod replica;

@@ -1,20 +1,21 @@
-//! `raft::Storage` over the shard's WAL.
+//! `raft::Storage` over any [`LogStore`] (the shard's WAL in production).
 //!
 //! Reading is the `Storage` trait (raft-rs's own split); writing is plain
-//! methods on the WAL, called by the replica in Ready order.
+//! methods on the store, called by the replica in Ready order.
 
 use std::cell::Cell;
 
 use bytes::Bytes;
-use corekv_wal::{EntryRef, Wal};
+use corekv_wal::EntryRef;
 use raft::prelude::{ConfState, Entry, EntryType, HardState, Snapshot};
 use raft::{GetEntriesContext, RaftState, StorageError};
 
+use crate::log_store::LogStore;
 use crate::snapshot::SnapshotMeta;
 
-/// The WAL seen through raft-rs's read-only storage interface.
-pub struct WalStorage {
-    wal: Wal,
+/// A log store seen through raft-rs's read-only storage interface.
+pub struct RaftStorage<L> {
+    wal: L,
     /// The newest durable state-machine snapshot, offered to followers that
     /// are behind the compacted log.
     latest_snapshot: Option<SnapshotMeta>,
@@ -22,9 +23,9 @@ pub struct WalStorage {
     snapshot_wanted: Cell<bool>,
 }
 
-impl WalStorage {
-    /// Wraps an open WAL.
-    pub fn new(wal: Wal) -> Self {
+impl<L: LogStore> RaftStorage<L> {
+    /// Wraps an open log store.
+    pub fn new(wal: L) -> Self {
         Self {
             wal,
             latest_snapshot: None,
@@ -48,12 +49,12 @@ impl WalStorage {
     }
 
     /// The WAL, for reads outside raft (status, metrics).
-    pub fn wal(&self) -> &Wal {
+    pub fn wal(&self) -> &L {
         &self.wal
     }
 
     /// The WAL, for appends and syncs in Ready order.
-    pub fn wal_mut(&mut self) -> &mut Wal {
+    pub fn wal_mut(&mut self) -> &mut L {
         &mut self.wal
     }
 
@@ -100,7 +101,7 @@ fn entry_type(raw: u8) -> EntryType {
     }
 }
 
-impl raft::Storage for WalStorage {
+impl<L: LogStore> raft::Storage for RaftStorage<L> {
     fn initial_state(&self) -> raft::Result<RaftState> {
         let hs = self.wal.hard_state();
         let hard_state = HardState {
@@ -139,7 +140,7 @@ impl raft::Storage for WalStorage {
         }
         let mut out = Vec::with_capacity((high - low) as usize);
         self.wal
-            .entries(low, high, max_size.into(), |e| {
+            .entries(low, high, max_size.into(), &mut |e| {
                 let mut entry = Entry {
                     index: e.index,
                     term: e.term,

@@ -11,15 +11,16 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 
 use bytes::Bytes;
 use corekv_proto::client::{request::Op, response, ErrorCode, GetResult, Role, ShardStatus};
-use corekv_wal::{SnapshotMarker, SyncJob, SyncOutcome, Wal, WalError};
+use corekv_wal::{SnapshotMarker, SyncJob, Wal, WalError};
 use prost::Message as _;
 use protobuf::Message as _;
 use raft::prelude::{ConfChange, ConfChangeV2, ConfState, Entry, EntryType, Message, MessageType};
 use raft::{RawNode, ReadOnlyOption, StateRole, Storage as _};
 
+use crate::log_store::LogStore;
 use crate::snapshot::SnapshotMeta;
 use crate::state_machine::{self, Map, StateMachine};
-use crate::storage::WalStorage;
+use crate::storage::RaftStorage;
 
 /// Opaque handle the shell uses to route a reply back to whoever asked.
 pub type Token = u64;
@@ -79,14 +80,14 @@ pub struct RoleChange {
 }
 
 /// Everything one step of the replica asks the shell to do, in order.
-#[derive(Default)]
-pub struct Output {
+/// `J` is the log store's sync job ([`SyncJob`] for the WAL).
+pub struct Output<J = SyncJob> {
     /// Raft messages to send, in order, per destination.
     pub messages: Vec<Message>,
     /// Client answers.
     pub replies: Vec<Reply>,
     /// A WAL sync to run; when it finishes, call [`Replica::on_synced`].
-    pub sync: Option<SyncJob>,
+    pub sync: Option<J>,
     /// Role or leader changes seen during this step.
     pub role_changes: Vec<RoleChange>,
     /// Writes handed to raft during this step.
@@ -100,6 +101,21 @@ pub struct Output {
     pub snapshot_installed: Option<SnapshotMeta>,
 }
 
+impl<J> Default for Output<J> {
+    fn default() -> Self {
+        Output {
+            messages: Vec::new(),
+            replies: Vec::new(),
+            sync: None,
+            role_changes: Vec::new(),
+            proposals: 0,
+            proposals_dropped: 0,
+            snapshot_to_write: None,
+            snapshot_installed: None,
+        }
+    }
+}
+
 /// Why the replica cannot take a request itself.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct NotLeader {
@@ -107,15 +123,44 @@ pub struct NotLeader {
     pub leader_id: u64,
 }
 
-/// A fatal storage failure: the replica cannot go on (fail-stop).
+/// Why a replica cannot start or go on (fail-stop).
 #[derive(Debug, thiserror::Error)]
-#[error("shard {shard}: write-ahead log failed: {source}")]
-pub struct ReplicaError {
-    /// The shard.
-    pub shard: u32,
-    /// The WAL error.
-    #[source]
-    pub source: WalError,
+pub enum ReplicaError {
+    /// The log store failed: an append, a sync or a start-up write.
+    #[error("shard {shard}: write-ahead log failed: {source}")]
+    Log {
+        /// The shard.
+        shard: u32,
+        /// The store's error.
+        #[source]
+        source: WalError,
+    },
+    /// The log was compacted behind a snapshot that is gone or unreadable:
+    /// the entries before the log's start exist nowhere on this node.
+    #[error(
+        "shard {shard}: the WAL in {} starts after index {log_start} but no readable snapshot \
+         covers it (newest usable snapshot: index {covered}); restore this shard from a replica",
+        .location.display()
+    )]
+    MissingSnapshot {
+        /// The shard.
+        shard: u32,
+        /// Where the log lives.
+        location: std::path::PathBuf,
+        /// The index the log's snapshot marker covers.
+        log_start: u64,
+        /// The index the newest usable snapshot covers (0 = none).
+        covered: u64,
+    },
+    /// raft-rs refused the recovered hard state, configuration or log.
+    #[error("shard {shard}: raft cannot start from the recovered state: {source}")]
+    RaftStart {
+        /// The shard.
+        shard: u32,
+        /// raft-rs's reason.
+        #[source]
+        source: raft::Error,
+    },
 }
 
 /// A Ready handed to raft whose persistence is not yet reported.
@@ -142,8 +187,8 @@ struct PendingRead {
 }
 
 /// One shard's Raft replica.
-pub struct Replica {
-    raw: RawNode<WalStorage>,
+pub struct Replica<L: LogStore = Wal> {
+    raw: RawNode<RaftStorage<L>>,
     state_machine: StateMachine,
     options: ReplicaOptions,
     ticks: u64,
@@ -179,16 +224,16 @@ pub struct Replica {
     received_snapshot: Option<LoadedSnapshot>,
 }
 
-impl Replica {
+impl<L: LogStore> Replica<L> {
     /// Opens the replica over a recovered WAL. A WAL that has never held a
     /// configuration is a fresh replica: it is bootstrapped with the static
     /// voter set, durably, before raft starts.
     pub fn open(
-        mut wal: Wal,
+        mut wal: L,
         options: ReplicaOptions,
         snapshot: Option<LoadedSnapshot>,
-    ) -> Result<Replica, ReplicaError> {
-        let fail = |source| ReplicaError {
+    ) -> Result<Replica<L>, ReplicaError> {
+        let fail = |source| ReplicaError::Log {
             shard: options.shard,
             source,
         };
@@ -235,15 +280,12 @@ impl Replica {
         }
         let covered = snapshot.as_ref().map_or(0, |s| s.meta.index);
         if marker.index > covered {
-            return Err(fail(WalError::Io {
-                path: wal.dir().to_path_buf(),
-                op: "recover",
-                source: std::io::Error::other(format!(
-                    "the WAL starts after index {} but no readable snapshot covers it \
-                     (newest usable snapshot: index {covered}); restore this shard from a replica",
-                    marker.index
-                )),
-            }));
+            return Err(ReplicaError::MissingSnapshot {
+                shard: options.shard,
+                location: wal.location().to_path_buf(),
+                log_start: marker.index,
+                covered,
+            });
         }
         if wal.conf_state().is_none() {
             wal.set_conf_state(&corekv_wal::ConfState {
@@ -274,20 +316,17 @@ impl Replica {
             ..Default::default()
         };
         let logger = crate::raft_log::logger(options.shard, options.node_id);
-        let mut storage = WalStorage::new(wal);
+        let mut storage = RaftStorage::new(wal);
         let mut state_machine = StateMachine::new();
         if let Some(loaded) = snapshot {
             storage.set_latest_snapshot(loaded.meta.clone());
             state_machine.restore(loaded.meta.index, loaded.map);
         }
-        let raw = RawNode::new(&config, storage, &logger).map_err(|e| ReplicaError {
-            shard: options.shard,
-            source: WalError::Io {
-                path: Default::default(),
-                op: "raft init",
-                source: std::io::Error::other(e.to_string()),
-            },
-        })?;
+        let raw =
+            RawNode::new(&config, storage, &logger).map_err(|source| ReplicaError::RaftStart {
+                shard: options.shard,
+                source,
+            })?;
         Ok(Replica {
             raw,
             state_machine,
@@ -334,7 +373,7 @@ impl Replica {
 
     /// Advances raft's clock by one tick and expires requests past their
     /// deadline.
-    pub fn tick(&mut self, out: &mut Output) {
+    pub fn tick(&mut self, out: &mut Output<L::SyncJob>) {
         self.raw.tick();
         self.ticks += 1;
         self.expire(out);
@@ -443,7 +482,7 @@ impl Replica {
         token: Token,
         op: Op,
         consistency: corekv_proto::client::Consistency,
-        out: &mut Output,
+        out: &mut Output<L::SyncJob>,
     ) -> Result<(), NotLeader> {
         use corekv_proto::client::Consistency;
         if consistency == Consistency::Stale {
@@ -471,12 +510,12 @@ impl Replica {
 
     /// Hands this turn's writes to raft as one batch and starts this turn's
     /// read rounds. Called once per loop turn, before [`Replica::handle_ready`].
-    pub fn flush(&mut self, out: &mut Output) {
+    pub fn flush(&mut self, out: &mut Output<L::SyncJob>) {
         self.flush_proposals(out);
         self.flush_reads();
     }
 
-    fn flush_proposals(&mut self, out: &mut Output) {
+    fn flush_proposals(&mut self, out: &mut Output<L::SyncJob>) {
         if self.queued_proposals.is_empty() {
             return;
         }
@@ -554,7 +593,7 @@ impl Replica {
     /// Handles every Ready raft has, in raft-rs's order: send messages, apply
     /// committed entries, append to the WAL, queue the persisted messages
     /// behind a sync. Starts a sync if none is in flight.
-    pub fn handle_ready(&mut self, out: &mut Output) -> Result<(), ReplicaError> {
+    pub fn handle_ready(&mut self, out: &mut Output<L::SyncJob>) -> Result<(), ReplicaError> {
         while self.raw.has_ready() {
             let mut ready = self.raw.ready();
             if let Some(ss) = ready.ss() {
@@ -614,8 +653,8 @@ impl Replica {
     /// entries are durable and the messages that waited for it may leave.
     pub fn on_synced(
         &mut self,
-        outcome: SyncOutcome,
-        out: &mut Output,
+        outcome: L::SyncOutcome,
+        out: &mut Output<L::SyncJob>,
     ) -> Result<(), ReplicaError> {
         self.raw
             .mut_store()
@@ -640,7 +679,7 @@ impl Replica {
     fn install_snapshot(
         &mut self,
         metadata: &raft::prelude::SnapshotMetadata,
-        out: &mut Output,
+        out: &mut Output<L::SyncJob>,
     ) -> Result<(), ReplicaError> {
         let received = self
             .received_snapshot
@@ -669,7 +708,7 @@ impl Replica {
         Ok(())
     }
 
-    fn maybe_snapshot(&mut self, out: &mut Output) {
+    fn maybe_snapshot(&mut self, out: &mut Output<L::SyncJob>) {
         let wanted = self.raw.store().take_snapshot_wanted();
         let (entries, bytes) = self.applied_since_snapshot;
         let due = entries >= self.options.snapshot_entries || bytes >= self.options.snapshot_bytes;
@@ -745,7 +784,7 @@ impl Replica {
     }
 
     /// Fails every pending request: the node is stopping.
-    pub fn shutdown(&mut self, out: &mut Output) {
+    pub fn shutdown(&mut self, out: &mut Output<L::SyncJob>) {
         self.fail_all_pending(out, "node is shutting down");
     }
 
@@ -758,8 +797,8 @@ impl Replica {
     /// the messages that waited for it still leave.
     pub fn finish_sync_only(
         &mut self,
-        outcome: SyncOutcome,
-        out: &mut Output,
+        outcome: L::SyncOutcome,
+        out: &mut Output<L::SyncJob>,
     ) -> Result<(), ReplicaError> {
         self.raw
             .mut_store()
@@ -773,7 +812,7 @@ impl Replica {
     }
 
     /// The last sync before exit: whatever was appended becomes durable.
-    pub fn begin_final_sync(&mut self) -> Result<Option<SyncJob>, ReplicaError> {
+    pub fn begin_final_sync(&mut self) -> Result<Option<L::SyncJob>, ReplicaError> {
         self.raw
             .mut_store()
             .wal_mut()
@@ -782,7 +821,7 @@ impl Replica {
     }
 
     /// Completes [`Replica::begin_final_sync`].
-    pub fn finish_final_sync(&mut self, outcome: SyncOutcome) -> Result<(), ReplicaError> {
+    pub fn finish_final_sync(&mut self, outcome: L::SyncOutcome) -> Result<(), ReplicaError> {
         self.raw
             .mut_store()
             .wal_mut()
@@ -790,7 +829,7 @@ impl Replica {
             .map_err(|e| self.fatal(e))
     }
 
-    fn maybe_sync(&mut self, out: &mut Output) -> Result<(), ReplicaError> {
+    fn maybe_sync(&mut self, out: &mut Output<L::SyncJob>) -> Result<(), ReplicaError> {
         if self.sync_in_flight.is_some() {
             return Ok(());
         }
@@ -837,7 +876,7 @@ impl Replica {
         }
     }
 
-    fn persisted_through(&mut self, number: u64, out: &mut Output) {
+    fn persisted_through(&mut self, number: u64, out: &mut Output<L::SyncJob>) {
         self.raw.on_persist_ready(number);
         self.report_applied();
         while let Some(front) = self.unpersisted.front() {
@@ -850,13 +889,13 @@ impl Replica {
     }
 
     fn fatal(&self, source: WalError) -> ReplicaError {
-        ReplicaError {
+        ReplicaError::Log {
             shard: self.options.shard,
             source,
         }
     }
 
-    fn on_role(&mut self, role: StateRole, leader_id: u64, out: &mut Output) {
+    fn on_role(&mut self, role: StateRole, leader_id: u64, out: &mut Output<L::SyncJob>) {
         let was_leader = self.role == StateRole::Leader;
         self.role = role;
         self.leader_id = leader_id;
@@ -870,7 +909,7 @@ impl Replica {
         }
     }
 
-    fn fail_all_pending(&mut self, out: &mut Output, why: &str) {
+    fn fail_all_pending(&mut self, out: &mut Output<L::SyncJob>, why: &str) {
         let result = || state_machine::error(ErrorCode::Unavailable, why);
         for (_, write) in std::mem::take(&mut self.pending_writes) {
             out.replies.push(Reply {
@@ -901,7 +940,7 @@ impl Replica {
         }
     }
 
-    fn serve_applied_reads(&mut self, out: &mut Output) {
+    fn serve_applied_reads(&mut self, out: &mut Output<L::SyncJob>) {
         let applied = self.state_machine.applied_index();
         // Read indexes arrive in increasing order, so the ready ones are a prefix.
         while let Some((index, _)) = self.reads_awaiting_apply.front() {
@@ -939,7 +978,11 @@ impl Replica {
         }
     }
 
-    fn apply(&mut self, entries: Vec<Entry>, out: &mut Output) -> Result<(), ReplicaError> {
+    fn apply(
+        &mut self,
+        entries: Vec<Entry>,
+        out: &mut Output<L::SyncJob>,
+    ) -> Result<(), ReplicaError> {
         for entry in entries {
             let index = entry.index;
             match entry.get_entry_type() {
@@ -962,7 +1005,13 @@ impl Replica {
         Ok(())
     }
 
-    fn answer_write(&mut self, index: u64, term: u64, result: response::Result, out: &mut Output) {
+    fn answer_write(
+        &mut self,
+        index: u64,
+        term: u64,
+        result: response::Result,
+        out: &mut Output<L::SyncJob>,
+    ) {
         // Anything proposed below this index that is still pending was
         // overwritten by another leader's log and will never be applied.
         while let Some(entry) = self.pending_writes.first_entry() {
@@ -1016,7 +1065,7 @@ impl Replica {
             .map_err(|e| self.fatal(e))
     }
 
-    fn expire(&mut self, out: &mut Output) {
+    fn expire(&mut self, out: &mut Output<L::SyncJob>) {
         let now = self.ticks;
         let timeout = || state_machine::error(ErrorCode::Timeout, "request timed out");
         // Writes are proposed in index order with the same timeout, so the
@@ -1062,7 +1111,7 @@ impl Replica {
     }
 
     /// The WAL (segment count, bytes written).
-    pub fn wal(&self) -> &Wal {
+    pub fn wal(&self) -> &L {
         self.raw.store().wal()
     }
 
@@ -1100,523 +1149,4 @@ fn superseded() -> response::Result {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use corekv_proto::client::{Consistency, Get, Put};
-    use corekv_wal::WalOptions;
-
-    /// Three replicas in one thread: a simulated network (a queue of
-    /// messages) and a disk whose syncs complete when the test says so.
-    struct Sim {
-        replicas: Vec<Option<Replica>>,
-        _dirs: Vec<tempfile::TempDir>,
-        network: Vec<Message>,
-        pending_syncs: Vec<(usize, SyncJob)>,
-        replies: Vec<(usize, Reply)>,
-        /// Nodes cut off from everyone (messages to and from them are lost).
-        isolated: Vec<u64>,
-        /// Replicas (by index) whose syncs do not finish for now.
-        stalled: Vec<usize>,
-    }
-
-    fn options(id: u64) -> ReplicaOptions {
-        ReplicaOptions {
-            node_id: id,
-            shard: 0,
-            voters: vec![1, 2, 3],
-            heartbeat_ticks: 3,
-            election_ticks: 30,
-            request_timeout_ticks: 500,
-            max_size_per_msg: 1 << 20,
-            max_inflight_msgs: 256,
-            snapshot_entries: 1_000_000,
-            snapshot_bytes: 1 << 30,
-        }
-    }
-
-    impl Sim {
-        fn new() -> Sim {
-            let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
-            let replicas = dirs
-                .iter()
-                .enumerate()
-                .map(|(i, dir)| {
-                    let wal = Wal::open(dir.path(), WalOptions::default()).unwrap();
-                    Some(Replica::open(wal, options(i as u64 + 1), None).unwrap())
-                })
-                .collect();
-            Sim {
-                replicas,
-                _dirs: dirs,
-                network: Vec::new(),
-                pending_syncs: Vec::new(),
-                replies: Vec::new(),
-                isolated: Vec::new(),
-                stalled: Vec::new(),
-            }
-        }
-
-        fn absorb(&mut self, i: usize, out: Output) {
-            self.network.extend(out.messages);
-            if let Some(job) = out.sync {
-                self.pending_syncs.push((i, job));
-            }
-            self.replies.extend(out.replies.into_iter().map(|r| (i, r)));
-        }
-
-        /// One round: every replica flushes and handles its ready; every
-        /// sync completes; every message is delivered.
-        fn round(&mut self) {
-            for i in 0..3 {
-                if let Some(replica) = self.replicas[i].as_mut() {
-                    let mut out = Output::default();
-                    replica.flush(&mut out);
-                    replica.handle_ready(&mut out).unwrap();
-                    self.absorb(i, out);
-                }
-            }
-            for (i, job) in std::mem::take(&mut self.pending_syncs) {
-                if self.stalled.contains(&i) {
-                    self.pending_syncs.push((i, job));
-                    continue;
-                }
-                let outcome = job.run_blocking();
-                if let Some(replica) = self.replicas[i].as_mut() {
-                    let mut out = Output::default();
-                    replica.on_synced(outcome, &mut out).unwrap();
-                    self.absorb(i, out);
-                }
-            }
-            for message in std::mem::take(&mut self.network) {
-                if self.isolated.contains(&message.to) || self.isolated.contains(&message.from) {
-                    continue;
-                }
-                if let Some(replica) = self.replicas[message.to as usize - 1].as_mut() {
-                    replica.step(message);
-                }
-            }
-        }
-
-        fn tick(&mut self) {
-            for i in 0..3 {
-                if let Some(replica) = self.replicas[i].as_mut() {
-                    let mut out = Output::default();
-                    replica.tick(&mut out);
-                    self.absorb(i, out);
-                }
-            }
-            self.round();
-        }
-
-        fn leader(&self) -> Option<u64> {
-            let leaders: Vec<u64> = self
-                .replicas
-                .iter()
-                .flatten()
-                .filter(|r| r.is_leader() && !self.isolated.contains(&r.options.node_id))
-                .map(|r| r.options.node_id)
-                .collect();
-            (leaders.len() == 1).then(|| leaders[0])
-        }
-
-        fn elect(&mut self) -> u64 {
-            for _ in 0..1000 {
-                self.tick();
-                if let Some(leader) = self.leader() {
-                    // Let the leader commit its empty entry so reads can start.
-                    for _ in 0..5 {
-                        self.round();
-                    }
-                    return leader;
-                }
-            }
-            panic!("no leader after 1000 ticks");
-        }
-
-        fn replica(&mut self, id: u64) -> &mut Replica {
-            self.replicas[id as usize - 1].as_mut().unwrap()
-        }
-
-        fn take_reply(&mut self, token: Token) -> Option<response::Result> {
-            let pos = self.replies.iter().position(|(_, r)| r.token == token)?;
-            Some(self.replies.remove(pos).1.result)
-        }
-    }
-
-    fn put(key: &str, value: &str) -> Op {
-        Op::Put(Put {
-            key: Bytes::copy_from_slice(key.as_bytes()),
-            value: Bytes::copy_from_slice(value.as_bytes()),
-        })
-    }
-
-    #[test]
-    fn three_replicas_elect_one_leader_and_replicate_a_batch() {
-        let mut sim = Sim::new();
-        let leader = sim.elect();
-        for token in 1..=10 {
-            sim.replica(leader)
-                .propose(token, put(&format!("k{token}"), "v"))
-                .unwrap();
-        }
-        // Followers learn the commit index from the next heartbeat
-        // (skip_bcast_commit), so let a few ticks pass.
-        for _ in 0..10 {
-            sim.tick();
-        }
-        for token in 1..=10 {
-            assert!(
-                matches!(sim.take_reply(token), Some(response::Result::Write(_))),
-                "write {token} not acknowledged"
-            );
-        }
-        // Every replica applied the same batch.
-        for id in 1..=3 {
-            let r = sim.replica(id);
-            assert_eq!(r.state_machine().len(), 10, "replica {id}");
-            assert!(r.state_machine().get(b"k7").is_some());
-        }
-        // A follower refuses writes and names the leader.
-        let follower = (1..=3).find(|&id| id != leader).unwrap();
-        assert_eq!(
-            sim.replica(follower).propose(99, put("x", "y")),
-            Err(NotLeader { leader_id: leader })
-        );
-    }
-
-    #[test]
-    fn followers_with_a_stalled_sync_still_answer_heartbeats() {
-        let mut sim = Sim::new();
-        let leader = sim.elect();
-        let term = sim.replica(leader).status().term;
-        // Both followers start syncing a write, and their disks hang.
-        sim.stalled = (0..3).filter(|&i| i as u64 + 1 != leader).collect();
-        sim.replica(leader).propose(1, put("a", "1")).unwrap();
-        // Three election timeouts: check_quorum steps a leader down when a
-        // majority has not answered within one.
-        for _ in 0..90 {
-            sim.tick();
-        }
-        assert_eq!(sim.leader(), Some(leader));
-        assert_eq!(sim.replica(leader).status().term, term);
-        assert!(
-            sim.take_reply(1).is_none(),
-            "acknowledged before a majority synced"
-        );
-        // The disks recover: the write commits.
-        sim.stalled.clear();
-        for _ in 0..10 {
-            sim.tick();
-        }
-        assert!(matches!(
-            sim.take_reply(1),
-            Some(response::Result::Write(_))
-        ));
-    }
-
-    #[test]
-    fn nothing_is_acknowledged_before_a_majority_synced() {
-        let mut sim = Sim::new();
-        let leader = sim.elect();
-        sim.replica(leader).propose(1, put("a", "1")).unwrap();
-        // Run the leader alone: it appends and sends, but holds its sync.
-        let mut out = Output::default();
-        sim.replica(leader).flush(&mut out);
-        sim.replica(leader).handle_ready(&mut out).unwrap();
-        assert!(out.replies.is_empty());
-        let leader_sync = out.sync.take();
-        sim.network.extend(out.messages);
-        // Followers receive the entries but their syncs never complete.
-        for message in std::mem::take(&mut sim.network) {
-            let to = message.to;
-            sim.replica(to).step(message);
-        }
-        for id in (1..=3).filter(|&id| id != leader) {
-            let mut out = Output::default();
-            sim.replica(id).handle_ready(&mut out).unwrap();
-            // Their acks are persisted messages: held back until the sync.
-            assert!(
-                out.messages
-                    .iter()
-                    .all(|m| m.get_msg_type() != MessageType::MsgAppendResponse),
-                "follower {id} acked before its sync"
-            );
-            assert!(out.sync.is_some(), "follower {id} must sync the entries");
-        }
-        // The leader's own sync alone is not a majority.
-        let job = leader_sync.expect("the leader must sync its own entry");
-        let outcome = job.run_blocking();
-        let mut out = Output::default();
-        sim.replica(leader).on_synced(outcome, &mut out).unwrap();
-        assert!(
-            out.replies.is_empty(),
-            "acknowledged with only the leader durable"
-        );
-    }
-
-    #[test]
-    fn isolated_leader_steps_down_and_fails_pending_writes() {
-        let mut sim = Sim::new();
-        let old = sim.elect();
-        sim.isolated.push(old);
-        sim.replica(old).propose(7, put("lost", "maybe")).unwrap();
-        // check_quorum: the isolated leader steps down within an election timeout.
-        for _ in 0..100 {
-            sim.tick();
-        }
-        assert!(
-            !sim.replica(old).is_leader(),
-            "isolated leader kept leading"
-        );
-        match sim.take_reply(7) {
-            Some(response::Result::Error(e)) => {
-                assert!(
-                    e.code == ErrorCode::Unavailable as i32 || e.code == ErrorCode::Timeout as i32,
-                    "{e:?}"
-                )
-            }
-            other => panic!("pending write not failed: {other:?}"),
-        }
-        // The majority elected another leader that serves reads.
-        let new = sim.leader().expect("majority has a leader");
-        assert_ne!(new, old);
-        let mut out = Output::default();
-        let get = Op::Get(Get {
-            key: Bytes::from_static(b"lost"),
-            consistency: Consistency::Linearizable as i32,
-        });
-        sim.replica(new)
-            .read(8, get, Consistency::Linearizable, &mut out)
-            .unwrap();
-        sim.absorb(new as usize - 1, out);
-        for _ in 0..10 {
-            sim.round();
-        }
-        assert!(matches!(sim.take_reply(8), Some(response::Result::Get(_))));
-    }
-
-    #[test]
-    fn restart_recovers_log_and_reapplies() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut opts = options(1);
-        opts.voters = vec![1];
-        {
-            let wal = Wal::open(dir.path(), WalOptions::default()).unwrap();
-            let mut r = Replica::open(wal, opts.clone(), None).unwrap();
-            let mut out = Output::default();
-            for _ in 0..100 {
-                r.tick(&mut out);
-                r.handle_ready(&mut out).unwrap();
-                while let Some(job) = out.sync.take() {
-                    r.on_synced(job.run_blocking(), &mut out).unwrap();
-                }
-                if r.is_leader() {
-                    break;
-                }
-            }
-            assert!(r.is_leader());
-            r.propose(1, put("durable", "yes")).unwrap();
-            r.flush(&mut out);
-            r.handle_ready(&mut out).unwrap();
-            while let Some(job) = out.sync.take() {
-                r.on_synced(job.run_blocking(), &mut out).unwrap();
-            }
-            assert!(out.replies.iter().any(
-                |reply| reply.token == 1 && matches!(reply.result, response::Result::Write(_))
-            ));
-        }
-        let wal = Wal::open(dir.path(), WalOptions::default()).unwrap();
-        let mut r = Replica::open(wal, opts, None).unwrap();
-        let mut out = Output::default();
-        r.handle_ready(&mut out).unwrap();
-        while let Some(job) = out.sync.take() {
-            r.on_synced(job.run_blocking(), &mut out).unwrap();
-        }
-        assert_eq!(
-            r.state_machine().get(b"durable").map(|(v, _)| v),
-            Some(Bytes::from_static(b"yes"))
-        );
-        assert!(r.status().term >= 1);
-    }
-}
-
-/// A single-voter replica on 1 MiB WAL segments, elected leader, with
-/// every sync run to completion (tests of rotation and group commit).
-#[cfg(test)]
-fn single_voter_leader(dir: &std::path::Path) -> (Replica, Output) {
-    let options = corekv_wal::WalOptions {
-        segment_bytes: 1 << 20,
-        shard_id: 0,
-    };
-    let wal = Wal::open(dir, options).unwrap();
-    let opts = ReplicaOptions {
-        node_id: 1,
-        shard: 0,
-        voters: vec![1],
-        heartbeat_ticks: 3,
-        election_ticks: 30,
-        request_timeout_ticks: 1_000_000,
-        max_size_per_msg: 1 << 20,
-        max_inflight_msgs: 256,
-        snapshot_entries: u64::MAX,
-        snapshot_bytes: u64::MAX,
-    };
-    let mut r = Replica::open(wal, opts, None).unwrap();
-    let mut out = Output::default();
-    while !r.is_leader() {
-        r.tick(&mut out);
-        r.handle_ready(&mut out).unwrap();
-        run_syncs(&mut r, &mut out);
-    }
-    (r, out)
-}
-
-/// Runs every sync the replica asks for, blocking, until it asks for none.
-#[cfg(test)]
-fn run_syncs(r: &mut Replica, out: &mut Output) {
-    while let Some(job) = out.sync.take() {
-        r.on_synced(job.run_blocking(), out).unwrap();
-    }
-}
-
-/// A Put of `value` under key `k{token}`.
-#[cfg(test)]
-fn numbered_put(token: u64, value: &Bytes) -> Op {
-    Op::Put(corekv_proto::client::Put {
-        key: Bytes::from(format!("k{token}")),
-        value: value.clone(),
-    })
-}
-
-#[cfg(test)]
-mod rotation_tests {
-    use super::*;
-
-    #[test]
-    fn commits_continue_across_wal_segment_rotation() {
-        let dir = tempfile::tempdir().unwrap();
-        let (mut r, mut out) = single_voter_leader(dir.path());
-        let value = Bytes::from(vec![b'v'; 4096]);
-        let mut token = 0;
-        for round in 0..10 {
-            for _ in 0..100 {
-                token += 1;
-                r.propose(token, numbered_put(token, &value)).unwrap();
-            }
-            r.flush(&mut out);
-            r.handle_ready(&mut out).unwrap();
-            let mut syncs = 0;
-            while let Some(job) = out.sync.take() {
-                syncs += 1;
-                assert!(syncs < 100, "sync loop");
-                let outcome = monoio::RuntimeBuilder::<monoio::FusionDriver>::new()
-                    .build()
-                    .expect("monoio runtime")
-                    .block_on(job.run());
-                r.on_synced(outcome, &mut out).unwrap();
-            }
-            let status = r.status();
-            assert_eq!(
-                status.commit_index,
-                status.last_index,
-                "round {round}: commit stuck: {status:?}, segments {}",
-                r.wal().segment_count()
-            );
-        }
-    }
-}
-
-#[cfg(test)]
-mod snapshot_marker_tests {
-    use super::*;
-
-    #[test]
-    fn an_idle_shard_syncs_its_snapshot_marker_and_compacts() {
-        let dir = tempfile::tempdir().unwrap();
-        let (mut r, mut out) = single_voter_leader(dir.path());
-        r.options.snapshot_entries = 500;
-        let value = Bytes::from(vec![b'v'; 4096]);
-        let mut snapshot = None;
-        for token in 1..=1000u64 {
-            r.propose(token, numbered_put(token, &value)).unwrap();
-            r.flush(&mut out);
-            r.handle_ready(&mut out).unwrap();
-            run_syncs(&mut r, &mut out);
-            if let Some(taken) = out.snapshot_to_write.take() {
-                snapshot.get_or_insert(taken);
-            }
-        }
-        let (meta, map) = snapshot.expect("a snapshot after 500 entries");
-        let snapshots = tempfile::tempdir().unwrap();
-        crate::snapshot::write(snapshots.path(), &meta, &map).unwrap();
-        // The writes have stopped; the snapshot becomes durable now.
-        r.on_snapshot_written(Ok(meta)).unwrap();
-        r.handle_ready(&mut out).unwrap();
-        let job = out.sync.take().expect("the marker gets a sync of its own");
-        r.on_synced(job.run_blocking(), &mut out).unwrap();
-        assert!(
-            !r.take_obsolete_segments().is_empty(),
-            "segments covered by the snapshot are handed out for deletion"
-        );
-        let status = r.status();
-        assert_eq!(status.commit_index, status.last_index);
-    }
-}
-
-#[cfg(test)]
-mod group_commit_tests {
-    use super::*;
-
-    #[test]
-    fn proposals_during_a_sync_in_flight_commit_across_rotation() {
-        let dir = tempfile::tempdir().unwrap();
-        let (mut r, mut out) = single_voter_leader(dir.path());
-        let value = Bytes::from(vec![b'v'; 4096]);
-        let mut in_flight: Option<SyncJob> = None;
-        for token in 1..=1000u64 {
-            r.propose(token, numbered_put(token, &value)).unwrap();
-            if token % 7 == 0 {
-                r.flush(&mut out);
-                r.handle_ready(&mut out).unwrap();
-                if let Some(job) = out.sync.take() {
-                    assert!(in_flight.is_none(), "two syncs in flight");
-                    in_flight = Some(job);
-                }
-            }
-            if token % 13 == 0 {
-                if let Some(job) = in_flight.take() {
-                    r.on_synced(job.run_blocking(), &mut out).unwrap();
-                    if let Some(job) = out.sync.take() {
-                        in_flight = Some(job);
-                    }
-                }
-            }
-        }
-        // The last proposals reach raft while a sync may be in flight; from
-        // here on only sync completions drive the replica.
-        r.flush(&mut out);
-        r.handle_ready(&mut out).unwrap();
-        if let Some(job) = out.sync.take() {
-            assert!(in_flight.is_none(), "two syncs in flight");
-            in_flight = Some(job);
-        }
-        let mut rounds = 0;
-        while let Some(job) = in_flight.take() {
-            rounds += 1;
-            assert!(rounds < 100);
-            r.on_synced(job.run_blocking(), &mut out).unwrap();
-            in_flight = out.sync.take();
-        }
-        let status = r.status();
-        assert_eq!(
-            status.commit_index, status.last_index,
-            "commit stuck: {status:?}"
-        );
-        let acked = out
-            .replies
-            .iter()
-            .filter(|reply| matches!(reply.result, response::Result::Write(_)))
-            .count();
-        assert_eq!(acked, 1000);
-    }
-}
+mod tests;

@@ -1,0 +1,633 @@
+//! Replica tests: single-voter and three-replica groups driven by hand, on
+//! the real WAL (temp dirs) and on the in-memory log store.
+
+use super::*;
+use corekv_proto::client::{Consistency, Get, Put};
+use corekv_wal::WalOptions;
+
+/// Three replicas in one thread: a simulated network (a queue of
+/// messages) and a disk whose syncs complete when the test says so.
+struct Sim {
+    replicas: Vec<Option<Replica>>,
+    _dirs: Vec<tempfile::TempDir>,
+    network: Vec<Message>,
+    pending_syncs: Vec<(usize, SyncJob)>,
+    replies: Vec<(usize, Reply)>,
+    /// Nodes cut off from everyone (messages to and from them are lost).
+    isolated: Vec<u64>,
+    /// Replicas (by index) whose syncs do not finish for now.
+    stalled: Vec<usize>,
+}
+
+fn options(id: u64) -> ReplicaOptions {
+    ReplicaOptions {
+        node_id: id,
+        shard: 0,
+        voters: vec![1, 2, 3],
+        heartbeat_ticks: 3,
+        election_ticks: 30,
+        request_timeout_ticks: 500,
+        max_size_per_msg: 1 << 20,
+        max_inflight_msgs: 256,
+        snapshot_entries: 1_000_000,
+        snapshot_bytes: 1 << 30,
+    }
+}
+
+impl Sim {
+    fn new() -> Sim {
+        let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+        let replicas = dirs
+            .iter()
+            .enumerate()
+            .map(|(i, dir)| {
+                let wal = Wal::open(dir.path(), WalOptions::default()).unwrap();
+                Some(Replica::open(wal, options(i as u64 + 1), None).unwrap())
+            })
+            .collect();
+        Sim {
+            replicas,
+            _dirs: dirs,
+            network: Vec::new(),
+            pending_syncs: Vec::new(),
+            replies: Vec::new(),
+            isolated: Vec::new(),
+            stalled: Vec::new(),
+        }
+    }
+
+    fn absorb(&mut self, i: usize, out: Output) {
+        self.network.extend(out.messages);
+        if let Some(job) = out.sync {
+            self.pending_syncs.push((i, job));
+        }
+        self.replies.extend(out.replies.into_iter().map(|r| (i, r)));
+    }
+
+    /// One round: every replica flushes and handles its ready; every
+    /// sync completes; every message is delivered.
+    fn round(&mut self) {
+        for i in 0..3 {
+            if let Some(replica) = self.replicas[i].as_mut() {
+                let mut out = Output::default();
+                replica.flush(&mut out);
+                replica.handle_ready(&mut out).unwrap();
+                self.absorb(i, out);
+            }
+        }
+        for (i, job) in std::mem::take(&mut self.pending_syncs) {
+            if self.stalled.contains(&i) {
+                self.pending_syncs.push((i, job));
+                continue;
+            }
+            let outcome = job.run_blocking();
+            if let Some(replica) = self.replicas[i].as_mut() {
+                let mut out = Output::default();
+                replica.on_synced(outcome, &mut out).unwrap();
+                self.absorb(i, out);
+            }
+        }
+        for message in std::mem::take(&mut self.network) {
+            if self.isolated.contains(&message.to) || self.isolated.contains(&message.from) {
+                continue;
+            }
+            if let Some(replica) = self.replicas[message.to as usize - 1].as_mut() {
+                replica.step(message);
+            }
+        }
+    }
+
+    fn tick(&mut self) {
+        for i in 0..3 {
+            if let Some(replica) = self.replicas[i].as_mut() {
+                let mut out = Output::default();
+                replica.tick(&mut out);
+                self.absorb(i, out);
+            }
+        }
+        self.round();
+    }
+
+    fn leader(&self) -> Option<u64> {
+        let leaders: Vec<u64> = self
+            .replicas
+            .iter()
+            .flatten()
+            .filter(|r| r.is_leader() && !self.isolated.contains(&r.options.node_id))
+            .map(|r| r.options.node_id)
+            .collect();
+        (leaders.len() == 1).then(|| leaders[0])
+    }
+
+    fn elect(&mut self) -> u64 {
+        for _ in 0..1000 {
+            self.tick();
+            if let Some(leader) = self.leader() {
+                // Let the leader commit its empty entry so reads can start.
+                for _ in 0..5 {
+                    self.round();
+                }
+                return leader;
+            }
+        }
+        panic!("no leader after 1000 ticks");
+    }
+
+    fn replica(&mut self, id: u64) -> &mut Replica {
+        self.replicas[id as usize - 1].as_mut().unwrap()
+    }
+
+    fn take_reply(&mut self, token: Token) -> Option<response::Result> {
+        let pos = self.replies.iter().position(|(_, r)| r.token == token)?;
+        Some(self.replies.remove(pos).1.result)
+    }
+}
+
+fn put(key: &str, value: &str) -> Op {
+    Op::Put(Put {
+        key: Bytes::copy_from_slice(key.as_bytes()),
+        value: Bytes::copy_from_slice(value.as_bytes()),
+    })
+}
+
+#[test]
+fn three_replicas_elect_one_leader_and_replicate_a_batch() {
+    let mut sim = Sim::new();
+    let leader = sim.elect();
+    for token in 1..=10 {
+        sim.replica(leader)
+            .propose(token, put(&format!("k{token}"), "v"))
+            .unwrap();
+    }
+    // Followers learn the commit index from the next heartbeat
+    // (skip_bcast_commit), so let a few ticks pass.
+    for _ in 0..10 {
+        sim.tick();
+    }
+    for token in 1..=10 {
+        assert!(
+            matches!(sim.take_reply(token), Some(response::Result::Write(_))),
+            "write {token} not acknowledged"
+        );
+    }
+    // Every replica applied the same batch.
+    for id in 1..=3 {
+        let r = sim.replica(id);
+        assert_eq!(r.state_machine().len(), 10, "replica {id}");
+        assert!(r.state_machine().get(b"k7").is_some());
+    }
+    // A follower refuses writes and names the leader.
+    let follower = (1..=3).find(|&id| id != leader).unwrap();
+    assert_eq!(
+        sim.replica(follower).propose(99, put("x", "y")),
+        Err(NotLeader { leader_id: leader })
+    );
+}
+
+#[test]
+fn followers_with_a_stalled_sync_still_answer_heartbeats() {
+    let mut sim = Sim::new();
+    let leader = sim.elect();
+    let term = sim.replica(leader).status().term;
+    // Both followers start syncing a write, and their disks hang.
+    sim.stalled = (0..3).filter(|&i| i as u64 + 1 != leader).collect();
+    sim.replica(leader).propose(1, put("a", "1")).unwrap();
+    // Three election timeouts: check_quorum steps a leader down when a
+    // majority has not answered within one.
+    for _ in 0..90 {
+        sim.tick();
+    }
+    assert_eq!(sim.leader(), Some(leader));
+    assert_eq!(sim.replica(leader).status().term, term);
+    assert!(
+        sim.take_reply(1).is_none(),
+        "acknowledged before a majority synced"
+    );
+    // The disks recover: the write commits.
+    sim.stalled.clear();
+    for _ in 0..10 {
+        sim.tick();
+    }
+    assert!(matches!(
+        sim.take_reply(1),
+        Some(response::Result::Write(_))
+    ));
+}
+
+#[test]
+fn nothing_is_acknowledged_before_a_majority_synced() {
+    let mut sim = Sim::new();
+    let leader = sim.elect();
+    sim.replica(leader).propose(1, put("a", "1")).unwrap();
+    // Run the leader alone: it appends and sends, but holds its sync.
+    let mut out = Output::default();
+    sim.replica(leader).flush(&mut out);
+    sim.replica(leader).handle_ready(&mut out).unwrap();
+    assert!(out.replies.is_empty());
+    let leader_sync = out.sync.take();
+    sim.network.extend(out.messages);
+    // Followers receive the entries but their syncs never complete.
+    for message in std::mem::take(&mut sim.network) {
+        let to = message.to;
+        sim.replica(to).step(message);
+    }
+    for id in (1..=3).filter(|&id| id != leader) {
+        let mut out = Output::default();
+        sim.replica(id).handle_ready(&mut out).unwrap();
+        // Their acks are persisted messages: held back until the sync.
+        assert!(
+            out.messages
+                .iter()
+                .all(|m| m.get_msg_type() != MessageType::MsgAppendResponse),
+            "follower {id} acked before its sync"
+        );
+        assert!(out.sync.is_some(), "follower {id} must sync the entries");
+    }
+    // The leader's own sync alone is not a majority.
+    let job = leader_sync.expect("the leader must sync its own entry");
+    let outcome = job.run_blocking();
+    let mut out = Output::default();
+    sim.replica(leader).on_synced(outcome, &mut out).unwrap();
+    assert!(
+        out.replies.is_empty(),
+        "acknowledged with only the leader durable"
+    );
+}
+
+#[test]
+fn isolated_leader_steps_down_and_fails_pending_writes() {
+    let mut sim = Sim::new();
+    let old = sim.elect();
+    sim.isolated.push(old);
+    sim.replica(old).propose(7, put("lost", "maybe")).unwrap();
+    // check_quorum: the isolated leader steps down within an election timeout.
+    for _ in 0..100 {
+        sim.tick();
+    }
+    assert!(
+        !sim.replica(old).is_leader(),
+        "isolated leader kept leading"
+    );
+    match sim.take_reply(7) {
+        Some(response::Result::Error(e)) => {
+            assert!(
+                e.code == ErrorCode::Unavailable as i32 || e.code == ErrorCode::Timeout as i32,
+                "{e:?}"
+            )
+        }
+        other => panic!("pending write not failed: {other:?}"),
+    }
+    // The majority elected another leader that serves reads.
+    let new = sim.leader().expect("majority has a leader");
+    assert_ne!(new, old);
+    let mut out = Output::default();
+    let get = Op::Get(Get {
+        key: Bytes::from_static(b"lost"),
+        consistency: Consistency::Linearizable as i32,
+    });
+    sim.replica(new)
+        .read(8, get, Consistency::Linearizable, &mut out)
+        .unwrap();
+    sim.absorb(new as usize - 1, out);
+    for _ in 0..10 {
+        sim.round();
+    }
+    assert!(matches!(sim.take_reply(8), Some(response::Result::Get(_))));
+}
+
+#[test]
+fn restart_recovers_log_and_reapplies() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut opts = options(1);
+    opts.voters = vec![1];
+    {
+        let wal = Wal::open(dir.path(), WalOptions::default()).unwrap();
+        let mut r = Replica::open(wal, opts.clone(), None).unwrap();
+        let mut out = Output::default();
+        for _ in 0..100 {
+            r.tick(&mut out);
+            r.handle_ready(&mut out).unwrap();
+            while let Some(job) = out.sync.take() {
+                r.on_synced(job.run_blocking(), &mut out).unwrap();
+            }
+            if r.is_leader() {
+                break;
+            }
+        }
+        assert!(r.is_leader());
+        r.propose(1, put("durable", "yes")).unwrap();
+        r.flush(&mut out);
+        r.handle_ready(&mut out).unwrap();
+        while let Some(job) = out.sync.take() {
+            r.on_synced(job.run_blocking(), &mut out).unwrap();
+        }
+        assert!(out
+            .replies
+            .iter()
+            .any(|reply| reply.token == 1 && matches!(reply.result, response::Result::Write(_))));
+    }
+    let wal = Wal::open(dir.path(), WalOptions::default()).unwrap();
+    let mut r = Replica::open(wal, opts, None).unwrap();
+    let mut out = Output::default();
+    r.handle_ready(&mut out).unwrap();
+    while let Some(job) = out.sync.take() {
+        r.on_synced(job.run_blocking(), &mut out).unwrap();
+    }
+    assert_eq!(
+        r.state_machine().get(b"durable").map(|(v, _)| v),
+        Some(Bytes::from_static(b"yes"))
+    );
+    assert!(r.status().term >= 1);
+}
+
+/// Options of a single-voter group whose requests never time out and
+/// that never snapshots.
+fn single_voter_options() -> ReplicaOptions {
+    ReplicaOptions {
+        node_id: 1,
+        shard: 0,
+        voters: vec![1],
+        heartbeat_ticks: 3,
+        election_ticks: 30,
+        request_timeout_ticks: 1_000_000,
+        max_size_per_msg: 1 << 20,
+        max_inflight_msgs: 256,
+        snapshot_entries: u64::MAX,
+        snapshot_bytes: u64::MAX,
+    }
+}
+
+/// A single-voter replica on 1 MiB WAL segments, elected leader, with
+/// every sync run to completion (tests of rotation and group commit).
+fn single_voter_leader(dir: &std::path::Path) -> (Replica, Output) {
+    let options = corekv_wal::WalOptions {
+        segment_bytes: 1 << 20,
+        shard_id: 0,
+    };
+    let wal = Wal::open(dir, options).unwrap();
+    let mut r = Replica::open(wal, single_voter_options(), None).unwrap();
+    let mut out = Output::default();
+    while !r.is_leader() {
+        r.tick(&mut out);
+        r.handle_ready(&mut out).unwrap();
+        run_syncs(&mut r, &mut out);
+    }
+    (r, out)
+}
+
+/// Runs every sync the replica asks for, blocking, until it asks for none.
+fn run_syncs(r: &mut Replica, out: &mut Output) {
+    while let Some(job) = out.sync.take() {
+        r.on_synced(job.run_blocking(), out).unwrap();
+    }
+}
+
+/// A Put of `value` under key `k{token}`.
+fn numbered_put(token: u64, value: &Bytes) -> Op {
+    Op::Put(corekv_proto::client::Put {
+        key: Bytes::from(format!("k{token}")),
+        value: value.clone(),
+    })
+}
+
+mod rotation_tests {
+    use super::*;
+
+    #[test]
+    fn commits_continue_across_wal_segment_rotation() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut r, mut out) = single_voter_leader(dir.path());
+        let value = Bytes::from(vec![b'v'; 4096]);
+        let mut token = 0;
+        for round in 0..10 {
+            for _ in 0..100 {
+                token += 1;
+                r.propose(token, numbered_put(token, &value)).unwrap();
+            }
+            r.flush(&mut out);
+            r.handle_ready(&mut out).unwrap();
+            let mut syncs = 0;
+            while let Some(job) = out.sync.take() {
+                syncs += 1;
+                assert!(syncs < 100, "sync loop");
+                let outcome = monoio::RuntimeBuilder::<monoio::FusionDriver>::new()
+                    .build()
+                    .expect("monoio runtime")
+                    .block_on(job.run());
+                r.on_synced(outcome, &mut out).unwrap();
+            }
+            let status = r.status();
+            assert_eq!(
+                status.commit_index,
+                status.last_index,
+                "round {round}: commit stuck: {status:?}, segments {}",
+                r.wal().segment_count()
+            );
+        }
+    }
+}
+
+mod snapshot_marker_tests {
+    use super::*;
+
+    #[test]
+    fn an_idle_shard_syncs_its_snapshot_marker_and_compacts() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut r, mut out) = single_voter_leader(dir.path());
+        r.options.snapshot_entries = 500;
+        let value = Bytes::from(vec![b'v'; 4096]);
+        let mut snapshot = None;
+        for token in 1..=1000u64 {
+            r.propose(token, numbered_put(token, &value)).unwrap();
+            r.flush(&mut out);
+            r.handle_ready(&mut out).unwrap();
+            run_syncs(&mut r, &mut out);
+            if let Some(taken) = out.snapshot_to_write.take() {
+                snapshot.get_or_insert(taken);
+            }
+        }
+        let (meta, map) = snapshot.expect("a snapshot after 500 entries");
+        let snapshots = tempfile::tempdir().unwrap();
+        crate::snapshot::write(snapshots.path(), &meta, &map).unwrap();
+        // The writes have stopped; the snapshot becomes durable now.
+        r.on_snapshot_written(Ok(meta)).unwrap();
+        r.handle_ready(&mut out).unwrap();
+        let job = out.sync.take().expect("the marker gets a sync of its own");
+        r.on_synced(job.run_blocking(), &mut out).unwrap();
+        assert!(
+            !r.take_obsolete_segments().is_empty(),
+            "segments covered by the snapshot are handed out for deletion"
+        );
+        let status = r.status();
+        assert_eq!(status.commit_index, status.last_index);
+    }
+}
+
+mod group_commit_tests {
+    use super::*;
+
+    #[test]
+    fn proposals_during_a_sync_in_flight_commit_across_rotation() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut r, mut out) = single_voter_leader(dir.path());
+        let value = Bytes::from(vec![b'v'; 4096]);
+        let mut in_flight: Option<SyncJob> = None;
+        for token in 1..=1000u64 {
+            r.propose(token, numbered_put(token, &value)).unwrap();
+            if token % 7 == 0 {
+                r.flush(&mut out);
+                r.handle_ready(&mut out).unwrap();
+                if let Some(job) = out.sync.take() {
+                    assert!(in_flight.is_none(), "two syncs in flight");
+                    in_flight = Some(job);
+                }
+            }
+            if token % 13 == 0 {
+                if let Some(job) = in_flight.take() {
+                    r.on_synced(job.run_blocking(), &mut out).unwrap();
+                    if let Some(job) = out.sync.take() {
+                        in_flight = Some(job);
+                    }
+                }
+            }
+        }
+        // The last proposals reach raft while a sync may be in flight; from
+        // here on only sync completions drive the replica.
+        r.flush(&mut out);
+        r.handle_ready(&mut out).unwrap();
+        if let Some(job) = out.sync.take() {
+            assert!(in_flight.is_none(), "two syncs in flight");
+            in_flight = Some(job);
+        }
+        let mut rounds = 0;
+        while let Some(job) = in_flight.take() {
+            rounds += 1;
+            assert!(rounds < 100);
+            r.on_synced(job.run_blocking(), &mut out).unwrap();
+            in_flight = out.sync.take();
+        }
+        let status = r.status();
+        assert_eq!(
+            status.commit_index, status.last_index,
+            "commit stuck: {status:?}"
+        );
+        let acked = out
+            .replies
+            .iter()
+            .filter(|reply| matches!(reply.result, response::Result::Write(_)))
+            .count();
+        assert_eq!(acked, 1000);
+    }
+}
+
+/// The replica on the in-memory log store: a disk the test tears and fails.
+mod memory_store_tests {
+    use super::*;
+    use crate::log_store::memory::{MemDisk, MemLogStore, MemSyncJob};
+
+    type MemReplica = Replica<MemLogStore>;
+    type MemOutput = Output<MemSyncJob>;
+
+    /// A single-voter leader over whatever `disk` holds, every sync run.
+    fn mem_leader(disk: &MemDisk) -> (MemReplica, MemOutput) {
+        let mut r = Replica::open(disk.open(), single_voter_options(), None).unwrap();
+        let mut out = Output::default();
+        r.handle_ready(&mut out).unwrap();
+        mem_run_syncs(&mut r, &mut out);
+        while !r.is_leader() {
+            r.tick(&mut out);
+            r.handle_ready(&mut out).unwrap();
+            mem_run_syncs(&mut r, &mut out);
+        }
+        (r, out)
+    }
+
+    fn mem_run_syncs(r: &mut MemReplica, out: &mut MemOutput) {
+        while let Some(job) = out.sync.take() {
+            r.on_synced(job.run(), out).unwrap();
+        }
+    }
+
+    /// Proposes puts `k{token}` for `tokens` and hands them to raft.
+    fn propose_puts(r: &mut MemReplica, out: &mut MemOutput, tokens: std::ops::Range<u64>) {
+        let value = Bytes::from_static(b"v");
+        for token in tokens {
+            r.propose(token, numbered_put(token, &value)).unwrap();
+        }
+        r.flush(out);
+        r.handle_ready(out).unwrap();
+    }
+
+    /// The versions acknowledged to clients, by token.
+    fn acknowledged(out: &mut MemOutput) -> Vec<(u64, u64)> {
+        out.replies
+            .drain(..)
+            .filter_map(|reply| match reply.result {
+                response::Result::Write(w) => Some((reply.token, w.version)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_torn_write_at_a_crash_loses_only_what_no_sync_covered() {
+        for torn_survivors in 0..4 {
+            let disk = MemDisk::new();
+            let (mut r, mut out) = mem_leader(&disk);
+            propose_puts(&mut r, &mut out, 1..6);
+            mem_run_syncs(&mut r, &mut out);
+            let acked = acknowledged(&mut out);
+            assert_eq!(acked.len(), 5, "synced writes are acknowledged");
+
+            // The next batch is written but its sync stalls: nothing of it
+            // may be acknowledged, and then the machine crashes.
+            propose_puts(&mut r, &mut out, 6..11);
+            let stalled = out.sync.take().expect("the second batch waits for a sync");
+            assert!(
+                acknowledged(&mut out).is_empty(),
+                "acknowledged before its sync"
+            );
+            assert!(disk.written_records() > disk.durable_records());
+            drop((r, stalled));
+            disk.crash(torn_survivors);
+
+            let (r, _) = mem_leader(&disk);
+            for (token, version) in &acked {
+                let key = format!("k{token}");
+                assert_eq!(
+                    r.state_machine().get(key.as_bytes()).map(|(_, v)| v),
+                    Some(*version),
+                    "torn_survivors {torn_survivors}: acknowledged {key} lost or changed"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn a_failed_sync_acknowledges_nothing_and_stops_the_replica() {
+        let disk = MemDisk::new();
+        let (mut r, mut out) = mem_leader(&disk);
+        disk.fail_next_sync();
+        propose_puts(&mut r, &mut out, 1..4);
+        let job = out.sync.take().expect("the batch waits for a sync");
+        let error = r.on_synced(job.run(), &mut out).unwrap_err();
+        assert!(
+            matches!(error, ReplicaError::Log { shard: 0, .. }),
+            "unexpected error: {error}"
+        );
+        assert!(
+            acknowledged(&mut out).is_empty(),
+            "a write was acknowledged without a sync"
+        );
+
+        // The replica is fail-stop; a restart over what the disk kept finds
+        // none of the unsynced writes and serves new ones.
+        drop(r);
+        disk.crash(0);
+        let (mut r, mut out) = mem_leader(&disk);
+        assert!(r.state_machine().get(b"k1").is_none());
+        propose_puts(&mut r, &mut out, 4..5);
+        mem_run_syncs(&mut r, &mut out);
+        assert_eq!(acknowledged(&mut out).len(), 1);
+    }
+}
