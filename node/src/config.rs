@@ -5,7 +5,9 @@
 //! (`COREKV_CLIENT_PORT`), the TOML file named by `--config FILE` /
 //! `COREKV_CONFIG` (`client_port = 7100`), and the built-in default. Layers are
 //! merged key by key; `peers` is one key, so a higher layer replaces the whole
-//! list rather than adding entries to it.
+//! list rather than adding entries to it. Each key is declared once, as a row
+//! of the `config_keys!` table below, so that its field, flag, variable, file
+//! key, merge and default cannot drift apart.
 //!
 //! An environment variable that is set but empty counts as unset, so a
 //! container template can leave `COREKV_ADVERTISE_HOST=` in place without
@@ -58,29 +60,6 @@ use serde::{Deserialize, Serialize};
 
 const MIB: u64 = 1024 * 1024;
 
-const DEFAULT_CLUSTER_ID: u64 = 1;
-const DEFAULT_DATA_DIR: &str = "./corekv-data";
-const DEFAULT_LISTEN_HOST: &str = "127.0.0.1";
-const DEFAULT_CLIENT_PORT: u16 = 7100;
-const DEFAULT_PEER_PORT: u16 = 7150;
-const DEFAULT_ADMIN_PORT: u16 = 7190;
-const DEFAULT_TICK_MS: u64 = 10;
-const DEFAULT_HEARTBEAT_TICKS: usize = 3;
-const DEFAULT_ELECTION_TICKS: usize = 30;
-const DEFAULT_KEEPALIVE_IDLE_MS: u64 = 10_000;
-const DEFAULT_KEEPALIVE_INTERVAL_MS: u64 = 5_000;
-const DEFAULT_KEEPALIVE_COUNT: u32 = 3;
-const DEFAULT_CONNECT_TIMEOUT_MS: u64 = 3_000;
-const DEFAULT_WAL_SEGMENT_BYTES: u64 = 64 * MIB;
-const DEFAULT_SNAPSHOT_ENTRIES: u64 = 100_000;
-const DEFAULT_SNAPSHOT_BYTES: u64 = 64 * MIB;
-const DEFAULT_MAX_FRAME_BYTES: usize = 16 * MIB as usize;
-const DEFAULT_MAX_KEY_BYTES: usize = 4096;
-const DEFAULT_MAX_VALUE_BYTES: usize = MIB as usize;
-const DEFAULT_REQUEST_TIMEOUT_MS: u64 = 5_000;
-const DEFAULT_SLOW_FSYNC_MS: u64 = 100;
-const DEFAULT_LOG_LEVEL: &str = "info";
-
 /// Room a frame needs beyond one key and one value: request id, op, version,
 /// flags and protobuf tags. A frame limit below key + value + this would make
 /// the largest legal request unsendable.
@@ -98,6 +77,382 @@ const MAX_PORT: u32 = u16::MAX as u32;
 
 /// The `--peers` / `COREKV_PEERS` syntax, quoted in every parse error.
 const PEERS_SYNTAX: &str = "ID=HOST:CLIENT_PORT:PEER_PORT[:ADMIN_PORT],...";
+
+/// Declares every key of [`Config`] once: each row below generates the
+/// `Config` field, the `RunArgs` flag, the `Layer` field that the file, the
+/// environment and the flags are read into, the merge and the default. A key
+/// written in seven places could be added to one layer and forgotten in
+/// another; here it cannot.
+///
+/// A row, after the field's doc comment and any `#[serde]` attribute for
+/// `Config`:
+///
+/// - `default: EXPR`, used when no layer sets the key. It may read the keys
+///   declared above it (they are bound by then) and return an error with `?`.
+///   A row without `default` is required.
+/// - `flag: TYPE, VALUE_NAME, HELP`: the `--key-name` flag as clap reads it.
+///   ` [env: NAME]` is appended to HELP, so the help cannot name another
+///   variable than the one read.
+/// - `parse: FN` for a key whose flag and variable are text in a syntax of
+///   their own (`fn(&str) -> Result<T, String>`, with flag type `String`), so
+///   that their errors name the key like every other. Without it clap parses
+///   the flag and [`FromEnvText`] the variable.
+/// - `env: "COREKV_KEY"`, optionally `then "OTHER"`: the variables read, in
+///   that order.
+macro_rules! config_keys {
+    (
+        $(
+            $(#[$attr:meta])*
+            $key:ident: $ty:ty {
+                $(default: $default:expr,)?
+                flag: $flag_ty:ident, $value_name:expr, $help:literal,
+                $(parse: $parse:expr,)?
+                env: $env:literal $(then $fallback:literal)?,
+            }
+        )*
+    ) => {
+        /// The settings of one corekv node, after all layers are merged and validated.
+        ///
+        /// Built by [`Config::load`] (for `corekv run`) or [`Config::from_toml_str`];
+        /// both validate, so code that receives a `Config` can rely on
+        /// [`Config::validate`]'s rules.
+        #[derive(Clone, Debug, PartialEq, Serialize)]
+        pub struct Config {
+            $(
+                $(#[$attr])*
+                pub $key: $ty,
+            )*
+        }
+
+        /// Flags of `corekv run`. Every key is optional here: unset keys fall back to
+        /// the environment, then the config file, then the default (see the module
+        /// documentation). Environment variables are read by [`Config::load`], not by
+        /// clap, so that tests can inject them.
+        #[derive(clap::Args, Clone, Debug, Default, PartialEq, Eq)]
+        pub struct RunArgs {
+            /// TOML config file; its keys are the flag names in snake_case [env: COREKV_CONFIG]
+            #[arg(long, value_name = "FILE")]
+            pub config: Option<PathBuf>,
+            $(
+                #[arg(
+                    long,
+                    value_name = $value_name,
+                    help = concat!($help, " [env: ", $env, $(", then ", $fallback,)? "]"),
+                )]
+                pub $key: Option<$flag_ty>,
+            )*
+        }
+
+        /// One configuration layer: every key optional. The file is parsed straight
+        /// into this type, so a key the file may not contain is refused by name.
+        #[derive(Clone, Debug, Default, Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct Layer {
+            $($key: Option<$ty>,)*
+        }
+
+        impl Layer {
+            /// Key by key, `self` wins where it has a value and `lower` fills the rest.
+            fn over(self, lower: Layer) -> Layer {
+                Layer {
+                    $($key: self.$key.or(lower.$key),)*
+                }
+            }
+
+            /// The flag layer.
+            fn from_args(args: &RunArgs) -> Result<Layer, ConfigError> {
+                let args = args.clone();
+                Ok(Layer {
+                    $($key: config_keys!(@flag $key, args.$key, [$($parse)?]),)*
+                })
+            }
+
+            /// The environment layer.
+            fn from_env(env: &dyn Fn(&str) -> Option<String>) -> Result<Layer, ConfigError> {
+                Ok(Layer {
+                    $(
+                        $key: env_with(
+                            env,
+                            stringify!($key),
+                            &[$env $(, $fallback)?],
+                            config_keys!(@env_parse $ty, [$($parse)?]),
+                        )?,
+                    )*
+                })
+            }
+
+            /// Gives every key no layer set its default, in table order so that a
+            /// default can use the keys above it.
+            fn into_config(self) -> Result<Config, ConfigError> {
+                let Layer { $($key,)* } = self;
+                $(
+                    let $key: $ty = config_keys!(@or_default $key, $env, [$($default)?]);
+                )*
+                Ok(Config { $($key,)* })
+            }
+        }
+
+        /// The names of every key, for the tests that hold the README to the table.
+        #[cfg(test)]
+        const KEYS: &[KeyNames] = &[
+            $(KeyNames { key: stringify!($key), env: &[$env $(, $fallback)?] },)*
+        ];
+    };
+
+    (@flag $key:ident, $flag:expr, []) => { $flag };
+    (@flag $key:ident, $flag:expr, [$parse:expr]) => {
+        flag_with(stringify!($key), $flag, $parse)?
+    };
+
+    (@env_parse $ty:ty, []) => { <$ty as FromEnvText>::from_env_text };
+    (@env_parse $ty:ty, [$parse:expr]) => { $parse };
+
+    (@or_default $key:ident, $env:literal, []) => {
+        match $key {
+            Some(value) => value,
+            None => return Err(missing(stringify!($key), $env)),
+        }
+    };
+    (@or_default $key:ident, $env:literal, [$default:expr]) => {
+        match $key {
+            Some(value) => value,
+            None => $default,
+        }
+    };
+}
+
+config_keys! {
+    /// This node's Raft id, >= 1. Required: there is no safe default, since two
+    /// nodes with one id would corrupt each other's groups.
+    node_id: u64 {
+        flag: u64, "ID", "This node's id, >= 1; required",
+        env: "COREKV_NODE_ID",
+    }
+    /// Id of the cluster, exchanged in the peer handshake so that a node of
+    /// another cluster is refused. Default 1.
+    cluster_id: u64 {
+        default: 1,
+        flag: u64, "ID", "Cluster id checked at the peer handshake [default: 1]",
+        env: "COREKV_CLUSTER_ID",
+    }
+    /// Directory of the WAL and snapshots (one subdirectory per shard). A
+    /// relative path is relative to the working directory of the process, not
+    /// to the config file. Default `./corekv-data`.
+    data_dir: PathBuf {
+        default: PathBuf::from("./corekv-data"),
+        flag: PathBuf, "DIR", "Directory of the WAL and snapshots [default: ./corekv-data]",
+        env: "COREKV_DATA_DIR",
+    }
+    /// Interface to bind the client, peer and admin listeners on. Default
+    /// `127.0.0.1`, so a node is not reachable from the network until asked;
+    /// use `0.0.0.0` or `::` to listen on every interface.
+    listen_host: String {
+        default: "127.0.0.1".to_string(),
+        flag: String, "HOST", "Interface to bind [default: 127.0.0.1]",
+        env: "COREKV_LISTEN_HOST",
+    }
+    /// Host other nodes and clients dial to reach this node (in leader hints
+    /// and topology). Default: this node's `host` in `peers` if it has an
+    /// entry there, else `listen_host`; required when `listen_host` is a
+    /// wildcard (`0.0.0.0`, `::`) and `peers` does not name this node. If set,
+    /// it must equal this node's `host` in `peers`.
+    advertise_host: String {
+        default: dialable_listen_host(&listen_host)?,
+        flag: String, "HOST",
+            "Host peers and clients dial [default: own host in peers, else listen host]",
+        env: "COREKV_ADVERTISE_HOST",
+    }
+    /// First client port: shard `s` serves clients on `client_port + s`, and
+    /// any of them accepts any key. Default: this node's `client_port` in
+    /// `peers`, else 7100. If set, it must equal the `peers` entry.
+    client_port: u16 {
+        default: 7100,
+        flag: u16, "PORT",
+            "First client port; shard s uses client_port + s \
+             [default: own entry in peers, else 7100]",
+        env: "COREKV_CLIENT_PORT",
+    }
+    /// First peer port: shard `s` serves Raft traffic on `peer_port + s`.
+    /// Default: this node's `peer_port` in `peers`, else 7150. If set, it must
+    /// equal the `peers` entry.
+    peer_port: u16 {
+        default: 7150,
+        flag: u16, "PORT",
+            "First peer port; shard s uses peer_port + s \
+             [default: own entry in peers, else 7150]",
+        env: "COREKV_PEER_PORT",
+    }
+    /// Port of the admin HTTP server (`/metrics`, `/status`, `/health/*`).
+    /// Default: this node's `admin_port` in `peers`, else 7190. If both are
+    /// set they must be equal.
+    admin_port: u16 {
+        default: 7190,
+        flag: u16, "PORT", "Admin HTTP port [default: own entry in peers, else 7190]",
+        env: "COREKV_ADMIN_PORT",
+    }
+    /// Number of shards (threads, Raft groups, port offsets). Fixed when the
+    /// cluster is created, and must be the same on every node (the handshake
+    /// refuses a peer with another count). Default: the number of CPUs this
+    /// process may use, so set it explicitly for a multi-node cluster whose
+    /// machines differ.
+    shards: u32 {
+        default: default_shards(),
+        flag: u32, "N", "Number of shards, the same on every node [default: CPU count]",
+        env: "COREKV_SHARDS",
+    }
+    /// CPUs the shard threads are pinned to: shard `s` runs on
+    /// `cpus[s % len]`. Default (empty): every CPU this process may use, in
+    /// order. Set it when several nodes share a machine (as `corekv dev`
+    /// does), or to keep shards off CPUs reserved for other work.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    cpus: Vec<usize> {
+        default: Vec::new(),
+        flag: String, "CPU,...",
+            "CPUs to pin shard threads to, e.g. 0,2 (shard s on the (s mod n)-th) \
+             [default: every CPU this process may use]",
+        parse: parse_cpus,
+        env: "COREKV_CPUS",
+    }
+    /// Every voter of the cluster, this node included. All nodes must list the
+    /// same set. Default: this node alone (a single-node cluster), built from
+    /// `node_id`, `advertise_host` and the own ports.
+    peers: Vec<PeerConfig> {
+        default: vec![PeerConfig {
+            id: node_id,
+            host: advertise_host.clone(),
+            client_port,
+            peer_port,
+            admin_port: Some(admin_port),
+        }],
+        flag: String, PEERS_SYNTAX,
+            "Every voter, this node included, e.g. \
+             1=10.0.0.1:7100:7150:7190,2=10.0.0.2:7100:7150:7190 [default: this node alone]",
+        parse: parse_peers,
+        env: "COREKV_PEERS",
+    }
+    /// Length of one Raft tick in milliseconds. Default 10.
+    tick_ms: u64 {
+        default: 10,
+        flag: u64, "MS", "Raft tick length in ms [default: 10]",
+        env: "COREKV_TICK_MS",
+    }
+    /// Ticks between leader heartbeats. Default 3 (30 ms).
+    heartbeat_ticks: usize {
+        default: 3,
+        flag: usize, "TICKS", "Ticks between heartbeats [default: 3]",
+        env: "COREKV_HEARTBEAT_TICKS",
+    }
+    /// Ticks without a heartbeat before a follower starts an election (raft-rs
+    /// randomises it in `[election_ticks, 2 * election_ticks)`). Must be
+    /// greater than `heartbeat_ticks`. Default 30 (300 ms).
+    election_ticks: usize {
+        default: 30,
+        flag: usize, "TICKS", "Ticks before an election, > heartbeat ticks [default: 30]",
+        env: "COREKV_ELECTION_TICKS",
+    }
+    /// Idle time before the first TCP keepalive probe on a peer link, in
+    /// milliseconds, at least 1000 (the kernel counts whole seconds). Default
+    /// 10000. Keeps idle links alive through NAT and firewalls and detects a
+    /// dead peer.
+    keepalive_idle_ms: u64 {
+        default: 10_000,
+        flag: u64, "MS", "TCP keepalive idle time in ms, >= 1000 [default: 10000]",
+        env: "COREKV_KEEPALIVE_IDLE_MS",
+    }
+    /// Time between TCP keepalive probes in milliseconds, at least 1000.
+    /// Default 5000.
+    keepalive_interval_ms: u64 {
+        default: 5_000,
+        flag: u64, "MS", "TCP keepalive probe interval in ms, >= 1000 [default: 5000]",
+        env: "COREKV_KEEPALIVE_INTERVAL_MS",
+    }
+    /// Unanswered keepalive probes before the kernel drops a connection.
+    /// Default 3.
+    keepalive_count: u32 {
+        default: 3,
+        flag: u32, "N", "TCP keepalive probes before a link is dropped [default: 3]",
+        env: "COREKV_KEEPALIVE_COUNT",
+    }
+    /// Timeout of one outgoing TCP connect, in milliseconds. Default 3000.
+    connect_timeout_ms: u64 {
+        default: 3_000,
+        flag: u64, "MS", "TCP connect timeout in ms [default: 3000]",
+        env: "COREKV_CONNECT_TIMEOUT_MS",
+    }
+    /// Size of one preallocated WAL segment file, at least 1 MiB. Default
+    /// 64 MiB.
+    wal_segment_bytes: u64 {
+        default: 64 * MIB,
+        flag: u64, "BYTES", "WAL segment size in bytes, >= 1 MiB [default: 67108864]",
+        env: "COREKV_WAL_SEGMENT_BYTES",
+    }
+    /// A shard snapshots its state machine when the log since the last
+    /// snapshot passes this many entries (or `snapshot_bytes`). Default 100000.
+    snapshot_entries: u64 {
+        default: 100_000,
+        flag: u64, "N", "Snapshot after this many log entries [default: 100000]",
+        env: "COREKV_SNAPSHOT_ENTRIES",
+    }
+    /// A shard snapshots its state machine when the log since the last
+    /// snapshot passes this many bytes (or `snapshot_entries`). Default 64 MiB.
+    snapshot_bytes: u64 {
+        default: 64 * MIB,
+        flag: u64, "BYTES", "Snapshot after this many log bytes [default: 67108864]",
+        env: "COREKV_SNAPSHOT_BYTES",
+    }
+    /// Largest frame accepted on any connection; a bigger one is refused and
+    /// its connection closed. At least `max_key_bytes + max_value_bytes +
+    /// 1024`, at most 4 GiB - 1 (the length prefix is 32 bits). Default 16 MiB.
+    max_frame_bytes: usize {
+        default: 16 * MIB as usize,
+        flag: usize, "BYTES", "Largest frame on any connection [default: 16777216]",
+        env: "COREKV_MAX_FRAME_BYTES",
+    }
+    /// Largest key accepted; a longer one is answered TOO_LARGE. Default 4096.
+    max_key_bytes: usize {
+        default: 4096,
+        flag: usize, "BYTES", "Largest key [default: 4096]",
+        env: "COREKV_MAX_KEY_BYTES",
+    }
+    /// Largest value accepted; a longer one is answered TOO_LARGE. Default
+    /// 1 MiB.
+    max_value_bytes: usize {
+        default: MIB as usize,
+        flag: usize, "BYTES", "Largest value [default: 1048576]",
+        env: "COREKV_MAX_VALUE_BYTES",
+    }
+    /// A pending client request older than this many milliseconds is answered
+    /// TIMEOUT, so no request is left hanging. Default 5000.
+    request_timeout_ms: u64 {
+        default: 5_000,
+        flag: u64, "MS", "Pending requests older than this are answered TIMEOUT [default: 5000]",
+        env: "COREKV_REQUEST_TIMEOUT_MS",
+    }
+    /// An fdatasync slower than this many milliseconds is logged as a "slow
+    /// fsync" warning. Default 100.
+    slow_fsync_ms: u64 {
+        default: 100,
+        flag: u64, "MS", "Warn about an fdatasync slower than this [default: 100]",
+        env: "COREKV_SLOW_FSYNC_MS",
+    }
+    /// Log filter in `tracing` EnvFilter syntax (`info`,
+    /// `corekv_node=debug,info`). Read from `--log-level`, then
+    /// `COREKV_LOG_LEVEL`, then `RUST_LOG`, then the file. Default `info`.
+    log_level: String {
+        default: "info".to_string(),
+        flag: String, "FILTER",
+            "Log filter, e.g. info or corekv_node=debug,info [default: info]",
+        // RUST_LOG too, because that is where Rust operators look first.
+        env: "COREKV_LOG_LEVEL" then "RUST_LOG",
+    }
+    /// `text` or `json`. Default `text`.
+    log_format: LogFormat {
+        default: LogFormat::Text,
+        flag: String, "FORMAT", "text or json [default: text]",
+        parse: str::parse,
+        env: "COREKV_LOG_FORMAT",
+    }
+}
 
 /// One member of the cluster (including this node itself).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -161,209 +516,6 @@ impl fmt::Display for LogFormat {
     }
 }
 
-/// The settings of one corekv node, after all layers are merged and validated.
-///
-/// Built by [`Config::load`] (for `corekv run`) or [`Config::from_toml_str`];
-/// both validate, so code that receives a `Config` can rely on
-/// [`Config::validate`]'s rules.
-#[derive(Clone, Debug, PartialEq, Serialize)]
-pub struct Config {
-    /// This node's Raft id, >= 1. Required: there is no safe default, since two
-    /// nodes with one id would corrupt each other's groups.
-    pub node_id: u64,
-    /// Id of the cluster, exchanged in the peer handshake so that a node of
-    /// another cluster is refused. Default 1.
-    pub cluster_id: u64,
-    /// Directory of the WAL and snapshots (one subdirectory per shard). A
-    /// relative path is relative to the working directory of the process, not
-    /// to the config file. Default `./corekv-data`.
-    pub data_dir: PathBuf,
-    /// Interface to bind the client, peer and admin listeners on. Default
-    /// `127.0.0.1`, so a node is not reachable from the network until asked;
-    /// use `0.0.0.0` or `::` to listen on every interface.
-    pub listen_host: String,
-    /// Host other nodes and clients dial to reach this node (in leader hints
-    /// and topology). Default: this node's `host` in `peers` if it has an
-    /// entry there, else `listen_host`; required when `listen_host` is a
-    /// wildcard (`0.0.0.0`, `::`) and `peers` does not name this node. If set,
-    /// it must equal this node's `host` in `peers`.
-    pub advertise_host: String,
-    /// First client port: shard `s` serves clients on `client_port + s`, and
-    /// any of them accepts any key. Default: this node's `client_port` in
-    /// `peers`, else 7100. If set, it must equal the `peers` entry.
-    pub client_port: u16,
-    /// First peer port: shard `s` serves Raft traffic on `peer_port + s`.
-    /// Default: this node's `peer_port` in `peers`, else 7150. If set, it must
-    /// equal the `peers` entry.
-    pub peer_port: u16,
-    /// Port of the admin HTTP server (`/metrics`, `/status`, `/health/*`).
-    /// Default: this node's `admin_port` in `peers`, else 7190. If both are
-    /// set they must be equal.
-    pub admin_port: u16,
-    /// Number of shards (threads, Raft groups, port offsets). Fixed when the
-    /// cluster is created, and must be the same on every node (the handshake
-    /// refuses a peer with another count). Default: the number of CPUs this
-    /// process may use, so set it explicitly for a multi-node cluster whose
-    /// machines differ.
-    pub shards: u32,
-    /// CPUs the shard threads are pinned to: shard `s` runs on
-    /// `cpus[s % len]`. Default (empty): every CPU this process may use, in
-    /// order. Set it when several nodes share a machine (as `corekv dev`
-    /// does), or to keep shards off CPUs reserved for other work.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub cpus: Vec<usize>,
-    /// Every voter of the cluster, this node included. All nodes must list the
-    /// same set. Default: this node alone (a single-node cluster), built from
-    /// `node_id`, `advertise_host` and the own ports.
-    pub peers: Vec<PeerConfig>,
-    /// Length of one Raft tick in milliseconds. Default 10.
-    pub tick_ms: u64,
-    /// Ticks between leader heartbeats. Default 3 (30 ms).
-    pub heartbeat_ticks: usize,
-    /// Ticks without a heartbeat before a follower starts an election (raft-rs
-    /// randomises it in `[election_ticks, 2 * election_ticks)`). Must be
-    /// greater than `heartbeat_ticks`. Default 30 (300 ms).
-    pub election_ticks: usize,
-    /// Idle time before the first TCP keepalive probe on a peer link, in
-    /// milliseconds, at least 1000 (the kernel counts whole seconds). Default
-    /// 10000. Keeps idle links alive through NAT and firewalls and detects a
-    /// dead peer.
-    pub keepalive_idle_ms: u64,
-    /// Time between TCP keepalive probes in milliseconds, at least 1000.
-    /// Default 5000.
-    pub keepalive_interval_ms: u64,
-    /// Unanswered keepalive probes before the kernel drops a connection.
-    /// Default 3.
-    pub keepalive_count: u32,
-    /// Timeout of one outgoing TCP connect, in milliseconds. Default 3000.
-    pub connect_timeout_ms: u64,
-    /// Size of one preallocated WAL segment file, at least 1 MiB. Default
-    /// 64 MiB.
-    pub wal_segment_bytes: u64,
-    /// A shard snapshots its state machine when the log since the last
-    /// snapshot passes this many entries (or `snapshot_bytes`). Default 100000.
-    pub snapshot_entries: u64,
-    /// A shard snapshots its state machine when the log since the last
-    /// snapshot passes this many bytes (or `snapshot_entries`). Default 64 MiB.
-    pub snapshot_bytes: u64,
-    /// Largest frame accepted on any connection; a bigger one is refused and
-    /// its connection closed. At least `max_key_bytes + max_value_bytes +
-    /// 1024`, at most 4 GiB - 1 (the length prefix is 32 bits). Default 16 MiB.
-    pub max_frame_bytes: usize,
-    /// Largest key accepted; a longer one is answered TOO_LARGE. Default 4096.
-    pub max_key_bytes: usize,
-    /// Largest value accepted; a longer one is answered TOO_LARGE. Default
-    /// 1 MiB.
-    pub max_value_bytes: usize,
-    /// A pending client request older than this many milliseconds is answered
-    /// TIMEOUT, so no request is left hanging. Default 5000.
-    pub request_timeout_ms: u64,
-    /// An fdatasync slower than this many milliseconds is logged as a "slow
-    /// fsync" warning. Default 100.
-    pub slow_fsync_ms: u64,
-    /// Log filter in `tracing` EnvFilter syntax (`info`,
-    /// `corekv_node=debug,info`). Read from `--log-level`, then
-    /// `COREKV_LOG_LEVEL`, then `RUST_LOG`, then the file. Default `info`.
-    pub log_level: String,
-    /// `text` or `json`. Default `text`.
-    pub log_format: LogFormat,
-}
-
-/// Flags of `corekv run`. Every key is optional here: unset keys fall back to
-/// the environment, then the config file, then the default (see the module
-/// documentation). Environment variables are read by [`Config::load`], not by
-/// clap, so that tests can inject them.
-#[derive(clap::Args, Clone, Debug, Default, PartialEq, Eq)]
-pub struct RunArgs {
-    /// TOML config file; its keys are the flag names in snake_case [env: COREKV_CONFIG]
-    #[arg(long, value_name = "FILE")]
-    pub config: Option<PathBuf>,
-    /// This node's id, >= 1; required [env: COREKV_NODE_ID]
-    #[arg(long, value_name = "ID")]
-    pub node_id: Option<u64>,
-    /// Cluster id checked at the peer handshake [default: 1] [env: COREKV_CLUSTER_ID]
-    #[arg(long, value_name = "ID")]
-    pub cluster_id: Option<u64>,
-    /// Directory of the WAL and snapshots [default: ./corekv-data] [env: COREKV_DATA_DIR]
-    #[arg(long, value_name = "DIR")]
-    pub data_dir: Option<PathBuf>,
-    /// Interface to bind [default: 127.0.0.1] [env: COREKV_LISTEN_HOST]
-    #[arg(long, value_name = "HOST")]
-    pub listen_host: Option<String>,
-    /// Host peers and clients dial [default: own host in peers, else listen host] [env: COREKV_ADVERTISE_HOST]
-    #[arg(long, value_name = "HOST")]
-    pub advertise_host: Option<String>,
-    /// First client port; shard s uses client_port + s [default: own entry in peers, else 7100] [env: COREKV_CLIENT_PORT]
-    #[arg(long, value_name = "PORT")]
-    pub client_port: Option<u16>,
-    /// First peer port; shard s uses peer_port + s [default: own entry in peers, else 7150] [env: COREKV_PEER_PORT]
-    #[arg(long, value_name = "PORT")]
-    pub peer_port: Option<u16>,
-    /// Admin HTTP port [default: own entry in peers, else 7190] [env: COREKV_ADMIN_PORT]
-    #[arg(long, value_name = "PORT")]
-    pub admin_port: Option<u16>,
-    /// Number of shards, the same on every node [default: CPU count] [env: COREKV_SHARDS]
-    #[arg(long, value_name = "N")]
-    pub shards: Option<u32>,
-    /// CPUs to pin shard threads to, e.g. 0,2 (shard s on the (s mod n)-th) [default: every CPU this process may use] [env: COREKV_CPUS]
-    #[arg(long, value_name = "CPU,...")]
-    pub cpus: Option<String>,
-    /// Every voter, this node included, e.g. 1=10.0.0.1:7100:7150:7190,2=10.0.0.2:7100:7150:7190 [default: this node alone] [env: COREKV_PEERS]
-    #[arg(long, value_name = "ID=HOST:CLIENT_PORT:PEER_PORT[:ADMIN_PORT],...")]
-    pub peers: Option<String>,
-    /// Raft tick length in ms [default: 10] [env: COREKV_TICK_MS]
-    #[arg(long, value_name = "MS")]
-    pub tick_ms: Option<u64>,
-    /// Ticks between heartbeats [default: 3] [env: COREKV_HEARTBEAT_TICKS]
-    #[arg(long, value_name = "TICKS")]
-    pub heartbeat_ticks: Option<usize>,
-    /// Ticks before an election, > heartbeat ticks [default: 30] [env: COREKV_ELECTION_TICKS]
-    #[arg(long, value_name = "TICKS")]
-    pub election_ticks: Option<usize>,
-    /// TCP keepalive idle time in ms, >= 1000 [default: 10000] [env: COREKV_KEEPALIVE_IDLE_MS]
-    #[arg(long, value_name = "MS")]
-    pub keepalive_idle_ms: Option<u64>,
-    /// TCP keepalive probe interval in ms, >= 1000 [default: 5000] [env: COREKV_KEEPALIVE_INTERVAL_MS]
-    #[arg(long, value_name = "MS")]
-    pub keepalive_interval_ms: Option<u64>,
-    /// TCP keepalive probes before a link is dropped [default: 3] [env: COREKV_KEEPALIVE_COUNT]
-    #[arg(long, value_name = "N")]
-    pub keepalive_count: Option<u32>,
-    /// TCP connect timeout in ms [default: 3000] [env: COREKV_CONNECT_TIMEOUT_MS]
-    #[arg(long, value_name = "MS")]
-    pub connect_timeout_ms: Option<u64>,
-    /// WAL segment size in bytes, >= 1 MiB [default: 67108864] [env: COREKV_WAL_SEGMENT_BYTES]
-    #[arg(long, value_name = "BYTES")]
-    pub wal_segment_bytes: Option<u64>,
-    /// Snapshot after this many log entries [default: 100000] [env: COREKV_SNAPSHOT_ENTRIES]
-    #[arg(long, value_name = "N")]
-    pub snapshot_entries: Option<u64>,
-    /// Snapshot after this many log bytes [default: 67108864] [env: COREKV_SNAPSHOT_BYTES]
-    #[arg(long, value_name = "BYTES")]
-    pub snapshot_bytes: Option<u64>,
-    /// Largest frame on any connection [default: 16777216] [env: COREKV_MAX_FRAME_BYTES]
-    #[arg(long, value_name = "BYTES")]
-    pub max_frame_bytes: Option<usize>,
-    /// Largest key [default: 4096] [env: COREKV_MAX_KEY_BYTES]
-    #[arg(long, value_name = "BYTES")]
-    pub max_key_bytes: Option<usize>,
-    /// Largest value [default: 1048576] [env: COREKV_MAX_VALUE_BYTES]
-    #[arg(long, value_name = "BYTES")]
-    pub max_value_bytes: Option<usize>,
-    /// Pending requests older than this are answered TIMEOUT [default: 5000] [env: COREKV_REQUEST_TIMEOUT_MS]
-    #[arg(long, value_name = "MS")]
-    pub request_timeout_ms: Option<u64>,
-    /// Warn about an fdatasync slower than this [default: 100] [env: COREKV_SLOW_FSYNC_MS]
-    #[arg(long, value_name = "MS")]
-    pub slow_fsync_ms: Option<u64>,
-    /// Log filter, e.g. info or corekv_node=debug,info [default: info] [env: COREKV_LOG_LEVEL, then RUST_LOG]
-    #[arg(long, value_name = "FILTER")]
-    pub log_level: Option<String>,
-    /// text or json [default: text] [env: COREKV_LOG_FORMAT]
-    #[arg(long, value_name = "FORMAT")]
-    pub log_format: Option<String>,
-}
-
 /// Why a configuration was refused. Every message names the key (or the file)
 /// and the offending values, for the operator reading a failed start-up.
 #[derive(Debug, thiserror::Error)]
@@ -425,151 +577,7 @@ fn invalid(key: &'static str, message: impl Into<String>) -> ConfigError {
     }
 }
 
-/// One configuration layer: every key optional. The file is parsed straight
-/// into this type, so a key the file may not contain is refused by name.
-#[derive(Clone, Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct Layer {
-    node_id: Option<u64>,
-    cluster_id: Option<u64>,
-    data_dir: Option<PathBuf>,
-    listen_host: Option<String>,
-    advertise_host: Option<String>,
-    client_port: Option<u16>,
-    peer_port: Option<u16>,
-    admin_port: Option<u16>,
-    shards: Option<u32>,
-    cpus: Option<Vec<usize>>,
-    peers: Option<Vec<PeerConfig>>,
-    tick_ms: Option<u64>,
-    heartbeat_ticks: Option<usize>,
-    election_ticks: Option<usize>,
-    keepalive_idle_ms: Option<u64>,
-    keepalive_interval_ms: Option<u64>,
-    keepalive_count: Option<u32>,
-    connect_timeout_ms: Option<u64>,
-    wal_segment_bytes: Option<u64>,
-    snapshot_entries: Option<u64>,
-    snapshot_bytes: Option<u64>,
-    max_frame_bytes: Option<usize>,
-    max_key_bytes: Option<usize>,
-    max_value_bytes: Option<usize>,
-    request_timeout_ms: Option<u64>,
-    slow_fsync_ms: Option<u64>,
-    log_level: Option<String>,
-    log_format: Option<LogFormat>,
-}
-
 impl Layer {
-    /// Key by key, `self` wins where it has a value and `lower` fills the rest.
-    fn over(self, lower: Layer) -> Layer {
-        Layer {
-            node_id: self.node_id.or(lower.node_id),
-            cluster_id: self.cluster_id.or(lower.cluster_id),
-            data_dir: self.data_dir.or(lower.data_dir),
-            listen_host: self.listen_host.or(lower.listen_host),
-            advertise_host: self.advertise_host.or(lower.advertise_host),
-            client_port: self.client_port.or(lower.client_port),
-            peer_port: self.peer_port.or(lower.peer_port),
-            admin_port: self.admin_port.or(lower.admin_port),
-            shards: self.shards.or(lower.shards),
-            cpus: self.cpus.or(lower.cpus),
-            peers: self.peers.or(lower.peers),
-            tick_ms: self.tick_ms.or(lower.tick_ms),
-            heartbeat_ticks: self.heartbeat_ticks.or(lower.heartbeat_ticks),
-            election_ticks: self.election_ticks.or(lower.election_ticks),
-            keepalive_idle_ms: self.keepalive_idle_ms.or(lower.keepalive_idle_ms),
-            keepalive_interval_ms: self.keepalive_interval_ms.or(lower.keepalive_interval_ms),
-            keepalive_count: self.keepalive_count.or(lower.keepalive_count),
-            connect_timeout_ms: self.connect_timeout_ms.or(lower.connect_timeout_ms),
-            wal_segment_bytes: self.wal_segment_bytes.or(lower.wal_segment_bytes),
-            snapshot_entries: self.snapshot_entries.or(lower.snapshot_entries),
-            snapshot_bytes: self.snapshot_bytes.or(lower.snapshot_bytes),
-            max_frame_bytes: self.max_frame_bytes.or(lower.max_frame_bytes),
-            max_key_bytes: self.max_key_bytes.or(lower.max_key_bytes),
-            max_value_bytes: self.max_value_bytes.or(lower.max_value_bytes),
-            request_timeout_ms: self.request_timeout_ms.or(lower.request_timeout_ms),
-            slow_fsync_ms: self.slow_fsync_ms.or(lower.slow_fsync_ms),
-            log_level: self.log_level.or(lower.log_level),
-            log_format: self.log_format.or(lower.log_format),
-        }
-    }
-
-    /// The flag layer. clap has parsed the numbers; `peers`, `cpus` and
-    /// `log_format` are parsed here so that their errors name the key like
-    /// every other.
-    fn from_args(args: &RunArgs) -> Result<Layer, ConfigError> {
-        let peers = flag_with("peers", &args.peers, parse_peers)?;
-        let cpus = flag_with("cpus", &args.cpus, parse_cpus)?;
-        let log_format = flag_with("log_format", &args.log_format, str::parse)?;
-        Ok(Layer {
-            node_id: args.node_id,
-            cluster_id: args.cluster_id,
-            data_dir: args.data_dir.clone(),
-            listen_host: args.listen_host.clone(),
-            advertise_host: args.advertise_host.clone(),
-            client_port: args.client_port,
-            peer_port: args.peer_port,
-            admin_port: args.admin_port,
-            shards: args.shards,
-            cpus,
-            peers,
-            tick_ms: args.tick_ms,
-            heartbeat_ticks: args.heartbeat_ticks,
-            election_ticks: args.election_ticks,
-            keepalive_idle_ms: args.keepalive_idle_ms,
-            keepalive_interval_ms: args.keepalive_interval_ms,
-            keepalive_count: args.keepalive_count,
-            connect_timeout_ms: args.connect_timeout_ms,
-            wal_segment_bytes: args.wal_segment_bytes,
-            snapshot_entries: args.snapshot_entries,
-            snapshot_bytes: args.snapshot_bytes,
-            max_frame_bytes: args.max_frame_bytes,
-            max_key_bytes: args.max_key_bytes,
-            max_value_bytes: args.max_value_bytes,
-            request_timeout_ms: args.request_timeout_ms,
-            slow_fsync_ms: args.slow_fsync_ms,
-            log_level: args.log_level.clone(),
-            log_format,
-        })
-    }
-
-    /// The environment layer: `COREKV_<KEY>` for every key, plus `RUST_LOG`
-    /// below `COREKV_LOG_LEVEL` because that is where Rust operators look first.
-    fn from_env(env: &dyn Fn(&str) -> Option<String>) -> Result<Layer, ConfigError> {
-        let log_level = env_text(env, "log_level").or_else(|| non_empty(env("RUST_LOG")));
-        Ok(Layer {
-            node_id: env_parse(env, "node_id")?,
-            cluster_id: env_parse(env, "cluster_id")?,
-            data_dir: env_text(env, "data_dir").map(PathBuf::from),
-            listen_host: env_text(env, "listen_host"),
-            advertise_host: env_text(env, "advertise_host"),
-            client_port: env_parse(env, "client_port")?,
-            peer_port: env_parse(env, "peer_port")?,
-            admin_port: env_parse(env, "admin_port")?,
-            shards: env_parse(env, "shards")?,
-            cpus: env_with(env, "cpus", parse_cpus)?,
-            peers: env_with(env, "peers", parse_peers)?,
-            tick_ms: env_parse(env, "tick_ms")?,
-            heartbeat_ticks: env_parse(env, "heartbeat_ticks")?,
-            election_ticks: env_parse(env, "election_ticks")?,
-            keepalive_idle_ms: env_parse(env, "keepalive_idle_ms")?,
-            keepalive_interval_ms: env_parse(env, "keepalive_interval_ms")?,
-            keepalive_count: env_parse(env, "keepalive_count")?,
-            connect_timeout_ms: env_parse(env, "connect_timeout_ms")?,
-            wal_segment_bytes: env_parse(env, "wal_segment_bytes")?,
-            snapshot_entries: env_parse(env, "snapshot_entries")?,
-            snapshot_bytes: env_parse(env, "snapshot_bytes")?,
-            max_frame_bytes: env_parse(env, "max_frame_bytes")?,
-            max_key_bytes: env_parse(env, "max_key_bytes")?,
-            max_value_bytes: env_parse(env, "max_value_bytes")?,
-            request_timeout_ms: env_parse(env, "request_timeout_ms")?,
-            slow_fsync_ms: env_parse(env, "slow_fsync_ms")?,
-            log_level,
-            log_format: env_with(env, "log_format", str::parse)?,
-        })
-    }
-
     /// The file layer.
     fn from_toml(path: &Path, text: &str) -> Result<Layer, ConfigError> {
         toml::from_str(text).map_err(|source| ConfigError::File {
@@ -577,34 +585,107 @@ impl Layer {
             source,
         })
     }
+
+    /// Takes this node's ports and advertise host from its `peers` entry where
+    /// no layer set them, before the table's defaults would: the entry is what
+    /// the other nodes dial. A setting that disagrees with the entry is refused
+    /// rather than silently preferred, since either choice would leave the
+    /// cluster unable to reach this node.
+    fn fill_from_own_entry(&mut self) -> Result<(), ConfigError> {
+        // `peers = []` in the file means this node alone, as no list does.
+        self.peers = self.peers.take().filter(|peers| !peers.is_empty());
+        // Without a node id there is no entry to find; `into_config` then
+        // reports node_id as required.
+        let (Some(node_id), Some(peers)) = (self.node_id, &self.peers) else {
+            return Ok(());
+        };
+        let Some(listed) = peers.iter().find(|peer| peer.id == node_id) else {
+            // Said here, before a default could fail on a consequence of it.
+            let ids: Vec<u64> = peers.iter().map(|peer| peer.id).collect();
+            return Err(not_in_peers(node_id, &ids));
+        };
+        self.client_port = own_port(
+            "client_port",
+            node_id,
+            self.client_port,
+            Some(listed.client_port),
+        )?;
+        self.peer_port = own_port("peer_port", node_id, self.peer_port, Some(listed.peer_port))?;
+        self.admin_port = own_port("admin_port", node_id, self.admin_port, listed.admin_port)?;
+        if self.advertise_host.is_none() {
+            self.advertise_host = Some(listed.host.clone());
+        }
+        Ok(())
+    }
 }
 
-/// `COREKV_NODE_ID` for `node_id`.
-fn env_name(key: &str) -> String {
-    format!("COREKV_{}", key.to_ascii_uppercase())
+/// The names of one key of the table.
+#[cfg(test)]
+struct KeyNames {
+    /// As written in the config file.
+    key: &'static str,
+    /// The environment variables read, in order.
+    env: &'static [&'static str],
 }
+
+/// How a key without a `parse` hook reads its environment variable: a number
+/// as clap reads its flag (trimmed, as a variable often carries stray spaces),
+/// text exactly as written.
+trait FromEnvText: Sized {
+    fn from_env_text(text: &str) -> Result<Self, String>;
+}
+
+impl FromEnvText for String {
+    fn from_env_text(text: &str) -> Result<Self, String> {
+        Ok(text.to_string())
+    }
+}
+
+impl FromEnvText for PathBuf {
+    fn from_env_text(text: &str) -> Result<Self, String> {
+        Ok(PathBuf::from(text))
+    }
+}
+
+macro_rules! numbers_from_env_text {
+    ($($number:ty),*) => {$(
+        impl FromEnvText for $number {
+            fn from_env_text(text: &str) -> Result<Self, String> {
+                text.trim().parse().map_err(|_| {
+                    format!(
+                        "expected an unsigned integer that fits {}",
+                        std::any::type_name::<Self>()
+                    )
+                })
+            }
+        }
+    )*};
+}
+
+numbers_from_env_text!(u16, u32, u64, usize);
 
 fn non_empty(value: Option<String>) -> Option<String> {
     value.filter(|value| !value.trim().is_empty())
 }
 
-fn env_text(env: &dyn Fn(&str) -> Option<String>, key: &str) -> Option<String> {
-    non_empty(env(&env_name(key)))
-}
-
+/// Reads `key` from the first of the variables `names` that is set.
 fn env_with<T>(
     env: &dyn Fn(&str) -> Option<String>,
     key: &'static str,
+    names: &[&str],
     parse: impl Fn(&str) -> Result<T, String>,
 ) -> Result<Option<T>, ConfigError> {
-    let Some(text) = env_text(env, key) else {
+    let Some((name, text)) = names
+        .iter()
+        .find_map(|name| non_empty(env(name)).map(|text| (name, text)))
+    else {
         return Ok(None);
     };
     match parse(&text) {
         Ok(value) => Ok(Some(value)),
         Err(reason) => Err(ConfigError::Parse {
             key,
-            origin: format!("env {}", env_name(key)),
+            origin: format!("env {name}"),
             value: text,
             reason,
         }),
@@ -614,32 +695,29 @@ fn env_with<T>(
 /// Parses the flag for `key` (`--key-name`) if it was given.
 fn flag_with<T>(
     key: &'static str,
-    text: &Option<String>,
+    text: Option<String>,
     parse: impl Fn(&str) -> Result<T, String>,
 ) -> Result<Option<T>, ConfigError> {
     let Some(text) = text else {
         return Ok(None);
     };
-    parse(text).map(Some).map_err(|reason| ConfigError::Parse {
+    parse(&text).map(Some).map_err(|reason| ConfigError::Parse {
         key,
         origin: format!("flag --{}", key.replace('_', "-")),
-        value: text.clone(),
+        value: text,
         reason,
     })
 }
 
-fn env_parse<T: FromStr>(
-    env: &dyn Fn(&str) -> Option<String>,
-    key: &'static str,
-) -> Result<Option<T>, ConfigError> {
-    env_with(env, key, |text| {
-        text.trim().parse::<T>().map_err(|_| {
-            format!(
-                "expected an unsigned integer that fits {}",
-                std::any::type_name::<T>()
-            )
-        })
-    })
+/// A required key that no layer set; the message names every place to set it.
+fn missing(key: &'static str, env_name: &str) -> ConfigError {
+    invalid(
+        key,
+        format!(
+            "is required (flag --{}, env {env_name}, or `{key}` in the config file)",
+            key.replace('_', "-")
+        ),
+    )
 }
 
 /// Parses the `--cpus` / `COREKV_CPUS` syntax: CPU ids separated by commas.
@@ -759,22 +837,18 @@ fn host_identity(host: &str) -> String {
     }
 }
 
-/// Picks one of this node's ports: the explicit setting (any layer), else its
-/// `peers` entry, else the default. An explicit value that disagrees with the
-/// `peers` entry is an error, since peers would dial the one and this node
-/// would bind the other.
+/// This node's port `key`: the explicit setting (any layer), else its `peers`
+/// entry. An explicit value that disagrees with the entry is an error, since
+/// peers would dial the one and this node would bind the other.
 fn own_port(
     key: &'static str,
     node_id: u64,
     explicit: Option<u16>,
-    from_peers: Option<u16>,
-    default: u16,
-) -> Result<u16, ConfigError> {
-    match (explicit, from_peers) {
+    listed: Option<u16>,
+) -> Result<Option<u16>, ConfigError> {
+    match (explicit, listed) {
         (Some(own), Some(listed)) if own != listed => Err(port_mismatch(key, node_id, own, listed)),
-        (Some(own), _) => Ok(own),
-        (None, Some(listed)) => Ok(listed),
-        (None, None) => Ok(default),
+        _ => Ok(explicit.or(listed)),
     }
 }
 
@@ -801,6 +875,21 @@ fn default_shards() -> u32 {
         .unwrap_or(1)
 }
 
+/// The default advertise host of a node that `peers` does not list: its listen
+/// host, unless that is a wildcard, which no one can dial.
+fn dialable_listen_host(listen_host: &str) -> Result<String, ConfigError> {
+    if is_wildcard(listen_host) {
+        return Err(invalid(
+            "advertise_host",
+            format!(
+                "is required when listen_host is the wildcard {listen_host} and peers \
+                 does not list this node: peers and clients need an address they can dial"
+            ),
+        ));
+    }
+    Ok(listen_host.to_string())
+}
+
 impl Config {
     /// Builds the configuration of `corekv run` from its flags, the process
     /// environment, the config file (`--config` or `COREKV_CONFIG`) and the
@@ -824,7 +913,7 @@ impl Config {
         let path = args
             .config
             .clone()
-            .or_else(|| env_text(&env, "config").map(PathBuf::from));
+            .or_else(|| non_empty(env("COREKV_CONFIG")).map(PathBuf::from));
         let text = match &path {
             Some(path) => {
                 Some(
@@ -1310,113 +1399,17 @@ fn load_from(
 }
 
 /// Fills the merged layer's gaps: this node's ports and advertise host from
-/// its `peers` entry, then the defaults.
-fn resolve(layer: Layer) -> Result<Config, ConfigError> {
-    let node_id = layer.node_id.ok_or_else(|| {
-        invalid(
-            "node_id",
-            "is required (flag --node-id, env COREKV_NODE_ID, or `node_id` in the config file)",
-        )
-    })?;
-    let mut peers = layer.peers.unwrap_or_default();
-    let listed = peers.iter().find(|peer| peer.id == node_id).cloned();
-    // Said here, before the defaults below could fail on a consequence of it.
-    if listed.is_none() && !peers.is_empty() {
-        let ids: Vec<u64> = peers.iter().map(|peer| peer.id).collect();
-        return Err(not_in_peers(node_id, &ids));
-    }
-    let client_port = own_port(
-        "client_port",
-        node_id,
-        layer.client_port,
-        listed.as_ref().map(|peer| peer.client_port),
-        DEFAULT_CLIENT_PORT,
-    )?;
-    let peer_port = own_port(
-        "peer_port",
-        node_id,
-        layer.peer_port,
-        listed.as_ref().map(|peer| peer.peer_port),
-        DEFAULT_PEER_PORT,
-    )?;
-    let admin_port = own_port(
-        "admin_port",
-        node_id,
-        layer.admin_port,
-        listed.as_ref().and_then(|peer| peer.admin_port),
-        DEFAULT_ADMIN_PORT,
-    )?;
-    let listen_host = layer
-        .listen_host
-        .unwrap_or_else(|| DEFAULT_LISTEN_HOST.to_string());
-    let advertise_host = match (layer.advertise_host, listed) {
-        (Some(host), _) => host,
-        (None, Some(listed)) => listed.host,
-        (None, None) if is_wildcard(&listen_host) => {
-            return Err(invalid(
-                "advertise_host",
-                format!(
-                    "is required when listen_host is the wildcard {listen_host} and peers \
-                     does not list this node: peers and clients need an address they can dial"
-                ),
-            ))
-        }
-        (None, None) => listen_host.clone(),
-    };
-    if peers.is_empty() {
-        peers.push(PeerConfig {
-            id: node_id,
-            host: advertise_host.clone(),
-            client_port,
-            peer_port,
-            admin_port: Some(admin_port),
-        });
-    }
+/// its `peers` entry, then the defaults of the table.
+fn resolve(mut layer: Layer) -> Result<Config, ConfigError> {
+    layer.fill_from_own_entry()?;
+    let mut config = layer.into_config()?;
     // The own entry always carries the admin port, so that the list this node
     // reports (status, topology) is complete.
-    for peer in peers.iter_mut().filter(|peer| peer.id == node_id) {
+    let (node_id, admin_port) = (config.node_id, config.admin_port);
+    for peer in config.peers.iter_mut().filter(|peer| peer.id == node_id) {
         peer.admin_port.get_or_insert(admin_port);
     }
-    Ok(Config {
-        node_id,
-        cluster_id: layer.cluster_id.unwrap_or(DEFAULT_CLUSTER_ID),
-        data_dir: layer
-            .data_dir
-            .unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR)),
-        listen_host,
-        advertise_host,
-        client_port,
-        peer_port,
-        admin_port,
-        shards: layer.shards.unwrap_or_else(default_shards),
-        cpus: layer.cpus.unwrap_or_default(),
-        peers,
-        tick_ms: layer.tick_ms.unwrap_or(DEFAULT_TICK_MS),
-        heartbeat_ticks: layer.heartbeat_ticks.unwrap_or(DEFAULT_HEARTBEAT_TICKS),
-        election_ticks: layer.election_ticks.unwrap_or(DEFAULT_ELECTION_TICKS),
-        keepalive_idle_ms: layer.keepalive_idle_ms.unwrap_or(DEFAULT_KEEPALIVE_IDLE_MS),
-        keepalive_interval_ms: layer
-            .keepalive_interval_ms
-            .unwrap_or(DEFAULT_KEEPALIVE_INTERVAL_MS),
-        keepalive_count: layer.keepalive_count.unwrap_or(DEFAULT_KEEPALIVE_COUNT),
-        connect_timeout_ms: layer
-            .connect_timeout_ms
-            .unwrap_or(DEFAULT_CONNECT_TIMEOUT_MS),
-        wal_segment_bytes: layer.wal_segment_bytes.unwrap_or(DEFAULT_WAL_SEGMENT_BYTES),
-        snapshot_entries: layer.snapshot_entries.unwrap_or(DEFAULT_SNAPSHOT_ENTRIES),
-        snapshot_bytes: layer.snapshot_bytes.unwrap_or(DEFAULT_SNAPSHOT_BYTES),
-        max_frame_bytes: layer.max_frame_bytes.unwrap_or(DEFAULT_MAX_FRAME_BYTES),
-        max_key_bytes: layer.max_key_bytes.unwrap_or(DEFAULT_MAX_KEY_BYTES),
-        max_value_bytes: layer.max_value_bytes.unwrap_or(DEFAULT_MAX_VALUE_BYTES),
-        request_timeout_ms: layer
-            .request_timeout_ms
-            .unwrap_or(DEFAULT_REQUEST_TIMEOUT_MS),
-        slow_fsync_ms: layer.slow_fsync_ms.unwrap_or(DEFAULT_SLOW_FSYNC_MS),
-        log_level: layer
-            .log_level
-            .unwrap_or_else(|| DEFAULT_LOG_LEVEL.to_string()),
-        log_format: layer.log_format.unwrap_or(LogFormat::Text),
-    })
+    Ok(config)
 }
 
 #[cfg(test)]
@@ -2205,5 +2198,76 @@ mod tests {
         assert_eq!(config.connect_timeout(), Duration::from_secs(3));
         assert_eq!(config.request_timeout(), Duration::from_secs(5));
         assert_eq!(config.slow_fsync(), Duration::from_millis(7));
+    }
+    /// The configuration table of the README, key to its "env / flag" cell.
+    fn readme_rows() -> BTreeMap<String, String> {
+        const README: &str = include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md"));
+        const HEADER: &str = "| key | env / flag | default | meaning |";
+        let table = README
+            .split_once(HEADER)
+            .map(|(_, rest)| rest)
+            .expect("README has the configuration table");
+        table
+            .lines()
+            .skip(1)
+            .skip_while(|line| line.starts_with("| ---"))
+            .take_while(|line| line.starts_with('|'))
+            .map(|line| {
+                let cells: Vec<&str> = line.split('|').map(str::trim).collect();
+                (cells[1].trim_matches('`').to_string(), cells[2].to_string())
+            })
+            .collect()
+    }
+
+    #[test]
+    fn readme_has_a_row_for_every_key() {
+        let rows = readme_rows();
+        for names in KEYS {
+            let key = names.key;
+            let cell = rows
+                .get(key)
+                .unwrap_or_else(|| panic!("README configuration table has no row for `{key}`"));
+            let flag = format!("`--{}`", key.replace('_', "-"));
+            assert!(
+                cell.contains(&flag),
+                "README row `{key}` lacks {flag}: {cell}"
+            );
+            for env in names.env {
+                assert!(
+                    cell.contains(&format!("`{env}`")),
+                    "README row `{key}` lacks `{env}`: {cell}"
+                );
+            }
+        }
+        for key in rows.keys() {
+            assert!(
+                KEYS.iter().any(|names| names.key == key),
+                "README configuration table lists `{key}`, which is not a key"
+            );
+        }
+    }
+
+    #[test]
+    fn env_names_follow_the_keys() {
+        for names in KEYS {
+            let expected = format!("COREKV_{}", names.key.to_ascii_uppercase());
+            assert_eq!(names.env[0], expected, "key `{}`", names.key);
+        }
+    }
+
+    #[test]
+    fn help_names_each_keys_variables() {
+        let help = Cli::command().render_help().to_string();
+        for names in KEYS {
+            let listed = format!("[env: {}]", names.env.join(", then "));
+            assert!(help.contains(&listed), "{listed} missing from:\n{help}");
+        }
+    }
+
+    #[test]
+    fn empty_peers_list_in_file_means_this_node_alone() {
+        let config = Config::from_toml_str("node_id = 3\nclient_port = 7300\npeers = []").unwrap();
+        assert_eq!(config.peer_ids(), vec![3]);
+        assert_eq!(config.me().client_port, 7300);
     }
 }
