@@ -10,7 +10,8 @@
 //! `cargo bench --bench apply`. Reported per operation.
 
 use bytes::Bytes;
-use corekv_node::state_machine::{encode_command, StateMachine};
+use corekv_node::command;
+use corekv_node::state_machine::StateMachine;
 use corekv_proto::client::{request::Op, Put};
 use criterion::{black_box, criterion_group, criterion_main, Criterion};
 use std::time::{Duration, Instant};
@@ -28,10 +29,11 @@ fn scatter(i: u64) -> u64 {
 }
 
 fn put_entry(i: u64) -> Bytes {
-    encode_command(&Op::Put(Put {
+    command::encode(&Op::Put(Put {
         key: key(i),
         value: Bytes::from(vec![0xA5; 256]),
     }))
+    .expect("a put is a write")
 }
 
 fn filled() -> StateMachine {

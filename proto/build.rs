@@ -1,7 +1,7 @@
 //! Compiles the wire contract with protox (pure Rust), so no `protoc` is needed.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let files = ["proto/client.proto", "proto/peer.proto"];
+    let files = ["proto/client.proto", "proto/peer.proto", "proto/log.proto"];
     for file in files {
         println!("cargo:rerun-if-changed={file}");
     }

@@ -425,6 +425,45 @@ fn corrupt_record_in_an_older_wal_segment_refuses_to_start() {
     );
 }
 
+/// A data directory written in another data format (a later build, or one
+/// from before the format file existed) is refused at start-up with both
+/// versions named, and nothing in it is touched.
+#[test]
+fn a_data_dir_of_another_format_refuses_to_start() {
+    let mut cluster = Cluster::configure(1, 1, "");
+    cluster.node(1).start();
+    wait_for_agreed_leaders(&mut cluster);
+    put_one(&cluster.endpoints(), "kept", "1");
+    cluster.node(1).terminate();
+
+    let format = cluster.nodes[0].data_dir.join("FORMAT");
+    let written = std::fs::read_to_string(&format).expect("a started node records its format");
+    assert_eq!(
+        written,
+        format!("corekv data format {}\n", corekv_proto::DATA_FORMAT_VERSION)
+    );
+    std::fs::write(&format, "corekv data format 99\n").unwrap();
+    let (status, output) = run_until_exit(&cluster.nodes[0], &cluster.dir.path().join("f.log"));
+    assert!(
+        !status.success(),
+        "started on format 99: {status}\n{output}"
+    );
+    assert!(
+        output.contains("holds data format 99")
+            && output.contains(&format!(
+                "reads format {}",
+                corekv_proto::DATA_FORMAT_VERSION
+            )),
+        "the error must name both formats:\n{output}"
+    );
+
+    // Shard data without a format file: written before the file existed.
+    std::fs::remove_file(&format).unwrap();
+    let (status, output) = run_until_exit(&cluster.nodes[0], &cluster.dir.path().join("g.log"));
+    assert!(!status.success(), "started on format 1: {status}\n{output}");
+    assert!(output.contains("holds data format 1"), "{output}");
+}
+
 /// SIGTERM right after writes of 200 KiB values (so a WAL sync is likely in
 /// flight), four times: the node must exit 0 each time and keep every write
 /// it acknowledged.

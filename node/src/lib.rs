@@ -9,7 +9,9 @@
 //! binary.
 
 pub mod admin;
+pub mod command;
 pub mod config;
+pub mod data_dir;
 mod inbox;
 pub mod log_store;
 pub mod metrics;

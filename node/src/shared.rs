@@ -1,9 +1,8 @@
 //! What the shards of one node share: the configuration, each shard's
-//! published status, the cross-core queues and the metrics registry; and the
-//! layout of the data directory. The supervisor builds it; shards and the
-//! admin server read it.
+//! published status, the cross-core queues and the metrics registry. The
+//! supervisor builds it; shards and the admin server read it.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -71,14 +70,4 @@ impl NodeShared {
                 .collect(),
         }
     }
-}
-
-/// Where shard `shard` keeps its WAL.
-pub fn wal_dir(data_dir: &Path, shard: u32) -> PathBuf {
-    data_dir.join(format!("shard-{shard:03}")).join("wal")
-}
-
-/// Where shard `shard` keeps its snapshot files.
-pub fn snapshot_dir(data_dir: &Path, shard: u32) -> PathBuf {
-    data_dir.join(format!("shard-{shard:03}")).join("snap")
 }

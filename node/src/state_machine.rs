@@ -9,10 +9,11 @@ use std::ops::Bound;
 
 use bytes::Bytes;
 use corekv_proto::client::{
-    request::Op, response, DeleteResult, Error, ErrorCode, KeyValue, Request, ScanResult,
-    WriteResult,
+    response, DeleteResult, Error, ErrorCode, KeyValue, ScanResult, WriteResult,
 };
-use prost::Message as _;
+use corekv_proto::log::command::Op as LogOp;
+
+use crate::command;
 
 /// A stored value and the log index that wrote it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -129,17 +130,6 @@ pub struct StateMachine {
     applied_index: u64,
 }
 
-/// Encodes a write for the Raft log. The entry data is a `client.Request`
-/// holding only the operation, so the log is readable with the public proto.
-pub fn encode_command(op: &Op) -> Bytes {
-    let request = Request {
-        id: 0,
-        no_forward: false,
-        op: Some(op.clone()),
-    };
-    Bytes::from(request.encode_to_vec())
-}
-
 impl StateMachine {
     /// An empty map at applied index 0.
     pub fn new() -> Self {
@@ -187,13 +177,12 @@ impl StateMachine {
     /// INTERNAL on every replica alike, so replicas never diverge over it.
     pub fn apply(&mut self, index: u64, data: &Bytes) -> response::Result {
         self.advance(index);
-        let op = match Request::decode(data.clone()) {
-            Ok(Request { op: Some(op), .. }) => op,
-            Ok(_) => return error(ErrorCode::Internal, "log entry without an operation"),
-            Err(e) => return error(ErrorCode::Internal, &format!("undecodable log entry: {e}")),
+        let op = match command::decode(data) {
+            Ok(op) => op,
+            Err(e) => return error(ErrorCode::Internal, &e.to_string()),
         };
         match op {
-            Op::Put(put) => {
+            LogOp::Put(put) => {
                 self.map.insert(
                     Key::new(&put.key),
                     Versioned {
@@ -203,7 +192,7 @@ impl StateMachine {
                 );
                 response::Result::Write(WriteResult { version: index })
             }
-            Op::Delete(delete) => {
+            LogOp::Delete(delete) => {
                 let current = self.version(&delete.key);
                 if let Some(expected) = delete.expected_version {
                     if expected != current {
@@ -213,7 +202,7 @@ impl StateMachine {
                 let deleted = self.map.remove(delete.key.as_ref()).is_some();
                 response::Result::Delete(DeleteResult { deleted })
             }
-            Op::Cas(cas) => {
+            LogOp::Cas(cas) => {
                 let current = self.version(&cas.key);
                 if cas.expected_version != current {
                     return version_mismatch(current);
@@ -226,9 +215,6 @@ impl StateMachine {
                     },
                 );
                 response::Result::Write(WriteResult { version: index })
-            }
-            Op::Get(_) | Op::Scan(_) | Op::Topology(_) | Op::Status(_) | Op::TransferLeader(_) => {
-                error(ErrorCode::Internal, "read operation found in the log")
             }
         }
     }
@@ -311,7 +297,7 @@ pub fn error(code: ErrorCode, message: &str) -> response::Result {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use corekv_proto::client::{CompareAndSwap, Delete, Put};
+    use corekv_proto::client::{request::Op, CompareAndSwap, Delete, Put};
     use proptest::prelude::*;
 
     proptest! {
@@ -331,25 +317,28 @@ mod tests {
     }
 
     fn put(key: &str, value: &str) -> Bytes {
-        encode_command(&Op::Put(Put {
+        command::encode(&Op::Put(Put {
             key: Bytes::copy_from_slice(key.as_bytes()),
             value: Bytes::copy_from_slice(value.as_bytes()),
         }))
+        .expect("a write")
     }
 
     fn cas(key: &str, expected: u64, value: &str) -> Bytes {
-        encode_command(&Op::Cas(CompareAndSwap {
+        command::encode(&Op::Cas(CompareAndSwap {
             key: Bytes::copy_from_slice(key.as_bytes()),
             expected_version: expected,
             value: Bytes::copy_from_slice(value.as_bytes()),
         }))
+        .expect("a write")
     }
 
     fn del(key: &str, expected: Option<u64>) -> Bytes {
-        encode_command(&Op::Delete(Delete {
+        command::encode(&Op::Delete(Delete {
             key: Bytes::copy_from_slice(key.as_bytes()),
             expected_version: expected,
         }))
+        .expect("a write")
     }
 
     fn code(result: &response::Result) -> Option<ErrorCode> {

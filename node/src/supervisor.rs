@@ -2,10 +2,6 @@
 //! pinned thread per shard, and stops them all on SIGTERM/SIGINT or when one
 //! shard fails.
 
-use std::fs::{File, OpenOptions};
-use std::io::{Read, Seek, Write};
-use std::os::fd::AsRawFd;
-use std::path::Path;
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 
@@ -13,49 +9,9 @@ use anyhow::Context as _;
 use corekv_proto::client::ShardStatus;
 
 use crate::config::Config;
+use crate::data_dir::{self, DataDirLock};
 use crate::metrics::Metrics;
 use crate::shared::{CrossCore, NodeShared, CROSS_CORE_QUEUE};
-
-/// An exclusive lock on the data directory, held for the life of the node.
-pub struct DataDirLock {
-    _file: File,
-}
-
-impl DataDirLock {
-    /// Takes the lock, or fails naming the directory and the holder's pid.
-    pub fn acquire(dir: &Path) -> anyhow::Result<DataDirLock> {
-        std::fs::create_dir_all(dir)
-            .with_context(|| format!("cannot create data dir {}", dir.display()))?;
-        let path = dir.join("LOCK");
-        let mut file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&path)
-            .with_context(|| format!("cannot open {}", path.display()))?;
-        // SAFETY: flock on a descriptor we own; no memory is involved.
-        let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
-        if rc != 0 {
-            let mut holder = String::new();
-            let _ = file.read_to_string(&mut holder);
-            let holder = holder.trim();
-            let holder = if holder.is_empty() {
-                "unknown".to_string()
-            } else {
-                holder.to_string()
-            };
-            anyhow::bail!(
-                "data dir {} is locked by another corekv process (pid {holder})",
-                dir.display()
-            );
-        }
-        file.set_len(0)?;
-        file.rewind()?;
-        write!(file, "{}", std::process::id())?;
-        Ok(DataDirLock { _file: file })
-    }
-}
 
 enum Event {
     Signal(i32),
@@ -65,6 +21,7 @@ enum Event {
 /// Runs the node until SIGTERM/SIGINT (exit 0) or a shard fails (error).
 pub fn run(config: Config) -> anyhow::Result<()> {
     let _lock = DataDirLock::acquire(&config.data_dir)?;
+    data_dir::check_format(&config.data_dir)?;
     let shards = config.shards;
     let mut receivers = Vec::new();
     let mut senders = Vec::new();

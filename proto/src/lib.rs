@@ -1,7 +1,8 @@
 //! corekv-proto: the wire messages of corekv, generated from `proto/*.proto`.
 //!
-//! Owns the contract between clients and nodes (`client`) and between nodes
-//! (`peer`). It never holds logic beyond what prost generates plus small
+//! Owns the contract between clients and nodes (`client`), between nodes
+//! (`peer`), and between a node and its own disk (`log`, what a Raft log
+//! entry holds). It never holds logic beyond what prost generates plus small
 //! helpers on the generated types: no I/O, no framing (that is
 //! corekv-transport), no Raft state.
 
@@ -14,6 +15,20 @@ pub mod client {
 pub mod peer {
     include!(concat!(env!("OUT_DIR"), "/corekv.peer.rs"));
 }
+
+/// What a shard's Raft log entries hold (`proto/log.proto`).
+pub mod log {
+    include!(concat!(env!("OUT_DIR"), "/corekv.log.rs"));
+}
+
+/// Version of the data a node keeps on disk: the encoding of log entries
+/// (`log::Command`) and the layout of the data directory. Recorded in the
+/// data directory when it is created; a node refuses a directory written
+/// with another version instead of misreading it.
+///
+/// 1: entries held client.proto `Request`s (no version file was written).
+/// 2: entries hold `log::Command`s.
+pub const DATA_FORMAT_VERSION: u32 = 2;
 
 /// Version of the peer protocol spoken by this build, sent in `Hello`.
 pub const PEER_PROTOCOL_VERSION: u32 = 1;

@@ -12,7 +12,6 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 use bytes::Bytes;
 use corekv_proto::client::{request::Op, response, ErrorCode, GetResult, Role, ShardStatus};
 use corekv_wal::{SnapshotMarker, SyncJob, Wal, WalError};
-use prost::Message as _;
 use protobuf::Message as _;
 use raft::prelude::{ConfChange, ConfChangeV2, ConfState, Entry, EntryType, Message, MessageType};
 use raft::{RawNode, ReadOnlyOption, StateRole, Storage as _};
@@ -192,8 +191,9 @@ pub struct Replica<L: LogStore = Wal> {
     state_machine: StateMachine,
     options: ReplicaOptions,
     ticks: u64,
-    /// Proposals of this loop turn, stepped into raft as one batch by `flush`.
-    queued_proposals: Vec<(Token, Vec<u8>)>,
+    /// Proposals of this loop turn, stepped into raft as one batch by
+    /// `flush`; `None` for an operation that is not a write.
+    queued_proposals: Vec<(Token, Option<Bytes>)>,
     /// Proposed entries by log index, waiting to be applied.
     pending_writes: BTreeMap<u64, PendingWrite>,
     /// Linearizable reads of this turn, waiting for one ReadIndex round.
@@ -466,12 +466,8 @@ impl<L: LogStore> Replica<L> {
                 leader_id: self.leader_id(),
             });
         }
-        let request = corekv_proto::client::Request {
-            id: 0,
-            no_forward: false,
-            op: Some(op),
-        };
-        self.queued_proposals.push((token, request.encode_to_vec()));
+        self.queued_proposals
+            .push((token, crate::command::encode(&op)));
         Ok(())
     }
 
@@ -519,15 +515,27 @@ impl<L: LogStore> Replica<L> {
         if self.queued_proposals.is_empty() {
             return;
         }
-        let proposals = std::mem::take(&mut self.queued_proposals);
+        let mut proposals = std::mem::take(&mut self.queued_proposals);
+        proposals.retain(|(token, data)| {
+            if data.is_none() {
+                out.replies.push(Reply {
+                    token: *token,
+                    result: state_machine::error(ErrorCode::InvalidArgument, "not a write"),
+                });
+            }
+            data.is_some()
+        });
+        if proposals.is_empty() {
+            return;
+        }
         let mut message = Message::default();
         message.set_msg_type(MessageType::MsgPropose);
         message.from = self.options.node_id;
-        let (tokens, datas): (Vec<Token>, Vec<Vec<u8>>) = proposals.into_iter().unzip();
+        let (tokens, datas): (Vec<Token>, Vec<Option<Bytes>>) = proposals.into_iter().unzip();
         let entries: Vec<Entry> = datas
             .into_iter()
             .map(|data| Entry {
-                data: Bytes::from(data),
+                data: data.unwrap_or_default(),
                 ..Default::default()
             })
             .collect();

@@ -17,7 +17,8 @@ use monoio::net::TcpListener;
 use protobuf::Message as _;
 use raft::prelude::Message;
 
-use crate::shared::{self, CrossCore, NodeShared};
+use crate::data_dir;
+use crate::shared::{CrossCore, NodeShared};
 use crate::snapshot_transfer;
 use crate::state_machine;
 
@@ -164,7 +165,7 @@ async fn serve_peer(
     };
     let peer = hello.node_id;
     if hello.kind == LinkKind::Snapshot as i32 {
-        let dir = shared::snapshot_dir(&config.data_dir, shard);
+        let dir = data_dir::snapshot_dir(&config.data_dir, shard);
         match snapshot_transfer::receive(reader, write_half, shard, dir).await {
             Ok(incoming) => local
                 .inbox

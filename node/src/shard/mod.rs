@@ -28,10 +28,11 @@ use monoio::net::TcpListener;
 use protobuf::Message as _;
 use raft::prelude::Message;
 
+use crate::data_dir;
 use crate::inbox::Inbox;
 use crate::metrics::ShardMetrics;
 use crate::replica::{LoadedSnapshot, Output, Replica, ReplicaOptions, Token};
-use crate::shared::{self, CrossCore, NodeShared};
+use crate::shared::{CrossCore, NodeShared};
 use crate::snapshot;
 use crate::state_machine;
 
@@ -96,7 +97,7 @@ pub async fn run(
     cross_rx: flume::Receiver<CrossCore>,
 ) -> anyhow::Result<()> {
     let config = &node.config;
-    let wal_dir = shared::wal_dir(&config.data_dir, shard);
+    let wal_dir = data_dir::wal_dir(&config.data_dir, shard);
     let wal = Wal::open(
         &wal_dir,
         WalOptions {
@@ -107,7 +108,7 @@ pub async fn run(
     if let Some((file, offset)) = &wal.recovery().torn_tail {
         tracing::warn!(shard, file = %file.display(), offset, "WAL tail repaired: torn record cut off");
     }
-    let snap_dir = shared::snapshot_dir(&config.data_dir, shard);
+    let snap_dir = data_dir::snapshot_dir(&config.data_dir, shard);
     // Start-up, before the shard serves: reading the snapshot here blocks nobody.
     let loaded = snapshot::load_latest(&snap_dir).map(|(meta, map, path)| {
         tracing::info!(shard, index = meta.index, term = meta.term, file = %path.display(), "snapshot loaded");

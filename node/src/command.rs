@@ -1,0 +1,106 @@
+//! Client writes as Raft log entries: the one place a client.proto operation
+//! becomes a log.proto `Command`, and a log entry becomes a command again.
+//!
+//! Keeping the log's own message apart from the client's means a change to
+//! the client protocol never changes what is on disk; a change to `Command`
+//! is a change of `corekv_proto::DATA_FORMAT_VERSION`.
+
+use bytes::Bytes;
+use corekv_proto::client::request::Op;
+use corekv_proto::log::{self, command};
+use prost::Message as _;
+
+/// The log entry for a client write; `None` for an operation that is not a
+/// write (reads never enter the log).
+pub fn encode(op: &Op) -> Option<Bytes> {
+    let op = match op {
+        Op::Put(put) => command::Op::Put(log::Put {
+            key: put.key.clone(),
+            value: put.value.clone(),
+        }),
+        Op::Delete(delete) => command::Op::Delete(log::Delete {
+            key: delete.key.clone(),
+            expected_version: delete.expected_version,
+        }),
+        Op::Cas(cas) => command::Op::Cas(log::CompareAndSwap {
+            key: cas.key.clone(),
+            expected_version: cas.expected_version,
+            value: cas.value.clone(),
+        }),
+        Op::Get(_) | Op::Scan(_) | Op::Topology(_) | Op::Status(_) | Op::TransferLeader(_) => {
+            return None
+        }
+    };
+    let command = log::Command { op: Some(op) };
+    Some(Bytes::from(command.encode_to_vec()))
+}
+
+/// Why a log entry holds no command the state machine can apply.
+#[derive(Debug, thiserror::Error)]
+pub enum DecodeError {
+    /// The bytes are not a `Command`.
+    #[error("undecodable log entry: {0}")]
+    Protobuf(#[from] prost::DecodeError),
+    /// A `Command` without an operation (written by a newer build, or damaged).
+    #[error("log entry without an operation")]
+    Empty,
+}
+
+/// The command in a log entry's data. The values share the entry's buffer.
+pub fn decode(data: &Bytes) -> Result<command::Op, DecodeError> {
+    log::Command::decode(data.clone())?
+        .op
+        .ok_or(DecodeError::Empty)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use corekv_proto::client::{CompareAndSwap, Delete, Get, Put};
+
+    #[test]
+    fn writes_round_trip_and_reads_never_enter_the_log() {
+        let put = Op::Put(Put {
+            key: Bytes::from_static(b"k"),
+            value: Bytes::from_static(b"v"),
+        });
+        let Ok(command::Op::Put(p)) = decode(&encode(&put).unwrap()) else {
+            panic!("put did not round-trip");
+        };
+        assert_eq!((&p.key[..], &p.value[..]), (&b"k"[..], &b"v"[..]));
+
+        let delete = Op::Delete(Delete {
+            key: Bytes::from_static(b"k"),
+            expected_version: Some(7),
+        });
+        let Ok(command::Op::Delete(d)) = decode(&encode(&delete).unwrap()) else {
+            panic!("delete did not round-trip");
+        };
+        assert_eq!(d.expected_version, Some(7));
+
+        let cas = Op::Cas(CompareAndSwap {
+            key: Bytes::from_static(b"k"),
+            expected_version: 0,
+            value: Bytes::from_static(b"v"),
+        });
+        assert!(matches!(
+            decode(&encode(&cas).unwrap()),
+            Ok(command::Op::Cas(_))
+        ));
+
+        let get = Op::Get(Get {
+            key: Bytes::from_static(b"k"),
+            consistency: 0,
+        });
+        assert!(encode(&get).is_none());
+    }
+
+    #[test]
+    fn garbage_and_empty_entries_are_errors_not_panics() {
+        assert!(matches!(decode(&Bytes::new()), Err(DecodeError::Empty)));
+        assert!(matches!(
+            decode(&Bytes::from_static(&[0xff, 0xff, 0xff])),
+            Err(DecodeError::Protobuf(_))
+        ));
+    }
+}
