@@ -4,9 +4,12 @@
 //! corekv-node), `corekv dev` (a local cluster of child processes), the
 //! client commands (through corekv-client) and `corekv bench`. It never
 //! reaches into a node's internals: a running node is only ever spoken to
-//! over its client and admin ports, like any other program would.
+//! over its client and admin ports, like any other program would; `scrape`
+//! is the one reader of an admin port, shared by bench and the integration
+//! tests.
 
 pub mod bench;
 pub mod cli;
 pub mod dev;
 mod duration;
+pub mod scrape;

@@ -4,28 +4,27 @@ mod common;
 
 use std::process::Command;
 
-use common::{http, metric, wait_for, Cluster, COREKV, DEADLINE};
+use common::{wait_for, Cluster, COREKV, DEADLINE};
+use corekv::scrape::{self, metric_value};
 
 #[test]
 fn metrics_show_one_leader_per_shard_and_rising_indexes() {
     let mut cluster = Cluster::start(3, 2);
     cluster.wait_for_leaders();
-    let scrape = |cluster: &Cluster, id: usize| {
-        let (status, body) = http("GET", cluster.nodes[id].admin_port, "/metrics").unwrap();
-        assert_eq!(status, 200);
-        body
+    let metrics_of = |cluster: &Cluster, id: usize| {
+        scrape::get(&cluster.nodes[id].admin_addr(), "/metrics").unwrap()
     };
-    let before: Vec<String> = (0..3).map(|i| scrape(&cluster, i)).collect();
+    let before: Vec<String> = (0..3).map(|i| metrics_of(&cluster, i)).collect();
     for shard in 0..2 {
         let label = format!("{{shard=\"{shard}\"}}");
         let leaders = before
             .iter()
-            .filter(|m| metric(m, &format!("raft_node_state{label}")) == Some(2.0))
+            .filter(|m| metric_value(m, &format!("raft_node_state{label}")) == Some(2.0))
             .count();
         assert_eq!(leaders, 1, "shard {shard}: exactly one leader in /metrics");
         let terms: Vec<_> = before
             .iter()
-            .map(|m| metric(m, &format!("raft_current_term{label}")))
+            .map(|m| metric_value(m, &format!("raft_current_term{label}")))
             .collect();
         assert!(
             terms.iter().all(|t| t.is_some() && *t == terms[0]),
@@ -40,7 +39,7 @@ fn metrics_show_one_leader_per_shard_and_rising_indexes() {
             .iter()
             .map(|m| {
                 (0..2)
-                    .map(|s| metric(m, &format!("{name}{{shard=\"{s}\"}}")).unwrap_or(0.0))
+                    .map(|s| metric_value(m, &format!("{name}{{shard=\"{s}\"}}")).unwrap_or(0.0))
                     .sum::<f64>()
             })
             .sum()
@@ -49,7 +48,7 @@ fn metrics_show_one_leader_per_shard_and_rising_indexes() {
         "commit and applied indexes to rise on every node",
         DEADLINE,
         || {
-            let after: Vec<String> = (0..3).map(|i| scrape(&cluster, i)).collect();
+            let after: Vec<String> = (0..3).map(|i| metrics_of(&cluster, i)).collect();
             let ok = (0..3).all(|i| {
                 sum(&after[i..i + 1], "raft_applied_index")
                     >= sum(&before[i..i + 1], "raft_applied_index") + 20.0
@@ -59,7 +58,7 @@ fn metrics_show_one_leader_per_shard_and_rising_indexes() {
             ok.then_some(())
         },
     );
-    let text = scrape(&cluster, 0);
+    let text = metrics_of(&cluster, 0);
     for name in [
         "raft_leader_changes_total",
         "raft_proposals_total",
@@ -77,7 +76,7 @@ fn metrics_show_one_leader_per_shard_and_rising_indexes() {
         "no client request counters"
     );
     for shard in 0..2 {
-        let turns = metric(
+        let turns = metric_value(
             &text,
             &format!("shard_loop_turn_seconds_count{{shard=\"{shard}\"}}"),
         );
@@ -92,24 +91,24 @@ fn metrics_show_one_leader_per_shard_and_rising_indexes() {
 fn health_ready_turns_200_once_shards_have_leaders() {
     let mut cluster = Cluster::configure(3, 1, "");
     cluster.node(1).start();
-    let admin = cluster.nodes[0].admin_port;
+    let admin = cluster.nodes[0].admin_addr();
+    let status_of = |method: &str, path: &str| scrape::request(method, &admin, path).unwrap().0;
     // Alone, node 1 cannot elect a leader: not ready, but live.
     let (status, body) = wait_for("node 1 admin to answer", DEADLINE, || {
-        http("GET", admin, "/health/ready").ok()
+        scrape::request("GET", &admin, "/health/ready").ok()
     });
     assert_eq!(status, 503, "{body}");
     assert!(body.contains("no leader"), "{body}");
-    assert_eq!(http("GET", admin, "/health/live").unwrap().0, 200);
-    assert_eq!(http("GET", admin, "/nope").unwrap().0, 404);
-    assert_eq!(http("POST", admin, "/metrics").unwrap().0, 405);
-    let (status, body) = http("GET", admin, "/status").unwrap();
-    assert_eq!(status, 200);
+    assert_eq!(status_of("GET", "/health/live"), 200);
+    assert_eq!(status_of("GET", "/nope"), 404);
+    assert_eq!(status_of("POST", "/metrics"), 405);
+    let body = scrape::get(&admin, "/status").unwrap();
     let json: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert_eq!(json["node_id"], 1);
     cluster.node(2).start();
     cluster.node(3).start();
     wait_for("/health/ready to say 200", DEADLINE, || {
-        (http("GET", admin, "/health/ready").ok()?.0 == 200).then_some(())
+        (scrape::request("GET", &admin, "/health/ready").ok()?.0 == 200).then_some(())
     });
 }
 
@@ -330,9 +329,9 @@ fn frames_for_a_dead_peer_are_counted_as_dropped() {
     let follower = (1..=3).find(|&id| id != leader).unwrap();
     let name = format!("transport_frames_dropped_total{{shard=\"0\",peer=\"{follower}\"}}");
     let dropped = |cluster: &Cluster| {
-        let port = cluster.nodes[leader as usize - 1].admin_port;
-        let (_, body) = http("GET", port, "/metrics").ok()?;
-        Some(metric(&body, &name).unwrap_or(0.0))
+        let admin = cluster.nodes[leader as usize - 1].admin_addr();
+        let body = scrape::get(&admin, "/metrics").ok()?;
+        Some(metric_value(&body, &name).unwrap_or(0.0))
     };
     // Start-up may have dropped a few frames before every link was up.
     let before = dropped(&cluster).expect("leader's /metrics");

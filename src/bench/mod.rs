@@ -77,8 +77,7 @@ mod workload;
 
 use std::cell::RefCell;
 use std::collections::BTreeMap;
-use std::io::{IsTerminal, Read, Write as _};
-use std::net::{TcpStream, ToSocketAddrs};
+use std::io::IsTerminal;
 use std::process::ExitCode;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -89,6 +88,8 @@ use anyhow::{bail, Context as _};
 use bytes::Bytes;
 use corekv_client::{block_on, Client, ClientError, ClientOptions};
 use corekv_proto::client::{Consistency, ErrorCode};
+
+use crate::scrape;
 
 use report::{
     progress_line, AdminScrape, ClusterSnapshot, Measured, PrefillReport, Progress, Report,
@@ -105,10 +106,9 @@ use workload::{key_bytes, value_pool, OpKind, Workload};
 const ERROR_PAUSE: Duration = Duration::from_millis(10);
 /// How often threads report and the progress line is drawn.
 const PROGRESS_INTERVAL: Duration = Duration::from_secs(1);
-/// Connect, read and write timeout of one admin HTTP request.
-const ADMIN_TIMEOUT: Duration = Duration::from_secs(5);
-/// Largest admin HTTP answer read.
-const ADMIN_MAX_RESPONSE_BYTES: u64 = 16 << 20;
+/// How long asking the nodes for their shard terms, before and after the
+/// window, may take (client retries included).
+const TERMS_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Name of the error code of a failed call, as reported.
 fn error_code_name(error: &ClientError) -> String {
@@ -575,7 +575,7 @@ fn snapshot_cluster(settings: &Settings) -> ClusterSnapshot {
 /// (works without --admin).
 fn shard_terms(settings: &Settings) -> Result<Vec<ShardTerm>, String> {
     let options = ClientOptions {
-        request_timeout: ADMIN_TIMEOUT,
+        request_timeout: TERMS_TIMEOUT,
         ..settings.client_options()
     };
     block_on(async move {
@@ -618,91 +618,18 @@ fn reduce_terms(replicas: &[(u32, u64, u64)]) -> Vec<ShardTerm> {
 
 /// Reads /metrics of the admin server at `addr`.
 fn scrape_admin(addr: &str) -> Result<AdminScrape, String> {
-    let body = http_get(addr, "/metrics")?;
-    let cpu_seconds = metric_sum(&body, "process_cpu_seconds_total")
+    let body = scrape::get(addr, "/metrics").map_err(|e| e.to_string())?;
+    let cpu_seconds = scrape::metric_sum(&body, "process_cpu_seconds_total")
         .ok_or_else(|| format!("{addr}/metrics has no process_cpu_seconds_total"))?;
     Ok(AdminScrape {
         cpu_seconds,
-        leader_changes: metric_sum(&body, "raft_leader_changes_total"),
+        leader_changes: scrape::metric_sum(&body, "raft_leader_changes_total"),
     })
-}
-
-/// A plain HTTP/1.1 GET; the body of a 200 answer.
-fn http_get(addr: &str, path: &str) -> Result<String, String> {
-    let socket = addr
-        .to_socket_addrs()
-        .map_err(|e| format!("cannot resolve admin address {addr}: {e}"))?
-        .next()
-        .ok_or_else(|| format!("admin address {addr} resolves to nothing"))?;
-    let mut stream = TcpStream::connect_timeout(&socket, ADMIN_TIMEOUT)
-        .map_err(|e| format!("cannot connect to admin {addr}: {e}"))?;
-    let io = |e: std::io::Error| format!("admin {addr}{path}: {e}");
-    stream.set_read_timeout(Some(ADMIN_TIMEOUT)).map_err(io)?;
-    stream.set_write_timeout(Some(ADMIN_TIMEOUT)).map_err(io)?;
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )
-    .map_err(io)?;
-    let mut answer = String::new();
-    stream
-        .take(ADMIN_MAX_RESPONSE_BYTES)
-        .read_to_string(&mut answer)
-        .map_err(io)?;
-    let (head, body) = answer
-        .split_once("\r\n\r\n")
-        .ok_or_else(|| format!("admin {addr}{path}: answer without a header end"))?;
-    let status_line = head.lines().next().unwrap_or_default();
-    if status_line.split_whitespace().nth(1) != Some("200") {
-        return Err(format!("admin {addr}{path} answered `{status_line}`"));
-    }
-    Ok(body.to_string())
-}
-
-/// Sum over all label sets of metric `name` in Prometheus/OpenMetrics text;
-/// None when no sample of it is there.
-fn metric_sum(text: &str, name: &str) -> Option<f64> {
-    let mut sum = None;
-    for line in text.lines() {
-        let Some(rest) = line.strip_prefix(name) else {
-            continue;
-        };
-        if !(rest.starts_with(' ') || rest.starts_with('{')) {
-            continue;
-        }
-        // The value follows the labels; a timestamp would come after it.
-        let after_labels = match rest.rfind('}') {
-            Some(i) => &rest[i + 1..],
-            None => rest,
-        };
-        if let Some(value) = after_labels
-            .split_whitespace()
-            .next()
-            .and_then(|v| v.parse::<f64>().ok())
-        {
-            *sum.get_or_insert(0.0) += value;
-        }
-    }
-    sum
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn metric_sum_reads_plain_and_labelled_samples() {
-        let text = "# HELP process_cpu_seconds_total Total CPU.\n\
-                    # TYPE process_cpu_seconds_total counter\n\
-                    process_cpu_seconds_total 12.5\n\
-                    process_cpu_seconds_total_other 99\n\
-                    raft_leader_changes_total{shard=\"0\"} 2\n\
-                    raft_leader_changes_total{shard=\"1\"} 3 1700000000\n\
-                    # EOF\n";
-        assert_eq!(metric_sum(text, "process_cpu_seconds_total"), Some(12.5));
-        assert_eq!(metric_sum(text, "raft_leader_changes_total"), Some(5.0));
-        assert_eq!(metric_sum(text, "raft_current_term"), None);
-    }
 
     #[test]
     fn terms_take_the_highest_term_of_each_shard() {

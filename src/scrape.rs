@@ -1,0 +1,367 @@
+//! Reading a node's admin port from outside: one plain HTTP/1.1 request per
+//! connection, and the Prometheus text helpers that pick samples out of
+//! `/metrics`. Shared by `corekv bench` and the integration tests.
+
+use std::io::{self, Read, Write as _};
+use std::net::{TcpStream, ToSocketAddrs};
+use std::time::Duration;
+
+/// Connect, read and write timeout of one admin request.
+pub const TIMEOUT: Duration = Duration::from_secs(5);
+/// Largest admin answer read, head included. The admin server's answers are
+/// far smaller; a longer one is refused rather than parsed half-read.
+pub const MAX_RESPONSE_BYTES: u64 = 16 << 20;
+
+/// Everything that can go wrong asking an admin port. Every message names
+/// the admin address, and the path once a connection is up.
+#[derive(Debug, thiserror::Error)]
+pub enum ScrapeError {
+    /// The address is not `host:port` or its host does not resolve.
+    #[error("cannot resolve admin address {addr}: {source}")]
+    Resolve {
+        /// The admin address as given.
+        addr: String,
+        /// What the resolver said.
+        source: io::Error,
+    },
+    /// The address resolved to no socket address at all.
+    #[error("admin address {addr} resolves to nothing")]
+    NoAddress {
+        /// The admin address as given.
+        addr: String,
+    },
+    /// Nothing accepted the connection within [`TIMEOUT`].
+    #[error("cannot connect to admin {addr}: {source}")]
+    Connect {
+        /// The admin address as given.
+        addr: String,
+        /// Why the connection failed.
+        source: io::Error,
+    },
+    /// Sending the request or reading the answer failed or timed out.
+    #[error("admin {addr}{path}: {source}")]
+    Io {
+        /// The admin address as given.
+        addr: String,
+        /// The path asked for.
+        path: String,
+        /// The socket error.
+        source: io::Error,
+    },
+    /// The answer was longer than [`MAX_RESPONSE_BYTES`].
+    #[error("admin {addr}{path}: answer longer than {max} bytes")]
+    TooLarge {
+        /// The admin address as given.
+        addr: String,
+        /// The path asked for.
+        path: String,
+        /// The bound that was hit.
+        max: u64,
+    },
+    /// The answer is not UTF-8 text.
+    #[error("admin {addr}{path}: answer is not UTF-8")]
+    NotUtf8 {
+        /// The admin address as given.
+        addr: String,
+        /// The path asked for.
+        path: String,
+    },
+    /// The connection closed before the blank line that ends the head.
+    #[error("admin {addr}{path}: answer without a header end")]
+    NoHeaderEnd {
+        /// The admin address as given.
+        addr: String,
+        /// The path asked for.
+        path: String,
+    },
+    /// The status line carries no numeric status code.
+    #[error("admin {addr}{path}: no status code in `{status_line}`")]
+    BadStatusLine {
+        /// The admin address as given.
+        addr: String,
+        /// The path asked for.
+        path: String,
+        /// The first line of the answer.
+        status_line: String,
+    },
+    /// [`get`] was answered with something other than 200.
+    #[error("admin {addr}{path} answered `{status_line}`")]
+    NotOk {
+        /// The admin address as given.
+        addr: String,
+        /// The path asked for.
+        path: String,
+        /// The first line of the answer, e.g. `HTTP/1.1 503 Service Unavailable`.
+        status_line: String,
+    },
+}
+
+/// The body of a 200 answer to `GET path` at the admin address `addr`
+/// (`host:port`); any other status is [`ScrapeError::NotOk`].
+pub fn get(addr: &str, path: &str) -> Result<String, ScrapeError> {
+    let answer = exchange("GET", addr, path, MAX_RESPONSE_BYTES)?;
+    if answer.status_line.split_whitespace().nth(1) != Some("200") {
+        return Err(ScrapeError::NotOk {
+            addr: addr.to_string(),
+            path: path.to_string(),
+            status_line: answer.status_line,
+        });
+    }
+    Ok(answer.body)
+}
+
+/// The status code and body of the answer to `method path` at the admin
+/// address `addr` (`host:port`), whatever the status: `/health/ready`
+/// answers 503 with its reason in the body.
+pub fn request(method: &str, addr: &str, path: &str) -> Result<(u16, String), ScrapeError> {
+    let answer = exchange(method, addr, path, MAX_RESPONSE_BYTES)?;
+    let status = answer
+        .status_line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .ok_or_else(|| ScrapeError::BadStatusLine {
+            addr: addr.to_string(),
+            path: path.to_string(),
+            status_line: answer.status_line.clone(),
+        })?;
+    Ok((status, answer.body))
+}
+
+/// Sum over all label sets of metric `name` in Prometheus/OpenMetrics text;
+/// None when no sample of it is there.
+pub fn metric_sum(text: &str, name: &str) -> Option<f64> {
+    let mut sum = None;
+    for line in text.lines() {
+        let Some(rest) = line.strip_prefix(name) else {
+            continue;
+        };
+        // `name_other` is another metric; only labels or the value may follow.
+        if !(rest.starts_with(' ') || rest.starts_with('{')) {
+            continue;
+        }
+        let after_labels = match rest.rfind('}') {
+            Some(i) => &rest[i + 1..],
+            None => rest,
+        };
+        if let Some(value) = sample_value(after_labels) {
+            *sum.get_or_insert(0.0) += value;
+        }
+    }
+    sum
+}
+
+/// The value of the one sample written exactly `name_and_labels` (labels
+/// as the server prints them, e.g. `raft_current_term{shard="0"}`); None
+/// when there is no such sample.
+pub fn metric_value(text: &str, name_and_labels: &str) -> Option<f64> {
+    let line = text.lines().find(|line| {
+        line.strip_prefix(name_and_labels)
+            .is_some_and(|rest| rest.starts_with(' '))
+    })?;
+    sample_value(&line[name_and_labels.len()..])
+}
+
+/// The value in what follows a sample's name and labels: the first field,
+/// since a timestamp may come after it.
+fn sample_value(after_labels: &str) -> Option<f64> {
+    after_labels.split_whitespace().next()?.parse().ok()
+}
+
+/// One answer, split at the end of its head.
+struct Answer {
+    status_line: String,
+    body: String,
+}
+
+/// Sends one request with `Connection: close` and reads the answer to its
+/// end, at most `max_response_bytes` of it.
+fn exchange(
+    method: &str,
+    addr: &str,
+    path: &str,
+    max_response_bytes: u64,
+) -> Result<Answer, ScrapeError> {
+    let socket = addr
+        .to_socket_addrs()
+        .map_err(|source| ScrapeError::Resolve {
+            addr: addr.to_string(),
+            source,
+        })?
+        .next()
+        .ok_or_else(|| ScrapeError::NoAddress {
+            addr: addr.to_string(),
+        })?;
+    let mut stream =
+        TcpStream::connect_timeout(&socket, TIMEOUT).map_err(|source| ScrapeError::Connect {
+            addr: addr.to_string(),
+            source,
+        })?;
+    let io = |source: io::Error| ScrapeError::Io {
+        addr: addr.to_string(),
+        path: path.to_string(),
+        source,
+    };
+    stream.set_read_timeout(Some(TIMEOUT)).map_err(io)?;
+    stream.set_write_timeout(Some(TIMEOUT)).map_err(io)?;
+    write!(
+        stream,
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .map_err(io)?;
+    // One byte past the bound tells a full answer from a cut one.
+    let mut raw = Vec::new();
+    stream
+        .take(max_response_bytes + 1)
+        .read_to_end(&mut raw)
+        .map_err(io)?;
+    if raw.len() as u64 > max_response_bytes {
+        return Err(ScrapeError::TooLarge {
+            addr: addr.to_string(),
+            path: path.to_string(),
+            max: max_response_bytes,
+        });
+    }
+    let raw = String::from_utf8(raw).map_err(|_| ScrapeError::NotUtf8 {
+        addr: addr.to_string(),
+        path: path.to_string(),
+    })?;
+    let (head, body) = raw
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| ScrapeError::NoHeaderEnd {
+            addr: addr.to_string(),
+            path: path.to_string(),
+        })?;
+    Ok(Answer {
+        status_line: head.lines().next().unwrap_or_default().to_string(),
+        body: body.to_string(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{BufRead, BufReader};
+    use std::net::TcpListener;
+
+    /// Serves `answer` to one connection on a free local port, after
+    /// reading the request head; returns `host:port`.
+    fn serve_once(answer: &'static str) -> String {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        std::thread::spawn(move || {
+            let (stream, _) = listener.accept().unwrap();
+            let mut reader = BufReader::new(stream.try_clone().unwrap());
+            let mut line = String::new();
+            while reader.read_line(&mut line).unwrap() > 2 {
+                line.clear();
+            }
+            // The client may hang up first when the answer is too long.
+            let _ = (&stream).write_all(answer.as_bytes());
+        });
+        addr
+    }
+
+    #[test]
+    fn get_returns_the_body_of_a_200_and_names_any_other_status() {
+        let addr = serve_once("HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello");
+        assert_eq!(get(&addr, "/metrics").unwrap(), "hello");
+
+        let addr = serve_once("HTTP/1.1 503 Service Unavailable\r\n\r\n{\"ready\":false}");
+        let error = get(&addr, "/health/ready").unwrap_err().to_string();
+        assert_eq!(
+            error,
+            format!("admin {addr}/health/ready answered `HTTP/1.1 503 Service Unavailable`")
+        );
+    }
+
+    #[test]
+    fn request_returns_status_and_body_whatever_the_status() {
+        let addr = serve_once("HTTP/1.1 503 Service Unavailable\r\n\r\n{\"ready\":false}");
+        let (status, body) = request("GET", &addr, "/health/ready").unwrap();
+        assert_eq!((status, body.as_str()), (503, "{\"ready\":false}"));
+
+        let addr = serve_once("garbage\r\n\r\n");
+        let error = request("GET", &addr, "/").unwrap_err();
+        assert!(
+            matches!(error, ScrapeError::BadStatusLine { .. }),
+            "{error}"
+        );
+        let addr = serve_once("HTTP/1.1 200 OK\r\n");
+        let error = request("GET", &addr, "/").unwrap_err();
+        assert!(matches!(error, ScrapeError::NoHeaderEnd { .. }), "{error}");
+    }
+
+    #[test]
+    fn an_answer_past_the_bound_is_refused_not_cut() {
+        let answer = "HTTP/1.1 200 OK\r\n\r\n0123456789";
+        let addr = serve_once(answer);
+        let limit = answer.len() as u64 - 1;
+        let error = exchange("GET", &addr, "/metrics", limit)
+            .err()
+            .expect("one byte over the bound is refused");
+        assert_eq!(
+            error.to_string(),
+            format!("admin {addr}/metrics: answer longer than {limit} bytes")
+        );
+        let addr = serve_once(answer);
+        let full = exchange("GET", &addr, "/metrics", answer.len() as u64).unwrap();
+        assert_eq!(full.body, "0123456789", "exactly the bound is read whole");
+    }
+
+    #[test]
+    fn a_closed_port_is_a_connect_error_naming_the_address() {
+        let addr = {
+            let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+            listener.local_addr().unwrap().to_string()
+        };
+        let error = get(&addr, "/metrics").unwrap_err().to_string();
+        assert!(
+            error.starts_with(&format!("cannot connect to admin {addr}: ")),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn metric_sum_reads_plain_and_labelled_samples() {
+        let text = "# HELP process_cpu_seconds_total Total CPU.\n\
+                    # TYPE process_cpu_seconds_total counter\n\
+                    process_cpu_seconds_total 12.5\n\
+                    process_cpu_seconds_total_other 99\n\
+                    raft_leader_changes_total{shard=\"0\"} 2\n\
+                    raft_leader_changes_total{shard=\"1\"} 3 1700000000\n\
+                    # EOF\n";
+        assert_eq!(metric_sum(text, "process_cpu_seconds_total"), Some(12.5));
+        assert_eq!(metric_sum(text, "raft_leader_changes_total"), Some(5.0));
+        assert_eq!(metric_sum(text, "raft_current_term"), None);
+    }
+
+    #[test]
+    fn metric_value_reads_one_exact_sample() {
+        let text = "raft_current_term{shard=\"1\"} 4\n\
+                    raft_current_term{shard=\"10\"} 9\n\
+                    raft_node_state{shard=\"1\"} 2 1700000000\n\
+                    wal_segments 3\n\
+                    wal_segments_total 8\n";
+        assert_eq!(
+            metric_value(text, "raft_current_term{shard=\"1\"}"),
+            Some(4.0)
+        );
+        assert_eq!(
+            metric_value(text, "raft_current_term{shard=\"10\"}"),
+            Some(9.0)
+        );
+        assert_eq!(
+            metric_value(text, "raft_node_state{shard=\"1\"}"),
+            Some(2.0),
+            "the value, not the timestamp after it"
+        );
+        assert_eq!(metric_value(text, "wal_segments"), Some(3.0));
+        assert_eq!(
+            metric_value(text, "raft_current_term"),
+            None,
+            "labels differ"
+        );
+        assert_eq!(metric_value(text, "raft_current_term{shard=\"2\"}"), None);
+    }
+}
