@@ -11,7 +11,7 @@ use corekv_transport::SocketOptions;
 
 use crate::config::Config;
 use crate::metrics::Metrics;
-use crate::snapshot::SnapshotMeta;
+use crate::snapshot::{SnapshotError, SnapshotMeta};
 
 /// Bound of each shard's cross-core queue; a full queue answers UNAVAILABLE.
 pub(crate) const CROSS_CORE_QUEUE: usize = 64 * 1024;
@@ -31,7 +31,7 @@ pub(crate) enum CrossCore {
     Shutdown,
     /// A snapshot this shard asked for was written (or failed), by the
     /// helper thread that wrote it.
-    SnapshotWritten(Result<(SnapshotMeta, PathBuf), String>),
+    SnapshotWritten(Result<(SnapshotMeta, PathBuf), SnapshotError>),
 }
 
 /// State every shard of the node can see. Written rarely (status once per

@@ -15,14 +15,15 @@ use std::time::Duration;
 use bytes::Bytes;
 use corekv_proto::peer::{peer_frame, Hello, LinkKind, PeerFrame, SnapshotAck, SnapshotChunk};
 use corekv_transport::{
-    connect_peer, decode_message, encode_frame_bytes, FrameReader, SocketOptions,
+    connect_peer, decode_message, encode_frame_bytes, FrameError, FrameReader, HandshakeError,
+    SocketOptions,
 };
 use monoio::io::{AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt};
 use protobuf::Message as _;
 use raft::prelude::Message;
 
 use crate::replica::LoadedSnapshot;
-use crate::snapshot::{self, SnapshotMeta};
+use crate::snapshot::{self, SnapshotError, SnapshotMeta};
 
 /// Bytes of snapshot data per chunk frame.
 pub const CHUNK_BYTES: usize = 1 << 20;
@@ -30,6 +31,107 @@ pub const CHUNK_BYTES: usize = 1 << 20;
 const ACK_TIMEOUT: Duration = Duration::from_secs(120);
 /// How long either side waits for the next frame mid-transfer.
 const FRAME_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Why a snapshot transfer failed, on either side. The sender reports it to
+/// raft (which retries); the receiver also sends it to the sender in its ack.
+#[derive(Debug, thiserror::Error)]
+pub enum TransferError {
+    /// The snapshot link could not be opened.
+    #[error("cannot open a snapshot link: {0}")]
+    Connect(#[from] HandshakeError),
+    /// A local file operation failed.
+    #[error("{}: {op}: {source}", .path.display())]
+    File {
+        /// The file or directory.
+        path: PathBuf,
+        /// What was being done.
+        op: &'static str,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// Writing to the peer failed.
+    #[error("sending chunk at offset {offset}: {source}")]
+    Send {
+        /// Offset of the chunk in the file.
+        offset: u64,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// The connection broke or carried a bad frame.
+    #[error("transfer broken: {0}")]
+    Broken(#[from] FrameError),
+    /// The peer closed the connection before the transfer was complete.
+    #[error("the peer closed the connection {when}")]
+    Closed {
+        /// At which step.
+        when: &'static str,
+    },
+    /// The peer went quiet.
+    #[error("no {waiting_for} within {after:?}")]
+    TimedOut {
+        /// What did not arrive.
+        waiting_for: &'static str,
+        /// How long we waited.
+        after: Duration,
+    },
+    /// The peer sent something other than the protocol's next step.
+    #[error("expected {expected}, got {got}")]
+    Unexpected {
+        /// What the protocol says comes next.
+        expected: &'static str,
+        /// What came instead.
+        got: String,
+    },
+    /// A chunk for another shard or out of order.
+    #[error("chunk for shard {shard} at offset {offset}, expected shard {expected_shard} at offset {expected_offset}")]
+    WrongChunk {
+        /// The chunk's shard.
+        shard: u32,
+        /// The chunk's offset.
+        offset: u64,
+        /// This link's shard.
+        expected_shard: u32,
+        /// The next offset expected.
+        expected_offset: u64,
+    },
+    /// raft's MsgSnapshot could not be encoded or decoded.
+    #[error("MsgSnapshot: {0}")]
+    RaftMessage(#[from] protobuf::ProtobufError),
+    /// The received file is not the snapshot the chunks announced.
+    #[error(
+        "file holds index {file_index} term {file_term}, chunks said index {index} term {term}"
+    )]
+    Mismatch {
+        /// Index in the file.
+        file_index: u64,
+        /// Term in the file.
+        file_term: u64,
+        /// Index the chunks carried.
+        index: u64,
+        /// Term the chunks carried.
+        term: u64,
+    },
+    /// The received file failed its checksum or could not be decoded.
+    #[error(transparent)]
+    Snapshot(#[from] SnapshotError),
+    /// The helper thread that verifies the file died.
+    #[error("the snapshot verifier thread died")]
+    VerifierDied,
+    /// The follower verified the file and refused it, for this reason.
+    #[error("follower refused: {0}")]
+    Refused(String),
+}
+
+fn file_error<'a>(
+    path: &'a Path,
+    op: &'static str,
+) -> impl FnOnce(std::io::Error) -> TransferError + 'a {
+    move |source| TransferError::File {
+        path: path.to_path_buf(),
+        op,
+        source,
+    }
+}
 
 /// What the leader needs to send one snapshot.
 pub struct Outgoing {
@@ -50,7 +152,7 @@ pub struct Outgoing {
 }
 
 /// Sends a snapshot and waits for the follower's verdict.
-pub async fn send(outgoing: Outgoing) -> Result<(), String> {
+pub async fn send(outgoing: Outgoing) -> Result<(), TransferError> {
     let mut hello = outgoing.hello;
     hello.kind = LinkKind::Snapshot as i32;
     let (_, mut reader, mut writer) = connect_peer(
@@ -59,27 +161,21 @@ pub async fn send(outgoing: Outgoing) -> Result<(), String> {
         &outgoing.socket,
         outgoing.max_frame_bytes,
     )
-    .await
-    .map_err(|e| e.to_string())?;
+    .await?;
     let path = &outgoing.path;
     let len = std::fs::metadata(path)
-        .map_err(|e| format!("{}: {e}", path.display()))?
+        .map_err(file_error(path, "stat"))?
         .len();
     let file = monoio::fs::File::open(path)
         .await
-        .map_err(|e| format!("{}: {e}", path.display()))?;
-    let raft_message = Bytes::from(
-        outgoing
-            .message
-            .write_to_bytes()
-            .map_err(|e| format!("cannot encode MsgSnapshot: {e}"))?,
-    );
+        .map_err(file_error(path, "open"))?;
+    let raft_message = Bytes::from(outgoing.message.write_to_bytes()?);
     let mut offset = 0u64;
     loop {
         let want = CHUNK_BYTES.min((len - offset) as usize);
         // monoio reads into a Vec's spare capacity.
         let (result, buf) = file.read_exact_at(Vec::with_capacity(want), offset).await;
-        result.map_err(|e| format!("{} at offset {offset}: {e}", path.display()))?;
+        result.map_err(file_error(path, "read"))?;
         let last = offset + want as u64 == len;
         let chunk = SnapshotChunk {
             shard: outgoing.meta.shard,
@@ -98,7 +194,7 @@ pub async fn send(outgoing: Outgoing) -> Result<(), String> {
             msg: Some(peer_frame::Msg::SnapshotChunk(chunk)),
         });
         let (result, _) = writer.write_all(frame).await;
-        result.map_err(|e| format!("sending chunk at {offset}: {e}"))?;
+        result.map_err(|source| TransferError::Send { offset, source })?;
         offset += want as u64;
         if last {
             break;
@@ -107,18 +203,27 @@ pub async fn send(outgoing: Outgoing) -> Result<(), String> {
     let _ = file.close().await;
     let frame = match monoio::time::timeout(ACK_TIMEOUT, reader.next_frame()).await {
         Ok(Ok(Some(frame))) => frame,
-        Ok(Ok(None)) => return Err("follower closed the connection before its ack".into()),
-        Ok(Err(e)) => return Err(format!("waiting for ack: {e}")),
-        Err(_) => return Err(format!("no ack within {ACK_TIMEOUT:?}")),
+        Ok(Ok(None)) => {
+            return Err(TransferError::Closed {
+                when: "before its ack",
+            })
+        }
+        Ok(Err(e)) => return Err(e.into()),
+        Err(_) => {
+            return Err(TransferError::TimedOut {
+                waiting_for: "ack",
+                after: ACK_TIMEOUT,
+            })
+        }
     };
     let _ = writer.shutdown().await;
-    match decode_message::<PeerFrame>(frame).map(|f| f.msg) {
-        Ok(Some(peer_frame::Msg::SnapshotAck(ack))) if ack.ok => Ok(()),
-        Ok(Some(peer_frame::Msg::SnapshotAck(ack))) => {
-            Err(format!("follower refused: {}", ack.reason))
-        }
-        Ok(other) => Err(format!("unexpected answer {other:?}")),
-        Err(e) => Err(format!("undecodable ack: {e}")),
+    match decode_message::<PeerFrame>(frame)?.msg {
+        Some(peer_frame::Msg::SnapshotAck(ack)) if ack.ok => Ok(()),
+        Some(peer_frame::Msg::SnapshotAck(ack)) => Err(TransferError::Refused(ack.reason)),
+        other => Err(TransferError::Unexpected {
+            expected: "a snapshot ack",
+            got: format!("{other:?}"),
+        }),
     }
 }
 
@@ -137,7 +242,7 @@ pub async fn receive<R, W>(
     mut writer: W,
     shard: u32,
     dir: PathBuf,
-) -> Result<Incoming, String>
+) -> Result<Incoming, TransferError>
 where
     R: AsyncReadRent,
     W: AsyncWriteRent,
@@ -154,7 +259,7 @@ where
             shard,
             index: 0,
             ok: false,
-            reason: reason.clone(),
+            reason: reason.to_string(),
         },
     };
     let frame = encode_frame_bytes(&PeerFrame {
@@ -172,47 +277,60 @@ async fn receive_file<R: AsyncReadRent>(
     reader: &mut FrameReader<R>,
     shard: u32,
     dir: &Path,
-) -> Result<Incoming, String> {
-    std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+) -> Result<Incoming, TransferError> {
+    std::fs::create_dir_all(dir).map_err(file_error(dir, "create directory"))?;
     let tmp = dir.join(format!("receiving-{}.tmp", std::process::id()));
     let file = monoio::fs::File::create(&tmp)
         .await
-        .map_err(|e| format!("{}: {e}", tmp.display()))?;
+        .map_err(file_error(&tmp, "create"))?;
     let mut expected_offset = 0u64;
     let mut first: Option<(u64, u64, Message)> = None;
     loop {
         let frame = match monoio::time::timeout(FRAME_TIMEOUT, reader.next_frame()).await {
             Ok(Ok(Some(frame))) => frame,
-            Ok(Ok(None)) => return Err("leader closed the transfer early".into()),
-            Ok(Err(e)) => return Err(format!("transfer broken: {e}")),
-            Err(_) => return Err(format!("no chunk within {FRAME_TIMEOUT:?}")),
+            Ok(Ok(None)) => {
+                return Err(TransferError::Closed {
+                    when: "mid-transfer",
+                })
+            }
+            Ok(Err(e)) => return Err(e.into()),
+            Err(_) => {
+                return Err(TransferError::TimedOut {
+                    waiting_for: "chunk",
+                    after: FRAME_TIMEOUT,
+                })
+            }
         };
-        let chunk = match decode_message::<PeerFrame>(frame).map(|f| f.msg) {
-            Ok(Some(peer_frame::Msg::SnapshotChunk(chunk))) => chunk,
-            other => return Err(format!("expected a snapshot chunk, got {other:?}")),
+        let chunk = match decode_message::<PeerFrame>(frame)?.msg {
+            Some(peer_frame::Msg::SnapshotChunk(chunk)) => chunk,
+            other => {
+                return Err(TransferError::Unexpected {
+                    expected: "a snapshot chunk",
+                    got: format!("{other:?}"),
+                })
+            }
         };
         if chunk.shard != shard || chunk.offset != expected_offset {
-            return Err(format!(
-                "chunk for shard {} at offset {}, expected shard {shard} at offset {expected_offset}",
-                chunk.shard, chunk.offset
-            ));
+            return Err(TransferError::WrongChunk {
+                shard: chunk.shard,
+                offset: chunk.offset,
+                expected_shard: shard,
+                expected_offset,
+            });
         }
         if first.is_none() {
-            let message = Message::parse_from_carllerche_bytes(&chunk.raft_message)
-                .map_err(|e| format!("undecodable MsgSnapshot: {e}"))?;
+            let message = Message::parse_from_carllerche_bytes(&chunk.raft_message)?;
             first = Some((chunk.index, chunk.term, message));
         }
         let len = chunk.data.len() as u64;
         let (written, _) = file.write_all_at(chunk.data, chunk.offset).await;
-        written.map_err(|e| format!("{}: {e}", tmp.display()))?;
+        written.map_err(file_error(&tmp, "write"))?;
         expected_offset += len;
         if chunk.last {
             break;
         }
     }
-    file.sync_all()
-        .await
-        .map_err(|e| format!("{}: fsync: {e}", tmp.display()))?;
+    file.sync_all().await.map_err(file_error(&tmp, "fsync"))?;
     let _ = file.close().await;
     let (index, term, message) = first.expect("at least one chunk was read");
     // Checksum, decode and rename are blocking work: a helper thread does it.
@@ -220,17 +338,18 @@ async fn receive_file<R: AsyncReadRent>(
     let final_path = dir.join(snapshot::file_name(index, term));
     std::thread::spawn(move || {
         let result = snapshot::read(&tmp)
-            .map_err(|e| e.to_string())
+            .map_err(TransferError::from)
             .and_then(|(meta, map)| {
                 if (meta.index, meta.term) != (index, term) {
-                    return Err(format!(
-                        "file holds index {} term {}, chunks said index {index} term {term}",
-                        meta.index, meta.term
-                    ));
+                    return Err(TransferError::Mismatch {
+                        file_index: meta.index,
+                        file_term: meta.term,
+                        index,
+                        term,
+                    });
                 }
-                std::fs::rename(&tmp, &final_path).map_err(|e| format!("rename: {e}"))?;
-                snapshot::sync_dir(final_path.parent().expect("has a parent"))
-                    .map_err(|e| e.to_string())?;
+                std::fs::rename(&tmp, &final_path).map_err(file_error(&tmp, "rename"))?;
+                snapshot::sync_dir(final_path.parent().expect("has a parent"))?;
                 Ok((meta, map))
             });
         if result.is_err() {
@@ -238,7 +357,7 @@ async fn receive_file<R: AsyncReadRent>(
         }
         let _ = tx.send(result);
     });
-    let (meta, map) = rx.await.map_err(|_| "verifier thread died".to_string())??;
+    let (meta, map) = rx.await.map_err(|_| TransferError::VerifierDied)??;
     Ok(Incoming {
         snapshot: LoadedSnapshot { meta, map },
         message,

@@ -754,7 +754,7 @@ impl<L: LogStore> Replica<L> {
     /// Durable: the WAL may now drop the entries it covers.
     pub fn on_snapshot_written(
         &mut self,
-        result: Result<SnapshotMeta, String>,
+        result: Result<SnapshotMeta, crate::snapshot::SnapshotError>,
     ) -> Result<(), ReplicaError> {
         self.snapshot_in_progress = false;
         let meta = match result {

@@ -145,7 +145,7 @@ async fn serve_peer(
 ) {
     let config = &node.config;
     let shard = local.shard;
-    let check = |hello: &Hello| check_hello(hello, &node, shard);
+    let check = |hello: &Hello| check_hello(hello, &node, shard).map_err(|e| e.to_string());
     // The write half stays alive while we read: dropping it would shut the
     // socket down for writing and the dialer would see a closed link.
     let (hello, mut reader, write_half) = match accept_peer(
@@ -222,39 +222,53 @@ async fn serve_peer(
     tracing::info!(shard, peer, "peer disconnected");
 }
 
-fn check_hello(hello: &Hello, node: &NodeShared, shard: u32) -> Result<(), String> {
+/// Why an inbound peer's Hello is refused; sent back to the peer and logged
+/// on both sides.
+#[derive(Debug, thiserror::Error)]
+enum HelloRefusal {
+    #[error("cluster id mismatch: mine {mine}, yours {yours}")]
+    ClusterId { mine: u64, yours: u64 },
+    #[error("shard count mismatch: mine {mine}, yours {yours}")]
+    ShardCount { mine: u32, yours: u32 },
+    #[error("wrong shard: this port serves shard {mine}, you asked for {yours}")]
+    WrongShard { mine: u32, yours: u32 },
+    #[error("protocol version mismatch: mine {mine}, yours {yours}")]
+    ProtocolVersion { mine: u32, yours: u32 },
+    #[error("unknown node id {id}: members are {members:?}")]
+    UnknownNode { id: u64, members: Vec<u64> },
+}
+
+fn check_hello(hello: &Hello, node: &NodeShared, shard: u32) -> Result<(), HelloRefusal> {
     let config = &node.config;
     if hello.cluster_id != config.cluster_id {
-        return Err(format!(
-            "cluster id mismatch: mine {}, yours {}",
-            config.cluster_id, hello.cluster_id
-        ));
+        return Err(HelloRefusal::ClusterId {
+            mine: config.cluster_id,
+            yours: hello.cluster_id,
+        });
     }
     if hello.shards != config.shards {
-        return Err(format!(
-            "shard count mismatch: mine {}, yours {}",
-            config.shards, hello.shards
-        ));
+        return Err(HelloRefusal::ShardCount {
+            mine: config.shards,
+            yours: hello.shards,
+        });
     }
     if hello.shard != shard {
-        return Err(format!(
-            "wrong shard: this port serves shard {shard}, you asked for {}",
-            hello.shard
-        ));
+        return Err(HelloRefusal::WrongShard {
+            mine: shard,
+            yours: hello.shard,
+        });
     }
     if hello.protocol_version != corekv_proto::PEER_PROTOCOL_VERSION {
-        return Err(format!(
-            "protocol version mismatch: mine {}, yours {}",
-            corekv_proto::PEER_PROTOCOL_VERSION,
-            hello.protocol_version
-        ));
+        return Err(HelloRefusal::ProtocolVersion {
+            mine: corekv_proto::PEER_PROTOCOL_VERSION,
+            yours: hello.protocol_version,
+        });
     }
     if hello.node_id == config.node_id || config.peer(hello.node_id).is_none() {
-        let ids: Vec<u64> = config.peers.iter().map(|p| p.id).collect();
-        return Err(format!(
-            "unknown node id {}: members are {ids:?}",
-            hello.node_id
-        ));
+        return Err(HelloRefusal::UnknownNode {
+            id: hello.node_id,
+            members: config.peers.iter().map(|p| p.id).collect(),
+        });
     }
     Ok(())
 }

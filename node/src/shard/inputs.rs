@@ -72,7 +72,7 @@ pub(super) enum Input {
     },
     SnapshotSent {
         peer: u64,
-        result: Result<(), String>,
+        result: Result<(), snapshot_transfer::TransferError>,
     },
     SnapshotReceived(Box<snapshot_transfer::Incoming>),
 }

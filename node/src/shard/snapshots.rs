@@ -6,7 +6,7 @@ use raft::prelude::Message;
 
 use crate::replica::Output;
 use crate::shared::CrossCore;
-use crate::snapshot::{self, SnapshotMeta};
+use crate::snapshot::{self, SnapshotError, SnapshotMeta};
 use crate::snapshot_transfer;
 
 use super::addr::resolve;
@@ -74,21 +74,25 @@ impl Shard {
     pub(super) fn handle_snapshot_outputs(&mut self, out: &mut Output) {
         if let Some((meta, map)) = out.snapshot_to_write.take() {
             let dir = self.snap_dir.clone();
+            let dir_for_error = dir.clone();
             let reply = self.node.cross[self.local.shard as usize].clone();
             let shard = self.local.shard;
             let spawned = std::thread::Builder::new()
                 .name(format!("corekv-snap-{shard}"))
                 .spawn(move || {
-                    let result = snapshot::write(&dir, &meta, &map)
-                        .map(|path| (meta, path))
-                        .map_err(|e| e.to_string());
+                    let result = snapshot::write(&dir, &meta, &map).map(|path| (meta, path));
                     // Dropping the map here, off the shard thread, frees what
                     // the shard no longer shares.
                     drop(map);
                     let _ = reply.send(CrossCore::SnapshotWritten(result));
                 });
             if let Err(e) = spawned {
-                let _ = self.replica.on_snapshot_written(Err(e.to_string()));
+                let error = SnapshotError::Io {
+                    path: dir_for_error,
+                    op: "start the writer thread",
+                    source: e,
+                };
+                let _ = self.replica.on_snapshot_written(Err(error));
             }
         }
         if let Some(meta) = out.snapshot_installed.take() {
