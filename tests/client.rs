@@ -1,0 +1,143 @@
+//! The Rust client library (corekv-client) against real nodes: what its
+//! crate docs promise, call by call.
+
+mod common;
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::{key_on_shard, Cluster};
+use corekv_client::{block_on, Client, ClientError, ClientOptions, Consistency, ErrorCode};
+
+fn options(cluster: &Cluster) -> ClientOptions {
+    ClientOptions {
+        endpoints: cluster.endpoints().split(',').map(str::to_string).collect(),
+        request_timeout: Duration::from_secs(20),
+        ..ClientOptions::default()
+    }
+}
+
+fn b(text: &str) -> Bytes {
+    Bytes::copy_from_slice(text.as_bytes())
+}
+
+#[test]
+fn put_get_cas_delete_and_scan_through_the_client_library() {
+    let mut cluster = Cluster::start(3, 2);
+    cluster.wait_for_leaders();
+    let options = options(&cluster);
+    block_on(async move {
+        let client = Client::connect(options).await.expect("connect");
+        assert_eq!(client.topology().shards, 2);
+
+        // Versions are the Raft index of the write: they grow per key.
+        let v1 = client.put(b("user/1"), b("ada")).await.unwrap();
+        let v2 = client.put(b("user/1"), b("ada2")).await.unwrap();
+        assert!(v2 > v1, "versions must grow: {v1} then {v2}");
+        for consistency in [Consistency::Linearizable, Consistency::Lease] {
+            let got = client.get(b("user/1"), consistency).await.unwrap();
+            assert_eq!(got, Some((b("ada2"), v2)), "{consistency:?}");
+        }
+        assert_eq!(
+            client
+                .get(b("user/none"), Consistency::Linearizable)
+                .await
+                .unwrap(),
+            None
+        );
+
+        // CAS at a stale version is refused and says which version is current.
+        match client.cas(b("user/1"), v1, b("grace")).await {
+            Err(ClientError::Server {
+                code: ErrorCode::VersionMismatch,
+                current_version,
+                ..
+            }) => assert_eq!(current_version, v2),
+            other => panic!("expected VERSION_MISMATCH, got {other:?}"),
+        }
+        let v3 = client.cas(b("user/1"), v2, b("grace")).await.unwrap();
+        assert!(v3 > v2);
+        let created = client.cas(b("user/2"), 0, b("new")).await.unwrap();
+        assert!(created > v3, "a CAS at version 0 creates the key");
+
+        // Delete: at the wrong version refused, at the right one done, then gone.
+        assert!(matches!(
+            client.delete(b("user/2"), Some(1)).await,
+            Err(ClientError::Server {
+                code: ErrorCode::VersionMismatch,
+                ..
+            })
+        ));
+        assert!(client.delete(b("user/2"), None).await.unwrap());
+        assert!(!client.delete(b("user/2"), None).await.unwrap());
+
+        // Scan fans out to both shards and merges in key order, cut at the limit.
+        let keys: Vec<String> = (0..2)
+            .flat_map(|shard| (0..3).map(move |i| key_on_shard(&format!("scan/{i}/"), shard, 2)))
+            .collect();
+        for key in &keys {
+            client.put(b(key), b("x")).await.unwrap();
+        }
+        let mut sorted = keys.clone();
+        sorted.sort();
+        let all = client
+            .scan(b("scan/"), b("scan0"), 0, Consistency::Linearizable)
+            .await
+            .unwrap();
+        let got: Vec<String> = all
+            .pairs
+            .iter()
+            .map(|kv| String::from_utf8_lossy(&kv.key).into_owned())
+            .collect();
+        assert_eq!((got, all.more), (sorted.clone(), false));
+        let page = client
+            .scan(b("scan/"), b("scan0"), 4, Consistency::Stale)
+            .await
+            .unwrap();
+        assert_eq!(page.pairs.len(), 4);
+        assert!(page.more, "a scan cut by its limit says there is more");
+    })
+}
+
+#[test]
+fn errors_name_the_problem() {
+    let mut cluster = Cluster::start(1, 1);
+    cluster.wait_for_leaders();
+    let options = options(&cluster);
+    block_on(async move {
+        let client = Client::connect(options).await.expect("connect");
+        // An empty key is the caller's mistake: no retry, a clear code.
+        match client.put(Bytes::new(), b("v")).await {
+            Err(ClientError::Server {
+                code: ErrorCode::InvalidArgument,
+                message,
+                ..
+            }) => assert!(message.contains("empty key"), "{message}"),
+            other => panic!("expected INVALID_ARGUMENT, got {other:?}"),
+        }
+        // A key above the server's limit (4096 bytes by default).
+        let long = Bytes::from(vec![b'k'; 5000]);
+        assert!(matches!(
+            client.put(long, b("v")).await,
+            Err(ClientError::Server {
+                code: ErrorCode::TooLarge,
+                ..
+            })
+        ));
+    });
+
+    // Nothing listens on the endpoint: NoEndpoint, naming it, within the deadline.
+    drop(cluster);
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let dead = listener.local_addr().unwrap().to_string();
+    drop(listener);
+    let error = block_on(Client::connect(ClientOptions {
+        endpoints: vec![dead.clone()],
+        request_timeout: Duration::from_secs(2),
+        ..ClientOptions::default()
+    }))
+    .err()
+    .expect("connecting to a closed port must fail");
+    assert!(matches!(error, ClientError::NoEndpoint(_)), "{error:?}");
+    assert!(error.to_string().contains(&dead), "{error}");
+}
