@@ -13,6 +13,7 @@ pub mod command;
 pub mod config;
 pub mod data_dir;
 mod inbox;
+mod log_limit;
 pub mod log_store;
 pub mod metrics;
 mod raft_log;

@@ -34,6 +34,13 @@ struct RpcLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RefusalLabels {
+    shard: u32,
+    peer: u64,
+    reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RequestLabels {
     shard: u32,
     op: &'static str,
@@ -107,6 +114,7 @@ pub struct Metrics {
     request_seconds: Family<OpLabels, Histogram, fn() -> Histogram>,
     reconnects: Family<PeerLabels, Counter>,
     frames_dropped: Family<PeerLabels, Counter>,
+    peer_refused: Family<RefusalLabels, Counter>,
 }
 
 /// One shard's metric handles.
@@ -171,6 +179,7 @@ impl Metrics {
             request_seconds: Family::new_with_constructor(request_histogram),
             reconnects: Family::default(),
             frames_dropped: Family::default(),
+            peer_refused: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -264,7 +273,25 @@ impl Metrics {
             "Frames dropped because a peer link was down or full",
             m.frames_dropped.clone(),
         );
+        registry.register(
+            "peer_messages_refused",
+            "Messages from a peer link dropped by a check (wrong sender or receiver, a kind that does not travel on the link, undecodable)",
+            m.peer_refused.clone(),
+        );
         Arc::new(Metrics { registry, ..m })
+    }
+
+    /// Counts one message from `peer` that a link check refused. Looked up
+    /// per call: refusals are rare, and a flood of them is bounded by the
+    /// link's frame rate.
+    pub fn peer_message_refused(&self, shard: u32, peer: u64, reason: &'static str) {
+        self.peer_refused
+            .get_or_create(&RefusalLabels {
+                shard,
+                peer,
+                reason,
+            })
+            .inc();
     }
 
     /// Handles for `shard`, created once at shard start-up.

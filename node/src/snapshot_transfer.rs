@@ -20,10 +20,13 @@ use corekv_transport::{
 };
 use monoio::io::{AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt};
 use protobuf::Message as _;
-use raft::prelude::Message;
+use raft::prelude::{Message, MessageType};
 
 use crate::replica::LoadedSnapshot;
 use crate::snapshot::{self, SnapshotError, SnapshotMeta};
+
+/// Numbers incoming transfers of this process, for their temp file names.
+static NEXT_TRANSFER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 /// Bytes of snapshot data per chunk frame.
 pub const CHUNK_BYTES: usize = 1 << 20;
@@ -114,6 +117,21 @@ pub enum TransferError {
     /// The received file failed its checksum or could not be decoded.
     #[error(transparent)]
     Snapshot(#[from] SnapshotError),
+    /// The raft message that came with the chunks is not a MsgSnapshot from
+    /// the link's node to us for the snapshot the chunks carry.
+    #[error("the raft message with the snapshot ({kind:?} from {from} to {to}, index {index} term {term}) does not match the link and the chunks")]
+    BadSnapshotMessage {
+        /// Its kind.
+        kind: MessageType,
+        /// Its sender.
+        from: u64,
+        /// Its receiver.
+        to: u64,
+        /// The snapshot index it names.
+        index: u64,
+        /// The snapshot term it names.
+        term: u64,
+    },
     /// The helper thread that verifies the file died.
     #[error("the snapshot verifier thread died")]
     VerifierDied,
@@ -130,6 +148,37 @@ fn file_error<'a>(
         path: path.to_path_buf(),
         op,
         source,
+    }
+}
+
+/// The MsgSnapshot on a snapshot link must be one, from the link's node to
+/// us, in a term, and describe the snapshot the chunks carry: raft installs
+/// what the message says, and the replica holds only what the file holds.
+fn check_snapshot_message(
+    message: &Message,
+    link: SnapshotLink,
+    index: u64,
+    term: u64,
+) -> Result<(), TransferError> {
+    let metadata = message.get_snapshot().get_metadata();
+    let well_formed = message.get_msg_type() == MessageType::MsgSnapshot
+        && message.from == link.peer
+        && message.to == link.me
+        && message.term != 0
+        && (metadata.index, metadata.term) == (index, term)
+        && index > 0
+        && term > 0
+        && term <= message.term;
+    if well_formed {
+        Ok(())
+    } else {
+        Err(TransferError::BadSnapshotMessage {
+            kind: message.get_msg_type(),
+            from: message.from,
+            to: message.to,
+            index: metadata.index,
+            term: metadata.term,
+        })
     }
 }
 
@@ -235,19 +284,32 @@ pub struct Incoming {
     pub message: Message,
 }
 
+/// Who is at either end of a snapshot link: the MsgSnapshot that comes
+/// with the file must be from the node that did the handshake, to us.
+#[derive(Clone, Copy, Debug)]
+pub struct SnapshotLink {
+    /// The shard.
+    pub shard: u32,
+    /// The node id the peer proved in its Hello.
+    pub peer: u64,
+    /// This node's id.
+    pub me: u64,
+}
+
 /// Receives one snapshot on an accepted SNAPSHOT link, answers the ack, and
 /// returns what to hand to the replica.
 pub async fn receive<R, W>(
     mut reader: FrameReader<R>,
     mut writer: W,
-    shard: u32,
+    link: SnapshotLink,
     dir: PathBuf,
 ) -> Result<Incoming, TransferError>
 where
     R: AsyncReadRent,
     W: AsyncWriteRent,
 {
-    let result = receive_file(&mut reader, shard, &dir).await;
+    let shard = link.shard;
+    let result = receive_file(&mut reader, link, &dir).await;
     let ack = match &result {
         Ok(incoming) => SnapshotAck {
             shard,
@@ -275,14 +337,67 @@ where
 
 async fn receive_file<R: AsyncReadRent>(
     reader: &mut FrameReader<R>,
-    shard: u32,
+    link: SnapshotLink,
     dir: &Path,
 ) -> Result<Incoming, TransferError> {
     std::fs::create_dir_all(dir).map_err(file_error(dir, "create directory"))?;
-    let tmp = dir.join(format!("receiving-{}.tmp", std::process::id()));
+    // Two transfers to one shard (a retry while the first still runs) must
+    // not write the same file.
+    let number = NEXT_TRANSFER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let tmp = dir.join(format!("receiving-{}-{number}.tmp", std::process::id()));
     let file = monoio::fs::File::create(&tmp)
         .await
         .map_err(file_error(&tmp, "create"))?;
+    let written = write_chunks(reader, link, &file, &tmp).await;
+    let _ = file.close().await;
+    let (index, term, message) = match written {
+        Ok(first) => first,
+        Err(e) => {
+            // A rare error path; unlinking one file is cheap enough here.
+            let _ = std::fs::remove_file(&tmp);
+            return Err(e);
+        }
+    };
+    // Checksum, decode and rename are blocking work: a helper thread does it.
+    let (tx, rx) = futures_channel::oneshot::channel();
+    let final_path = dir.join(snapshot::file_name(index, term));
+    std::thread::spawn(move || {
+        let result = snapshot::read(&tmp)
+            .map_err(TransferError::from)
+            .and_then(|(meta, map)| {
+                if (meta.index, meta.term) != (index, term) {
+                    return Err(TransferError::Mismatch {
+                        file_index: meta.index,
+                        file_term: meta.term,
+                        index,
+                        term,
+                    });
+                }
+                std::fs::rename(&tmp, &final_path).map_err(file_error(&tmp, "rename"))?;
+                snapshot::sync_dir(final_path.parent().expect("has a parent"))?;
+                Ok((meta, map))
+            });
+        if result.is_err() {
+            let _ = std::fs::remove_file(&tmp);
+        }
+        let _ = tx.send(result);
+    });
+    let (meta, map) = rx.await.map_err(|_| TransferError::VerifierDied)??;
+    Ok(Incoming {
+        snapshot: LoadedSnapshot { meta, map },
+        message,
+    })
+}
+
+/// Writes the chunks of one transfer to `file`; returns the snapshot's index
+/// and term and the MsgSnapshot that came with the first chunk.
+async fn write_chunks<R: AsyncReadRent>(
+    reader: &mut FrameReader<R>,
+    link: SnapshotLink,
+    file: &monoio::fs::File,
+    tmp: &Path,
+) -> Result<(u64, u64, Message), TransferError> {
+    let shard = link.shard;
     let mut expected_offset = 0u64;
     let mut first: Option<(u64, u64, Message)> = None;
     loop {
@@ -320,46 +435,17 @@ async fn receive_file<R: AsyncReadRent>(
         }
         if first.is_none() {
             let message = Message::parse_from_carllerche_bytes(&chunk.raft_message)?;
+            check_snapshot_message(&message, link, chunk.index, chunk.term)?;
             first = Some((chunk.index, chunk.term, message));
         }
         let len = chunk.data.len() as u64;
         let (written, _) = file.write_all_at(chunk.data, chunk.offset).await;
-        written.map_err(file_error(&tmp, "write"))?;
+        written.map_err(file_error(tmp, "write"))?;
         expected_offset += len;
         if chunk.last {
             break;
         }
     }
-    file.sync_all().await.map_err(file_error(&tmp, "fsync"))?;
-    let _ = file.close().await;
-    let (index, term, message) = first.expect("at least one chunk was read");
-    // Checksum, decode and rename are blocking work: a helper thread does it.
-    let (tx, rx) = futures_channel::oneshot::channel();
-    let final_path = dir.join(snapshot::file_name(index, term));
-    std::thread::spawn(move || {
-        let result = snapshot::read(&tmp)
-            .map_err(TransferError::from)
-            .and_then(|(meta, map)| {
-                if (meta.index, meta.term) != (index, term) {
-                    return Err(TransferError::Mismatch {
-                        file_index: meta.index,
-                        file_term: meta.term,
-                        index,
-                        term,
-                    });
-                }
-                std::fs::rename(&tmp, &final_path).map_err(file_error(&tmp, "rename"))?;
-                snapshot::sync_dir(final_path.parent().expect("has a parent"))?;
-                Ok((meta, map))
-            });
-        if result.is_err() {
-            let _ = std::fs::remove_file(&tmp);
-        }
-        let _ = tx.send(result);
-    });
-    let (meta, map) = rx.await.map_err(|_| TransferError::VerifierDied)??;
-    Ok(Incoming {
-        snapshot: LoadedSnapshot { meta, map },
-        message,
-    })
+    file.sync_all().await.map_err(file_error(tmp, "fsync"))?;
+    Ok(first.expect("at least one chunk was read"))
 }

@@ -21,6 +21,9 @@ use crate::snapshot::SnapshotMeta;
 use crate::state_machine::{self, Map, StateMachine};
 use crate::storage::RaftStorage;
 
+/// Verified snapshots kept while raft decides which one to install.
+const MAX_RECEIVED_SNAPSHOTS: usize = 2;
+
 /// Opaque handle the shell uses to route a reply back to whoever asked.
 pub type Token = u64;
 
@@ -151,6 +154,17 @@ pub enum ReplicaError {
         /// The index the newest usable snapshot covers (0 = none).
         covered: u64,
     },
+    /// raft asked to install a snapshot this replica does not hold (a bug:
+    /// only verified snapshots are stepped in).
+    #[error("shard {shard}: raft installs snapshot at index {index} term {term} that this replica never received")]
+    SnapshotNotReceived {
+        /// The shard.
+        shard: u32,
+        /// The snapshot's index.
+        index: u64,
+        /// The snapshot's term.
+        term: u64,
+    },
     /// raft-rs refused the recovered hard state, configuration or log.
     #[error("shard {shard}: raft cannot start from the recovered state: {source}")]
     RaftStart {
@@ -220,8 +234,9 @@ pub struct Replica<L: LogStore = Wal> {
     /// Applied since the last snapshot: entries and bytes.
     applied_since_snapshot: (u64, u64),
     snapshot_in_progress: bool,
-    /// A verified snapshot from the leader, waiting for raft to install it.
-    received_snapshot: Option<LoadedSnapshot>,
+    /// Verified snapshots from the leader, waiting for raft to install one
+    /// (newest last, at most `MAX_RECEIVED_SNAPSHOTS`).
+    received_snapshots: VecDeque<LoadedSnapshot>,
 }
 
 impl<L: LogStore> Replica<L> {
@@ -347,7 +362,7 @@ impl<L: LogStore> Replica<L> {
             leader_id: 0,
             applied_since_snapshot: (0, 0),
             snapshot_in_progress: false,
-            received_snapshot: None,
+            received_snapshots: VecDeque::new(),
         })
     }
 
@@ -678,9 +693,27 @@ impl<L: LogStore> Replica<L> {
     }
 
     /// Stashes a verified snapshot received from the leader; raft installs
-    /// it when it steps the MsgSnapshot that came with it.
+    /// it when it steps the MsgSnapshot that came with it. Two transfers may
+    /// finish in one turn, so the newest few are kept until raft picks one.
     pub fn receive_snapshot(&mut self, snapshot: LoadedSnapshot, message: Message) {
-        self.received_snapshot = Some(snapshot);
+        let metadata = message.get_snapshot().get_metadata();
+        if message.get_msg_type() != MessageType::MsgSnapshot
+            || (metadata.index, metadata.term) != (snapshot.meta.index, snapshot.meta.term)
+        {
+            tracing::warn!(
+                shard = self.options.shard,
+                index = snapshot.meta.index,
+                "snapshot dropped: its raft message describes another snapshot"
+            );
+            return;
+        }
+        let key = (snapshot.meta.index, snapshot.meta.term);
+        self.received_snapshots
+            .retain(|s| (s.meta.index, s.meta.term) != key);
+        self.received_snapshots.push_back(snapshot);
+        while self.received_snapshots.len() > MAX_RECEIVED_SNAPSHOTS {
+            self.received_snapshots.pop_front();
+        }
         self.step(message);
     }
 
@@ -689,17 +722,20 @@ impl<L: LogStore> Replica<L> {
         metadata: &raft::prelude::SnapshotMetadata,
         out: &mut Output<L::SyncJob>,
     ) -> Result<(), ReplicaError> {
-        let received = self
-            .received_snapshot
-            .take()
-            .filter(|r| r.meta.index == metadata.index && r.meta.term == metadata.term);
-        let Some(received) = received else {
-            // raft only installs what we stepped in with receive_snapshot.
-            panic!(
-                "raft installs snapshot at index {} term {} that this replica never received",
-                metadata.index, metadata.term
-            );
+        let position = self
+            .received_snapshots
+            .iter()
+            .position(|r| r.meta.index == metadata.index && r.meta.term == metadata.term);
+        // raft only installs what was stepped in with receive_snapshot.
+        let Some(received) = position.and_then(|p| self.received_snapshots.remove(p)) else {
+            return Err(ReplicaError::SnapshotNotReceived {
+                shard: self.options.shard,
+                index: metadata.index,
+                term: metadata.term,
+            });
         };
+        self.received_snapshots
+            .retain(|r| r.meta.index > metadata.index);
         let marker = SnapshotMarker {
             index: metadata.index,
             term: metadata.term,

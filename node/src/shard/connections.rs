@@ -4,18 +4,16 @@
 use std::net::SocketAddr;
 use std::rc::Rc;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use corekv_proto::client::{ErrorCode, Request, Response};
-use corekv_proto::peer::{peer_frame, Hello, LinkKind, PeerFrame};
+use corekv_proto::peer::{Hello, LinkKind, PeerFrame};
 use corekv_transport::{
     accept_peer, configure_stream, decode_message, encode_frame_bytes, spawn_writer, FrameError,
     FrameReader, FrameSender,
 };
 use monoio::io::Splitable;
 use monoio::net::TcpListener;
-use protobuf::Message as _;
-use raft::prelude::Message;
 
 use crate::data_dir;
 use crate::shared::{CrossCore, NodeShared};
@@ -23,6 +21,8 @@ use crate::snapshot_transfer;
 use crate::state_machine;
 
 use super::inputs::{ConnId, Input, Local};
+use super::peer_input::{inputs_of_frame, LinkEnds, Refusal};
+use crate::log_limit::LogLimit;
 
 /// Upper bound on bytes queued for one connection before sends fail.
 const MAX_CONN_QUEUE_BYTES: usize = 64 << 20;
@@ -166,7 +166,12 @@ async fn serve_peer(
     let peer = hello.node_id;
     if hello.kind == LinkKind::Snapshot as i32 {
         let dir = data_dir::snapshot_dir(&config.data_dir, shard);
-        match snapshot_transfer::receive(reader, write_half, shard, dir).await {
+        let link = snapshot_transfer::SnapshotLink {
+            shard,
+            peer,
+            me: config.node_id,
+        };
+        match snapshot_transfer::receive(reader, write_half, link, dir).await {
             Ok(incoming) => local
                 .inbox
                 .push(Input::SnapshotReceived(Box::new(incoming))),
@@ -175,6 +180,11 @@ async fn serve_peer(
         return;
     }
     tracing::info!(shard, peer, %remote, "peer connected");
+    let link = LinkEnds {
+        peer,
+        me: config.node_id,
+    };
+    let mut refused_log = LogLimit::default();
     loop {
         let frame = match reader.next_frame().await {
             Ok(Some(frame)) => frame,
@@ -191,31 +201,21 @@ async fn serve_peer(
                 break;
             }
         };
-        match frame.msg {
-            Some(peer_frame::Msg::Raft(batch)) => {
-                for bytes in batch.messages {
-                    match Message::parse_from_carllerche_bytes(&bytes) {
-                        Ok(message) => local.inbox.push(Input::Raft(Box::new(message))),
-                        Err(e) => {
-                            tracing::warn!(shard, peer, error = %e, "undecodable raft message dropped")
-                        }
-                    }
-                }
+        let refused = |refusal: Refusal| {
+            node.metrics
+                .peer_message_refused(shard, peer, refusal.as_str());
+            if let Some(suppressed) = refused_log.allow(Instant::now()) {
+                tracing::warn!(
+                    shard,
+                    peer,
+                    reason = refusal.as_str(),
+                    suppressed,
+                    "peer message refused"
+                );
             }
-            Some(peer_frame::Msg::Forward(forward)) => {
-                if let Some(request) = forward.request {
-                    local.inbox.push(Input::Forward {
-                        origin_node: forward.origin_node,
-                        request,
-                    });
-                }
-            }
-            Some(peer_frame::Msg::ForwardReply(reply)) => {
-                if let Some(response) = reply.response {
-                    local.inbox.push(Input::ForwardReply(response));
-                }
-            }
-            _ => tracing::debug!(shard, peer, "unexpected peer frame ignored"),
+        };
+        for input in inputs_of_frame(frame, link, refused) {
+            local.inbox.push(input);
         }
     }
     drop(write_half);

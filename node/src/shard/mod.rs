@@ -10,6 +10,7 @@ mod addr;
 mod connections;
 mod inputs;
 mod lifecycle;
+mod peer_input;
 mod routing;
 mod snapshots;
 
