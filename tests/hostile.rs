@@ -9,8 +9,9 @@ use std::net::TcpStream;
 use std::time::Duration;
 
 use bytes::Bytes;
-use common::{wait_for, Cluster, DEADLINE};
+use common::{wait_for, Cluster, RawClient, DEADLINE};
 use corekv::scrape;
+use corekv_proto::client::{request::Op, response, Consistency, ErrorCode, Get, Put, Request};
 use corekv_proto::peer::{peer_frame, Forward, Hello, LinkKind, PeerFrame, RaftBatch};
 use prost::Message as _;
 use protobuf::Message as _;
@@ -156,4 +157,195 @@ fn forged_messages_on_a_valid_peer_link_are_dropped_counted_and_logged_sparingly
         "{} refusals must make a few rate-limited log lines, not {lines}",
         6 * rounds
     );
+}
+
+fn get_request(id: u64, key: &str) -> Request {
+    Request {
+        id,
+        no_forward: false,
+        op: Some(Op::Get(Get {
+            key: Bytes::copy_from_slice(key.as_bytes()),
+            consistency: Consistency::Stale as i32,
+        })),
+    }
+}
+
+fn node_metric(cluster: &Cluster, name_and_labels: &str) -> Option<f64> {
+    let text = scrape::get(&cluster.nodes[0].admin_addr(), "/metrics").ok()?;
+    scrape::metric_value(&text, name_and_labels)
+}
+
+/// A client pipelines gets of a 512 KiB value and never reads the answers.
+/// The node cuts it off once its answers pass the queue bound, logs one
+/// line for it, frees the queue, and keeps serving another client.
+#[test]
+fn a_client_that_stops_reading_is_cut_off_once_and_others_are_served() {
+    let mut cluster = Cluster::configure(1, 1, "max_frame_bytes = 2097152\n");
+    cluster.node(1).start();
+    cluster.wait_for_leaders();
+    let value = Bytes::from(vec![b'v'; 512 * 1024]);
+    let mut other = RawClient::connect(cluster.nodes[0].client_port).unwrap();
+    let put = other
+        .call(Request {
+            id: 1,
+            no_forward: false,
+            op: Some(Op::Put(Put {
+                key: Bytes::from_static(b"big"),
+                value: value.clone(),
+            })),
+        })
+        .unwrap();
+    assert!(
+        matches!(put.result, Some(response::Result::Write(_))),
+        "{put:?}"
+    );
+
+    let mut greedy = RawClient::connect(cluster.nodes[0].client_port).unwrap();
+    greedy
+        .stream
+        .set_write_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    // Write until the node stops taking requests (back-pressure or the cut).
+    for id in 1..=5_000 {
+        if greedy.send(&get_request(id, "big")).is_err() {
+            break;
+        }
+    }
+    wait_for("the slow reader cut off", DEADLINE, || {
+        (node_metric(
+            &cluster,
+            "client_connections_closed_total{shard=\"0\",reason=\"slow_reader\"}",
+        ) == Some(1.0))
+        .then_some(())
+    });
+    match other.call(get_request(2, "big")).unwrap().result {
+        Some(response::Result::Get(g)) => assert_eq!(g.value, value),
+        result => panic!("another client must still be served: {result:?}"),
+    }
+    let lines = cluster.nodes[0]
+        .log()
+        .lines()
+        .filter(|l| l.contains("not reading its answers"))
+        .count();
+    assert_eq!(lines, 1, "one line for the connection");
+    // What was queued for it is gone: the connection ends for the client too.
+    greedy
+        .stream
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let mut sink = vec![0u8; 1 << 20];
+    loop {
+        match greedy.stream.read(&mut sink) {
+            Ok(0) | Err(_) => break,
+            Ok(_) => {}
+        }
+    }
+    wait_for("the connection counted closed", DEADLINE, || {
+        // Only `other` is left open.
+        (node_metric(&cluster, "client_connections{shard=\"0\"}") == Some(1.0)).then_some(())
+    });
+}
+
+/// Past max_client_connections a new connection gets one UNAVAILABLE answer
+/// naming the limit and is closed; when one closes, a new one is served.
+#[test]
+fn connections_past_the_limit_are_refused_with_a_clear_answer() {
+    let mut cluster = Cluster::configure(1, 1, "max_client_connections = 3\n");
+    cluster.node(1).start();
+    cluster.wait_for_leaders();
+    let port = cluster.nodes[0].client_port;
+    let mut held: Vec<RawClient> = (0..3)
+        .map(|i| {
+            let mut c = RawClient::connect(port).unwrap();
+            c.call(get_request(i, "k"))
+                .expect("a connection within the limit is served");
+            c
+        })
+        .collect();
+    let mut extra = RawClient::connect(port).unwrap();
+    let answer = extra.recv().expect("the refused connection is told why");
+    match answer.result {
+        Some(response::Result::Error(e)) => {
+            assert_eq!(e.code, ErrorCode::Unavailable as i32);
+            assert!(
+                e.message.contains("max_client_connections 3"),
+                "{}",
+                e.message
+            );
+        }
+        other => panic!("expected UNAVAILABLE, got {other:?}"),
+    }
+    assert!(extra.recv().is_err(), "the refused connection is closed");
+    assert_eq!(
+        node_metric(&cluster, "client_connections_rejected_total{shard=\"0\"}"),
+        Some(1.0)
+    );
+    held.pop();
+    wait_for("a slot given back", DEADLINE, || {
+        let mut c = RawClient::connect(port).ok()?;
+        c.call(get_request(9, "k")).ok()?.result?;
+        Some(())
+    });
+}
+
+/// A connection idle past client_idle_timeout_ms is closed; one that keeps
+/// talking is not.
+#[test]
+fn idle_connections_are_closed_after_the_idle_timeout() {
+    let mut cluster = Cluster::configure(1, 1, "client_idle_timeout_ms = 1000\n");
+    cluster.node(1).start();
+    cluster.wait_for_leaders();
+    let port = cluster.nodes[0].client_port;
+    let mut idle = RawClient::connect(port).unwrap();
+    idle.call(get_request(1, "k")).unwrap();
+    let mut busy = RawClient::connect(port).unwrap();
+    wait_for("the idle connection closed", DEADLINE, || {
+        busy.call(get_request(2, "k"))
+            .expect("a busy connection stays open");
+        (node_metric(
+            &cluster,
+            "client_connections_closed_total{shard=\"0\",reason=\"idle\"}",
+        ) == Some(1.0))
+        .then_some(())
+    });
+    assert!(idle.recv().is_err(), "the idle connection must be closed");
+    busy.call(get_request(3, "k"))
+        .expect("the busy connection is still served");
+}
+
+/// With at most 4 requests of a connection in flight, a client that
+/// pipelines 2,000 writes on one connection still gets every answer: the
+/// node stops reading instead of failing, and reads on as answers go out.
+#[test]
+fn back_pressure_on_in_flight_requests_loses_nothing() {
+    let mut cluster = Cluster::configure(1, 1, "max_requests_in_flight_per_connection = 4\n");
+    cluster.node(1).start();
+    cluster.wait_for_leaders();
+    let mut client = RawClient::connect(cluster.nodes[0].client_port).unwrap();
+    let total = 2_000u64;
+    let writer_stream = client.stream.try_clone().unwrap();
+    let writer = std::thread::spawn(move || {
+        let mut c = RawClient::from_stream(writer_stream);
+        for id in 1..=total {
+            c.send(&Request {
+                id,
+                no_forward: false,
+                op: Some(Op::Put(Put {
+                    key: Bytes::from(format!("k{id}")),
+                    value: Bytes::from_static(b"v"),
+                })),
+            })
+            .unwrap();
+        }
+    });
+    let mut answered = std::collections::BTreeSet::new();
+    while answered.len() < total as usize {
+        let response = client.recv().expect("every request is answered");
+        assert!(
+            matches!(response.result, Some(response::Result::Write(_))),
+            "{response:?}"
+        );
+        answered.insert(response.id);
+    }
+    writer.join().unwrap();
 }

@@ -41,6 +41,12 @@ struct RefusalLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ClosedLabels {
+    shard: u32,
+    reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RequestLabels {
     shard: u32,
     op: &'static str,
@@ -115,6 +121,22 @@ pub struct Metrics {
     reconnects: Family<PeerLabels, Counter>,
     frames_dropped: Family<PeerLabels, Counter>,
     peer_refused: Family<RefusalLabels, Counter>,
+    client_connections: Family<ShardLabel, Gauge>,
+    client_rejected: Family<ShardLabel, Counter>,
+    client_closed: Family<ClosedLabels, Counter>,
+}
+
+/// A shard's client connection metrics; the accept task holds a copy.
+#[derive(Clone)]
+pub struct ConnectionMetrics {
+    /// client_connections: open now.
+    pub open: Gauge,
+    /// client_connections_rejected_total: refused at max_client_connections.
+    pub rejected: Counter,
+    /// client_connections_closed_total{reason="slow_reader"}.
+    pub closed_slow_reader: Counter,
+    /// client_connections_closed_total{reason="idle"}.
+    pub closed_idle: Counter,
 }
 
 /// One shard's metric handles.
@@ -147,6 +169,8 @@ pub struct ShardMetrics {
     pub wal_bytes: Counter,
     /// wal_segments.
     pub wal_segments: Gauge,
+    /// Client connection counts.
+    pub connections: ConnectionMetrics,
     /// client_requests_total by [op][status] (indexes into OPS, STATUSES).
     requests: Vec<Vec<Counter>>,
     /// client_request_seconds by op.
@@ -180,6 +204,9 @@ impl Metrics {
             reconnects: Family::default(),
             frames_dropped: Family::default(),
             peer_refused: Family::default(),
+            client_connections: Family::default(),
+            client_rejected: Family::default(),
+            client_closed: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -278,6 +305,21 @@ impl Metrics {
             "Messages from a peer link dropped by a check (wrong sender or receiver, a kind that does not travel on the link, undecodable)",
             m.peer_refused.clone(),
         );
+        registry.register(
+            "client_connections",
+            "Client connections open",
+            m.client_connections.clone(),
+        );
+        registry.register(
+            "client_connections_rejected",
+            "Client connections refused because max_client_connections were open",
+            m.client_rejected.clone(),
+        );
+        registry.register(
+            "client_connections_closed",
+            "Client connections the node closed: slow_reader (answers piled up unread), idle (client_idle_timeout_ms)",
+            m.client_closed.clone(),
+        );
         Arc::new(Metrics { registry, ..m })
     }
 
@@ -312,6 +354,7 @@ impl Metrics {
             loop_turn: self.loop_turn.get_or_create(&l).clone(),
             wal_bytes: self.wal_bytes.get_or_create(&l).clone(),
             wal_segments: self.wal_segments.get_or_create(&l).clone(),
+            connections: self.connection_metrics(shard),
             requests: OPS
                 .iter()
                 .map(|op| {
@@ -335,6 +378,27 @@ impl Metrics {
                 .collect(),
             shard,
             metrics: self.clone(),
+        }
+    }
+
+    /// One statement per handle: `get_or_create` holds the family's read
+    /// lock until the end of the statement, and a second creation in the same
+    /// family within it would wait for that lock for ever.
+    fn connection_metrics(&self, shard: u32) -> ConnectionMetrics {
+        let l = ShardLabel { shard };
+        let closed = |reason| ClosedLabels { shard, reason };
+        let open = self.client_connections.get_or_create(&l).clone();
+        let rejected = self.client_rejected.get_or_create(&l).clone();
+        let closed_slow_reader = self
+            .client_closed
+            .get_or_create(&closed("slow_reader"))
+            .clone();
+        let closed_idle = self.client_closed.get_or_create(&closed("idle")).clone();
+        ConnectionMetrics {
+            open,
+            rejected,
+            closed_slow_reader,
+            closed_idle,
         }
     }
 

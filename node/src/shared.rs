@@ -3,6 +3,7 @@
 //! supervisor builds it; shards and the admin server read it.
 
 use std::path::PathBuf;
+use std::sync::atomic::AtomicUsize;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -45,6 +46,9 @@ pub struct NodeShared {
     pub(crate) cross: Vec<flume::Sender<CrossCore>>,
     /// The metrics registry (each shard holds its own handles).
     pub metrics: Arc<Metrics>,
+    /// Client connections open on every shard, against
+    /// `max_client_connections`.
+    pub client_connections: AtomicUsize,
 }
 
 impl NodeShared {

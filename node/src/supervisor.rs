@@ -2,6 +2,7 @@
 //! pinned thread per shard, and stops them all on SIGTERM/SIGINT or when one
 //! shard fails.
 
+use std::sync::atomic::AtomicUsize;
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 
@@ -41,6 +42,7 @@ pub fn run(config: Config) -> anyhow::Result<()> {
             .collect(),
         cross: senders,
         metrics: Metrics::new(),
+        client_connections: AtomicUsize::new(0),
         config,
     });
     crate::admin::start(node.clone())?;

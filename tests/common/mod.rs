@@ -386,6 +386,14 @@ impl RawClient {
         })
     }
 
+    /// Wraps an open stream (say, a clone for a writer thread).
+    pub fn from_stream(stream: TcpStream) -> RawClient {
+        RawClient {
+            stream,
+            buf: BytesMut::new(),
+        }
+    }
+
     /// Sends a request frame.
     pub fn send(&mut self, request: &Request) -> std::io::Result<()> {
         let body = request.encode_to_vec();

@@ -241,6 +241,14 @@ impl FrameSender {
         self.handle.queue.close();
     }
 
+    /// Stops at once: what is queued is discarded (its memory freed), a
+    /// write in flight is cancelled, and the writer task exits, releasing
+    /// its half of the socket. For a peer that does not read: waiting for it
+    /// to drain the queue would hold the memory for as long as it likes.
+    pub fn abort(&self) {
+        self.handle.queue.abort();
+    }
+
     pub(crate) fn queue(&self) -> &Rc<SendQueue> {
         &self.handle.queue
     }

@@ -264,3 +264,41 @@ fn a_burst_larger_than_the_socket_buffers_arrives_intact_and_in_order() {
         wait_for("the queue to drain", || sender.queued_bytes() == 0).await;
     });
 }
+
+/// A peer that never reads: its writer is stuck with a full socket and a
+/// full queue. `abort` frees the queue at once, cancels the stuck write and
+/// closes the connection, so the peer sees it end instead of the sender
+/// holding the memory for as long as the peer likes.
+#[test]
+fn abort_frees_a_stuck_queue_and_closes_the_connection() {
+    run(async {
+        let (listener, addr) = listen();
+        let mut client = TcpStream::connect_addr(addr).await.expect("connect");
+        let (stream, _) = listener.accept().await.expect("accept");
+        let (_read_half, write_half) = stream.into_split();
+        let sender = spawn_writer(write_half, 64 << 20);
+        // Far more than loopback socket buffers hold; the client reads nothing.
+        for seq in 0..20_000u32 {
+            let mut frame = BytesMut::new();
+            frame.put_u32(1020);
+            frame.extend_from_slice(&seq.to_be_bytes());
+            frame.extend_from_slice(&[0u8; 1016]);
+            sender.send(frame.freeze()).expect("queue");
+        }
+        wait_for("the socket to fill up", || sender.queued_bytes() > 1 << 20).await;
+        sender.abort();
+        assert_eq!(sender.queued_bytes(), 0, "abort must free what is queued");
+        assert!(sender.is_closed());
+        drop(_read_half);
+        // The client drains what the kernel held, then sees the end.
+        let mut buf = vec![0u8; 1 << 20];
+        loop {
+            let (result, back) = client.read(buf).await;
+            buf = back;
+            match result {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {}
+            }
+        }
+    });
+}

@@ -272,6 +272,30 @@ config_keys! {
         flag: usize, "BYTES", "Largest value [default: 1048576]",
         env: "COREKV_MAX_VALUE_BYTES",
     }
+    /// Client connections this node holds at once, over all its shards; a
+    /// connection past it gets one UNAVAILABLE answer and is closed, so a
+    /// burst of connections cannot exhaust file descriptors or memory.
+    /// Default 4096.
+    max_client_connections: usize {
+        default: 4096,
+        flag: usize, "N", "Client connections held at once, all shards [default: 4096]",
+        env: "COREKV_MAX_CLIENT_CONNECTIONS",
+    }
+    /// A client connection with no request in flight that sends nothing for
+    /// this many milliseconds is closed (0 = never). Default 300000 (5 min).
+    client_idle_timeout_ms: u64 {
+        default: 300_000,
+        flag: u64, "MS", "Close client connections idle this long, 0 = never [default: 300000]",
+        env: "COREKV_CLIENT_IDLE_TIMEOUT_MS",
+    }
+    /// Requests of one client connection served at once; past it the node
+    /// stops reading that connection until answers have gone out
+    /// (back-pressure). Default 1024.
+    max_requests_in_flight_per_connection: usize {
+        default: 1024,
+        flag: usize, "N", "Requests of one connection served at once [default: 1024]",
+        env: "COREKV_MAX_REQUESTS_IN_FLIGHT_PER_CONNECTION",
+    }
     /// A pending client request older than this many milliseconds is answered
     /// TIMEOUT, so no request is left hanging. Default 5000.
     request_timeout_ms: u64 {

@@ -129,6 +129,11 @@ impl Config {
         for (key, value) in [
             ("snapshot_entries", self.snapshot_entries),
             ("snapshot_bytes", self.snapshot_bytes),
+            ("max_client_connections", self.max_client_connections as u64),
+            (
+                "max_requests_in_flight_per_connection",
+                self.max_requests_in_flight_per_connection as u64,
+            ),
             ("max_key_bytes", self.max_key_bytes as u64),
             ("max_value_bytes", self.max_value_bytes as u64),
         ] {

@@ -3,6 +3,7 @@
 
 use std::net::SocketAddr;
 use std::rc::Rc;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -20,12 +21,14 @@ use crate::shared::{CrossCore, NodeShared};
 use crate::snapshot_transfer;
 use crate::state_machine;
 
+use super::client_conn::ClientConn;
 use super::inputs::{ConnId, Input, Local};
 use super::peer_input::{inputs_of_frame, LinkEnds, Refusal};
 use crate::log_limit::LogLimit;
+use crate::metrics::ConnectionMetrics;
 
-/// Upper bound on bytes queued for one connection before sends fail.
-const MAX_CONN_QUEUE_BYTES: usize = 64 << 20;
+/// Room in a client connection's answer queue beyond one largest frame.
+const MAX_CONN_QUEUE_EXTRA_BYTES: usize = 4 << 20;
 /// Pause after a failed accept before trying again.
 const ACCEPT_RETRY: Duration = Duration::from_millis(10);
 /// How long an inbound peer gets to send its Hello.
@@ -69,20 +72,76 @@ async fn next_connection(
     }
 }
 
-pub(super) async fn accept_clients(listener: TcpListener, local: Rc<Local>, node: Arc<NodeShared>) {
+/// Bytes of answers queued for one client connection: room for the largest
+/// frame plus what a full pipeline of ordinary answers takes. A client whose
+/// answers pass it is not reading them and is cut off.
+pub(super) fn conn_queue_bytes(max_frame_bytes: usize) -> usize {
+    max_frame_bytes.saturating_add(MAX_CONN_QUEUE_EXTRA_BYTES)
+}
+
+/// One of the node's `max_client_connections` slots, given back on drop.
+struct ConnectionSlot {
+    node: Arc<NodeShared>,
+}
+
+impl ConnectionSlot {
+    fn take(node: &Arc<NodeShared>) -> Option<ConnectionSlot> {
+        let max = node.config.max_client_connections;
+        let taken = node
+            .client_connections
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .is_ok();
+        taken.then(|| ConnectionSlot { node: node.clone() })
+    }
+}
+
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        self.node.client_connections.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+pub(super) async fn accept_clients(
+    listener: TcpListener,
+    local: Rc<Local>,
+    node: Arc<NodeShared>,
+    metrics: ConnectionMetrics,
+) {
+    let mut refused_log = LogLimit::default();
     loop {
         let (stream, remote) = next_connection(&listener, &local, &node).await;
+        let (read_half, write_half) = stream.into_split();
+        let max_frame_bytes = node.config.max_frame_bytes;
+        let sender = spawn_writer(write_half, conn_queue_bytes(max_frame_bytes));
+        let Some(slot) = ConnectionSlot::take(&node) else {
+            let max = node.config.max_client_connections;
+            metrics.rejected.inc();
+            if let Some(suppressed) = refused_log.allow(Instant::now()) {
+                tracing::warn!(shard = local.shard, %remote, max, suppressed, "client connection refused: max_client_connections reached");
+            }
+            let message = format!("too many client connections (max_client_connections {max}); try another node or later");
+            let response = Response {
+                id: 0,
+                result: Some(state_machine::error(ErrorCode::Unavailable, &message)),
+            };
+            let _ = sender.send(encode_frame_bytes(&response));
+            sender.close();
+            continue;
+        };
         let conn = local.next_conn.get();
         local.next_conn.set(conn + 1);
-        let (read_half, write_half) = stream.into_split();
-        let sender = spawn_writer(write_half, MAX_CONN_QUEUE_BYTES);
-        local.conns.borrow_mut().insert(conn, sender.clone());
+        let client = Rc::new(ClientConn::new(sender, Instant::now()));
+        local.conns.borrow_mut().insert(conn, client.clone());
+        metrics.open.inc();
         monoio::spawn(read_client(
-            FrameReader::new(read_half, node.config.max_frame_bytes),
+            FrameReader::new(read_half, max_frame_bytes),
             conn,
             remote,
-            sender,
+            client,
             local.clone(),
+            (slot, metrics.clone()),
         ));
     }
 }
@@ -91,29 +150,43 @@ async fn read_client<R: monoio::io::AsyncReadRent>(
     mut reader: FrameReader<R>,
     conn: ConnId,
     remote: SocketAddr,
-    sender: FrameSender,
+    client: Rc<ClientConn>,
     local: Rc<Local>,
+    (slot, metrics): (ConnectionSlot, ConnectionMetrics),
 ) {
-    loop {
-        let frame = match reader.next_frame().await {
-            Ok(Some(frame)) => frame,
-            Ok(None) => break,
-            Err(e) => {
-                refuse_client(&sender, &e);
+    let max_in_flight = slot.node.config.max_requests_in_flight_per_connection;
+    // Reading stops while the connection has its fill of requests in
+    // flight, and at once when it is cut off (the read in progress is
+    // dropped with the connection).
+    while client.room_to_read(max_in_flight).await {
+        let next = monoio::select! {
+            frame = reader.next_frame() => Some(frame),
+            _ = client.cut_off_signal() => None,
+        };
+        let frame = match next {
+            None | Some(Ok(None)) => break,
+            Some(Ok(Some(frame))) => frame,
+            Some(Err(e)) => {
+                refuse_client(client.sender(), &e);
                 tracing::info!(shard = local.shard, %remote, error = %e, "closing client connection");
                 break;
             }
         };
         match decode_message::<Request>(frame) {
-            Ok(request) => local.inbox.push(Input::Client { conn, request }),
+            Ok(request) => {
+                client.request_read(Instant::now());
+                local.inbox.push(Input::Client { conn, request });
+            }
             Err(e) => {
-                refuse_client(&sender, &e);
+                refuse_client(client.sender(), &e);
                 tracing::info!(shard = local.shard, %remote, error = %e, "closing client connection: undecodable request");
                 break;
             }
         }
     }
-    sender.close();
+    client.sender().close();
+    metrics.open.dec();
+    drop(slot);
     local.inbox.push(Input::ConnClosed(conn));
 }
 

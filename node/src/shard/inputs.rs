@@ -2,10 +2,11 @@
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
+use std::rc::Rc;
 use std::time::Instant;
 
 use corekv_proto::client::{Request, Response};
-use corekv_transport::{FrameSender, LinkEvent};
+use corekv_transport::LinkEvent;
 use corekv_wal::SyncOutcome;
 use raft::prelude::Message;
 
@@ -13,6 +14,8 @@ use crate::inbox::Inbox;
 use crate::metrics;
 use crate::shared::CrossCore;
 use crate::snapshot_transfer;
+
+use super::client_conn::ClientConn;
 
 /// Identifies a client connection within its shard.
 pub(super) type ConnId = u64;
@@ -81,6 +84,6 @@ pub(super) enum Input {
 pub(super) struct Local {
     pub(super) shard: u32,
     pub(super) inbox: Inbox<Input>,
-    pub(super) conns: RefCell<HashMap<ConnId, FrameSender>>,
+    pub(super) conns: RefCell<HashMap<ConnId, Rc<ClientConn>>>,
     pub(super) next_conn: Cell<ConnId>,
 }

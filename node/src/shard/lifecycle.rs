@@ -185,7 +185,13 @@ impl Shard {
             link.shutdown();
         }
         // Give the writer tasks the chance to deliver the last answers.
-        let conns: Vec<FrameSender> = self.local.conns.borrow().values().cloned().collect();
+        let conns: Vec<FrameSender> = self
+            .local
+            .conns
+            .borrow()
+            .values()
+            .map(|c| c.sender().clone())
+            .collect();
         for conn in &conns {
             conn.close();
         }

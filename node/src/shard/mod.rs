@@ -7,6 +7,7 @@
 //! peer per turn), replies to their connections, the sync to io_uring.
 
 mod addr;
+mod client_conn;
 mod connections;
 mod inputs;
 mod lifecycle;
@@ -31,6 +32,7 @@ use raft::prelude::Message;
 
 use crate::data_dir;
 use crate::inbox::Inbox;
+use crate::log_limit::LogLimit;
 use crate::metrics::ShardMetrics;
 use crate::replica::{LoadedSnapshot, Output, Replica, ReplicaOptions, Token};
 use crate::shared::{CrossCore, NodeShared};
@@ -75,6 +77,10 @@ struct Shard {
     next_balance_tick: u64,
     /// Peers a snapshot is being sent to right now.
     snapshots_sending: std::collections::HashSet<u64>,
+    /// Ticks in a second: how often idle connections are looked for.
+    ticks_per_second: u64,
+    /// "client is not reading" lines, at most one per interval.
+    slow_reader_log: RefCell<LogLimit>,
 }
 
 /// Upper bound on the entries one append message carries (raft-rs
@@ -160,7 +166,13 @@ pub async fn run(
     };
     tracing::info!(shard, %client_addr, %peer_addr, driver, "shard listening");
 
-    monoio::spawn(accept_clients(client_listener, local.clone(), node.clone()));
+    let node_metrics = node.metrics.shard(shard);
+    monoio::spawn(accept_clients(
+        client_listener,
+        local.clone(),
+        node.clone(),
+        node_metrics.connections.clone(),
+    ));
     monoio::spawn(accept_peers(peer_listener, local.clone(), node.clone()));
     monoio::spawn(tick(local.clone(), Duration::from_millis(tick_ms)));
     monoio::spawn(receive_cross_core(local.clone(), cross_rx));
@@ -196,7 +208,6 @@ pub async fn run(
         links.insert(peer.id, PeerLink::start(link_config, on_event));
     }
 
-    let node_metrics = node.metrics.shard(shard);
     let mut shard_loop = Shard {
         local,
         node,
@@ -218,6 +229,8 @@ pub async fn run(
         snapshots_sending: Default::default(),
         stopping: None,
         next_balance_tick: 0,
+        ticks_per_second: (1000 / tick_ms).max(1),
+        slow_reader_log: RefCell::new(LogLimit::default()),
     };
     shard_loop.run().await
 }
@@ -265,6 +278,9 @@ impl Shard {
                 self.replica.tick(out);
                 self.expire_forwards();
                 self.maybe_balance_leadership();
+                if self.ticks % self.ticks_per_second == 0 {
+                    self.close_idle_connections();
+                }
             }
             Input::Raft(message) => self.replica.step(*message),
             Input::Client { conn, request } => {

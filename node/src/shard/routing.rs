@@ -1,6 +1,8 @@
 //! Requests: size checks, which shard owns a key, hand-over to another
 //! shard of this node, forwarding to the leader, and delivering answers.
 
+use std::time::{Duration, Instant};
+
 use bytes::Bytes;
 use corekv_proto::client::{
     request::Op, response, Consistency, ErrorCode, NodeInfo, Request, Response, TopologyResult,
@@ -13,6 +15,7 @@ use crate::replica::{NotLeader, Output, Token};
 use crate::shared::CrossCore;
 use crate::state_machine;
 
+use super::client_conn::CutReason;
 use super::inputs::{ConnId, Dest, Route};
 use super::Shard;
 
@@ -337,30 +340,70 @@ impl Shard {
                         result: Some(result),
                     },
                 };
-                if self.node.cross[shard as usize].try_send(reply).is_err() {
-                    tracing::warn!(
-                        shard = self.local.shard,
-                        to_shard = shard,
-                        "cross-core queue full, reply dropped"
-                    );
+                // A full queue means the other shard is busy: wait for room
+                // in a task rather than drop the answer. Such tasks are
+                // bounded by the requests in flight on the other shard's
+                // connections.
+                if let Err(flume::TrySendError::Full(reply)) =
+                    self.node.cross[shard as usize].try_send(reply)
+                {
+                    let to = self.node.cross[shard as usize].clone();
+                    monoio::spawn(async move {
+                        let _ = to.send_async(reply).await;
+                    });
                 }
             }
         }
     }
 
     pub(super) fn send_to_conn(&self, conn: ConnId, response: &Response) {
-        let conns = self.local.conns.borrow();
-        if let Some(sender) = conns.get(&conn) {
-            if sender.send(encode_frame_bytes(response)).is_err() {
-                // A client that does not read its answers loses its connection
-                // instead of growing our memory.
+        let Some(client) = self.local.conns.borrow().get(&conn).cloned() else {
+            return;
+        };
+        let Err(queued_bytes) = client.answer(encode_frame_bytes(response), Instant::now()) else {
+            return;
+        };
+        // A client that does not read its answers loses its connection
+        // instead of growing our memory, and costs one line at most.
+        if client.cut_off(CutReason::SlowReader) {
+            self.metrics.connections.closed_slow_reader.inc();
+            if let Some(suppressed) = self.slow_reader_log.borrow_mut().allow(Instant::now()) {
                 tracing::warn!(
                     shard = self.local.shard,
                     conn,
-                    "client send queue full, closing connection"
+                    queued_bytes,
+                    in_flight = client.in_flight(),
+                    suppressed,
+                    "client is not reading its answers; connection closed"
                 );
-                sender.close();
             }
+        }
+    }
+
+    /// Closes client connections that have had nothing in flight and sent
+    /// nothing for `client_idle_timeout_ms`.
+    pub(super) fn close_idle_connections(&mut self) {
+        let timeout = self.node.config.client_idle_timeout_ms;
+        if timeout == 0 {
+            return;
+        }
+        let now = Instant::now();
+        let timeout = Duration::from_millis(timeout);
+        let idle: Vec<_> = self
+            .local
+            .conns
+            .borrow()
+            .values()
+            .filter(|c| c.idle_for(timeout, now))
+            .cloned()
+            .collect();
+        for client in idle {
+            if client.cut_off(CutReason::Idle) {
+                self.metrics.connections.closed_idle.inc();
+            }
+        }
+        if !self.local.conns.borrow().is_empty() {
+            tracing::trace!(shard = self.local.shard, "idle connection sweep done");
         }
     }
 
