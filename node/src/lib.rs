@@ -12,6 +12,7 @@ pub mod admin;
 pub mod command;
 pub mod config;
 pub mod data_dir;
+mod helper;
 mod inbox;
 mod log_limit;
 pub mod log_store;

@@ -22,6 +22,7 @@ use monoio::io::{AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt};
 use protobuf::Message as _;
 use raft::prelude::{Message, MessageType};
 
+use crate::helper::{Busy, Helper};
 use crate::replica::LoadedSnapshot;
 use crate::snapshot::{self, SnapshotError, SnapshotMeta};
 
@@ -132,6 +133,9 @@ pub enum TransferError {
         /// The snapshot term it names.
         term: u64,
     },
+    /// The shard's helper thread had no room to verify the file.
+    #[error(transparent)]
+    HelperBusy(#[from] Busy),
     /// The helper thread that verifies the file died.
     #[error("the snapshot verifier thread died")]
     VerifierDied,
@@ -303,13 +307,14 @@ pub async fn receive<R, W>(
     mut writer: W,
     link: SnapshotLink,
     dir: PathBuf,
+    helper: &Helper,
 ) -> Result<Incoming, TransferError>
 where
     R: AsyncReadRent,
     W: AsyncWriteRent,
 {
     let shard = link.shard;
-    let result = receive_file(&mut reader, link, &dir).await;
+    let result = receive_file(&mut reader, link, &dir, helper).await;
     let ack = match &result {
         Ok(incoming) => SnapshotAck {
             shard,
@@ -339,6 +344,7 @@ async fn receive_file<R: AsyncReadRent>(
     reader: &mut FrameReader<R>,
     link: SnapshotLink,
     dir: &Path,
+    helper: &Helper,
 ) -> Result<Incoming, TransferError> {
     std::fs::create_dir_all(dir).map_err(file_error(dir, "create directory"))?;
     // Two transfers to one shard (a retry while the first still runs) must
@@ -361,7 +367,8 @@ async fn receive_file<R: AsyncReadRent>(
     // Checksum, decode and rename are blocking work: a helper thread does it.
     let (tx, rx) = futures_channel::oneshot::channel();
     let final_path = dir.join(snapshot::file_name(index, term));
-    std::thread::spawn(move || {
+    let cleanup = tmp.clone();
+    let submitted = helper.submit(move || {
         let result = snapshot::read(&tmp)
             .map_err(TransferError::from)
             .and_then(|(meta, map)| {
@@ -382,6 +389,11 @@ async fn receive_file<R: AsyncReadRent>(
         }
         let _ = tx.send(result);
     });
+    if let Err(busy) = submitted {
+        // A rare error path; unlinking one file is cheap enough here.
+        let _ = std::fs::remove_file(&cleanup);
+        return Err(busy.into());
+    }
     let (meta, map) = rx.await.map_err(|_| TransferError::VerifierDied)??;
     Ok(Incoming {
         snapshot: LoadedSnapshot { meta, map },

@@ -244,7 +244,7 @@ async fn serve_peer(
             peer,
             me: config.node_id,
         };
-        match snapshot_transfer::receive(reader, write_half, link, dir).await {
+        match snapshot_transfer::receive(reader, write_half, link, dir, &local.helper).await {
             Ok(incoming) => local
                 .inbox
                 .push(Input::SnapshotReceived(Box::new(incoming))),

@@ -10,6 +10,7 @@ use corekv_transport::LinkEvent;
 use corekv_wal::SyncOutcome;
 use raft::prelude::Message;
 
+use crate::helper::Helper;
 use crate::inbox::Inbox;
 use crate::metrics;
 use crate::shared::CrossCore;
@@ -86,4 +87,6 @@ pub(super) struct Local {
     pub(super) inbox: Inbox<Input>,
     pub(super) conns: RefCell<HashMap<ConnId, Rc<ClientConn>>>,
     pub(super) next_conn: Cell<ConnId>,
+    /// The shard's helper thread, for blocking work.
+    pub(super) helper: Helper,
 }

@@ -31,6 +31,7 @@ use protobuf::Message as _;
 use raft::prelude::Message;
 
 use crate::data_dir;
+use crate::helper::Helper;
 use crate::inbox::Inbox;
 use crate::log_limit::LogLimit;
 use crate::metrics::ShardMetrics;
@@ -77,6 +78,11 @@ struct Shard {
     next_balance_tick: u64,
     /// Peers a snapshot is being sent to right now.
     snapshots_sending: std::collections::HashSet<u64>,
+    /// Each peer's address for this shard, resolved at start-up (never on
+    /// the loop: a DNS lookup blocks).
+    peer_addrs: HashMap<u64, std::net::SocketAddr>,
+    /// WAL segments to delete once the helper has room for the job.
+    obsolete_segments: Vec<std::path::PathBuf>,
     /// Ticks in a second: how often idle connections are looked for.
     ticks_per_second: u64,
     /// "client is not reading" lines, at most one per interval.
@@ -139,11 +145,14 @@ pub async fn run(
         },
         loaded,
     )?;
+    let helper = Helper::start(shard)
+        .map_err(|e| anyhow::anyhow!("shard {shard}: cannot start its helper thread: {e}"))?;
     let local = Rc::new(Local {
         shard,
         inbox: Inbox::default(),
         conns: RefCell::new(HashMap::new()),
         next_conn: Cell::new(1),
+        helper,
     });
 
     let client_addr = resolve(&config.listen_host, config.client_port, shard)?;
@@ -178,8 +187,10 @@ pub async fn run(
     monoio::spawn(receive_cross_core(local.clone(), cross_rx));
 
     let mut links = HashMap::new();
+    let mut peer_addrs = HashMap::new();
     for peer in config.peers.iter().filter(|p| p.id != config.node_id) {
         let addr = resolve(&peer.host, peer.peer_port, shard)?;
+        peer_addrs.insert(peer.id, addr);
         let hello = Hello {
             cluster_id: config.cluster_id,
             node_id: config.node_id,
@@ -229,6 +240,8 @@ pub async fn run(
         snapshots_sending: Default::default(),
         stopping: None,
         next_balance_tick: 0,
+        peer_addrs,
+        obsolete_segments: Vec::new(),
         ticks_per_second: (1000 / tick_ms).max(1),
         slow_reader_log: RefCell::new(LogLimit::default()),
     };

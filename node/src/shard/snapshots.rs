@@ -9,7 +9,6 @@ use crate::shared::CrossCore;
 use crate::snapshot::{self, SnapshotError, SnapshotMeta};
 use crate::snapshot_transfer;
 
-use super::addr::resolve;
 use super::inputs::Input;
 use super::Shard;
 
@@ -20,17 +19,17 @@ impl Shard {
         let path = self
             .snap_dir
             .join(snapshot::file_name(metadata.index, metadata.term));
-        let peer = self.node.config.peer(to).cloned();
-        let (Some(peer), false) = (peer, self.snapshots_sending.contains(&to)) else {
+        if self.snapshots_sending.contains(&to) {
             return;
-        };
-        let addr = match resolve(&peer.host, peer.peer_port, self.local.shard) {
-            Ok(addr) => addr,
-            Err(e) => {
-                tracing::warn!(shard = self.local.shard, peer = to, error = %e, "cannot send snapshot");
-                self.replica.report_snapshot(to, false);
-                return;
-            }
+        }
+        let Some(addr) = self.peer_addrs.get(&to).copied() else {
+            tracing::warn!(
+                shard = self.local.shard,
+                peer = to,
+                "cannot send snapshot: no address for the peer"
+            );
+            self.replica.report_snapshot(to, false);
+            return;
         };
         let meta = SnapshotMeta {
             shard: self.local.shard,
@@ -70,28 +69,27 @@ impl Shard {
     }
 
     /// Hands blocking snapshot work (writing one, deleting what it made
-    /// obsolete) to helper threads.
+    /// obsolete) to the shard's helper thread.
     pub(super) fn handle_snapshot_outputs(&mut self, out: &mut Output) {
         if let Some((meta, map)) = out.snapshot_to_write.take() {
             let dir = self.snap_dir.clone();
-            let dir_for_error = dir.clone();
             let reply = self.node.cross[self.local.shard as usize].clone();
-            let shard = self.local.shard;
-            let spawned = std::thread::Builder::new()
-                .name(format!("corekv-snap-{shard}"))
-                .spawn(move || {
-                    let result = snapshot::write(&dir, &meta, &map).map(|path| (meta, path));
-                    // Dropping the map here, off the shard thread, frees what
-                    // the shard no longer shares.
-                    drop(map);
-                    let _ = reply.send(CrossCore::SnapshotWritten(result));
-                });
-            if let Err(e) = spawned {
+            let submitted = self.local.helper.submit(move || {
+                let result = snapshot::write(&dir, &meta, &map).map(|path| (meta, path));
+                // Dropping the map here, off the shard thread, frees what
+                // the shard no longer shares.
+                drop(map);
+                let _ = reply.send(CrossCore::SnapshotWritten(result));
+            });
+            if submitted.is_err() {
+                // Dropping the job drops the map's view with it; the next
+                // threshold tries again.
                 let error = SnapshotError::Io {
-                    path: dir_for_error,
-                    op: "start the writer thread",
-                    source: e,
+                    path: self.snap_dir.clone(),
+                    op: "queue the write",
+                    source: std::io::Error::other("the shard's helper thread is busy"),
                 };
+                // An Err outcome only logs and clears the in-progress mark.
                 let _ = self.replica.on_snapshot_written(Err(error));
             }
         }
@@ -103,20 +101,25 @@ impl Shard {
                 "snapshot applied"
             );
         }
-        let obsolete = self.replica.take_obsolete_segments();
-        if !obsolete.is_empty() {
+        self.obsolete_segments
+            .extend(self.replica.take_obsolete_segments());
+        if !self.obsolete_segments.is_empty() {
+            let obsolete = std::mem::take(&mut self.obsolete_segments);
+            let kept = obsolete.clone();
             let dir = self.snap_dir.clone();
             let shard = self.local.shard;
-            let _ = std::thread::Builder::new()
-                .name(format!("corekv-compact-{shard}"))
-                .spawn(move || {
-                    let count = obsolete.len();
-                    match corekv_wal::remove_segments(obsolete) {
-                        Ok(()) => tracing::info!(shard, segments = count, "WAL compacted"),
-                        Err(e) => tracing::warn!(shard, error = %e, "cannot delete WAL segments"),
-                    }
-                    snapshot::prune(&dir);
-                });
+            let submitted = self.local.helper.submit(move || {
+                let count = obsolete.len();
+                match corekv_wal::remove_segments(obsolete) {
+                    Ok(()) => tracing::info!(shard, segments = count, "WAL compacted"),
+                    Err(e) => tracing::warn!(shard, error = %e, "cannot delete WAL segments"),
+                }
+                snapshot::prune(&dir);
+            });
+            if submitted.is_err() {
+                // Deleted at a later turn, when the helper has room.
+                self.obsolete_segments = kept;
+            }
         }
     }
 }
