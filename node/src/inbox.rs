@@ -3,33 +3,67 @@
 //! Every task of a shard (connections, timers, the sync task, the
 //! cross-core receiver) pushes into it; the loop takes everything that is
 //! there in one go and handles it as one batch. Single-threaded: no locks.
+//!
+//! Bounded for what comes from outside: tasks that read the network (client
+//! and peer connections, the cross-core queue) wait for [`Inbox::room`]
+//! before they read more, so a flood of input stays in socket buffers and
+//! queues that have their own bounds. The shard's own events (ticks, sync
+//! completions, link state) are never refused: they are few, and dropping
+//! one would stall the shard.
 
 use std::cell::{Cell, RefCell};
 use std::future::poll_fn;
 use std::task::{Poll, Waker};
 
+/// Inputs the loop takes in before network readers wait for it.
+pub const MAX_INBOX_INPUTS: usize = 16 * 1024;
+
 /// A queue of inputs with one waiting consumer.
 pub struct Inbox<T> {
     items: RefCell<Vec<T>>,
     waker: Cell<Option<Waker>>,
+    /// Readers waiting for room.
+    room_waiters: RefCell<Vec<Waker>>,
+    capacity: usize,
 }
 
 impl<T> Default for Inbox<T> {
     fn default() -> Self {
-        Self {
-            items: RefCell::new(Vec::new()),
-            waker: Cell::new(None),
-        }
+        Self::with_capacity(MAX_INBOX_INPUTS)
     }
 }
 
 impl<T> Inbox<T> {
-    /// Adds an input and wakes the loop if it is waiting.
+    /// An inbox whose readers wait once `capacity` inputs are queued.
+    pub fn with_capacity(capacity: usize) -> Self {
+        Self {
+            items: RefCell::new(Vec::new()),
+            waker: Cell::new(None),
+            room_waiters: RefCell::new(Vec::new()),
+            capacity,
+        }
+    }
+
+    /// Adds an input and wakes the loop if it is waiting. Never refuses:
+    /// readers of the network bound themselves with [`Inbox::room`].
     pub fn push(&self, item: T) {
         self.items.borrow_mut().push(item);
         if let Some(waker) = self.waker.take() {
             waker.wake();
         }
+    }
+
+    /// Waits until fewer than the capacity of inputs are queued.
+    pub async fn room(&self) {
+        poll_fn(|cx| {
+            if self.items.borrow().len() < self.capacity {
+                Poll::Ready(())
+            } else {
+                self.room_waiters.borrow_mut().push(cx.waker().clone());
+                Poll::Pending
+            }
+        })
+        .await
     }
 
     /// Waits until at least one input is queued, then moves all of them into
@@ -42,9 +76,49 @@ impl<T> Inbox<T> {
                 Poll::Pending
             } else {
                 std::mem::swap(&mut *items, batch);
+                drop(items);
+                for waker in self.room_waiters.borrow_mut().drain(..) {
+                    waker.wake();
+                }
                 Poll::Ready(())
             }
         })
         .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn readers_wait_for_room_and_the_drain_lets_them_go_on() {
+        monoio::RuntimeBuilder::<monoio::FusionDriver>::new()
+            .build()
+            .unwrap()
+            .block_on(async {
+                let inbox = std::rc::Rc::new(Inbox::with_capacity(2));
+                let reader = {
+                    let inbox = inbox.clone();
+                    monoio::spawn(async move {
+                        for i in 0..5 {
+                            inbox.room().await;
+                            inbox.push(i);
+                        }
+                    })
+                };
+                let mut seen = Vec::new();
+                let mut batch = Vec::new();
+                while seen.len() < 5 {
+                    inbox.drain_into(&mut batch).await;
+                    assert!(
+                        batch.len() <= 2,
+                        "the reader ran past the capacity: {batch:?}"
+                    );
+                    seen.append(&mut batch);
+                }
+                reader.await;
+                assert_eq!(seen, vec![0, 1, 2, 3, 4]);
+            });
     }
 }

@@ -43,7 +43,11 @@ pub(super) async fn tick(local: Rc<Local>, every: Duration) {
 }
 
 pub(super) async fn receive_cross_core(local: Rc<Local>, rx: flume::Receiver<CrossCore>) {
-    while let Ok(message) = rx.recv_async().await {
+    loop {
+        local.inbox.room().await;
+        let Ok(message) = rx.recv_async().await else {
+            break;
+        };
         local.inbox.push(Input::CrossCore(message));
     }
 }
@@ -159,6 +163,7 @@ async fn read_client<R: monoio::io::AsyncReadRent>(
     // flight, and at once when it is cut off (the read in progress is
     // dropped with the connection).
     while client.room_to_read(max_in_flight).await {
+        local.inbox.room().await;
         let next = monoio::select! {
             frame = reader.next_frame() => Some(frame),
             _ = client.cut_off_signal() => None,
@@ -259,6 +264,7 @@ async fn serve_peer(
     };
     let mut refused_log = LogLimit::default();
     loop {
+        local.inbox.room().await;
         let frame = match reader.next_frame().await {
             Ok(Some(frame)) => frame,
             Ok(None) => break,

@@ -44,8 +44,13 @@ use addr::resolve;
 use connections::{accept_clients, accept_peers, receive_cross_core, tick};
 use inputs::{Dest, Input, Local, Route};
 
-/// Upper bound on bytes queued for one peer link.
-const MAX_LINK_QUEUE_BYTES: usize = 256 << 20;
+/// Bytes queued for one peer link: room for two of the largest frames (a
+/// forwarded request and an append) plus a burst of ordinary traffic. Past
+/// it raft frames are dropped (raft sends them again) and forwards are
+/// answered UNAVAILABLE.
+fn link_queue_bytes(max_frame_bytes: usize) -> usize {
+    max_frame_bytes.saturating_mul(2).saturating_add(32 << 20)
+}
 
 /// The loop's state: the replica and everything the shell keeps around it.
 struct Shard {
@@ -203,7 +208,7 @@ pub async fn run(
             addr,
             hello,
             socket: node.socket_options(),
-            max_queue_bytes: MAX_LINK_QUEUE_BYTES,
+            max_queue_bytes: link_queue_bytes(config.max_frame_bytes),
             max_frame_bytes: config.max_frame_bytes,
             backoff_initial: Duration::from_millis(10),
             backoff_max: Duration::from_secs(1),
