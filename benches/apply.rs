@@ -11,6 +11,7 @@
 
 use bytes::Bytes;
 use corekv_node::command;
+use corekv_node::sessions::SessionTag;
 use corekv_node::state_machine::StateMachine;
 use corekv_proto::client::{request::Op, Put};
 use criterion::{black_box, criterion_group, criterion_main, Criterion};
@@ -29,10 +30,13 @@ fn scatter(i: u64) -> u64 {
 }
 
 fn put_entry(i: u64) -> Bytes {
-    command::encode(&Op::Put(Put {
-        key: key(i),
-        value: Bytes::from(vec![0xA5; 256]),
-    }))
+    command::encode(
+        &Op::Put(Put {
+            key: key(i),
+            value: Bytes::from(vec![0xA5; 256]),
+        }),
+        SessionTag::default(),
+    )
     .expect("a put is a write")
 }
 

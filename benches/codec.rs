@@ -21,6 +21,7 @@ fn put(value_len: usize) -> Request {
             key: Bytes::from_static(b"user:0000000042"),
             value: Bytes::from(vec![0xA5; value_len]),
         })),
+        ..Default::default()
     }
 }
 

@@ -18,6 +18,7 @@ fn put_request(id: u64, key: &str, value: &str, no_forward: bool) -> Request {
             key: Bytes::copy_from_slice(key.as_bytes()),
             value: Bytes::copy_from_slice(value.as_bytes()),
         })),
+        ..Default::default()
     }
 }
 
@@ -29,6 +30,7 @@ fn get_request(id: u64, key: &str, consistency: Consistency) -> Request {
             key: Bytes::copy_from_slice(key.as_bytes()),
             consistency: consistency as i32,
         })),
+        ..Default::default()
     }
 }
 

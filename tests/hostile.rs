@@ -167,6 +167,7 @@ fn get_request(id: u64, key: &str) -> Request {
             key: Bytes::copy_from_slice(key.as_bytes()),
             consistency: Consistency::Stale as i32,
         })),
+        ..Default::default()
     }
 }
 
@@ -193,6 +194,7 @@ fn a_client_that_stops_reading_is_cut_off_once_and_others_are_served() {
                 key: Bytes::from_static(b"big"),
                 value: value.clone(),
             })),
+            ..Default::default()
         })
         .unwrap();
     assert!(
@@ -334,6 +336,7 @@ fn back_pressure_on_in_flight_requests_loses_nothing() {
                     key: Bytes::from(format!("k{id}")),
                     value: Bytes::from_static(b"v"),
                 })),
+                ..Default::default()
             })
             .unwrap();
         }

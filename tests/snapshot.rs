@@ -23,6 +23,7 @@ fn write_many(port: u16, from: u64, count: u64) {
                     key: Bytes::from(format!("key{i}")),
                     value: value.clone(),
                 })),
+                ..Default::default()
             })
             .unwrap();
         }
@@ -46,6 +47,7 @@ fn stale_get(port: u16, key: &str) -> Option<usize> {
                 key: Bytes::from(key.to_string()),
                 consistency: Consistency::Stale as i32,
             })),
+            ..Default::default()
         })
         .ok()?;
     match response.result {

@@ -47,8 +47,9 @@
 //!         println!("{:?} = {:?}", pair.key, pair.value);
 //!     }
 //!
-//!     // A write that timed out may or may not have been applied: read to find out.
-//!     if let Err(e @ ClientError::Timeout { .. }) = client.delete(Bytes::from("user/1"), None).await {
+//!     // Writes are exactly-once: retries inside the deadline never apply twice.
+//!     // One whose outcome is not known by the deadline may have applied: read to find out.
+//!     if let Err(e @ ClientError::OutcomeUnknown { .. }) = client.delete(Bytes::from("user/1"), None).await {
 //!         eprintln!("unknown outcome: {e}");
 //!     }
 //!     Ok::<(), ClientError>(())
@@ -101,6 +102,10 @@ pub struct ClientOptions {
     pub socket: SocketOptions,
     /// Largest response frame accepted.
     pub max_frame_bytes: usize,
+    /// Exactly-once writes: open a session on each shard written to and
+    /// number the writes, so a retried write is never applied twice.
+    /// Costs one Raft write per shard at the first write there.
+    pub exactly_once: bool,
 }
 
 impl Default for ClientOptions {
@@ -110,6 +115,7 @@ impl Default for ClientOptions {
             request_timeout: Duration::from_secs(10),
             socket: SocketOptions::default(),
             max_frame_bytes: DEFAULT_MAX_FRAME_BYTES,
+            exactly_once: true,
         }
     }
 }
@@ -139,6 +145,17 @@ pub enum ClientError {
     /// No endpoint could be reached for the topology.
     #[error("no endpoint reachable: {0}")]
     NoEndpoint(String),
+    /// A write's deadline passed, or its session was lost, before its
+    /// outcome was known: it may or may not have been applied (once at
+    /// most: retries within the deadline never apply it twice). Read the
+    /// key to find out.
+    #[error("OUTCOME_UNKNOWN after {elapsed:?}: {last}")]
+    OutcomeUnknown {
+        /// Time spent.
+        elapsed: Duration,
+        /// What the last attempt saw.
+        last: String,
+    },
 }
 
 impl ClientError {
@@ -174,6 +191,24 @@ struct Inner {
     addrs: RefCell<HashMap<(u64, u32), SocketAddr>>,
     next_id: Cell<u64>,
     round_robin: Cell<usize>,
+    /// This client's exactly-once session on each shard it wrote to.
+    sessions: RefCell<HashMap<u32, ShardSession>>,
+}
+
+/// A session on one shard: its id, the next write's number, and the numbers
+/// of writes whose answer has not arrived.
+struct ShardSession {
+    id: u64,
+    next_sequence: u64,
+    unanswered: std::collections::BTreeSet<u64>,
+}
+
+/// The session fields of one request (all 0 = no session).
+#[derive(Clone, Copy, Debug, Default)]
+struct WriteTag {
+    session_id: u64,
+    sequence: u64,
+    acked_below: u64,
 }
 
 /// What a retry loop should do after one attempt.
@@ -193,6 +228,7 @@ impl Client {
                 addrs: RefCell::new(HashMap::new()),
                 next_id: Cell::new(1),
                 round_robin: Cell::new(0),
+                sessions: RefCell::new(HashMap::new()),
             }),
         };
         client.refresh_topology().await?;
@@ -219,7 +255,10 @@ impl Client {
                     continue;
                 }
             };
-            match self.call_at(addr, Op::Topology(Topology {}), false).await {
+            match self
+                .call_at(addr, Op::Topology(Topology {}), false, WriteTag::default())
+                .await
+            {
                 Ok(response::Result::Topology(topology)) => {
                     *self.inner.topology.borrow_mut() = topology.clone();
                     self.inner.addrs.borrow_mut().clear();
@@ -234,7 +273,7 @@ impl Client {
 
     /// Writes `value` at `key`; returns the new version.
     pub async fn put(&self, key: Bytes, value: Bytes) -> Result<u64, ClientError> {
-        match self.keyed(key.clone(), Op::Put(Put { key, value })).await? {
+        match self.write(key.clone(), Op::Put(Put { key, value })).await? {
             response::Result::Write(w) => Ok(w.version),
             other => Err(unexpected(other)),
         }
@@ -267,7 +306,7 @@ impl Client {
             key: key.clone(),
             expected_version,
         });
-        match self.keyed(key, op).await? {
+        match self.write(key, op).await? {
             response::Result::Delete(d) => Ok(d.deleted),
             other => Err(unexpected(other)),
         }
@@ -285,7 +324,7 @@ impl Client {
             expected_version,
             value,
         });
-        match self.keyed(key, op).await? {
+        match self.write(key, op).await? {
             response::Result::Write(w) => Ok(w.version),
             other => Err(unexpected(other)),
         }
@@ -339,7 +378,9 @@ impl Client {
 
     /// Status of the node at `addr` (a client port).
     pub async fn status_at(&self, addr: SocketAddr) -> Result<StatusResult, ClientError> {
-        let answer = self.call_at(addr, Op::Status(Status {}), false).await;
+        let answer = self
+            .call_at(addr, Op::Status(Status {}), false, WriteTag::default())
+            .await;
         match answer.map_err(ClientError::NoEndpoint)? {
             response::Result::Status(s) => Ok(s),
             other => Err(unexpected(other)),
@@ -358,19 +399,133 @@ impl Client {
     }
 
     async fn keyed(&self, key: Bytes, op: Op) -> Result<response::Result, ClientError> {
-        let shards = self.inner.topology.borrow().shards.max(1);
-        let shard = corekv_proto::shard_of(&key, shards);
+        let shard = self.shard_of(&key);
         self.routed(shard, op).await
+    }
+
+    fn shard_of(&self, key: &[u8]) -> u32 {
+        let shards = self.inner.topology.borrow().shards.max(1);
+        corekv_proto::shard_of(key, shards)
+    }
+
+    /// A write: in the shard's session when exactly-once is on, so every
+    /// retry carries the same number and is applied at most once; a write
+    /// whose outcome is not known by the deadline is OUTCOME_UNKNOWN.
+    async fn write(&self, key: Bytes, op: Op) -> Result<response::Result, ClientError> {
+        let shard = self.shard_of(&key);
+        let started = Instant::now();
+        let tag = if self.inner.options.exactly_once {
+            self.next_write_tag(shard).await?
+        } else {
+            WriteTag::default()
+        };
+        let result = self.routed_tagged(shard, op, tag, started).await;
+        if tag.session_id != 0 {
+            self.answered(shard, tag);
+        }
+        match result {
+            Err(ClientError::Timeout { elapsed, last }) => {
+                Err(ClientError::OutcomeUnknown { elapsed, last })
+            }
+            Err(ClientError::Server {
+                code: ErrorCode::Timeout,
+                message,
+                ..
+            }) => Err(ClientError::OutcomeUnknown {
+                elapsed: started.elapsed(),
+                last: message,
+            }),
+            Err(ClientError::Server {
+                code: ErrorCode::SessionExpired,
+                message,
+                ..
+            }) => {
+                // A retry may have found the session gone after an earlier
+                // attempt was applied: the outcome is not known.
+                self.inner.sessions.borrow_mut().remove(&shard);
+                Err(ClientError::OutcomeUnknown {
+                    elapsed: started.elapsed(),
+                    last: message,
+                })
+            }
+            other => other,
+        }
+    }
+
+    /// The session fields for the next write to `shard`, opening the
+    /// session first if this client has none there.
+    async fn next_write_tag(&self, shard: u32) -> Result<WriteTag, ClientError> {
+        if !self.inner.sessions.borrow().contains_key(&shard) {
+            let op = Op::OpenSession(corekv_proto::client::OpenSession { shard });
+            let id = match self.routed(shard, op).await? {
+                response::Result::Session(session) => session.session_id,
+                other => return Err(unexpected(other)),
+            };
+            // Another task of this client may have opened one meanwhile.
+            self.inner
+                .sessions
+                .borrow_mut()
+                .entry(shard)
+                .or_insert(ShardSession {
+                    id,
+                    next_sequence: 1,
+                    unanswered: Default::default(),
+                });
+        }
+        let mut sessions = self.inner.sessions.borrow_mut();
+        let session = sessions.get_mut(&shard).expect("opened above");
+        let sequence = session.next_sequence;
+        session.next_sequence += 1;
+        session.unanswered.insert(sequence);
+        let acked_below = *session.unanswered.first().expect("holds this write");
+        Ok(WriteTag {
+            session_id: session.id,
+            sequence,
+            acked_below,
+        })
+    }
+
+    /// The write `tag` has its answer, or was given up: the shard may forget
+    /// its result.
+    fn answered(&self, shard: u32, tag: WriteTag) {
+        if let Some(session) = self.inner.sessions.borrow_mut().get_mut(&shard) {
+            if session.id == tag.session_id {
+                session.unanswered.remove(&tag.sequence);
+            }
+        }
     }
 
     /// Sends `op` to the leader of `shard`, following hints and retrying
     /// NOT_LEADER and UNAVAILABLE until the deadline.
     async fn routed(&self, shard: u32, op: Op) -> Result<response::Result, ClientError> {
-        let started = Instant::now();
+        self.routed_tagged(shard, op, WriteTag::default(), Instant::now())
+            .await
+    }
+
+    async fn routed_tagged(
+        &self,
+        shard: u32,
+        op: Op,
+        tag: WriteTag,
+        started: Instant,
+    ) -> Result<response::Result, ClientError> {
         let deadline = started + self.inner.options.request_timeout;
         let mut backoff = Duration::from_millis(5);
+        let mut attempts = 0u32;
         loop {
-            let attempt = self.attempt(shard, op.clone()).await?;
+            let attempt = match self.attempt(shard, op.clone(), tag).await {
+                Ok(attempt) => attempt,
+                // After an attempt went out, giving up is a timeout: a write
+                // sent before may have been applied.
+                Err(e @ ClientError::NoEndpoint(_)) if attempts > 0 => {
+                    return Err(ClientError::Timeout {
+                        elapsed: started.elapsed(),
+                        last: e.to_string(),
+                    })
+                }
+                Err(e) => return Err(e),
+            };
+            attempts += 1;
             let last = match attempt {
                 Attempt::Done(result) => return Ok(result),
                 Attempt::Retry(why) => why,
@@ -390,9 +545,9 @@ impl Client {
         }
     }
 
-    async fn attempt(&self, shard: u32, op: Op) -> Result<Attempt, ClientError> {
+    async fn attempt(&self, shard: u32, op: Op, tag: WriteTag) -> Result<Attempt, ClientError> {
         let (addr, knows_leader) = self.target(shard)?;
-        match self.call_at(addr, op.clone(), knows_leader).await {
+        match self.call_at(addr, op.clone(), knows_leader, tag).await {
             Ok(response::Result::Error(error)) => {
                 let code = ErrorCode::try_from(error.code).unwrap_or(ErrorCode::Internal);
                 match code {
@@ -404,6 +559,9 @@ impl Client {
                         self.set_leader(shard, 0);
                         Ok(Attempt::Retry(error.message))
                     }
+                    // The server gave up waiting for the write to commit; it
+                    // may still. In a session the retry cannot apply twice.
+                    ErrorCode::Timeout if tag.session_id != 0 => Ok(Attempt::Retry(error.message)),
                     _ => Err(ClientError::Server {
                         code,
                         message: error.message,
@@ -468,6 +626,7 @@ impl Client {
         addr: SocketAddr,
         op: Op,
         no_forward: bool,
+        tag: WriteTag,
     ) -> Result<response::Result, String> {
         let conn = self.conn(addr).await?;
         let id = self.inner.next_id.get();
@@ -478,6 +637,9 @@ impl Client {
             id,
             no_forward,
             op: Some(op),
+            session_id: tag.session_id,
+            sequence: tag.sequence,
+            acked_below: tag.acked_below,
         });
         if let Err(e) = conn.sender.send(frame) {
             conn.pending.borrow_mut().remove(&id);

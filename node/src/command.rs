@@ -10,9 +10,12 @@ use corekv_proto::client::request::Op;
 use corekv_proto::log::{self, command};
 use prost::Message as _;
 
-/// The log entry for a client write; `None` for an operation that is not a
-/// write (reads never enter the log).
-pub fn encode(op: &Op) -> Option<Bytes> {
+use crate::sessions::SessionTag;
+
+/// The log entry for a client write, with its session (`SessionTag::default()`
+/// for none); `None` for an operation that is not a write (reads never enter
+/// the log).
+pub fn encode(op: &Op, tag: SessionTag) -> Option<Bytes> {
     let op = match op {
         Op::Put(put) => command::Op::Put(log::Put {
             key: put.key.clone(),
@@ -27,11 +30,17 @@ pub fn encode(op: &Op) -> Option<Bytes> {
             expected_version: cas.expected_version,
             value: cas.value.clone(),
         }),
+        Op::OpenSession(_) => command::Op::OpenSession(log::OpenSession {}),
         Op::Get(_) | Op::Scan(_) | Op::Topology(_) | Op::Status(_) | Op::TransferLeader(_) => {
             return None
         }
     };
-    let command = log::Command { op: Some(op) };
+    let command = log::Command {
+        op: Some(op),
+        session_id: tag.session_id,
+        sequence: tag.sequence,
+        acked_below: tag.acked_below,
+    };
     Some(Bytes::from(command.encode_to_vec()))
 }
 
@@ -46,11 +55,25 @@ pub enum DecodeError {
     Empty,
 }
 
-/// The command in a log entry's data. The values share the entry's buffer.
-pub fn decode(data: &Bytes) -> Result<command::Op, DecodeError> {
-    log::Command::decode(data.clone())?
-        .op
-        .ok_or(DecodeError::Empty)
+/// The command in a log entry's data, with its session. The values share the
+/// entry's buffer.
+pub fn decode(data: &Bytes) -> Result<(command::Op, SessionTag), DecodeError> {
+    let command = log::Command::decode(data.clone())?;
+    let tag = SessionTag {
+        session_id: command.session_id,
+        sequence: command.sequence,
+        acked_below: command.acked_below,
+    };
+    Ok((command.op.ok_or(DecodeError::Empty)?, tag))
+}
+
+/// The session a client request names.
+pub fn tag_of(request: &corekv_proto::client::Request) -> SessionTag {
+    SessionTag {
+        session_id: request.session_id,
+        sequence: request.sequence,
+        acked_below: request.acked_below,
+    }
 }
 
 #[cfg(test)]
@@ -64,7 +87,9 @@ mod tests {
             key: Bytes::from_static(b"k"),
             value: Bytes::from_static(b"v"),
         });
-        let Ok(command::Op::Put(p)) = decode(&encode(&put).unwrap()) else {
+        let Ok(command::Op::Put(p)) =
+            decode(&encode(&put, SessionTag::default()).unwrap()).map(|(op, _)| op)
+        else {
             panic!("put did not round-trip");
         };
         assert_eq!((&p.key[..], &p.value[..]), (&b"k"[..], &b"v"[..]));
@@ -73,7 +98,9 @@ mod tests {
             key: Bytes::from_static(b"k"),
             expected_version: Some(7),
         });
-        let Ok(command::Op::Delete(d)) = decode(&encode(&delete).unwrap()) else {
+        let Ok(command::Op::Delete(d)) =
+            decode(&encode(&delete, SessionTag::default()).unwrap()).map(|(op, _)| op)
+        else {
             panic!("delete did not round-trip");
         };
         assert_eq!(d.expected_version, Some(7));
@@ -84,7 +111,7 @@ mod tests {
             value: Bytes::from_static(b"v"),
         });
         assert!(matches!(
-            decode(&encode(&cas).unwrap()),
+            decode(&encode(&cas, SessionTag::default()).unwrap()).map(|(op, _)| op),
             Ok(command::Op::Cas(_))
         ));
 
@@ -92,7 +119,13 @@ mod tests {
             key: Bytes::from_static(b"k"),
             consistency: 0,
         });
-        assert!(encode(&get).is_none());
+        assert!(encode(&get, SessionTag::default()).is_none());
+        let tag = SessionTag {
+            session_id: 3,
+            sequence: 9,
+            acked_below: 4,
+        };
+        assert_eq!(decode(&encode(&put, tag).unwrap()).unwrap().1, tag);
     }
 
     #[test]

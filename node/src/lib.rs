@@ -19,6 +19,7 @@ pub mod log_store;
 pub mod metrics;
 mod raft_log;
 pub mod replica;
+pub mod sessions;
 mod shard;
 pub mod shared;
 pub mod snapshot;

@@ -60,7 +60,7 @@ struct OpLabels {
 }
 
 /// Client operations as metric labels.
-pub const OPS: [&str; 8] = [
+pub const OPS: [&str; 9] = [
     "put",
     "get",
     "delete",
@@ -69,9 +69,10 @@ pub const OPS: [&str; 8] = [
     "topology",
     "status",
     "transfer_leader",
+    "open_session",
 ];
 /// Outcomes of client requests as metric labels ("ok" or an error code).
-pub const STATUSES: [&str; 9] = [
+pub const STATUSES: [&str; 10] = [
     "ok",
     "not_leader",
     "wrong_shard",
@@ -81,6 +82,7 @@ pub const STATUSES: [&str; 9] = [
     "unavailable",
     "version_mismatch",
     "internal",
+    "session_expired",
 ];
 
 fn fsync_histogram() -> Histogram {
@@ -470,6 +472,7 @@ pub fn op_index(op: &corekv_proto::client::request::Op) -> usize {
         Op::Topology(_) => 5,
         Op::Status(_) => 6,
         Op::TransferLeader(_) => 7,
+        Op::OpenSession(_) => 8,
     }
 }
 
@@ -485,6 +488,7 @@ pub fn status_index(result: &corekv_proto::client::response::Result) -> usize {
             Ok(ErrorCode::InvalidArgument) => 5,
             Ok(ErrorCode::Unavailable) => 6,
             Ok(ErrorCode::VersionMismatch) => 7,
+            Ok(ErrorCode::SessionExpired) => 9,
             _ => 8,
         },
         _ => 0,

@@ -17,8 +17,13 @@
 //! ..      4     learner count L, then L x u64 learner ids
 //! ..      8     pair count N
 //! ..            N x { key_len u32 | key | value_len u32 | value | version u64 }
+//! ..      8     session count S                                (version 2 on)
+//! ..            S x { id u64 | last_used u64 | result count R u32 |
+//!                     R x { sequence u64 | len u32 | client.proto Response } }
 //! end-4   4     crc32 (crc32fast) of every byte before it
 //! ```
+//!
+//! Version 1 files (no sessions) are still read, with no sessions.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{BufWriter, Read, Write};
@@ -26,12 +31,20 @@ use std::path::{Path, PathBuf};
 
 use bytes::{Buf, Bytes};
 
-use crate::state_machine::{Key, Map, Versioned};
+use corekv_proto::client::Response;
+use prost::Message as _;
+
+use crate::sessions::{Session, Sessions};
+use crate::state_machine::{Image, Key, Map, Versioned};
 
 /// First bytes of every snapshot file.
 pub const MAGIC: &[u8; 8] = b"CKVSNAP1";
 /// Version of the layout above.
-pub const FORMAT_VERSION: u32 = 1;
+pub const FORMAT_VERSION: u32 = 2;
+/// The version before sessions, still read.
+const FORMAT_VERSION_WITHOUT_SESSIONS: u32 = 1;
+/// Upper bound on the sessions and results read from one snapshot.
+const MAX_SESSIONS_READ: u64 = 1 << 20;
 /// Bytes of the trailing checksum.
 pub const CHECKSUM_LEN: usize = 4;
 /// Snapshot files kept on disk (the newest ones); older are deleted.
@@ -108,10 +121,11 @@ impl<W: Write> Write for CrcWriter<W> {
     }
 }
 
-/// Writes `map` as the snapshot `meta` into `dir`, durably (fsync of the
+/// Writes `image` as the snapshot `meta` into `dir`, durably (fsync of the
 /// file, rename, fsync of the directory). Blocking: call it off the shard
 /// thread. Returns the file's path.
-pub fn write(dir: &Path, meta: &SnapshotMeta, map: &Map) -> Result<PathBuf, SnapshotError> {
+pub fn write(dir: &Path, meta: &SnapshotMeta, image: &Image) -> Result<PathBuf, SnapshotError> {
+    let map = &image.map;
     fs::create_dir_all(dir).map_err(io(dir, "create dir"))?;
     let path = dir.join(file_name(meta.index, meta.term));
     let tmp = dir.join(format!("{}.tmp", file_name(meta.index, meta.term)));
@@ -148,6 +162,22 @@ pub fn write(dir: &Path, meta: &SnapshotMeta, map: &Map) -> Result<PathBuf, Snap
         write_all(&mut out, &v.value)?;
         write_all(&mut out, &v.version.to_le_bytes())?;
     }
+    write_all(&mut out, &(image.sessions.len() as u64).to_le_bytes())?;
+    for (id, session) in image.sessions.iter() {
+        write_all(&mut out, &id.to_le_bytes())?;
+        write_all(&mut out, &session.last_used.to_le_bytes())?;
+        write_all(&mut out, &(session.results.len() as u32).to_le_bytes())?;
+        for (sequence, result) in session.results.iter() {
+            let encoded = Response {
+                id: 0,
+                result: Some(result.clone()),
+            }
+            .encode_to_vec();
+            write_all(&mut out, &sequence.to_le_bytes())?;
+            write_all(&mut out, &(encoded.len() as u32).to_le_bytes())?;
+            write_all(&mut out, &encoded)?;
+        }
+    }
     let crc = out.hasher.clone().finalize();
     let mut buffered = out.inner;
     buffered
@@ -171,7 +201,7 @@ pub fn sync_dir(dir: &Path) -> Result<(), SnapshotError> {
 }
 
 /// Reads and verifies a snapshot file: checksum first, then every length.
-pub fn read(path: &Path) -> Result<(SnapshotMeta, Map), SnapshotError> {
+pub fn read(path: &Path) -> Result<(SnapshotMeta, Image), SnapshotError> {
     let mut bytes = Vec::new();
     File::open(path)
         .and_then(|mut f| f.read_to_end(&mut bytes))
@@ -180,7 +210,7 @@ pub fn read(path: &Path) -> Result<(SnapshotMeta, Map), SnapshotError> {
 }
 
 /// Verifies and decodes snapshot bytes (`path` only names them in errors).
-pub fn decode(path: &Path, bytes: Bytes) -> Result<(SnapshotMeta, Map), SnapshotError> {
+pub fn decode(path: &Path, bytes: Bytes) -> Result<(SnapshotMeta, Image), SnapshotError> {
     let corrupt = |reason: String| SnapshotError::Corrupt {
         path: path.to_path_buf(),
         reason,
@@ -217,9 +247,9 @@ pub fn decode(path: &Path, bytes: Bytes) -> Result<(SnapshotMeta, Map), Snapshot
     };
     need(&body, 24, "header")?;
     let version = body.get_u32_le();
-    if version != FORMAT_VERSION {
+    if version != FORMAT_VERSION && version != FORMAT_VERSION_WITHOUT_SESSIONS {
         return Err(corrupt(format!(
-            "format version expected {FORMAT_VERSION} but got {version}"
+            "format version expected {FORMAT_VERSION} (or {FORMAT_VERSION_WITHOUT_SESSIONS}) but got {version}"
         )));
     }
     let mut meta = SnapshotMeta {
@@ -263,13 +293,47 @@ pub fn decode(path: &Path, bytes: Bytes) -> Result<(SnapshotMeta, Map), Snapshot
         let version = body.get_u64_le();
         map.insert(key, Versioned { value, version });
     }
+    let mut sessions = Vec::new();
+    if version != FORMAT_VERSION_WITHOUT_SESSIONS {
+        need(&body, 8, "session count")?;
+        let count = body.get_u64_le();
+        if count > MAX_SESSIONS_READ {
+            return Err(corrupt(format!("session count {count} is impossible")));
+        }
+        for i in 0..count {
+            need(&body, 20, "session header")?;
+            let id = body.get_u64_le();
+            let mut session = Session {
+                last_used: body.get_u64_le(),
+                ..Default::default()
+            };
+            let results = body.get_u32_le();
+            for _ in 0..results {
+                need(&body, 12, "session result header")?;
+                let sequence = body.get_u64_le();
+                let len = body.get_u32_le() as usize;
+                need(&body, len, "session result")?;
+                let response = Response::decode(body.split_to(len))
+                    .map_err(|e| corrupt(format!("session {i}: undecodable result: {e}")))?;
+                let result = response
+                    .result
+                    .ok_or_else(|| corrupt(format!("session {i}: an empty result")))?;
+                session.results.insert(sequence, result);
+            }
+            sessions.push((id, session));
+        }
+    }
     if body.has_remaining() {
         return Err(corrupt(format!(
             "{} bytes after the last pair",
             body.remaining()
         )));
     }
-    Ok((meta, map))
+    let image = Image {
+        map,
+        sessions: Sessions::from_sessions(sessions),
+    };
+    Ok((meta, image))
 }
 
 /// Snapshot files in `dir`, newest first, as (index, term, path).
@@ -296,10 +360,10 @@ pub fn list(dir: &Path) -> Vec<(u64, u64, PathBuf)> {
 
 /// The newest snapshot in `dir` that verifies; a bad one is skipped with a
 /// warning for the one before it.
-pub fn load_latest(dir: &Path) -> Option<(SnapshotMeta, Map, PathBuf)> {
+pub fn load_latest(dir: &Path) -> Option<(SnapshotMeta, Image, PathBuf)> {
     for (_, _, path) in list(dir) {
         match read(&path) {
-            Ok((meta, map)) => return Some((meta, map, path)),
+            Ok((meta, image)) => return Some((meta, image, path)),
             Err(e) => tracing::warn!(error = %e, "skipping unreadable snapshot"),
         }
     }
@@ -319,8 +383,10 @@ pub fn prune(dir: &Path) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::sessions::SessionTag;
+    use corekv_proto::client::{response, WriteResult};
 
-    fn sample() -> (SnapshotMeta, Map) {
+    fn sample() -> (SnapshotMeta, Image) {
         let meta = SnapshotMeta {
             shard: 3,
             index: 42,
@@ -338,41 +404,57 @@ mod tests {
                 },
             );
         }
-        (meta, map)
+        let mut sessions = Sessions::default();
+        for index in [5, 9] {
+            let id = sessions.open(index);
+            let tag = SessionTag {
+                session_id: id,
+                sequence: 1,
+                acked_below: 1,
+            };
+            let _ = sessions.admit(index + 1, tag);
+            sessions.record(
+                tag,
+                &response::Result::Write(WriteResult { version: index + 1 }),
+            );
+        }
+        (meta, Image { map, sessions })
     }
 
     #[test]
     fn round_trip() {
         let dir = tempfile::tempdir().unwrap();
-        let (meta, map) = sample();
-        let path = write(dir.path(), &meta, &map).unwrap();
+        let (meta, image) = sample();
+        let path = write(dir.path(), &meta, &image).unwrap();
         assert_eq!(
             path.file_name().unwrap().to_str().unwrap(),
             file_name(42, 7)
         );
-        let (meta2, map2) = read(&path).unwrap();
+        let (meta2, image2) = read(&path).unwrap();
         assert_eq!(meta, meta2);
-        assert_eq!(map, map2);
+        assert_eq!(image.map, image2.map);
+        assert_eq!(image.sessions, image2.sessions);
+        assert_eq!(image2.sessions.len(), 2);
     }
 
     #[test]
     fn decoded_pairs_do_not_borrow_the_snapshot_buffer() {
         let dir = tempfile::tempdir().unwrap();
-        let (meta, mut map) = sample();
+        let (meta, mut image) = sample();
         let long_key = vec![b'k'; 100];
-        map.insert(
+        image.map.insert(
             Key::from_slice(&long_key),
             Versioned {
                 value: Bytes::from(vec![7u8; 1000]),
                 version: 101,
             },
         );
-        let path = write(dir.path(), &meta, &map).unwrap();
+        let path = write(dir.path(), &meta, &image).unwrap();
         let buffer = Bytes::from(fs::read(&path).unwrap());
         let range = buffer.as_ptr_range();
         let (_, decoded) = decode(&path, buffer.clone()).unwrap();
-        assert_eq!(decoded, map);
-        for (key, versioned) in decoded.iter() {
+        assert_eq!(decoded.map, image.map);
+        for (key, versioned) in decoded.map.iter() {
             for bytes in [key.as_slice(), &versioned.value[..]] {
                 assert!(
                     !range.contains(&bytes.as_ptr()),
@@ -385,8 +467,8 @@ mod tests {
     #[test]
     fn every_flipped_byte_is_detected() {
         let dir = tempfile::tempdir().unwrap();
-        let (meta, map) = sample();
-        let path = write(dir.path(), &meta, &map).unwrap();
+        let (meta, image) = sample();
+        let path = write(dir.path(), &meta, &image).unwrap();
         let good = fs::read(&path).unwrap();
         for i in (0..good.len()).step_by(37) {
             let mut bad = good.clone();
@@ -402,10 +484,10 @@ mod tests {
     #[test]
     fn load_latest_skips_a_corrupt_newest_snapshot() {
         let dir = tempfile::tempdir().unwrap();
-        let (mut meta, map) = sample();
-        write(dir.path(), &meta, &map).unwrap();
+        let (mut meta, image) = sample();
+        write(dir.path(), &meta, &image).unwrap();
         meta.index = 50;
-        let newest = write(dir.path(), &meta, &map).unwrap();
+        let newest = write(dir.path(), &meta, &image).unwrap();
         let mut bytes = fs::read(&newest).unwrap();
         let mid = bytes.len() / 2;
         bytes[mid] ^= 1;
@@ -418,13 +500,47 @@ mod tests {
     #[test]
     fn prune_keeps_the_newest() {
         let dir = tempfile::tempdir().unwrap();
-        let (mut meta, map) = sample();
+        let (mut meta, image) = sample();
         for index in [10, 20, 30, 40] {
             meta.index = index;
-            write(dir.path(), &meta, &map).unwrap();
+            write(dir.path(), &meta, &image).unwrap();
         }
         prune(dir.path());
         let left: Vec<u64> = list(dir.path()).iter().map(|(i, _, _)| *i).collect();
         assert_eq!(left, vec![40, 30]);
+    }
+
+    #[test]
+    fn a_version_1_file_reads_with_no_sessions() {
+        let dir = tempfile::tempdir().unwrap();
+        let (meta, image) = sample();
+        let path = write(dir.path(), &meta, &image).unwrap();
+        // Rewrite it as version 1: no session section, fresh checksum.
+        let bytes = fs::read(&path).unwrap();
+        let sessions_bytes: usize = 8 + image
+            .sessions
+            .iter()
+            .map(|(_, s)| {
+                20 + s
+                    .results
+                    .iter()
+                    .map(|(_, r)| {
+                        12 + Response {
+                            id: 0,
+                            result: Some(r.clone()),
+                        }
+                        .encoded_len()
+                    })
+                    .sum::<usize>()
+            })
+            .sum::<usize>();
+        let mut old = bytes[..bytes.len() - CHECKSUM_LEN - sessions_bytes].to_vec();
+        old[8..12].copy_from_slice(&FORMAT_VERSION_WITHOUT_SESSIONS.to_le_bytes());
+        let crc = crc32fast::hash(&old);
+        old.extend_from_slice(&crc.to_le_bytes());
+        let (meta2, image2) = decode(&path, Bytes::from(old)).unwrap();
+        assert_eq!(meta2, meta);
+        assert_eq!(image2.map, image.map);
+        assert!(image2.sessions.is_empty());
     }
 }

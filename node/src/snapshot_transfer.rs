@@ -371,7 +371,7 @@ async fn receive_file<R: AsyncReadRent>(
     let submitted = helper.submit(move || {
         let result = snapshot::read(&tmp)
             .map_err(TransferError::from)
-            .and_then(|(meta, map)| {
+            .and_then(|(meta, image)| {
                 if (meta.index, meta.term) != (index, term) {
                     return Err(TransferError::Mismatch {
                         file_index: meta.index,
@@ -382,7 +382,7 @@ async fn receive_file<R: AsyncReadRent>(
                 }
                 std::fs::rename(&tmp, &final_path).map_err(file_error(&tmp, "rename"))?;
                 snapshot::sync_dir(final_path.parent().expect("has a parent"))?;
-                Ok((meta, map))
+                Ok((meta, image))
             });
         if result.is_err() {
             let _ = std::fs::remove_file(&tmp);
@@ -394,9 +394,9 @@ async fn receive_file<R: AsyncReadRent>(
         let _ = std::fs::remove_file(&cleanup);
         return Err(busy.into());
     }
-    let (meta, map) = rx.await.map_err(|_| TransferError::VerifierDied)??;
+    let (meta, image) = rx.await.map_err(|_| TransferError::VerifierDied)??;
     Ok(Incoming {
-        snapshot: LoadedSnapshot { meta, map },
+        snapshot: LoadedSnapshot { meta, image },
         message,
     })
 }

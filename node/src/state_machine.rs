@@ -9,11 +9,12 @@ use std::ops::Bound;
 
 use bytes::Bytes;
 use corekv_proto::client::{
-    response, DeleteResult, Error, ErrorCode, KeyValue, ScanResult, WriteResult,
+    response, DeleteResult, Error, ErrorCode, KeyValue, ScanResult, SessionResult, WriteResult,
 };
 use corekv_proto::log::command::Op as LogOp;
 
 use crate::command;
+use crate::sessions::{Admission, Sessions};
 
 /// A stored value and the log index that wrote it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -122,10 +123,21 @@ impl std::fmt::Debug for Key {
     }
 }
 
+/// Everything a snapshot holds of a state machine: the map and the client
+/// sessions. Cloning is O(1).
+#[derive(Clone, Debug, Default)]
+pub struct Image {
+    /// The key-value map.
+    pub map: Map,
+    /// The exactly-once sessions.
+    pub sessions: Sessions,
+}
+
 /// One shard's key-value map.
 #[derive(Debug, Default)]
 pub struct StateMachine {
     map: Map,
+    sessions: Sessions,
     /// Index of the last entry applied.
     applied_index: u64,
 }
@@ -177,10 +189,28 @@ impl StateMachine {
     /// INTERNAL on every replica alike, so replicas never diverge over it.
     pub fn apply(&mut self, index: u64, data: &Bytes) -> response::Result {
         self.advance(index);
-        let op = match command::decode(data) {
-            Ok(op) => op,
+        let (op, tag) = match command::decode(data) {
+            Ok(decoded) => decoded,
             Err(e) => return error(ErrorCode::Internal, &e.to_string()),
         };
+        if let LogOp::OpenSession(_) = op {
+            let session_id = self.sessions.open(index);
+            return response::Result::Session(SessionResult { session_id });
+        }
+        if tag.session_id == 0 {
+            return self.apply_write(index, op);
+        }
+        match self.sessions.admit(index, tag) {
+            Admission::Apply => {
+                let result = self.apply_write(index, op);
+                self.sessions.record(tag, &result);
+                result
+            }
+            Admission::Repeat(result) | Admission::Refuse(result) => result,
+        }
+    }
+
+    fn apply_write(&mut self, index: u64, op: LogOp) -> response::Result {
         match op {
             LogOp::Put(put) => {
                 self.map.insert(
@@ -216,6 +246,7 @@ impl StateMachine {
                 );
                 response::Result::Write(WriteResult { version: index })
             }
+            LogOp::OpenSession(_) => error(ErrorCode::Internal, "a session opened as a write"),
         }
     }
 
@@ -264,15 +295,24 @@ impl StateMachine {
             .map(|(k, v)| (k.as_slice(), &v.value, v.version))
     }
 
-    /// Replaces the whole map (snapshot install or restart).
-    pub fn restore(&mut self, applied_index: u64, map: Map) {
-        self.map = map;
+    /// Replaces the whole state (snapshot install or restart).
+    pub fn restore(&mut self, applied_index: u64, image: Image) {
+        self.map = image.map;
+        self.sessions = image.sessions;
         self.applied_index = applied_index;
     }
 
-    /// An immutable view of the map as of now, for a snapshot (O(1)).
-    pub fn view(&self) -> Map {
-        self.map.clone()
+    /// An immutable view of the state as of now, for a snapshot (O(1)).
+    pub fn view(&self) -> Image {
+        Image {
+            map: self.map.clone(),
+            sessions: self.sessions.clone(),
+        }
+    }
+
+    /// The exactly-once sessions (status, tests).
+    pub fn sessions(&self) -> &Sessions {
+        &self.sessions
     }
 }
 
@@ -287,16 +327,13 @@ fn version_mismatch(current: u64) -> response::Result {
 
 /// An error answer with `code` and `message`.
 pub fn error(code: ErrorCode, message: &str) -> response::Result {
-    response::Result::Error(Error {
-        code: code as i32,
-        message: message.to_string(),
-        ..Default::default()
-    })
+    corekv_proto::error_result(code, message)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::sessions::SessionTag;
     use corekv_proto::client::{request::Op, CompareAndSwap, Delete, Put};
     use proptest::prelude::*;
 
@@ -317,27 +354,36 @@ mod tests {
     }
 
     fn put(key: &str, value: &str) -> Bytes {
-        command::encode(&Op::Put(Put {
-            key: Bytes::copy_from_slice(key.as_bytes()),
-            value: Bytes::copy_from_slice(value.as_bytes()),
-        }))
+        command::encode(
+            &Op::Put(Put {
+                key: Bytes::copy_from_slice(key.as_bytes()),
+                value: Bytes::copy_from_slice(value.as_bytes()),
+            }),
+            SessionTag::default(),
+        )
         .expect("a write")
     }
 
     fn cas(key: &str, expected: u64, value: &str) -> Bytes {
-        command::encode(&Op::Cas(CompareAndSwap {
-            key: Bytes::copy_from_slice(key.as_bytes()),
-            expected_version: expected,
-            value: Bytes::copy_from_slice(value.as_bytes()),
-        }))
+        command::encode(
+            &Op::Cas(CompareAndSwap {
+                key: Bytes::copy_from_slice(key.as_bytes()),
+                expected_version: expected,
+                value: Bytes::copy_from_slice(value.as_bytes()),
+            }),
+            SessionTag::default(),
+        )
         .expect("a write")
     }
 
     fn del(key: &str, expected: Option<u64>) -> Bytes {
-        command::encode(&Op::Delete(Delete {
-            key: Bytes::copy_from_slice(key.as_bytes()),
-            expected_version: expected,
-        }))
+        command::encode(
+            &Op::Delete(Delete {
+                key: Bytes::copy_from_slice(key.as_bytes()),
+                expected_version: expected,
+            }),
+            SessionTag::default(),
+        )
         .expect("a write")
     }
 
@@ -443,5 +489,58 @@ mod tests {
             assert_eq!(a.apply(i as u64 + 1, e), b.apply(i as u64 + 1, e));
         }
         assert!(a.iter().eq(b.iter()));
+    }
+
+    #[test]
+    fn a_write_repeated_in_its_session_applies_once_and_answers_alike() {
+        let mut sm = StateMachine::new();
+        let open = command::encode(
+            &Op::OpenSession(corekv_proto::client::OpenSession { shard: 0 }),
+            SessionTag::default(),
+        )
+        .unwrap();
+        let response::Result::Session(session) = sm.apply(1, &open) else {
+            panic!("no session");
+        };
+        let tag = SessionTag {
+            session_id: session.session_id,
+            sequence: 1,
+            acked_below: 1,
+        };
+        let cas = |expected| {
+            command::encode(
+                &Op::Cas(CompareAndSwap {
+                    key: Bytes::from_static(b"counter"),
+                    expected_version: expected,
+                    value: Bytes::from_static(b"1"),
+                }),
+                tag,
+            )
+            .unwrap()
+        };
+        let first = sm.apply(2, &cas(0));
+        assert_eq!(first, response::Result::Write(WriteResult { version: 2 }));
+        // The retry reaches the log after the first attempt was applied: it
+        // is answered as the first was, not VERSION_MISMATCH, and not applied.
+        assert_eq!(sm.apply(3, &cas(0)), first);
+        assert_eq!(sm.version(b"counter"), 2);
+        // A write naming a session the shard does not have is refused.
+        let stranger = command::encode(
+            &Op::Put(Put {
+                key: Bytes::from_static(b"k"),
+                value: Bytes::from_static(b"v"),
+            }),
+            SessionTag {
+                session_id: 999,
+                sequence: 1,
+                acked_below: 1,
+            },
+        )
+        .unwrap();
+        assert_eq!(
+            code(&sm.apply(4, &stranger)),
+            Some(ErrorCode::SessionExpired)
+        );
+        assert_eq!(sm.get(b"k"), None);
     }
 }

@@ -60,6 +60,15 @@ pub fn scan_limit(limit: u32) -> usize {
     }
 }
 
+/// An error answer with `code` and a message for people.
+pub fn error_result(code: client::ErrorCode, message: &str) -> client::response::Result {
+    client::response::Result::Error(client::Error {
+        code: code as i32,
+        message: message.to_string(),
+        ..Default::default()
+    })
+}
+
 impl client::Role {
     /// The role's name in logs, `corekv status` and the admin JSON.
     pub fn as_str(self) -> &'static str {

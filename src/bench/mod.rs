@@ -115,6 +115,7 @@ fn error_code_name(error: &ClientError) -> String {
     match error {
         ClientError::Server { code, .. } => code.as_str_name().to_string(),
         ClientError::Timeout { .. } => "CLIENT_TIMEOUT".to_string(),
+        ClientError::OutcomeUnknown { .. } => "OUTCOME_UNKNOWN".to_string(),
         ClientError::NoEndpoint(_) => "NO_ENDPOINT".to_string(),
     }
 }

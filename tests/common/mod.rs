@@ -274,6 +274,7 @@ impl Cluster {
                 id: 1,
                 no_forward: false,
                 op: Some(corekv_proto::client::request::Op::Status(Default::default())),
+                ..Default::default()
             })
             .ok()?;
         match response.result? {

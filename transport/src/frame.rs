@@ -245,6 +245,7 @@ mod tests {
                 key: Bytes::from_static(b"k"),
                 value,
             })),
+            ..Default::default()
         };
         let mut buf = BytesMut::new();
         encode_frame(&request, &mut buf);
@@ -353,8 +354,22 @@ mod tests {
             Just(Op::Topology(client::Topology {})),
             Just(Op::Status(client::Status {})),
         ];
-        (any::<u64>(), any::<bool>(), proptest::option::of(op))
-            .prop_map(|(id, no_forward, op)| client::Request { id, no_forward, op })
+        (
+            any::<u64>(),
+            any::<bool>(),
+            proptest::option::of(op),
+            any::<[u64; 3]>(),
+        )
+            .prop_map(
+                |(id, no_forward, op, [session_id, sequence, acked_below])| client::Request {
+                    id,
+                    no_forward,
+                    op,
+                    session_id,
+                    sequence,
+                    acked_below,
+                },
+            )
     }
 
     fn response_strategy() -> impl Strategy<Value = client::Response> {

@@ -17,8 +17,9 @@ use raft::prelude::{ConfChange, ConfChangeV2, ConfState, Entry, EntryType, Messa
 use raft::{RawNode, ReadOnlyOption, StateRole, Storage as _};
 
 use crate::log_store::LogStore;
+use crate::sessions::SessionTag;
 use crate::snapshot::SnapshotMeta;
-use crate::state_machine::{self, Map, StateMachine};
+use crate::state_machine::{self, Image, StateMachine};
 use crate::storage::RaftStorage;
 
 /// Verified snapshots kept while raft decides which one to install.
@@ -58,7 +59,7 @@ pub struct LoadedSnapshot {
     /// What it covers.
     pub meta: SnapshotMeta,
     /// The state machine at `meta.index`.
-    pub map: Map,
+    pub image: Image,
 }
 
 /// An answer for the request behind `token`.
@@ -98,7 +99,7 @@ pub struct Output<J = SyncJob> {
     pub proposals_dropped: u64,
     /// A snapshot to write off the shard thread; report the outcome with
     /// [`Replica::on_snapshot_written`].
-    pub snapshot_to_write: Option<(SnapshotMeta, Map)>,
+    pub snapshot_to_write: Option<(SnapshotMeta, Image)>,
     /// A snapshot received from the leader was installed.
     pub snapshot_installed: Option<SnapshotMeta>,
 }
@@ -335,7 +336,7 @@ impl<L: LogStore> Replica<L> {
         let mut state_machine = StateMachine::new();
         if let Some(loaded) = snapshot {
             storage.set_latest_snapshot(loaded.meta.clone());
-            state_machine.restore(loaded.meta.index, loaded.map);
+            state_machine.restore(loaded.meta.index, loaded.image);
         }
         let raw =
             RawNode::new(&config, storage, &logger).map_err(|source| ReplicaError::RaftStart {
@@ -475,14 +476,14 @@ impl<L: LogStore> Replica<L> {
 
     /// Queues a write; it enters raft with every other write of this turn
     /// at the next [`Replica::flush`].
-    pub fn propose(&mut self, token: Token, op: Op) -> Result<(), NotLeader> {
+    pub fn propose(&mut self, token: Token, op: Op, tag: SessionTag) -> Result<(), NotLeader> {
         if !self.is_leader() {
             return Err(NotLeader {
                 leader_id: self.leader_id(),
             });
         }
         self.queued_proposals
-            .push((token, crate::command::encode(&op)));
+            .push((token, crate::command::encode(&op, tag)));
         Ok(())
     }
 
@@ -746,7 +747,7 @@ impl<L: LogStore> Replica<L> {
         let result = store.set_conf_state(metadata.get_conf_state());
         store.set_latest_snapshot(received.meta.clone());
         result.map_err(|e| self.fatal(e))?;
-        self.state_machine.restore(metadata.index, received.map);
+        self.state_machine.restore(metadata.index, received.image);
         self.applied_since_snapshot = (0, 0);
         out.snapshot_installed = Some(received.meta);
         Ok(())

@@ -2,6 +2,7 @@
 //! the real WAL (temp dirs) and on the in-memory log store.
 
 use super::*;
+use crate::sessions::SessionTag;
 use corekv_proto::client::{Consistency, Get, Put};
 use corekv_wal::WalOptions;
 
@@ -156,7 +157,7 @@ fn three_replicas_elect_one_leader_and_replicate_a_batch() {
     let leader = sim.elect();
     for token in 1..=10 {
         sim.replica(leader)
-            .propose(token, put(&format!("k{token}"), "v"))
+            .propose(token, put(&format!("k{token}"), "v"), SessionTag::default())
             .unwrap();
     }
     // Followers learn the commit index from the next heartbeat
@@ -179,7 +180,8 @@ fn three_replicas_elect_one_leader_and_replicate_a_batch() {
     // A follower refuses writes and names the leader.
     let follower = (1..=3).find(|&id| id != leader).unwrap();
     assert_eq!(
-        sim.replica(follower).propose(99, put("x", "y")),
+        sim.replica(follower)
+            .propose(99, put("x", "y"), SessionTag::default()),
         Err(NotLeader { leader_id: leader })
     );
 }
@@ -191,7 +193,9 @@ fn followers_with_a_stalled_sync_still_answer_heartbeats() {
     let term = sim.replica(leader).status().term;
     // Both followers start syncing a write, and their disks hang.
     sim.stalled = (0..3).filter(|&i| i as u64 + 1 != leader).collect();
-    sim.replica(leader).propose(1, put("a", "1")).unwrap();
+    sim.replica(leader)
+        .propose(1, put("a", "1"), SessionTag::default())
+        .unwrap();
     // Three election timeouts: check_quorum steps a leader down when a
     // majority has not answered within one.
     for _ in 0..90 {
@@ -218,7 +222,9 @@ fn followers_with_a_stalled_sync_still_answer_heartbeats() {
 fn nothing_is_acknowledged_before_a_majority_synced() {
     let mut sim = Sim::new();
     let leader = sim.elect();
-    sim.replica(leader).propose(1, put("a", "1")).unwrap();
+    sim.replica(leader)
+        .propose(1, put("a", "1"), SessionTag::default())
+        .unwrap();
     // Run the leader alone: it appends and sends, but holds its sync.
     let mut out = Output::default();
     sim.replica(leader).flush(&mut out);
@@ -259,7 +265,9 @@ fn isolated_leader_steps_down_and_fails_pending_writes() {
     let mut sim = Sim::new();
     let old = sim.elect();
     sim.isolated.push(old);
-    sim.replica(old).propose(7, put("lost", "maybe")).unwrap();
+    sim.replica(old)
+        .propose(7, put("lost", "maybe"), SessionTag::default())
+        .unwrap();
     // check_quorum: the isolated leader steps down within an election timeout.
     for _ in 0..100 {
         sim.tick();
@@ -315,7 +323,8 @@ fn restart_recovers_log_and_reapplies() {
             }
         }
         assert!(r.is_leader());
-        r.propose(1, put("durable", "yes")).unwrap();
+        r.propose(1, put("durable", "yes"), SessionTag::default())
+            .unwrap();
         r.flush(&mut out);
         r.handle_ready(&mut out).unwrap();
         while let Some(job) = out.sync.take() {
@@ -402,7 +411,8 @@ mod rotation_tests {
         for round in 0..10 {
             for _ in 0..100 {
                 token += 1;
-                r.propose(token, numbered_put(token, &value)).unwrap();
+                r.propose(token, numbered_put(token, &value), SessionTag::default())
+                    .unwrap();
             }
             r.flush(&mut out);
             r.handle_ready(&mut out).unwrap();
@@ -438,7 +448,8 @@ mod snapshot_marker_tests {
         let value = Bytes::from(vec![b'v'; 4096]);
         let mut snapshot = None;
         for token in 1..=1000u64 {
-            r.propose(token, numbered_put(token, &value)).unwrap();
+            r.propose(token, numbered_put(token, &value), SessionTag::default())
+                .unwrap();
             r.flush(&mut out);
             r.handle_ready(&mut out).unwrap();
             run_syncs(&mut r, &mut out);
@@ -473,7 +484,8 @@ mod group_commit_tests {
         let value = Bytes::from(vec![b'v'; 4096]);
         let mut in_flight: Option<SyncJob> = None;
         for token in 1..=1000u64 {
-            r.propose(token, numbered_put(token, &value)).unwrap();
+            r.propose(token, numbered_put(token, &value), SessionTag::default())
+                .unwrap();
             if token % 7 == 0 {
                 r.flush(&mut out);
                 r.handle_ready(&mut out).unwrap();
@@ -552,7 +564,8 @@ mod memory_store_tests {
     fn propose_puts(r: &mut MemReplica, out: &mut MemOutput, tokens: std::ops::Range<u64>) {
         let value = Bytes::from_static(b"v");
         for token in tokens {
-            r.propose(token, numbered_put(token, &value)).unwrap();
+            r.propose(token, numbered_put(token, &value), SessionTag::default())
+                .unwrap();
         }
         r.flush(out);
         r.handle_ready(out).unwrap();

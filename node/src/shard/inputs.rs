@@ -10,9 +10,11 @@ use corekv_transport::LinkEvent;
 use corekv_wal::SyncOutcome;
 use raft::prelude::Message;
 
+use crate::command;
 use crate::helper::Helper;
 use crate::inbox::Inbox;
 use crate::metrics;
+use crate::sessions::SessionTag;
 use crate::shared::CrossCore;
 use crate::snapshot_transfer;
 
@@ -28,6 +30,9 @@ pub(super) struct Route {
     /// Index into `metrics::OPS`; None for a request without an operation.
     pub(super) op: Option<usize>,
     pub(super) started: Instant,
+    /// The exactly-once session the request names, carried along when it
+    /// is handed to another shard or forwarded to the leader.
+    pub(super) tag: SessionTag,
 }
 
 impl Route {
@@ -36,6 +41,7 @@ impl Route {
             dest,
             op: request.op.as_ref().map(metrics::op_index),
             started: Instant::now(),
+            tag: command::tag_of(request),
         }
     }
 }

@@ -128,9 +128,9 @@ pub async fn run(
     }
     let snap_dir = data_dir::snapshot_dir(&config.data_dir, shard);
     // Start-up, before the shard serves: reading the snapshot here blocks nobody.
-    let loaded = snapshot::load_latest(&snap_dir).map(|(meta, map, path)| {
+    let loaded = snapshot::load_latest(&snap_dir).map(|(meta, image, path)| {
         tracing::info!(shard, index = meta.index, term = meta.term, file = %path.display(), "snapshot loaded");
-        LoadedSnapshot { meta, map }
+        LoadedSnapshot { meta, image }
     });
     let tick_ms = config.tick_ms.max(1);
     let request_timeout_ticks = config.request_timeout_ms.div_ceil(tick_ms).max(1);

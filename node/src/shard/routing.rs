@@ -44,7 +44,11 @@ impl Shard {
             Op::Get(g) => Some(&g.key),
             Op::Delete(d) => Some(&d.key),
             Op::Cas(c) => Some(&c.key),
-            Op::Scan(_) | Op::Topology(_) | Op::Status(_) | Op::TransferLeader(_) => None,
+            Op::Scan(_)
+            | Op::Topology(_)
+            | Op::Status(_)
+            | Op::TransferLeader(_)
+            | Op::OpenSession(_) => None,
         };
         if let Some(key) = key {
             if let Err(result) = self.check_sizes(key, &op) {
@@ -120,9 +124,21 @@ impl Shard {
                     self.answer(&route, result);
                 }
             }
-            Op::Put(_) | Op::Delete(_) | Op::Cas(_) => {
+            Op::OpenSession(ref open) if open.shard != self.local.shard => {
+                let target = open.shard;
+                if target >= self.node.config.shards {
+                    let message = format!("no shard {target}");
+                    self.answer(
+                        &route,
+                        state_machine::error(ErrorCode::WrongShard, &message),
+                    );
+                } else {
+                    self.hand_over(target, route, op, no_forward);
+                }
+            }
+            Op::Put(_) | Op::Delete(_) | Op::Cas(_) | Op::OpenSession(_) => {
                 let token = self.token(route.clone());
-                if let Err(not_leader) = self.replica.propose(token, op.clone()) {
+                if let Err(not_leader) = self.replica.propose(token, op.clone(), route.tag) {
                     self.routes.remove(&token);
                     self.not_leader(route, op, not_leader, no_forward);
                 }
@@ -201,6 +217,9 @@ impl Shard {
                 id,
                 no_forward,
                 op: Some(op),
+                session_id: route.tag.session_id,
+                sequence: route.tag.sequence,
+                acked_below: route.tag.acked_below,
             },
         };
         if self.node.cross[owner as usize].try_send(message).is_err() {
@@ -259,6 +278,9 @@ impl Shard {
                     id,
                     no_forward: true,
                     op: Some(op),
+                    session_id: route.tag.session_id,
+                    sequence: route.tag.sequence,
+                    acked_below: route.tag.acked_below,
                 }),
             })),
         });

@@ -71,14 +71,14 @@ impl Shard {
     /// Hands blocking snapshot work (writing one, deleting what it made
     /// obsolete) to the shard's helper thread.
     pub(super) fn handle_snapshot_outputs(&mut self, out: &mut Output) {
-        if let Some((meta, map)) = out.snapshot_to_write.take() {
+        if let Some((meta, image)) = out.snapshot_to_write.take() {
             let dir = self.snap_dir.clone();
             let reply = self.node.cross[self.local.shard as usize].clone();
             let submitted = self.local.helper.submit(move || {
-                let result = snapshot::write(&dir, &meta, &map).map(|path| (meta, path));
-                // Dropping the map here, off the shard thread, frees what
+                let result = snapshot::write(&dir, &meta, &image).map(|path| (meta, path));
+                // Dropping the view here, off the shard thread, frees what
                 // the shard no longer shares.
-                drop(map);
+                drop(image);
                 let _ = reply.send(CrossCore::SnapshotWritten(result));
             });
             if submitted.is_err() {
