@@ -65,6 +65,59 @@ fn bench(c: &mut Criterion) {
             black_box(sm.apply(index, &entries[n]))
         })
     });
+    // The same puts in an exactly-once session (what the client library
+    // sends): 64 sessions, each acknowledging all but its last 16 writes.
+    let mut sequences = [0u64; 64];
+    for session in 0..sequences.len() as u64 {
+        index += 1;
+        let open = command::encode(
+            &Op::OpenSession(corekv_proto::client::OpenSession { shard: 0 }),
+            SessionTag::default(),
+        )
+        .expect("a write");
+        let _ = sm.apply(index, &open);
+        sequences[session as usize] = index;
+    }
+    let session_ids = sequences;
+    let mut sequences = [0u64; 64];
+    group.bench_function("apply_put_100k_keys_in_session", |b| {
+        b.iter(|| {
+            index += 1;
+            n = (n + 1) % entries.len();
+            let s = n % session_ids.len();
+            sequences[s] += 1;
+            let tag = SessionTag {
+                session_id: session_ids[s],
+                sequence: sequences[s],
+                acked_below: sequences[s].saturating_sub(16).max(1),
+            };
+            let entry = command::encode(
+                &Op::Put(Put {
+                    key: key(scatter(n as u64 * 7 + 3)),
+                    value: Bytes::from_static(&[0xA5; 256]),
+                }),
+                tag,
+            )
+            .expect("a write");
+            black_box(sm.apply(index, &entry))
+        })
+    });
+    group.bench_function("encode_put_in_session", |b| {
+        b.iter(|| {
+            n = (n + 1) % entries.len();
+            black_box(command::encode(
+                &Op::Put(Put {
+                    key: key(scatter(n as u64 * 7 + 3)),
+                    value: Bytes::from_static(&[0xA5; 256]),
+                }),
+                SessionTag {
+                    session_id: 1,
+                    sequence: n as u64,
+                    acked_below: 1,
+                },
+            ))
+        })
+    });
     let keys: Vec<Bytes> = (0..4096).map(|i| key(scatter(i * 13 + 1))).collect();
     group.bench_function("get_100k_keys", |b| {
         b.iter(|| {
