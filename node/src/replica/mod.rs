@@ -22,6 +22,11 @@ use crate::snapshot::SnapshotMeta;
 use crate::state_machine::{self, Image, StateMachine};
 use crate::storage::RaftStorage;
 
+/// Requests a replica holds at once (writes waiting to commit and apply,
+/// reads waiting for their round); past it new ones are answered
+/// UNAVAILABLE at once.
+pub const MAX_PENDING_REQUESTS: usize = 64 * 1024;
+
 /// Verified snapshots kept while raft decides which one to install.
 const MAX_RECEIVED_SNAPSHOTS: usize = 2;
 
@@ -207,8 +212,8 @@ pub struct Replica<L: LogStore = Wal> {
     options: ReplicaOptions,
     ticks: u64,
     /// Proposals of this loop turn, stepped into raft as one batch by
-    /// `flush`; `None` for an operation that is not a write.
-    queued_proposals: Vec<(Token, Option<Bytes>)>,
+    /// `flush`; an `Err` is answered instead (not a write, too many pending).
+    queued_proposals: Vec<(Token, Result<Bytes, response::Result>)>,
     /// Proposed entries by log index, waiting to be applied.
     pending_writes: BTreeMap<u64, PendingWrite>,
     /// Linearizable reads of this turn, waiting for one ReadIndex round.
@@ -482,8 +487,13 @@ impl<L: LogStore> Replica<L> {
                 leader_id: self.leader_id(),
             });
         }
-        self.queued_proposals
-            .push((token, crate::command::encode(&op, tag)));
+        let entry = if self.pending_requests() >= MAX_PENDING_REQUESTS {
+            Err(self.too_many_pending())
+        } else {
+            crate::command::encode(&op, tag)
+                .ok_or_else(|| state_machine::error(ErrorCode::InvalidArgument, "not a write"))
+        };
+        self.queued_proposals.push((token, entry));
         Ok(())
     }
 
@@ -507,6 +517,11 @@ impl<L: LogStore> Replica<L> {
                 leader_id: self.leader_id(),
             });
         }
+        if self.pending_requests() >= MAX_PENDING_REQUESTS {
+            let result = self.too_many_pending();
+            out.replies.push(Reply { token, result });
+            return Ok(());
+        }
         let read = PendingRead {
             token,
             op,
@@ -520,6 +535,27 @@ impl<L: LogStore> Replica<L> {
         Ok(())
     }
 
+    /// Writes and read rounds this replica holds (a read round counts once:
+    /// its reads arrived in one turn, which the shard's inbox bounds).
+    fn pending_requests(&self) -> usize {
+        self.pending_writes.len()
+            + self.queued_proposals.len()
+            + self.queued_reads.len()
+            + self.queued_lease_reads.len()
+            + self.read_rounds.len()
+            + self.reads_awaiting_apply.len()
+    }
+
+    fn too_many_pending(&self) -> response::Result {
+        state_machine::error(
+            ErrorCode::Unavailable,
+            &format!(
+                "shard {} holds {MAX_PENDING_REQUESTS} pending requests; try again shortly",
+                self.options.shard
+            ),
+        )
+    }
+
     /// Hands this turn's writes to raft as one batch and starts this turn's
     /// read rounds. Called once per loop turn, before [`Replica::handle_ready`].
     pub fn flush(&mut self, out: &mut Output<L::SyncJob>) {
@@ -531,27 +567,24 @@ impl<L: LogStore> Replica<L> {
         if self.queued_proposals.is_empty() {
             return;
         }
-        let mut proposals = std::mem::take(&mut self.queued_proposals);
-        proposals.retain(|(token, data)| {
-            if data.is_none() {
-                out.replies.push(Reply {
-                    token: *token,
-                    result: state_machine::error(ErrorCode::InvalidArgument, "not a write"),
-                });
+        let mut proposals = Vec::with_capacity(self.queued_proposals.len());
+        for (token, entry) in std::mem::take(&mut self.queued_proposals) {
+            match entry {
+                Ok(data) => proposals.push((token, data)),
+                Err(result) => out.replies.push(Reply { token, result }),
             }
-            data.is_some()
-        });
+        }
         if proposals.is_empty() {
             return;
         }
         let mut message = Message::default();
         message.set_msg_type(MessageType::MsgPropose);
         message.from = self.options.node_id;
-        let (tokens, datas): (Vec<Token>, Vec<Option<Bytes>>) = proposals.into_iter().unzip();
+        let (tokens, datas): (Vec<Token>, Vec<Bytes>) = proposals.into_iter().unzip();
         let entries: Vec<Entry> = datas
             .into_iter()
             .map(|data| Entry {
-                data: data.unwrap_or_default(),
+                data,
                 ..Default::default()
             })
             .collect();

@@ -643,4 +643,25 @@ mod memory_store_tests {
         mem_run_syncs(&mut r, &mut out);
         assert_eq!(acknowledged(&mut out).len(), 1);
     }
+
+    #[test]
+    fn requests_past_the_pending_bound_are_answered_at_once() {
+        let disk = MemDisk::new();
+        let (mut r, mut out) = mem_leader(&disk);
+        let total = MAX_PENDING_REQUESTS as u64 + 3;
+        propose_puts(&mut r, &mut out, 1..total + 1);
+        let refused: Vec<u64> = out
+            .replies
+            .iter()
+            .filter(|reply| {
+                matches!(&reply.result, response::Result::Error(e)
+                    if e.code == ErrorCode::Unavailable as i32 && e.message.contains("pending requests"))
+            })
+            .map(|reply| reply.token)
+            .collect();
+        assert_eq!(refused.len(), 3, "exactly the requests past the bound");
+        assert!(refused.iter().all(|t| *t > MAX_PENDING_REQUESTS as u64));
+        mem_run_syncs(&mut r, &mut out);
+        assert_eq!(acknowledged(&mut out).len(), MAX_PENDING_REQUESTS);
+    }
 }

@@ -19,6 +19,10 @@ use super::client_conn::CutReason;
 use super::inputs::{ConnId, Dest, Route};
 use super::Shard;
 
+/// Requests a follower's shard forwards to its leader at once; past it they
+/// are answered UNAVAILABLE (the client retries, or goes to the leader).
+const MAX_FORWARDED_REQUESTS: usize = 64 * 1024;
+
 impl Shard {
     pub(super) fn handle_request(
         &mut self,
@@ -267,6 +271,17 @@ impl Shard {
                 );
             }
             self.answer(&route, response::Result::Error(error));
+            return;
+        }
+        if self.forwarded.len() >= MAX_FORWARDED_REQUESTS {
+            let message = format!(
+                "{MAX_FORWARDED_REQUESTS} requests of shard {} are already forwarded to the leader; try again shortly",
+                self.local.shard
+            );
+            self.answer(
+                &route,
+                state_machine::error(ErrorCode::Unavailable, &message),
+            );
             return;
         }
         let id = self.next_forward_id;
