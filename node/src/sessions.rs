@@ -20,7 +20,7 @@ use corekv_proto::error_result as error;
 use imbl::OrdMap;
 
 /// Sessions a shard keeps; opening one more evicts the least recently used.
-pub const MAX_SESSIONS: usize = 4096;
+pub const MAX_SESSIONS: usize = 16 * 1024;
 /// Results of one session the client has not yet acknowledged; a write past
 /// it is refused (a client pipelines at most
 /// `max_requests_in_flight_per_connection` writes anyway).
