@@ -3,7 +3,7 @@
 
 use super::*;
 use crate::sessions::SessionTag;
-use corekv_proto::client::{Consistency, Get, Put};
+use corekv_proto::client::{request::Op, Consistency, ErrorCode, Get, Put};
 use corekv_wal::WalOptions;
 
 /// Three replicas in one thread: a simulated network (a queue of

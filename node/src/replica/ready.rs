@@ -1,0 +1,271 @@
+//! Raft's Readys turned into work: messages out, committed entries and
+//! configuration changes applied, entries appended to the log store, and the
+//! persistence bookkeeping that lets held messages leave once a sync has
+//! made their Ready durable.
+
+use protobuf::Message as _;
+use raft::prelude::{ConfChange, ConfChangeV2, ConfState, Entry, EntryType, Message, MessageType};
+use raft::StateRole;
+
+use crate::log_store::LogStore;
+
+use super::{Output, Replica, ReplicaError, RoleChange};
+
+/// A Ready handed to raft whose persistence is not yet reported.
+pub(super) struct Unpersisted {
+    number: u64,
+    /// Messages that may leave only once it is persisted.
+    messages: Vec<Message>,
+    /// raft-rs's `must_sync`: it holds entries, a snapshot, or a new term
+    /// or vote. A Ready that only moved the commit index needs no fsync
+    /// (the commit index is recovered from the log), only its turn.
+    must_sync: bool,
+}
+
+impl<L: LogStore> Replica<L> {
+    /// Handles every Ready raft has, in raft-rs's order: send messages, apply
+    /// committed entries, append to the WAL, queue the persisted messages
+    /// behind a sync. Starts a sync if none is in flight.
+    pub fn handle_ready(&mut self, out: &mut Output<L::SyncJob>) -> Result<(), ReplicaError> {
+        while self.raw.has_ready() {
+            let mut ready = self.raw.ready();
+            if let Some(ss) = ready.ss() {
+                self.on_role(ss.raft_state, ss.leader_id, out);
+            }
+            // A leader may send before its own append is durable (raft
+            // thesis 10.2.1); these are never votes or acks of our log.
+            out.messages.extend(ready.take_messages());
+            if !ready.snapshot().is_empty() {
+                let metadata = ready.snapshot().get_metadata().clone();
+                self.install_snapshot(&metadata, out)?;
+            }
+            for read_state in ready.take_read_states() {
+                self.on_read_state(read_state.index, &read_state.request_ctx);
+            }
+            self.apply(ready.take_committed_entries(), out)?;
+            self.maybe_snapshot(out);
+            // Entries and hard state go to the WAL in one turn; they become
+            // durable together with the next sync.
+            let store = self.raw.mut_store();
+            store.append(ready.entries()).map_err(|e| self.fatal(e))?;
+            if let Some(hs) = ready.hs() {
+                let store = self.raw.mut_store();
+                store.set_hard_state(hs).map_err(|e| self.fatal(e))?;
+            }
+            // raft-rs holds every message of a non-leader until the Ready is
+            // durable. A heartbeat response promises nothing about our log or
+            // vote (etcd's raft sends it at once too; only append and vote
+            // responses wait), and held behind a slow sync it would make the
+            // leader believe it lost its quorum and step down.
+            let (heartbeat_responses, messages): (Vec<Message>, Vec<Message>) = ready
+                .take_persisted_messages()
+                .into_iter()
+                .partition(|m| m.get_msg_type() == MessageType::MsgHeartbeatResponse);
+            out.messages.extend(heartbeat_responses);
+            self.last_ready_number = ready.number();
+            let unpersisted = Unpersisted {
+                number: ready.number(),
+                messages,
+                must_sync: ready.must_sync(),
+            };
+            self.raw.advance_append_async(ready);
+            self.report_applied();
+            self.unpersisted.push_back(unpersisted);
+            self.serve_applied_reads(out);
+        }
+        // Readys appended while the previous sync was in flight wait for the
+        // next one, even if raft has nothing new to say.
+        self.maybe_sync(out)?;
+        if self.raw.has_ready() {
+            return self.handle_ready(out);
+        }
+        Ok(())
+    }
+
+    /// Marks the sync handed out earlier as finished: raft learns its
+    /// entries are durable and the messages that waited for it may leave.
+    pub fn on_synced(
+        &mut self,
+        outcome: L::SyncOutcome,
+        out: &mut Output<L::SyncJob>,
+    ) -> Result<(), ReplicaError> {
+        self.raw
+            .mut_store()
+            .wal_mut()
+            .finish_sync(outcome)
+            .map_err(|e| self.fatal(e))?;
+        let covered = self
+            .sync_in_flight
+            .take()
+            .expect("on_synced called without a sync in flight");
+        self.persisted_through(covered, out);
+        self.handle_ready(out)
+    }
+
+    /// True while a sync job handed out is not yet finished.
+    pub fn sync_in_flight(&self) -> bool {
+        self.sync_in_flight.is_some()
+    }
+
+    /// Finishes the sync in flight without handling new Readys (shutdown):
+    /// the messages that waited for it still leave.
+    pub fn finish_sync_only(
+        &mut self,
+        outcome: L::SyncOutcome,
+        out: &mut Output<L::SyncJob>,
+    ) -> Result<(), ReplicaError> {
+        self.raw
+            .mut_store()
+            .wal_mut()
+            .finish_sync(outcome)
+            .map_err(|e| self.fatal(e))?;
+        if let Some(covered) = self.sync_in_flight.take() {
+            self.persisted_through(covered, out);
+        }
+        Ok(())
+    }
+
+    /// The last sync before exit: whatever was appended becomes durable.
+    pub fn begin_final_sync(&mut self) -> Result<Option<L::SyncJob>, ReplicaError> {
+        self.raw
+            .mut_store()
+            .wal_mut()
+            .begin_sync()
+            .map_err(|e| self.fatal(e))
+    }
+
+    /// Completes [`Replica::begin_final_sync`].
+    pub fn finish_final_sync(&mut self, outcome: L::SyncOutcome) -> Result<(), ReplicaError> {
+        self.raw
+            .mut_store()
+            .wal_mut()
+            .finish_sync(outcome)
+            .map_err(|e| self.fatal(e))
+    }
+
+    fn maybe_sync(&mut self, out: &mut Output<L::SyncJob>) -> Result<(), ReplicaError> {
+        if self.sync_in_flight.is_some() {
+            return Ok(());
+        }
+        let mut newest = self.unpersisted.back().map(|u| u.number);
+        if !self.unpersisted.iter().any(|u| u.must_sync) {
+            // Commit-only Readys: nothing raft needs durable before they count.
+            if let Some(newest) = newest.take() {
+                self.persisted_through(newest, out);
+            }
+            if !self.marker_unsynced {
+                return Ok(());
+            }
+        }
+        self.marker_unsynced = false;
+        let job = self
+            .raw
+            .mut_store()
+            .wal_mut()
+            .begin_sync()
+            .map_err(|e| self.fatal(e))?;
+        match (job, newest) {
+            (Some(job), newest) => {
+                // A sync for a marker alone covers the newest Ready handled,
+                // which is already persisted: raft ignores it a second time.
+                self.sync_in_flight = Some(newest.unwrap_or(self.last_ready_number));
+                out.sync = Some(job);
+            }
+            // Nothing unsynced: whatever these readys wrote is already durable.
+            (None, Some(newest)) => self.persisted_through(newest, out),
+            (None, None) => {}
+        }
+        Ok(())
+    }
+
+    /// Tells raft how far the state machine got. raft-rs refuses an applied
+    /// index past what is persisted, and an installed snapshot is applied
+    /// before it is, so the report waits for the persistence to catch up.
+    fn report_applied(&mut self) {
+        let log = &self.raw.raft.raft_log;
+        let limit = log.committed.min(log.persisted);
+        let applied = self.state_machine.applied_index().min(limit);
+        if applied > log.applied {
+            self.raw.advance_apply_to(applied);
+        }
+    }
+
+    fn persisted_through(&mut self, number: u64, out: &mut Output<L::SyncJob>) {
+        self.raw.on_persist_ready(number);
+        self.report_applied();
+        while let Some(front) = self.unpersisted.front() {
+            if front.number > number {
+                break;
+            }
+            let done = self.unpersisted.pop_front().expect("front exists");
+            out.messages.extend(done.messages);
+        }
+    }
+
+    fn on_role(&mut self, role: StateRole, leader_id: u64, out: &mut Output<L::SyncJob>) {
+        let was_leader = self.role == StateRole::Leader;
+        self.role = role;
+        self.leader_id = leader_id;
+        out.role_changes.push(RoleChange {
+            role,
+            term: self.raw.raft.term,
+            leader_id,
+        });
+        if was_leader && role != StateRole::Leader {
+            self.fail_all_pending(out, "leadership changed while the request was pending");
+        }
+    }
+
+    fn apply(
+        &mut self,
+        entries: Vec<Entry>,
+        out: &mut Output<L::SyncJob>,
+    ) -> Result<(), ReplicaError> {
+        for entry in entries {
+            let index = entry.index;
+            match entry.get_entry_type() {
+                EntryType::EntryNormal if entry.data.is_empty() => {
+                    // A new leader's empty entry.
+                    self.state_machine.skip(index);
+                }
+                EntryType::EntryNormal => {
+                    self.applied_since_snapshot.0 += 1;
+                    self.applied_since_snapshot.1 += entry.data.len() as u64;
+                    let result = self.state_machine.apply(index, &entry.data);
+                    self.answer_write(index, entry.term, result, out);
+                }
+                EntryType::EntryConfChange | EntryType::EntryConfChangeV2 => {
+                    self.state_machine.skip(index);
+                    self.apply_conf_change(&entry)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn apply_conf_change(&mut self, entry: &Entry) -> Result<(), ReplicaError> {
+        let conf_state: ConfState = if entry.get_entry_type() == EntryType::EntryConfChangeV2 {
+            let mut change = ConfChangeV2::default();
+            if change.merge_from_bytes(&entry.data).is_err() {
+                return Ok(());
+            }
+            match self.raw.apply_conf_change(&change) {
+                Ok(cs) => cs,
+                Err(_) => return Ok(()),
+            }
+        } else {
+            let mut change = ConfChange::default();
+            if change.merge_from_bytes(&entry.data).is_err() {
+                return Ok(());
+            }
+            match self.raw.apply_conf_change(&change) {
+                Ok(cs) => cs,
+                Err(_) => return Ok(()),
+            }
+        };
+        self.raw
+            .mut_store()
+            .set_conf_state(&conf_state)
+            .map_err(|e| self.fatal(e))
+    }
+}

@@ -1,0 +1,148 @@
+//! Snapshots on the replica: taking one once enough was applied, recording
+//! one once it is durable, and installing one received from the leader.
+
+use corekv_wal::SnapshotMarker;
+use raft::prelude::{Message, MessageType};
+use raft::Storage as _;
+
+use crate::log_store::LogStore;
+use crate::snapshot::SnapshotMeta;
+
+use super::{LoadedSnapshot, Output, Replica, ReplicaError, MAX_RECEIVED_SNAPSHOTS};
+
+impl<L: LogStore> Replica<L> {
+    /// Stashes a verified snapshot received from the leader; raft installs
+    /// it when it steps the MsgSnapshot that came with it. Two transfers may
+    /// finish in one turn, so the newest few are kept until raft picks one.
+    pub fn receive_snapshot(&mut self, snapshot: LoadedSnapshot, message: Message) {
+        let metadata = message.get_snapshot().get_metadata();
+        if message.get_msg_type() != MessageType::MsgSnapshot
+            || (metadata.index, metadata.term) != (snapshot.meta.index, snapshot.meta.term)
+        {
+            tracing::warn!(
+                shard = self.options.shard,
+                index = snapshot.meta.index,
+                "snapshot dropped: its raft message describes another snapshot"
+            );
+            return;
+        }
+        let key = (snapshot.meta.index, snapshot.meta.term);
+        self.received_snapshots
+            .retain(|s| (s.meta.index, s.meta.term) != key);
+        self.received_snapshots.push_back(snapshot);
+        while self.received_snapshots.len() > MAX_RECEIVED_SNAPSHOTS {
+            self.received_snapshots.pop_front();
+        }
+        self.step(message);
+    }
+
+    pub(super) fn install_snapshot(
+        &mut self,
+        metadata: &raft::prelude::SnapshotMetadata,
+        out: &mut Output<L::SyncJob>,
+    ) -> Result<(), ReplicaError> {
+        let position = self
+            .received_snapshots
+            .iter()
+            .position(|r| r.meta.index == metadata.index && r.meta.term == metadata.term);
+        // raft only installs what was stepped in with receive_snapshot.
+        let Some(received) = position.and_then(|p| self.received_snapshots.remove(p)) else {
+            return Err(ReplicaError::SnapshotNotReceived {
+                shard: self.options.shard,
+                index: metadata.index,
+                term: metadata.term,
+            });
+        };
+        self.received_snapshots
+            .retain(|r| r.meta.index > metadata.index);
+        let marker = SnapshotMarker {
+            index: metadata.index,
+            term: metadata.term,
+        };
+        let result = self.raw.mut_store().wal_mut().apply_snapshot_marker(marker);
+        result.map_err(|e| self.fatal(e))?;
+        let store = self.raw.mut_store();
+        let result = store.set_conf_state(metadata.get_conf_state());
+        store.set_latest_snapshot(received.meta.clone());
+        result.map_err(|e| self.fatal(e))?;
+        self.state_machine.restore(metadata.index, received.image);
+        self.applied_since_snapshot = (0, 0);
+        out.snapshot_installed = Some(received.meta);
+        Ok(())
+    }
+
+    pub(super) fn maybe_snapshot(&mut self, out: &mut Output<L::SyncJob>) {
+        let wanted = self.raw.store().take_snapshot_wanted();
+        let (entries, bytes) = self.applied_since_snapshot;
+        let due = entries >= self.options.snapshot_entries || bytes >= self.options.snapshot_bytes;
+        if self.snapshot_in_progress || !(due || wanted) {
+            return;
+        }
+        let index = self.state_machine.applied_index();
+        let Ok(term) = self.raw.store().term(index) else {
+            return;
+        };
+        if index == 0
+            || self
+                .raw
+                .store()
+                .latest_snapshot()
+                .is_some_and(|s| s.index >= index)
+        {
+            return;
+        }
+        let conf = self.raw.raft.prs().conf().to_conf_state();
+        let meta = SnapshotMeta {
+            shard: self.options.shard,
+            index,
+            term,
+            voters: conf.voters.clone(),
+            learners: conf.learners.clone(),
+        };
+        self.snapshot_in_progress = true;
+        self.applied_since_snapshot = (0, 0);
+        out.snapshot_to_write = Some((meta, self.state_machine.view()));
+    }
+
+    /// The snapshot handed out in [`Output::snapshot_to_write`] is durable
+    /// (Ok) or could not be written (Err, retried at the next threshold).
+    /// Durable: the WAL may now drop the entries it covers.
+    pub fn on_snapshot_written(
+        &mut self,
+        result: Result<SnapshotMeta, crate::snapshot::SnapshotError>,
+    ) -> Result<(), ReplicaError> {
+        self.snapshot_in_progress = false;
+        let meta = match result {
+            Ok(meta) => meta,
+            Err(e) => {
+                tracing::error!(shard = self.options.shard, error = %e, "snapshot failed");
+                return Ok(());
+            }
+        };
+        let marker = SnapshotMarker {
+            index: meta.index,
+            term: meta.term,
+        };
+        let result = self.raw.mut_store().wal_mut().apply_snapshot_marker(marker);
+        result.map_err(|e| self.fatal(e))?;
+        self.raw.mut_store().set_latest_snapshot(meta);
+        self.marker_unsynced = true;
+        Ok(())
+    }
+
+    /// Segment files the WAL no longer needs (their entries are covered by a
+    /// durable snapshot); the caller deletes them off the shard thread.
+    pub fn take_obsolete_segments(&mut self) -> Vec<std::path::PathBuf> {
+        self.raw.mut_store().wal_mut().take_obsolete_segments()
+    }
+
+    /// Tells raft how a snapshot transfer to `peer` ended.
+    pub fn report_snapshot(&mut self, peer: u64, ok: bool) {
+        let status = if ok {
+            raft::SnapshotStatus::Finish
+        } else {
+            raft::SnapshotStatus::Failure
+        };
+        self.raw.report_snapshot(peer, status);
+    }
+}
