@@ -457,9 +457,16 @@ impl Client {
     async fn next_write_tag(&self, shard: u32) -> Result<WriteTag, ClientError> {
         if !self.inner.sessions.borrow().contains_key(&shard) {
             let op = Op::OpenSession(corekv_proto::client::OpenSession { shard });
-            let id = match self.routed(shard, op).await? {
-                response::Result::Session(session) => session.session_id,
-                other => return Err(unexpected(other)),
+            let id = match self.routed(shard, op).await {
+                Ok(response::Result::Session(session)) => session.session_id,
+                // A node from before sessions does not know the operation
+                // (during a rolling upgrade): write without a session there.
+                Err(ClientError::Server {
+                    code: ErrorCode::InvalidArgument,
+                    ..
+                }) => return Ok(WriteTag::default()),
+                Ok(other) => return Err(unexpected(other)),
+                Err(e) => return Err(e),
             };
             // Another task of this client may have opened one meanwhile.
             self.inner
