@@ -56,9 +56,11 @@ impl ClientConn {
         self.last_active.set(now);
     }
 
-    /// Queues the answer to one request. `Err` with the bytes queued when
-    /// the queue is full: the caller cuts the connection off.
-    pub(super) fn answer(&self, frame: Bytes, now: Instant) -> Result<(), usize> {
+    /// Queues the answer to one request, encoded by `frame` only if the
+    /// connection is still open (a large answer for a connection already cut
+    /// off is never built). `Err` with the bytes queued when the queue is
+    /// full: the caller cuts the connection off.
+    pub(super) fn answer(&self, frame: impl FnOnce() -> Bytes, now: Instant) -> Result<(), usize> {
         self.in_flight.set(self.in_flight.get().saturating_sub(1));
         self.last_active.set(now);
         self.wake_reader();
@@ -66,7 +68,7 @@ impl ClientConn {
             return Ok(());
         }
         self.sender
-            .send(frame)
+            .send(frame())
             .map_err(|_| self.sender.queued_bytes())
     }
 
