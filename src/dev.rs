@@ -52,6 +52,33 @@ pub fn node_ports(base: u16, i: u64) -> anyhow::Result<(u16, u16, u16)> {
     Ok((client as u16, peer as u16, admin as u16))
 }
 
+/// Fails, naming the port and the node, if any port a node of `configs`
+/// would listen on is taken.
+pub fn check_ports_free(configs: &[Config]) -> anyhow::Result<()> {
+    for config in configs {
+        let node = config.node_id;
+        let mut ports: Vec<(u32, &str)> = (0..config.shards)
+            .flat_map(|s| {
+                [
+                    (u32::from(config.client_port) + s, "client"),
+                    (u32::from(config.peer_port) + s, "peer"),
+                ]
+            })
+            .collect();
+        ports.push((u32::from(config.admin_port), "admin"));
+        for (port, what) in ports {
+            let port = u16::try_from(port)?;
+            if let Err(e) = std::net::TcpListener::bind((config.listen_host.as_str(), port)) {
+                bail!(
+                    "{what} port {port} of node {node} is not free ({e}); another cluster \
+                     may be running there: stop it or choose another --port-base"
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
 /// The configs of a dev cluster.
 pub fn configs(args: &DevArgs) -> anyhow::Result<Vec<Config>> {
     if args.nodes == 0 {
@@ -182,6 +209,9 @@ pub fn run(args: DevArgs) -> anyhow::Result<()> {
     signal_hook::flag::register(libc::SIGTERM, stop.clone())?;
     signal_hook::flag::register(libc::SIGINT, stop.clone())?;
 
+    // A second cluster on the same ports would fail to bind, and the
+    // readiness check (and any client) would then talk to the first one.
+    check_ports_free(&configs(&args)?)?;
     let exe = std::env::current_exe().context("cannot find the corekv executable")?;
     let mut children = Children(Vec::new());
     for (i, path) in paths.iter().enumerate() {
@@ -365,5 +395,19 @@ mod tests {
                 vec![vec![cores[0]], vec![cores[1]], vec![cores[2 % cores.len()]]]
             );
         }
+    }
+
+    #[test]
+    fn a_taken_port_is_named_before_any_node_starts() {
+        let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = taken.local_addr().unwrap().port();
+        let mut args = args(1);
+        // Node 1's client port is base + 100.
+        args.port_base = port - 100;
+        let configs = configs(&args).unwrap();
+        let error = check_ports_free(&configs).unwrap_err().to_string();
+        assert!(error.contains("is not free"), "{error}");
+        assert!(error.contains("--port-base"), "{error}");
+        drop(taken);
     }
 }
