@@ -98,7 +98,7 @@ impl Sessions {
 
     /// Decides about a write of a session, applied at `index`.
     pub fn admit(&mut self, index: u64, tag: SessionTag) -> Admission {
-        let Some(mut session) = self.by_id.remove(&tag.session_id) else {
+        let Some(session) = self.by_id.get_mut(&tag.session_id) else {
             return Admission::Refuse(error(
                 ErrorCode::SessionExpired,
                 &format!(
@@ -110,15 +110,14 @@ impl Sessions {
         self.by_last_used.remove(&session.last_used);
         session.last_used = index;
         self.by_last_used.insert(index, tag.session_id);
-        let forgotten: Vec<u64> = session
-            .results
-            .range(..tag.acked_below)
-            .map(|(sequence, _)| *sequence)
-            .collect();
-        for sequence in forgotten {
-            session.results.remove(&sequence);
+        // Results are kept in order: the forgotten ones are a prefix.
+        while let Some(oldest) = session.results.get_min().map(|(sequence, _)| *sequence) {
+            if oldest >= tag.acked_below {
+                break;
+            }
+            session.results.remove(&oldest);
         }
-        let admission = if let Some(result) = session.results.get(&tag.sequence) {
+        if let Some(result) = session.results.get(&tag.sequence) {
             Admission::Repeat(result.clone())
         } else if tag.sequence < tag.acked_below {
             Admission::Refuse(error(
@@ -138,9 +137,7 @@ impl Sessions {
             ))
         } else {
             Admission::Apply
-        };
-        self.by_id.insert(tag.session_id, session);
-        admission
+        }
     }
 
     /// Keeps the result of a write that was applied.
