@@ -60,9 +60,11 @@ impl ClientConn {
     /// connection is still open (a large answer for a connection already cut
     /// off is never built). `Err` with the bytes queued when the queue is
     /// full: the caller cuts the connection off.
-    pub(super) fn answer(&self, frame: impl FnOnce() -> Bytes, now: Instant) -> Result<(), usize> {
+    /// Activity is stamped when a request is read, not when it is answered:
+    /// an answer comes within `request_timeout_ms`, far inside the idle
+    /// timeout, so one clock read per request is enough.
+    pub(super) fn answer(&self, frame: impl FnOnce() -> Bytes) -> Result<(), usize> {
         self.in_flight.set(self.in_flight.get().saturating_sub(1));
-        self.last_active.set(now);
         self.wake_reader();
         if self.cut.get().is_some() {
             return Ok(());

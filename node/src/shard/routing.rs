@@ -397,8 +397,7 @@ impl Shard {
         let Some(client) = self.local.conns.borrow().get(&conn).cloned() else {
             return;
         };
-        let Err(queued_bytes) = client.answer(|| encode_frame_bytes(response), Instant::now())
-        else {
+        let Err(queued_bytes) = client.answer(|| encode_frame_bytes(response)) else {
             return;
         };
         // A client that does not read its answers loses its connection
