@@ -378,6 +378,30 @@ pub fn prune(dir: &Path) {
             tracing::warn!(file = %path.display(), error = %e, "cannot delete old snapshot");
         }
     }
+    for path in stray_temp_files(dir) {
+        if let Err(e) = fs::remove_file(&path) {
+            tracing::warn!(file = %path.display(), error = %e, "cannot delete a stray snapshot temp file");
+        }
+    }
+}
+
+/// Temp files nothing will finish: snapshot writes cut short (they run on
+/// the helper thread, as prune does, so none is in progress now) and
+/// incoming transfers of earlier processes. This process's own transfers
+/// (`receiving-{pid}-*`) may be in progress and are left alone.
+fn stray_temp_files(dir: &Path) -> Vec<PathBuf> {
+    let ours = format!("receiving-{}-", std::process::id());
+    let Ok(entries) = fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .map(|entry| entry.path())
+        .filter(|path| {
+            let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+            name.ends_with(".tmp") && !name.starts_with(&ours)
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -542,5 +566,25 @@ mod tests {
         assert_eq!(meta2, meta);
         assert_eq!(image2.map, image.map);
         assert!(image2.sessions.is_empty());
+    }
+
+    #[test]
+    fn prune_deletes_stray_temp_files_but_not_a_transfer_in_progress() {
+        let dir = tempfile::tempdir().unwrap();
+        let (meta, image) = sample();
+        let kept = write(dir.path(), &meta, &image).unwrap();
+        let mine = dir
+            .path()
+            .join(format!("receiving-{}-7.tmp", std::process::id()));
+        let stray = [
+            dir.path().join("receiving-1-3.tmp"),
+            dir.path().join(format!("{}.tmp", file_name(9, 1))),
+        ];
+        for path in stray.iter().chain([&mine]) {
+            fs::write(path, b"partial").unwrap();
+        }
+        prune(dir.path());
+        assert!(kept.exists() && mine.exists());
+        assert!(stray.iter().all(|p| !p.exists()));
     }
 }

@@ -359,8 +359,7 @@ async fn receive_file<R: AsyncReadRent>(
     let (index, term, message) = match written {
         Ok(first) => first,
         Err(e) => {
-            // A rare error path; unlinking one file is cheap enough here.
-            let _ = std::fs::remove_file(&tmp);
+            remove_off_thread(helper, tmp);
             return Err(e);
         }
     };
@@ -390,8 +389,7 @@ async fn receive_file<R: AsyncReadRent>(
         let _ = tx.send(result);
     });
     if let Err(busy) = submitted {
-        // A rare error path; unlinking one file is cheap enough here.
-        let _ = std::fs::remove_file(&cleanup);
+        remove_off_thread(helper, cleanup);
         return Err(busy.into());
     }
     let (meta, image) = rx.await.map_err(|_| TransferError::VerifierDied)??;
@@ -460,4 +458,12 @@ async fn write_chunks<R: AsyncReadRent>(
     }
     file.sync_all().await.map_err(file_error(tmp, "fsync"))?;
     Ok(first.expect("at least one chunk was read"))
+}
+
+/// Deletes a broken transfer's temp file on the helper thread. If the helper
+/// has no room the file stays; `snapshot::prune` deletes it later.
+fn remove_off_thread(helper: &Helper, path: PathBuf) {
+    let _ = helper.submit(move || {
+        let _ = std::fs::remove_file(&path);
+    });
 }
