@@ -52,9 +52,7 @@ impl ForgedPeer {
     }
 
     fn send(&mut self, frame: &PeerFrame) {
-        let body = frame.encode_to_vec();
-        let mut bytes = (body.len() as u32).to_be_bytes().to_vec();
-        bytes.extend_from_slice(&body);
+        let bytes = corekv_transport::encode_frame_bytes(frame);
         self.stream.write_all(&bytes).expect("send peer frame");
     }
 

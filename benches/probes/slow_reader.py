@@ -210,7 +210,10 @@ def main():
     for p in putters:
         p.start()
     sampler.start()
-    time.sleep(1)  # connections up, first puts done
+    # Connections up: every put client has had an answer (or 30 s passed).
+    deadline = time.monotonic() + 30
+    while len(samples) < len(putters) and time.monotonic() < deadline:
+        time.sleep(0.01)
     mark()
     time.sleep(args.phase_seconds)
     mark()
