@@ -89,16 +89,11 @@ impl<L: LogStore> Replica<L> {
         outcome: L::SyncOutcome,
         out: &mut Output<L::SyncJob>,
     ) -> Result<(), ReplicaError> {
-        self.raw
-            .mut_store()
-            .wal_mut()
-            .finish_sync(outcome)
-            .map_err(|e| self.fatal(e))?;
-        let covered = self
-            .sync_in_flight
-            .take()
-            .expect("on_synced called without a sync in flight");
-        self.persisted_through(covered, out);
+        assert!(
+            self.sync_in_flight.is_some(),
+            "on_synced called without a sync in flight"
+        );
+        self.finish_sync_only(outcome, out)?;
         self.handle_ready(out)
     }
 

@@ -439,9 +439,6 @@ impl Shard {
                 self.metrics.connections.closed_idle.inc();
             }
         }
-        if !self.local.conns.borrow().is_empty() {
-            tracing::trace!(shard = self.local.shard, "idle connection sweep done");
-        }
     }
 
     pub(super) fn topology(&self) -> TopologyResult {
