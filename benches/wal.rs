@@ -56,7 +56,7 @@ fn append(wal: &mut Wal, batch: usize, data: &[u8]) {
             data,
         })
         .collect();
-    wal.append_entries(&entries).expect("append");
+    wal.append_entries_waiting(&entries).expect("append");
 }
 
 /// Drops everything appended so far and deletes the covered segments.

@@ -471,6 +471,10 @@ async fn status(client: &Client, json: bool) -> ExitCode {
                         if lag > STATUS_LAG_MARK {
                             marks.push_str("  LAGGING");
                         }
+                        if !s.disk_full.is_empty() {
+                            marks.push_str("  DISK FULL: ");
+                            marks.push_str(&s.disk_full);
+                        }
                         rows.push(format!(
                             "{node_id:<5} {:<5} {:<13} {:<6} {:<6} {:<8} {:<8} {:<8}{marks}",
                             s.shard,
@@ -481,15 +485,7 @@ async fn status(client: &Client, json: bool) -> ExitCode {
                             s.applied_index,
                             lag,
                         ));
-                        json!({
-                            "shard": s.shard,
-                            "role": Role::from_wire(s.role).as_str(),
-                            "term": s.term,
-                            "leader_id": s.leader_id,
-                            "commit_index": s.commit_index,
-                            "applied_index": s.applied_index,
-                            "last_index": s.last_index,
-                        })
+                        corekv_node::admin::shard_status_json(s)
                     })
                     .collect();
                 nodes.push(json!({ "node_id": node_id, "client_addr": addr, "shards": shards }));

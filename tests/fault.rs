@@ -38,7 +38,7 @@ fn kill9_leader_during_writes_loses_nothing_acknowledged() {
     let mut cluster = Cluster::start(3, 2);
     cluster.wait_for_leaders();
     let shard = 0;
-    let before = wait_for_agreed_leaders(&mut cluster)[shard];
+    let before = wait_for_agreed_leaders(&mut cluster)[shard].clone();
     let (victim, term_before) = (before.leader_id, before.term);
 
     let acked = Arc::new([AtomicU64::new(0), AtomicU64::new(0)]);
@@ -117,7 +117,7 @@ fn failover_time_over_ten_leader_kills() {
         let key = format!("round-{round}");
         put_one(&cluster.endpoints(), &key, &key);
         written.push(key);
-        let before = wait_for_agreed_leaders(&mut cluster)[0];
+        let before = wait_for_agreed_leaders(&mut cluster)[0].clone();
         let (leader, term) = (before.leader_id, before.term);
 
         let killed = Instant::now();
@@ -534,7 +534,7 @@ fn partitioned_leader_steps_down_serves_nothing_stale_and_rejoins_quietly() {
         cluster.proxy.forwarded_bytes() > 0,
         "peer traffic must go through the proxy"
     );
-    let old = wait_for_agreed_leaders(&mut cluster)[shard];
+    let old = wait_for_agreed_leaders(&mut cluster)[shard].clone();
     assert_eq!(old.leader_id, isolated, "leadership moved before the cut");
     let links_lost = |cluster: &ProxiedCluster| {
         let log = cluster.nodes[isolated as usize - 1].log();
@@ -564,7 +564,7 @@ fn partitioned_leader_steps_down_serves_nothing_stale_and_rejoins_quietly() {
             let role = shard_status(&cluster, isolated, shard)?.role;
             stepped_down = (role != Role::Leader as i32).then(|| cut.elapsed());
         }
-        Some(elected?.0).filter(|_| stepped_down.is_some())
+        Some(elected.clone()?.0).filter(|_| stepped_down.is_some())
     });
     let (failover, step_down) = (elected.unwrap().1, stepped_down.unwrap());
     println!(
@@ -646,7 +646,7 @@ fn shard_status(cluster: &Cluster, id: u64, shard: usize) -> Option<ShardStatus>
     if id == 0 {
         return None;
     }
-    cluster.status(id)?.shards.get(shard).copied()
+    cluster.status(id)?.shards.get(shard).cloned()
 }
 
 /// The status of the leader of `shard` once every node in `ids` names the

@@ -26,7 +26,7 @@ fn transfer_leader_moves_a_shard_and_keeps_serving() {
     ]);
     assert_eq!(code, 0, "{out} {err}");
     assert!(out.contains(&format!("node {to} leads")), "{out}");
-    let status = cluster.status(to).unwrap().shards[shard as usize];
+    let status = cluster.status(to).unwrap().shards[shard as usize].clone();
     assert_eq!(status.role, Role::Leader as i32);
     assert_eq!(
         status.term,
@@ -34,7 +34,7 @@ fn transfer_leader_moves_a_shard_and_keeps_serving() {
         "a transfer costs exactly one term"
     );
     // The other shard did not move.
-    let other = cluster.status(leaders[0]).unwrap().shards[0];
+    let other = cluster.status(leaders[0]).unwrap().shards[0].clone();
     assert_eq!(other.role, Role::Leader as i32);
     assert_eq!(cluster.cli(&["put", "after-transfer", "ok"]).0, 0);
 
@@ -65,7 +65,7 @@ fn sigterm_on_a_leader_hands_its_shards_over_first() {
     let survivors: Vec<u64> = (1..=3).filter(|&id| id != leader).collect();
     let (new_leader, new_term) = wait_for("a new leader among the survivors", DEADLINE, || {
         survivors.iter().find_map(|&id| {
-            let s = cluster.status(id)?.shards[0];
+            let s = cluster.status(id)?.shards[0].clone();
             (s.role == Role::Leader as i32).then_some((id, s.term))
         })
     });

@@ -139,7 +139,7 @@ fn sigterm_exits_zero_and_restart_keeps_applied_index_continuous() {
         "the applied index to pass its value before the restart",
         DEADLINE,
         || {
-            let after = cluster.status(1)?.shards[0];
+            let after = cluster.status(1)?.shards[0].clone();
             (after.applied_index > applied_before).then_some(())
         },
     );

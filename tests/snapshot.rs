@@ -87,14 +87,14 @@ fn follower_catches_up_through_a_snapshot_after_compaction() {
             (log.contains("snapshot created") && log.contains("WAL compacted")).then_some(())
         },
     );
-    let leader_status = cluster.status(leader).unwrap().shards[0];
+    let leader_status = cluster.status(leader).unwrap().shards[0].clone();
 
     cluster.node(follower).start();
     wait_for(
         "the follower to apply up to the leader's index",
         DEADLINE,
         || {
-            let status = cluster.status(follower)?.shards[0];
+            let status = cluster.status(follower)?.shards[0].clone();
             (status.applied_index >= leader_status.applied_index).then_some(())
         },
     );
@@ -144,7 +144,7 @@ fn restart_recovers_from_snapshot_plus_wal_tail() {
         "the applied index to pass its value before the restart",
         DEADLINE,
         || {
-            let status = cluster.status(1)?.shards[0];
+            let status = cluster.status(1)?.shards[0].clone();
             (status.applied_index > applied).then_some(())
         },
     );

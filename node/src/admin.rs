@@ -13,6 +13,8 @@ use std::time::Duration;
 use anyhow::Context as _;
 use serde_json::json;
 
+use corekv_proto::client::ShardStatus;
+
 use crate::shared::NodeShared;
 
 /// A replica whose applied index trails its commit index by more than this
@@ -104,21 +106,7 @@ fn route(method: &str, path: &str, node: &NodeShared) -> (&'static str, &'static
 /// This node in the JSON shape of `corekv status --json`.
 pub fn status_json(node: &NodeShared) -> serde_json::Value {
     let status = node.status();
-    let shards: Vec<_> = status
-        .shards
-        .iter()
-        .map(|s| {
-            json!({
-                "shard": s.shard,
-                "role": corekv_proto::client::Role::from_wire(s.role).as_str(),
-                "term": s.term,
-                "leader_id": s.leader_id,
-                "commit_index": s.commit_index,
-                "applied_index": s.applied_index,
-                "last_index": s.last_index,
-            })
-        })
-        .collect();
+    let shards: Vec<_> = status.shards.iter().map(shard_status_json).collect();
     let me = node.config.me();
     json!({
         "node_id": node.config.node_id,
@@ -127,9 +115,29 @@ pub fn status_json(node: &NodeShared) -> serde_json::Value {
     })
 }
 
+/// One shard's status as `/status` and `corekv status --json` show it.
+pub fn shard_status_json(s: &ShardStatus) -> serde_json::Value {
+    let mut value = json!({
+        "shard": s.shard,
+        "role": corekv_proto::client::Role::from_wire(s.role).as_str(),
+        "term": s.term,
+        "leader_id": s.leader_id,
+        "commit_index": s.commit_index,
+        "applied_index": s.applied_index,
+        "last_index": s.last_index,
+    });
+    if !s.disk_full.is_empty() {
+        value["disk_full"] = json!(s.disk_full);
+    }
+    value
+}
+
 fn not_ready_reason(node: &NodeShared) -> Option<String> {
     let status = node.status();
     for s in &status.shards {
+        if !s.disk_full.is_empty() {
+            return Some(format!("shard {}: {}", s.shard, s.disk_full));
+        }
         if s.leader_id == 0 {
             return Some(format!("shard {} has no leader", s.shard));
         }

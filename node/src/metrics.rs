@@ -72,7 +72,7 @@ pub const OPS: [&str; 9] = [
     "open_session",
 ];
 /// Outcomes of client requests as metric labels ("ok" or an error code).
-pub const STATUSES: [&str; 10] = [
+pub const STATUSES: [&str; 11] = [
     "ok",
     "not_leader",
     "wrong_shard",
@@ -83,6 +83,7 @@ pub const STATUSES: [&str; 10] = [
     "version_mismatch",
     "internal",
     "session_expired",
+    "resource_exhausted",
 ];
 
 fn fsync_histogram() -> Histogram {
@@ -118,6 +119,8 @@ pub struct Metrics {
     loop_turn: Family<ShardLabel, Histogram, fn() -> Histogram>,
     wal_bytes: Family<ShardLabel, Counter>,
     wal_segments: Family<ShardLabel, Gauge>,
+    wal_disk_full: Family<ShardLabel, Gauge>,
+    wal_backlog_bytes: Family<ShardLabel, Gauge>,
     requests: Family<RequestLabels, Counter>,
     request_seconds: Family<OpLabels, Histogram, fn() -> Histogram>,
     reconnects: Family<PeerLabels, Counter>,
@@ -171,6 +174,10 @@ pub struct ShardMetrics {
     pub wal_bytes: Counter,
     /// wal_segments.
     pub wal_segments: Gauge,
+    /// wal_disk_full: 1 while the shard's log cannot grow.
+    pub wal_disk_full: Gauge,
+    /// wal_backlog_bytes: entry bytes waiting for the log.
+    pub wal_backlog_bytes: Gauge,
     /// Client connection counts.
     pub connections: ConnectionMetrics,
     /// client_requests_total by [op][status] (indexes into OPS, STATUSES).
@@ -201,6 +208,8 @@ impl Metrics {
             loop_turn: Family::new_with_constructor(loop_turn_histogram),
             wal_bytes: Family::default(),
             wal_segments: Family::default(),
+            wal_disk_full: Family::default(),
+            wal_backlog_bytes: Family::default(),
             requests: Family::default(),
             request_seconds: Family::new_with_constructor(request_histogram),
             reconnects: Family::default(),
@@ -283,6 +292,16 @@ impl Metrics {
             m.wal_segments.clone(),
         );
         registry.register(
+            "wal_disk_full",
+            "1 while the shard's WAL cannot grow (disk full): it refuses writes and hands over leadership",
+            m.wal_disk_full.clone(),
+        );
+        registry.register(
+            "wal_backlog_bytes",
+            "Bytes of log entries waiting for a WAL that cannot grow",
+            m.wal_backlog_bytes.clone(),
+        );
+        registry.register(
             "client_requests",
             "Client requests answered, by op and status",
             m.requests.clone(),
@@ -356,6 +375,8 @@ impl Metrics {
             loop_turn: self.loop_turn.get_or_create(&l).clone(),
             wal_bytes: self.wal_bytes.get_or_create(&l).clone(),
             wal_segments: self.wal_segments.get_or_create(&l).clone(),
+            wal_disk_full: self.wal_disk_full.get_or_create(&l).clone(),
+            wal_backlog_bytes: self.wal_backlog_bytes.get_or_create(&l).clone(),
             connections: self.connection_metrics(shard),
             requests: OPS
                 .iter()
@@ -489,6 +510,7 @@ pub fn status_index(result: &corekv_proto::client::response::Result) -> usize {
             Ok(ErrorCode::Unavailable) => 6,
             Ok(ErrorCode::VersionMismatch) => 7,
             Ok(ErrorCode::SessionExpired) => 9,
+            Ok(ErrorCode::ResourceExhausted) => 10,
             _ => 8,
         },
         _ => 0,

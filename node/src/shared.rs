@@ -70,7 +70,7 @@ impl NodeShared {
             shards: self
                 .shard_status
                 .iter()
-                .map(|slot| *slot.lock().expect("status lock poisoned"))
+                .map(|slot| slot.lock().expect("status lock poisoned").clone())
                 .collect(),
         }
     }

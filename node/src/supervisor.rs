@@ -53,6 +53,11 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         "corekv node starting"
     );
 
+    // A write past a file size limit (RLIMIT_FSIZE, set by an operator or a
+    // test) then fails with EFBIG, which the WAL handles like a full disk,
+    // instead of killing the process.
+    // SAFETY: setting a signal's disposition to SIG_IGN has no preconditions.
+    unsafe { libc::signal(libc::SIGXFSZ, libc::SIG_IGN) };
     let (events_tx, events_rx) = mpsc::channel::<Event>();
     let mut signals = signal_hook::iterator::Signals::new([libc::SIGTERM, libc::SIGINT])
         .context("cannot install signal handlers")?;

@@ -101,6 +101,9 @@ pub struct Node {
     pub config_path: PathBuf,
     pub data_dir: PathBuf,
     pub log_path: PathBuf,
+    /// RLIMIT_FSIZE the process starts with (`None` = inherited): a file
+    /// may not grow past it, which the node sees as a full disk.
+    pub file_size_limit: Option<u64>,
     child: Option<Child>,
 }
 
@@ -133,17 +136,48 @@ impl Node {
             .append(true)
             .open(&self.log_path)
             .expect("open log");
-        let child = Command::new(COREKV)
+        let mut command = Command::new(COREKV);
+        command
             .arg("run")
             .arg("--config")
             .arg(&self.config_path)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("clone log"))
-            .stderr(log)
-            .spawn()
-            .expect("spawn corekv");
-        self.child = Some(child);
+            .stderr(log);
+        if let Some(limit) = self.file_size_limit {
+            use std::os::unix::process::CommandExt as _;
+            // SAFETY: setrlimit is async-signal-safe; nothing else runs
+            // between fork and exec.
+            unsafe {
+                command.pre_exec(move || {
+                    let rlimit = libc::rlimit {
+                        rlim_cur: limit,
+                        rlim_max: libc::RLIM_INFINITY,
+                    };
+                    if libc::setrlimit(libc::RLIMIT_FSIZE, &rlimit) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
+        self.child = Some(command.spawn().expect("spawn corekv"));
+    }
+
+    /// Sets the running process's RLIMIT_FSIZE (`None` = unlimited): from
+    /// now on no file of it may grow past `limit`, as if the disk were full.
+    pub fn set_file_size_limit(&mut self, limit: Option<u64>) {
+        let pid = self.pid().expect("node not running") as libc::pid_t;
+        let rlimit = libc::rlimit {
+            rlim_cur: limit.unwrap_or(libc::RLIM_INFINITY),
+            rlim_max: libc::RLIM_INFINITY,
+        };
+        // SAFETY: prlimit on our own child with a valid struct; the old
+        // value is not asked for.
+        let rc = unsafe { libc::prlimit(pid, libc::RLIMIT_FSIZE, &rlimit, std::ptr::null_mut()) };
+        assert_eq!(rc, 0, "prlimit: {}", std::io::Error::last_os_error());
+        self.file_size_limit = limit;
     }
 
     /// kill -9 and reap.
@@ -240,6 +274,7 @@ impl Cluster {
                 config_path,
                 data_dir,
                 log_path: node_dir.join("corekv.log"),
+                file_size_limit: None,
                 child: None,
             });
         }

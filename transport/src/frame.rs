@@ -389,15 +389,17 @@ mod tests {
                 peer_port,
             },
         );
-        let shard_status = any::<[u64; 6]>().prop_map(|v| client::ShardStatus {
-            shard: v[0] as u32,
-            role: (v[1] % 4) as i32,
-            term: v[2],
-            leader_id: v[3],
-            commit_index: v[4],
-            applied_index: v[5],
-            last_index: v[5] ^ v[4],
-        });
+        let shard_status =
+            (any::<[u64; 6]>(), ".{0,20}").prop_map(|(v, disk_full)| client::ShardStatus {
+                shard: v[0] as u32,
+                role: (v[1] % 4) as i32,
+                term: v[2],
+                leader_id: v[3],
+                commit_index: v[4],
+                applied_index: v[5],
+                last_index: v[5] ^ v[4],
+                disk_full,
+            });
         let result = prop_oneof![
             (
                 any::<i32>(),

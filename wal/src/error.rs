@@ -41,6 +41,33 @@ pub enum WalError {
         /// The process id written in the lock file by the holder, if readable.
         holder_pid: Option<u32>,
     },
+    /// The log cannot grow: creating, preallocating or mapping its next
+    /// segment failed (ENOSPC, EDQUOT, EFBIG from a file size limit, ...).
+    /// Nothing was written past the last whole record: the call's first
+    /// `appended` entries are in the log, the rest are not. The
+    /// WAL stays usable; retry the rest later (the preparer is already
+    /// trying again) and it succeeds once space is freed.
+    #[error("WAL cannot grow: {op} of {}: {source}", .path.display())]
+    CannotGrow {
+        /// The segment file that could not be made.
+        path: PathBuf,
+        /// The operation, e.g. "preallocate".
+        op: &'static str,
+        /// The error the kernel returned.
+        source: io::Error,
+        /// How many entries of the call were appended before it stopped.
+        appended: usize,
+    },
+    /// The active segment is full and the next one is still being created by
+    /// the preparer thread. As with `CannotGrow`, the first `appended`
+    /// entries were appended and the WAL stays usable; retry the rest shortly.
+    #[error("WAL segment {sequence} is still being prepared")]
+    SegmentNotReady {
+        /// The segment waited for.
+        sequence: u64,
+        /// How many entries of the call were appended before it stopped.
+        appended: usize,
+    },
     /// An earlier sync or write failed, so what is on disk is unknown (after a
     /// failed fdatasync the kernel may have dropped the dirty pages). The WAL
     /// refuses appends and syncs until it is reopened, which re-reads the disk.
@@ -133,6 +160,61 @@ impl WalError {
             path: path.into(),
             op,
             source,
+        }
+    }
+
+    /// A failure to make the next segment, as the retryable `CannotGrow`.
+    pub(crate) fn into_cannot_grow(self) -> WalError {
+        match self {
+            WalError::Io { path, op, source } => WalError::CannotGrow {
+                path,
+                op,
+                source,
+                appended: 0,
+            },
+            other => other,
+        }
+    }
+
+    /// True for the errors after which the WAL stays usable and the same
+    /// write succeeds later: the log could not grow (yet).
+    pub fn is_retryable(&self) -> bool {
+        matches!(
+            self,
+            WalError::CannotGrow { .. } | WalError::SegmentNotReady { .. }
+        )
+    }
+
+    /// For a retryable error of an append, how many of its entries were
+    /// appended before it stopped (0 for every other error).
+    pub fn appended(&self) -> usize {
+        match self {
+            WalError::CannotGrow { appended, .. } | WalError::SegmentNotReady { appended, .. } => {
+                *appended
+            }
+            _ => 0,
+        }
+    }
+
+    /// Sets the count reported by [`WalError::appended`].
+    pub(crate) fn with_appended(mut self, count: usize) -> WalError {
+        if let WalError::CannotGrow { appended, .. } | WalError::SegmentNotReady { appended, .. } =
+            &mut self
+        {
+            *appended = count;
+        }
+        self
+    }
+
+    /// True if the log could not grow for lack of space: the disk or a quota
+    /// is full, or a file would pass the process's size limit.
+    pub fn is_disk_full(&self) -> bool {
+        match self {
+            WalError::CannotGrow { source, .. } | WalError::Io { source, .. } => matches!(
+                source.raw_os_error(),
+                Some(libc::ENOSPC | libc::EDQUOT | libc::EFBIG)
+            ),
+            _ => false,
         }
     }
 

@@ -11,8 +11,12 @@
 //!   [`Wal::set_conf_state`], [`Wal::apply_snapshot_marker`]) copies a record
 //!   into the mapped active segment. No system call, except when the segment
 //!   is full (rotation): the next segment, created, preallocated and mapped
-//!   ahead by a helper thread, becomes active, and the helper starts on the
-//!   one after. Appended records are readable at once but not yet durable.
+//!   ahead by the WAL's preparer thread, becomes active, and the preparer
+//!   starts on the one after. Rotation never waits: if that segment is not
+//!   ready ([`WalError::SegmentNotReady`]) or could not be made (a full disk:
+//!   [`WalError::CannotGrow`]), the call returns with every whole record
+//!   before it appended, the WAL stays usable, and the caller retries the
+//!   rest later. Appended records are readable at once but not yet durable.
 //! - **Sync** is split for group commit: [`Wal::begin_sync`] hands out a
 //!   [`SyncJob`] covering everything appended so far; the shard runs it with
 //!   [`SyncJob::run`] (fdatasync through io_uring) while it keeps appending,
@@ -31,8 +35,8 @@
 //!   open with [`WalError::Corrupt`] naming the file and offset. A record
 //!   that fails its checksum is never returned, and a record appended before
 //!   a sync that returned Ok is never lost.
-//! - **Failure**: an I/O error on a write path (rotation, sync) is returned
-//!   and puts the WAL in the failed state: appends and syncs return
+//! - **Failure**: an I/O error of a sync is returned and puts the WAL in the
+//!   failed state: appends and syncs return
 //!   [`WalError::Poisoned`] until it is reopened (after a failed fdatasync
 //!   the kernel may have dropped the dirty pages, so memory no longer says
 //!   what is on disk).
@@ -46,6 +50,7 @@ mod error;
 mod format;
 mod index;
 mod lock;
+mod prepare;
 mod recovery;
 mod segment;
 mod sync;

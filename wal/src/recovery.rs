@@ -479,7 +479,7 @@ mod tests {
                 entry_type: 0,
                 data: &data,
             };
-            wal.append_entries(&[entry]).unwrap();
+            wal.append_entries_waiting(&[entry]).unwrap();
         }
         wal.sync().unwrap();
         drop(wal);
@@ -534,7 +534,7 @@ mod tests {
             entry_type: 0,
             data: &data,
         };
-        wal.append_entries(&[entry]).unwrap();
+        wal.append_entries_waiting(&[entry]).unwrap();
         wal.sync().unwrap();
         drop(wal);
         let wal = open_wal(dir.path()).unwrap();

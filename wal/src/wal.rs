@@ -5,7 +5,6 @@
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::thread::JoinHandle;
 
 use crate::error::WalError;
 use crate::format::{
@@ -15,6 +14,7 @@ use crate::format::{
 };
 use crate::index::EntryLocation;
 use crate::lock::DirLock;
+use crate::prepare::Preparer;
 use crate::recovery::{self, Recovered};
 use crate::segment::{Segment, SegmentFile};
 use crate::sync::{self, Position, SyncJob, SyncOutcome, SyncStep};
@@ -25,6 +25,10 @@ pub struct Wal {
     dir: PathBuf,
     dir_file: Arc<SegmentFile>,
     options: WalOptions,
+    /// Declared before the lock so it is dropped (its thread joined) first:
+    /// the preparer must not create a file once another `Wal` may own the
+    /// directory.
+    preparer: Preparer,
     _lock: DirLock,
     /// Live segments, oldest first; the last one is the active one.
     segments: VecDeque<Segment>,
@@ -46,10 +50,6 @@ pub struct Wal {
     durable_marker: (u64, u64),
     obsolete: Vec<PathBuf>,
     poisoned: bool,
-    /// The segment after the active one, being created (file, fallocate,
-    /// mmap) on a helper thread, so rotation only joins that thread and
-    /// spawns the next instead of waiting for the filesystem.
-    next_segment: Option<JoinHandle<Result<Segment, WalError>>>,
     bytes_written: u64,
     recovery: RecoveryReport,
 }
@@ -87,6 +87,7 @@ impl Wal {
         let mut wal = Wal {
             dir: dir.to_path_buf(),
             dir_file,
+            preparer: Preparer::start(dir, options.segment_bytes, options.shard_id),
             options,
             _lock: lock,
             segments,
@@ -103,7 +104,6 @@ impl Wal {
             durable_marker: (marker_sequence, marker.index),
             obsolete: Vec::new(),
             poisoned: false,
-            next_segment: None,
             bytes_written: 0,
             recovery: report,
         };
@@ -123,7 +123,8 @@ impl Wal {
         wal.recovery.obsolete_segments_removed = obsolete;
         wal.recovery.segments = wal.segments.len();
         wal.recovery.entries = wal.index.len() as u64;
-        wal.prepare_next_segment();
+        let next = wal.active().sequence + 1;
+        wal.preparer.request(next);
         Ok(wal)
     }
 
@@ -159,20 +160,24 @@ impl Wal {
     /// bigger than the room left is split across records and segments; only a
     /// single entry too large for an empty segment is `EntryTooLarge`, checked
     /// for the whole batch before anything is written.
+    ///
+    /// If rotation cannot take the next segment (`SegmentNotReady`,
+    /// `CannotGrow`: see [`WalError::is_retryable`]) the first
+    /// [`WalError::appended`] entries were appended and the rest were not;
+    /// append the rest later.
     pub fn append_entries<'a>(&mut self, entries: &[EntryRef<'a>]) -> Result<(), WalError> {
         self.check_writable()?;
         let Some(first) = entries.first() else {
             return Ok(());
         };
         self.check_appendable(entries)?;
-        // Raft conflict: whatever the log held from `first.index` on is replaced.
-        self.index
-            .truncate((first.index - self.first_index()) as usize);
         let mut rest = entries;
+        let mut truncated = false;
         while !rest.is_empty() {
             let (count, body_len) = self.entries_fitting(rest);
             if count == 0 {
-                self.rotate()?;
+                let appended = entries.len() - rest.len();
+                self.rotate().map_err(|e| e.with_appended(appended))?;
                 let (count, _) = self.entries_fitting(rest);
                 assert!(
                     count > 0,
@@ -182,10 +187,42 @@ impl Wal {
                 );
                 continue;
             }
+            if !truncated {
+                // Raft conflict: whatever the log held from `first.index` on
+                // is replaced, in memory when the first record replacing it
+                // is written (on disk the newer record wins on replay).
+                self.index
+                    .truncate((first.index - self.first_index()) as usize);
+                truncated = true;
+            }
             self.put_entries(&rest[..count], body_len);
             rest = &rest[count..];
         }
         Ok(())
+    }
+
+    /// [`Wal::append_entries`] that waits for the preparer instead of
+    /// returning `SegmentNotReady`: for start-up, tools and tests, never a
+    /// shard's loop. `CannotGrow` is still returned.
+    pub fn append_entries_waiting(&mut self, entries: &[EntryRef<'_>]) -> Result<(), WalError> {
+        let mut rest = entries;
+        loop {
+            match self.append_entries(rest) {
+                Err(WalError::SegmentNotReady { appended, .. }) => {
+                    rest = &rest[appended..];
+                    self.wait_for_next_segment();
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// Blocks until the preparer has answered for the segment after the
+    /// active one (ready or failed), so the next rotation does not return
+    /// `SegmentNotReady`. For start-up, tools and tests.
+    pub fn wait_for_next_segment(&mut self) {
+        let next = self.active().sequence + 1;
+        self.preparer.wait(next);
     }
 
     /// Records the hard state; the latest one is returned after a restart
@@ -619,15 +656,14 @@ impl Wal {
         }
     }
 
-    /// Seals the active segment and starts the next one: creates and maps the
-    /// file (header left zero until the sync job writes it) and copies the
+    /// Seals the active segment and starts the next one, prepared ahead
+    /// (header left zero until the sync job writes it), and copies the
     /// metadata in, so older segments can be deleted without losing it.
-    /// Failure poisons the WAL: part of a batch may already be written.
+    /// If the next segment is not ready or could not be made, nothing
+    /// changes and the (retryable) error is returned.
     fn rotate(&mut self) -> Result<(), WalError> {
-        let segment = match self.take_next_segment() {
-            Ok(segment) => segment,
-            Err(error) => return Err(self.poison(error)),
-        };
+        let sequence = self.active().sequence + 1;
+        let segment = self.preparer.take(sequence)?;
         assert_eq!(
             segment.sequence,
             self.active().sequence + 1,
@@ -636,43 +672,8 @@ impl Wal {
         self.segments.push_back(segment);
         self.created_segments += 1;
         self.write_metadata_copies();
-        self.prepare_next_segment();
+        self.preparer.request(sequence + 1);
         Ok(())
-    }
-
-    /// Starts creating the segment after the active one on a helper thread.
-    /// Its header stays zero, so until it is used a crash leaves a file that
-    /// recovery simply deletes. If no thread can be spawned, rotation creates
-    /// the segment itself.
-    fn prepare_next_segment(&mut self) {
-        let dir = self.dir.clone();
-        let sequence = self.active().sequence + 1;
-        let segment_bytes = self.options.segment_bytes;
-        let spawned = std::thread::Builder::new()
-            .name(format!("wal-prepare-{}", self.options.shard_id))
-            .spawn(move || Segment::create(&dir, sequence, segment_bytes));
-        match spawned {
-            Ok(handle) => self.next_segment = Some(handle),
-            Err(error) => {
-                tracing::warn!(%error, "cannot spawn the WAL segment preparer; rotation will create segments")
-            }
-        }
-    }
-
-    /// The prepared next segment (waiting for it if it is not ready yet), or a
-    /// new one created here.
-    fn take_next_segment(&mut self) -> Result<Segment, WalError> {
-        match self.next_segment.take() {
-            Some(handle) => match handle.join() {
-                Ok(result) => result,
-                Err(panic) => std::panic::resume_unwind(panic),
-            },
-            None => Segment::create(
-                &self.dir,
-                self.active().sequence + 1,
-                self.options.segment_bytes,
-            ),
-        }
     }
 
     fn write_metadata_copies(&mut self) {
@@ -704,16 +705,6 @@ impl Wal {
             }
             let segment = self.segments.pop_front().expect("checked non-empty");
             self.obsolete.push(segment.file.path.clone());
-        }
-    }
-}
-
-impl Drop for Wal {
-    /// Waits for the segment preparer: it must not create a file after the
-    /// directory lock is released, or it could race a later `Wal::open`.
-    fn drop(&mut self) {
-        if let Some(handle) = self.next_segment.take() {
-            let _ = handle.join();
         }
     }
 }
@@ -764,7 +755,7 @@ mod tests {
                 data,
             })
             .collect();
-        wal.append_entries(&refs)
+        wal.append_entries_waiting(&refs)
     }
 
     fn read_all(wal: &Wal) -> Vec<(u64, u64, Vec<u8>)> {
@@ -1259,25 +1250,64 @@ mod tests {
     }
 
     #[test]
-    fn rotation_uses_the_prepared_segment_and_prepares_the_next() {
+    fn rotation_takes_the_prepared_segment_and_asks_for_the_next() {
         let dir = tempfile::tempdir().unwrap();
         let mut wal = open(dir.path());
+        wal.wait_for_next_segment();
+        let prepared = dir.path().join(format::segment_file_name(2));
+        let bytes = std::fs::read(&prepared).expect("open prepares segment 2");
+        assert_eq!(bytes.len() as u64, SMALL_SEGMENT_BYTES);
         assert!(
-            wal.next_segment.is_some(),
-            "open starts preparing segment 2"
-        );
-        append(&mut wal, &batch(1, 30, 1, 200)).unwrap();
-        assert!(wal.segment_count() >= 2);
-        let next = wal
-            .next_segment
-            .take()
-            .expect("rotation starts preparing the next segment");
-        let prepared = next.join().unwrap().unwrap();
-        assert_eq!(prepared.sequence, wal.active().sequence + 1);
-        assert!(
-            prepared.map.iter().all(|&b| b == 0),
+            bytes.iter().all(|&b| b == 0),
             "a prepared segment is all zeros"
         );
+        append(&mut wal, &batch(1, 30, 1, 200)).unwrap();
+        let active = wal.active().sequence;
+        assert!(active >= 2);
+        wal.wait_for_next_segment();
+        assert!(
+            dir.path()
+                .join(format::segment_file_name(active + 1))
+                .exists(),
+            "rotation asks for the segment after the new active one"
+        );
+    }
+
+    #[test]
+    fn an_append_that_outruns_the_preparer_is_partial_and_resumable() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut wal = open(dir.path());
+        let entries = batch(1, 200, 1, 200);
+        let mut next = 0;
+        let mut not_ready = 0;
+        // Without waiting: each call appends what fits until a segment is
+        // missing; the rest goes in a later call, as a shard retries.
+        while next < entries.len() {
+            let refs: Vec<EntryRef<'_>> = entries[next..]
+                .iter()
+                .map(|(index, term, data)| EntryRef {
+                    index: *index,
+                    term: *term,
+                    entry_type: (*index % 3) as u8,
+                    data,
+                })
+                .collect();
+            match wal.append_entries(&refs) {
+                Ok(()) => next = entries.len(),
+                Err(error @ WalError::SegmentNotReady { .. }) => {
+                    assert!(error.is_retryable());
+                    not_ready += 1;
+                    next += error.appended();
+                    wal.wait_for_next_segment();
+                }
+                Err(other) => panic!("unexpected {other}"),
+            }
+        }
+        assert!(not_ready <= 20, "{not_ready}");
+        wal.sync().unwrap();
+        assert_eq!(read_all(&wal), entries);
+        drop(wal);
+        assert_eq!(read_all(&open(dir.path())), entries);
     }
 
     #[test]

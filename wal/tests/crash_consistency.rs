@@ -231,8 +231,12 @@ impl Harness {
         }
     }
 
+    /// The open WAL, with its next segment ready: this model tests what is
+    /// durable, not rotation's refusal to wait (the WAL's own tests do).
     fn wal(&mut self) -> &mut Wal {
-        self.wal.as_mut().expect("open")
+        let wal = self.wal.as_mut().expect("open");
+        wal.wait_for_next_segment();
+        wal
     }
 
     fn data(&mut self, len: usize) -> Vec<u8> {
@@ -330,7 +334,11 @@ impl Harness {
                 data,
             })
             .collect();
-        self.wal.as_mut().unwrap().append_entries(&refs).unwrap();
+        self.wal
+            .as_mut()
+            .unwrap()
+            .append_entries_waiting(&refs)
+            .unwrap();
         self.state.entries.truncate((held - back) as usize);
         self.state.entries.extend(entries);
     }

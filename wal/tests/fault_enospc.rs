@@ -66,14 +66,16 @@ fn entry(index: u64, data: &[u8]) -> EntryRef<'_> {
 }
 
 #[test]
-fn enospc_from_preallocation_names_the_file_poisons_and_keeps_synced_data() {
-    let tmpfs = match TinyTmpfs::mount("64k") {
+fn enospc_from_preallocation_names_the_file_and_appends_resume_when_space_returns() {
+    let tmpfs = match TinyTmpfs::mount("96k") {
         Ok(tmpfs) => tmpfs,
         Err(error) => {
             eprintln!("SKIPPED: cannot mount a tmpfs ({error}); needs CAP_SYS_ADMIN");
             return;
         }
     };
+    let ballast = tmpfs.path().join("ballast");
+    std::fs::write(&ballast, vec![1u8; 32 * 1024]).unwrap();
     let dir = tmpfs.path().join("wal");
     let options = WalOptions {
         segment_bytes: SEGMENT_BYTES,
@@ -84,57 +86,65 @@ fn enospc_from_preallocation_names_the_file_poisons_and_keeps_synced_data() {
     let mut synced_last_index = 0;
     let error = loop {
         let index = wal.last_index() + 1;
-        match wal.append_entries(&[entry(index, &data)]) {
+        match wal.append_entries_waiting(&[entry(index, &data)]) {
             Ok(()) => {
                 wal.sync().unwrap();
                 synced_last_index = index;
             }
             Err(error) => break error,
         }
-        assert!(index < 1000, "a 64 KiB file system must fill up");
+        assert!(index < 1000, "a 96 KiB file system must fill up");
     };
     match &error {
-        WalError::Io { path, op, source } => {
+        WalError::CannotGrow {
+            path, op, source, ..
+        } => {
             assert_eq!(*op, "preallocate");
             assert_eq!(source.raw_os_error(), Some(libc::ENOSPC), "{source}");
             assert!(path.starts_with(&dir), "{}", path.display());
             assert_eq!(path.extension().unwrap(), "wal");
-            assert!(
-                !path.exists(),
-                "the segment that could not be preallocated is removed"
-            );
         }
-        other => panic!("expected an Io error from preallocation, got {other}"),
+        other => panic!("expected CannotGrow from preallocation, got {other}"),
     }
     let message = error.to_string();
     assert!(
-        message.contains("preallocate of") && message.contains(".wal"),
+        message.contains("WAL cannot grow: preallocate of") && message.contains(".wal"),
         "{message}"
     );
     assert!(message.contains("No space left on device"), "{message}");
+    assert!(error.is_disk_full() && error.is_retryable());
     assert!(
         synced_last_index > 10,
         "several segments fit before the disk filled: {synced_last_index}"
     );
+    // Not failed: what is appended can still be synced, and the same append
+    // fails the same retryable way while the disk is full.
+    wal.sync().unwrap();
     let next = wal.last_index() + 1;
-    assert!(matches!(
-        wal.append_entries(&[entry(next, &data)]),
-        Err(WalError::Poisoned)
-    ));
-    assert!(matches!(wal.sync(), Err(WalError::Poisoned)));
+    let again = wal
+        .append_entries_waiting(&[entry(next, &data)])
+        .unwrap_err();
+    assert!(again.is_disk_full(), "{again}");
+
+    std::fs::remove_file(&ballast).unwrap();
+    let mut attempts = 0;
+    while let Err(error) = wal.append_entries_waiting(&[entry(next, &data)]) {
+        assert!(error.is_retryable() && attempts < 3, "{error}");
+        attempts += 1;
+    }
+    wal.sync().unwrap();
     drop(wal);
 
-    // Reopening on the still full file system works and returns every entry
-    // that was synced, intact.
+    // Reopening returns every entry, intact.
     let wal = Wal::open(&dir, options).unwrap();
-    assert!(wal.last_index() >= synced_last_index);
+    assert_eq!(wal.last_index(), next);
     let mut seen = 0;
-    wal.entries(1, synced_last_index + 1, None, |e| {
+    wal.entries(1, next + 1, None, |e| {
         assert_eq!(e.data, &data[..], "entry {}", e.index);
         seen += 1;
     })
     .unwrap();
-    assert_eq!(seen, synced_last_index);
+    assert_eq!(seen, next);
 }
 
 #[test]

@@ -1,11 +1,12 @@
 //! Fault injection without privileges: RLIMIT_FSIZE makes preallocating a
-//! segment fail with EFBIG, through the same path as ENOSPC. Its own test
+//! segment fail with EFBIG, through the same path as ENOSPC, and lifting it
+//! is space coming back. Its own test
 //! binary because the limit and the ignored SIGXFSZ are process-wide.
 
-use corekv_wal::{EntryRef, Wal, WalError, WalOptions};
+use corekv_wal::{EntryRef, HardState, Wal, WalError, WalOptions};
 
 #[test]
-fn preallocation_failure_names_the_file_and_poisons_the_wal() {
+fn preallocation_failure_names_the_file_and_appends_resume_once_files_may_grow() {
     let dir = tempfile::tempdir().unwrap();
     let options = WalOptions {
         segment_bytes: 64 * 1024,
@@ -44,17 +45,11 @@ fn preallocation_failure_names_the_file_and_poisons_the_wal() {
             data: &data,
         })
         .collect();
-    let error = wal.append_entries(&batch).unwrap_err();
-    // SAFETY: as above.
-    unsafe {
-        let unlimited = libc::rlimit {
-            rlim_cur: libc::RLIM_INFINITY,
-            rlim_max: libc::RLIM_INFINITY,
-        };
-        assert_eq!(libc::setrlimit(libc::RLIMIT_FSIZE, &unlimited), 0);
-    }
+    let error = wal.append_entries_waiting(&batch).unwrap_err();
     match &error {
-        WalError::Io { path, op, source } => {
+        WalError::CannotGrow {
+            path, op, source, ..
+        } => {
             assert_eq!(*op, "preallocate");
             assert_eq!(source.raw_os_error(), Some(libc::EFBIG), "{source}");
             let name = path.file_name().unwrap().to_str().unwrap().to_string();
@@ -66,15 +61,59 @@ fn preallocation_failure_names_the_file_and_poisons_the_wal() {
             assert_eq!(path.parent(), Some(dir.path()));
             assert!(error.to_string().contains(&name), "{error}");
         }
-        other => panic!("expected an Io error from preallocation, got {other}"),
+        other => panic!("expected CannotGrow from preallocation, got {other}"),
     }
-    assert!(matches!(wal.begin_sync(), Err(WalError::Poisoned)));
+    assert!(error.is_retryable() && error.is_disk_full(), "{error}");
+
+    // What fit is in the log and can be made durable: the WAL is not failed.
+    let appended = wal.last_index();
+    assert!(appended > 1 && appended < 2999, "{appended}");
+    wal.sync().unwrap();
+    let hard_state = HardState {
+        term: 1,
+        vote: 1,
+        commit: appended,
+    };
+    // A small record still fits the active segment's last bytes or fails
+    // the same retryable way.
+    match wal.set_hard_state(hard_state) {
+        Ok(()) => {}
+        Err(error) => assert!(error.is_retryable(), "{error}"),
+    }
+
+    // SAFETY: as above.
+    unsafe {
+        let unlimited = libc::rlimit {
+            rlim_cur: libc::RLIM_INFINITY,
+            rlim_max: libc::RLIM_INFINITY,
+        };
+        assert_eq!(libc::setrlimit(libc::RLIMIT_FSIZE, &unlimited), 0);
+    }
+    // Space is back: the rest goes in once the preparer's retry (asked for
+    // when the failure was reported, maybe still under the limit) is redone.
+    let mut rest = &batch[(appended - 1) as usize..];
+    let mut attempts = 0;
+    loop {
+        match wal.append_entries_waiting(rest) {
+            Ok(()) => break,
+            Err(error) if error.is_retryable() && attempts < 3 => {
+                rest = &rest[error.appended()..];
+                attempts += 1;
+            }
+            Err(error) => panic!("append after space returned: {error}"),
+        }
+    }
+    assert_eq!(wal.last_index(), 2999);
+    wal.sync().unwrap();
     drop(wal);
 
     let wal = Wal::open(dir.path(), options).unwrap();
-    assert!(wal.last_index() >= 1, "the synced entry survives");
-    let mut first_data = Vec::new();
-    wal.entries(1, 2, None, |e| first_data = e.data.to_vec())
-        .unwrap();
-    assert_eq!(first_data, data);
+    assert_eq!(wal.last_index(), 2999, "every entry survives the reopen");
+    let mut seen = 0;
+    wal.entries(1, 3000, None, |e| {
+        assert_eq!(e.data, &data[..], "entry {}", e.index);
+        seen += 1;
+    })
+    .unwrap();
+    assert_eq!(seen, 2999);
 }

@@ -11,6 +11,10 @@
 //! - **fail** a sync: [`MemDisk::fail_next_sync`]; the store then refuses
 //!   everything with [`WalError::Poisoned`], as the WAL does after a failed
 //!   fdatasync;
+//! - **fill** the disk: [`MemDisk::set_room`] lets only so many more bytes
+//!   be written; an append then stops at the last entry that fits and
+//!   returns the WAL's retryable [`WalError::CannotGrow`] (ENOSPC), as the
+//!   WAL does when it cannot create its next segment;
 //! - **crash** and **tear**: [`MemDisk::crash`] drops what no sync covered,
 //!   except a prefix of it (pages the kernel happened to write back), and
 //!   [`MemDisk::open`] recovers a new store from what is left.
@@ -26,6 +30,9 @@ use super::LogStore;
 
 /// Name the store gives in error messages in place of a directory.
 const LOCATION: &str = "<memory log store>";
+
+/// Bytes an entry takes besides its data, as this store counts them.
+const ENTRY_BYTES: u64 = 24;
 
 /// One entry, owned.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -50,9 +57,10 @@ enum Record {
 impl Record {
     fn bytes(&self) -> u64 {
         match self {
-            Record::Entries { entries, .. } => {
-                entries.iter().map(|e| 24 + e.data.len() as u64).sum()
-            }
+            Record::Entries { entries, .. } => entries
+                .iter()
+                .map(|e| ENTRY_BYTES + e.data.len() as u64)
+                .sum(),
             Record::HardState(_) | Record::Marker(_) => 24,
             Record::ConfState(cs) => 8 * (cs.voters.len() + cs.learners.len()) as u64,
         }
@@ -66,6 +74,8 @@ struct Disk {
     /// `records[..durable]` survive a crash.
     durable: usize,
     fail_next_sync: bool,
+    /// Bytes that may still be written; `None` = no limit.
+    room: Option<u64>,
 }
 
 /// The disk under a [`MemLogStore`], shared with the test that crashes it.
@@ -108,6 +118,12 @@ impl MemDisk {
         let keep = disk.durable + torn_survivors.min(disk.records.len() - disk.durable);
         disk.records.truncate(keep);
         disk.durable = keep;
+    }
+
+    /// From now on only `room` more bytes (as [`MemLogStore::bytes_written`]
+    /// counts them) may be written: the disk fills up. `None` frees it.
+    pub fn set_room(&self, room: Option<u64>) {
+        self.0.borrow_mut().room = room;
     }
 
     /// Records written, durable or not.
@@ -225,10 +241,45 @@ impl MemLogStore {
         if self.poisoned {
             return Err(WalError::Poisoned);
         }
+        let bytes = record.bytes();
+        let mut disk = self.disk.0.borrow_mut();
+        if let Some(room) = &mut disk.room {
+            if bytes > *room {
+                return Err(Self::disk_full(0));
+            }
+            *room -= bytes;
+        }
         self.state.replay(&record);
-        self.bytes_written += record.bytes();
-        self.disk.0.borrow_mut().records.push(record);
+        self.bytes_written += bytes;
+        disk.records.push(record);
         Ok(())
+    }
+
+    /// The WAL's error when its next segment cannot be preallocated.
+    fn disk_full(appended: usize) -> WalError {
+        WalError::CannotGrow {
+            path: PathBuf::from(LOCATION),
+            op: "preallocate",
+            source: std::io::Error::from_raw_os_error(libc::ENOSPC),
+            appended,
+        }
+    }
+
+    /// How many of `entries` the room left on the disk takes.
+    fn entries_fitting(&self, entries: &[EntryRef<'_>]) -> usize {
+        let Some(mut room) = self.disk.0.borrow().room else {
+            return entries.len();
+        };
+        let mut count = 0;
+        for entry in entries {
+            let bytes = ENTRY_BYTES + entry.data.len() as u64;
+            if bytes > room {
+                break;
+            }
+            room -= bytes;
+            count += 1;
+        }
+        count
     }
 
     fn injected(op: &'static str) -> WalError {
@@ -257,9 +308,13 @@ impl LogStore for MemLogStore {
                 last_index,
             });
         }
+        let fitting = self.entries_fitting(entries);
+        if fitting == 0 {
+            return Err(Self::disk_full(0));
+        }
         self.write(Record::Entries {
             first_index: first.index,
-            entries: entries
+            entries: entries[..fitting]
                 .iter()
                 .map(|e| OwnedEntry {
                     term: e.term,
@@ -267,7 +322,11 @@ impl LogStore for MemLogStore {
                     data: e.data.to_vec(),
                 })
                 .collect(),
-        })
+        })?;
+        if fitting < entries.len() {
+            return Err(Self::disk_full(fitting));
+        }
+        Ok(())
     }
 
     fn set_hard_state(&mut self, hard_state: HardState) -> Result<(), WalError> {

@@ -23,7 +23,9 @@ use corekv_wal::{
 /// Where a replica keeps its log. Semantics are [`Wal`]'s (see its crate
 /// docs): a later append at index `i` replaces what the log held from `i` on;
 /// at most one sync is in flight; a failed sync puts the store in the failed
-/// state.
+/// state; a write refused with a retryable error ([`WalError::is_retryable`],
+/// the log could not grow) wrote its first [`WalError::appended`] entries and
+/// nothing else, and may be retried.
 pub trait LogStore {
     /// Makes everything appended before [`LogStore::begin_sync`] durable; the
     /// shell runs it away from the replica.
@@ -47,6 +49,10 @@ pub trait LogStore {
     fn finish_sync(&mut self, outcome: Self::SyncOutcome) -> Result<(), WalError>;
     /// Blocking sync, for start-up only (before the shard serves anything).
     fn sync(&mut self) -> Result<(), WalError>;
+    /// Blocks until a write that needs the next segment will not be refused
+    /// with the retryable `SegmentNotReady`: for start-up only. A store
+    /// without segments has nothing to wait for.
+    fn wait_for_next_segment(&mut self) {}
     /// Files the store no longer needs; the caller deletes them off the
     /// shard thread.
     fn take_obsolete_segments(&mut self) -> Vec<PathBuf>;
@@ -104,6 +110,9 @@ impl LogStore for Wal {
     }
     fn sync(&mut self) -> Result<(), WalError> {
         Wal::sync(self)
+    }
+    fn wait_for_next_segment(&mut self) {
+        Wal::wait_for_next_segment(self)
     }
     fn take_obsolete_segments(&mut self) -> Vec<PathBuf> {
         Wal::take_obsolete_segments(self)

@@ -7,6 +7,7 @@
 //! and the WAL sync is handed out as a job for the shell to run. That is what
 //! lets a test drive three replicas in one thread.
 
+mod backlog;
 mod ready;
 mod requests;
 mod snapshots;
@@ -24,6 +25,8 @@ use crate::snapshot::SnapshotMeta;
 use crate::state_machine::{Image, StateMachine};
 use crate::storage::RaftStorage;
 
+use backlog::Backlog;
+pub use backlog::MAX_LOG_BACKLOG_BYTES;
 use ready::Unpersisted;
 use requests::{PendingRead, PendingWrite};
 
@@ -225,6 +228,8 @@ pub struct Replica<L: LogStore = Wal> {
     /// Verified snapshots from the leader, waiting for raft to install one
     /// (newest last, at most `MAX_RECEIVED_SNAPSHOTS`).
     received_snapshots: VecDeque<LoadedSnapshot>,
+    /// Writes the log store could not take yet (it cannot grow).
+    backlog: Backlog,
 }
 
 impl<L: LogStore> Replica<L> {
@@ -245,24 +250,24 @@ impl<L: LogStore> Replica<L> {
             let meta = &loaded.meta;
             if marker.index < meta.index {
                 // The snapshot became durable but the marker did not: record it now.
-                wal.apply_snapshot_marker(SnapshotMarker {
+                let marker = SnapshotMarker {
                     index: meta.index,
                     term: meta.term,
-                })
-                .map_err(fail)?;
+                };
+                at_start(&mut wal, |w| w.apply_snapshot_marker(marker)).map_err(fail)?;
             }
             let mut hs = wal.hard_state();
             if hs.commit < meta.index {
                 // A snapshot only covers committed entries.
                 hs.commit = meta.index;
-                wal.set_hard_state(hs).map_err(fail)?;
+                at_start(&mut wal, |w| w.set_hard_state(hs)).map_err(fail)?;
             }
             if wal.conf_state().is_none() {
-                wal.set_conf_state(&corekv_wal::ConfState {
+                let conf_state = corekv_wal::ConfState {
                     voters: meta.voters.clone(),
                     learners: meta.learners.clone(),
-                })
-                .map_err(fail)?;
+                };
+                at_start(&mut wal, |w| w.set_conf_state(&conf_state)).map_err(fail)?;
             }
             wal.sync().map_err(fail)?;
         }
@@ -278,7 +283,7 @@ impl<L: LogStore> Replica<L> {
                 "WAL lost committed entries; commit index lowered to the log's end, the leader will resend them"
             );
             hs.commit = wal.last_index();
-            wal.set_hard_state(hs).map_err(fail)?;
+            at_start(&mut wal, |w| w.set_hard_state(hs)).map_err(fail)?;
             wal.sync().map_err(fail)?;
         }
         let covered = snapshot.as_ref().map_or(0, |s| s.meta.index);
@@ -291,11 +296,11 @@ impl<L: LogStore> Replica<L> {
             });
         }
         if wal.conf_state().is_none() {
-            wal.set_conf_state(&corekv_wal::ConfState {
+            let conf_state = corekv_wal::ConfState {
                 voters: options.voters.clone(),
                 learners: Vec::new(),
-            })
-            .map_err(fail)?;
+            };
+            at_start(&mut wal, |w| w.set_conf_state(&conf_state)).map_err(fail)?;
             // Start-up, before the shard serves anything: a blocking sync here
             // delays no request.
             wal.sync().map_err(fail)?;
@@ -351,6 +356,7 @@ impl<L: LogStore> Replica<L> {
             applied_since_snapshot: (0, 0),
             snapshot_in_progress: false,
             received_snapshots: VecDeque::new(),
+            backlog: Backlog::default(),
         })
     }
 
@@ -380,6 +386,7 @@ impl<L: LogStore> Replica<L> {
         self.raw.tick();
         self.ticks += 1;
         self.expire(out);
+        self.step_down_if_disk_full();
     }
 
     /// Feeds a message from a peer. Malformed or stale messages are dropped
@@ -401,6 +408,13 @@ impl<L: LogStore> Replica<L> {
                 );
                 message.commit = last;
             }
+        }
+        if self.refuses_append(&message) {
+            tracing::debug!(
+                shard = self.options.shard,
+                "append dropped: the log cannot take more while the disk is full"
+            );
+            return;
         }
         if let Err(e) = self.raw.step(message) {
             tracing::debug!(shard = self.options.shard, error = %e, "raft message dropped");
@@ -485,7 +499,24 @@ impl<L: LogStore> Replica<L> {
             commit_index: raft.raft_log.committed,
             applied_index: self.state_machine.applied_index(),
             last_index: self.raw.store().last_index().unwrap_or(0),
+            disk_full: self.disk_full().unwrap_or_default().to_string(),
         }
+    }
+}
+
+/// A write at start-up, before the shard serves anything: it may wait for
+/// the WAL's next segment instead of being refused for it. A full disk is
+/// still an error here (the shard cannot start without these records).
+fn at_start<L: LogStore>(
+    wal: &mut L,
+    mut write: impl FnMut(&mut L) -> Result<(), WalError>,
+) -> Result<(), WalError> {
+    match write(wal) {
+        Err(WalError::SegmentNotReady { .. }) => {
+            wal.wait_for_next_segment();
+            write(wal)
+        }
+        other => other,
     }
 }
 

@@ -27,8 +27,11 @@ impl<L: LogStore> Replica<L> {
     /// committed entries, append to the WAL, queue the persisted messages
     /// behind a sync. Starts a sync if none is in flight.
     pub fn handle_ready(&mut self, out: &mut Output<L::SyncJob>) -> Result<(), ReplicaError> {
+        // Writes that waited for the log go first: later ones queue behind.
+        self.flush_backlog()?;
         while self.raw.has_ready() {
             let mut ready = self.raw.ready();
+            self.last_ready_number = ready.number();
             if let Some(ss) = ready.ss() {
                 self.on_role(ss.raft_state, ss.leader_id, out);
             }
@@ -46,11 +49,12 @@ impl<L: LogStore> Replica<L> {
             self.maybe_snapshot(out);
             // Entries and hard state go to the WAL in one turn; they become
             // durable together with the next sync.
-            let store = self.raw.mut_store();
-            store.append(ready.entries()).map_err(|e| self.fatal(e))?;
+            let number = ready.number();
+            let result = self.raw.mut_store().append(ready.take_entries());
+            self.logged(number, result)?;
             if let Some(hs) = ready.hs() {
-                let store = self.raw.mut_store();
-                store.set_hard_state(hs).map_err(|e| self.fatal(e))?;
+                let result = self.raw.mut_store().set_hard_state(hs);
+                self.logged(number, result)?;
             }
             // raft-rs holds every message of a non-leader until the Ready is
             // durable. A heartbeat response promises nothing about our log or
@@ -62,7 +66,6 @@ impl<L: LogStore> Replica<L> {
                 .into_iter()
                 .partition(|m| m.get_msg_type() == MessageType::MsgHeartbeatResponse);
             out.messages.extend(heartbeat_responses);
-            self.last_ready_number = ready.number();
             let unpersisted = Unpersisted {
                 number: ready.number(),
                 messages,
@@ -142,8 +145,19 @@ impl<L: LogStore> Replica<L> {
         if self.sync_in_flight.is_some() {
             return Ok(());
         }
-        let mut newest = self.unpersisted.back().map(|u| u.number);
-        if !self.unpersisted.iter().any(|u| u.must_sync) {
+        // Only Readys whose every write reached the store can be covered.
+        let written = self.backlog.written_through();
+        let mut newest = self
+            .unpersisted
+            .iter()
+            .rev()
+            .map(|u| u.number)
+            .find(|&n| n <= written);
+        if !self
+            .unpersisted
+            .iter()
+            .any(|u| u.must_sync && u.number <= written)
+        {
             // Commit-only Readys: nothing raft needs durable before they count.
             if let Some(newest) = newest.take() {
                 self.persisted_through(newest, out);
@@ -163,7 +177,8 @@ impl<L: LogStore> Replica<L> {
             (Some(job), newest) => {
                 // A sync for a marker alone covers the newest Ready handled,
                 // which is already persisted: raft ignores it a second time.
-                self.sync_in_flight = Some(newest.unwrap_or(self.last_ready_number));
+                let covered = newest.unwrap_or(self.last_ready_number.min(written));
+                self.sync_in_flight = Some(covered);
                 out.sync = Some(job);
             }
             // Nothing unsynced: whatever these readys wrote is already durable.
@@ -258,9 +273,7 @@ impl<L: LogStore> Replica<L> {
                 Err(_) => return Ok(()),
             }
         };
-        self.raw
-            .mut_store()
-            .set_conf_state(&conf_state)
-            .map_err(|e| self.fatal(e))
+        let result = self.raw.mut_store().set_conf_state(&conf_state);
+        self.logged(self.last_ready_number, result)
     }
 }

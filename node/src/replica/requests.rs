@@ -35,7 +35,9 @@ impl<L: LogStore> Replica<L> {
                 leader_id: self.leader_id(),
             });
         }
-        let entry = if self.pending_requests() >= MAX_PENDING_REQUESTS {
+        let entry = if let Some(refused) = self.disk_full_error() {
+            Err(refused)
+        } else if self.pending_requests() >= MAX_PENDING_REQUESTS {
             Err(self.too_many_pending())
         } else {
             crate::command::encode(&op, tag)

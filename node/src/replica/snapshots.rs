@@ -59,12 +59,17 @@ impl<L: LogStore> Replica<L> {
             index: metadata.index,
             term: metadata.term,
         };
-        let result = self.raw.mut_store().wal_mut().apply_snapshot_marker(marker);
-        result.map_err(|e| self.fatal(e))?;
-        let store = self.raw.mut_store();
-        let result = store.set_conf_state(metadata.get_conf_state());
-        store.set_latest_snapshot(received.meta.clone());
-        result.map_err(|e| self.fatal(e))?;
+        let ready = self.last_ready_number;
+        let result = self.raw.mut_store().install_snapshot_marker(marker);
+        self.logged(ready, result)?;
+        let result = self
+            .raw
+            .mut_store()
+            .set_conf_state(metadata.get_conf_state());
+        self.logged(ready, result)?;
+        self.raw
+            .mut_store()
+            .set_latest_snapshot(received.meta.clone());
         self.state_machine.restore(metadata.index, received.image);
         self.applied_since_snapshot = (0, 0);
         out.snapshot_installed = Some(received.meta);
@@ -123,8 +128,8 @@ impl<L: LogStore> Replica<L> {
             index: meta.index,
             term: meta.term,
         };
-        let result = self.raw.mut_store().wal_mut().apply_snapshot_marker(marker);
-        result.map_err(|e| self.fatal(e))?;
+        let result = self.raw.mut_store().compact(marker);
+        self.logged(self.last_ready_number, result)?;
         self.raw.mut_store().set_latest_snapshot(meta);
         self.marker_unsynced = true;
         Ok(())

@@ -7,17 +7,35 @@ use corekv_proto::client::{request::Op, Consistency, ErrorCode, Get, Put};
 use corekv_wal::WalOptions;
 
 /// Three replicas in one thread: a simulated network (a queue of
-/// messages) and a disk whose syncs complete when the test says so.
-struct Sim {
-    replicas: Vec<Option<Replica>>,
+/// messages) and a disk whose syncs complete when the test says so. On the
+/// real WAL (temp dirs) by default, or on in-memory stores.
+struct Sim<L: LogStore = Wal> {
+    replicas: Vec<Option<Replica<L>>>,
     _dirs: Vec<tempfile::TempDir>,
     network: Vec<Message>,
-    pending_syncs: Vec<(usize, SyncJob)>,
+    pending_syncs: Vec<(usize, L::SyncJob)>,
     replies: Vec<(usize, Reply)>,
     /// Nodes cut off from everyone (messages to and from them are lost).
     isolated: Vec<u64>,
     /// Replicas (by index) whose syncs do not finish for now.
     stalled: Vec<usize>,
+}
+
+/// Runs a log store's sync job at once, in the test's thread.
+trait RunNow<O> {
+    fn run_now(self) -> O;
+}
+
+impl RunNow<corekv_wal::SyncOutcome> for SyncJob {
+    fn run_now(self) -> corekv_wal::SyncOutcome {
+        self.run_blocking()
+    }
+}
+
+impl RunNow<crate::log_store::memory::MemSyncOutcome> for crate::log_store::memory::MemSyncJob {
+    fn run_now(self) -> crate::log_store::memory::MemSyncOutcome {
+        self.run()
+    }
 }
 
 fn options(id: u64) -> ReplicaOptions {
@@ -38,13 +56,30 @@ fn options(id: u64) -> ReplicaOptions {
 impl Sim {
     fn new() -> Sim {
         let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
-        let replicas = dirs
+        let wals = dirs
             .iter()
+            .map(|dir| Wal::open(dir.path(), WalOptions::default()).unwrap())
+            .collect();
+        Sim::over(wals, dirs)
+    }
+}
+
+impl Sim<crate::log_store::memory::MemLogStore> {
+    /// Three replicas over in-memory stores on these disks.
+    fn in_memory(disks: &[crate::log_store::memory::MemDisk]) -> Self {
+        Sim::over(disks.iter().map(|d| d.open()).collect(), Vec::new())
+    }
+}
+
+impl<L: LogStore> Sim<L>
+where
+    L::SyncJob: RunNow<L::SyncOutcome>,
+{
+    fn over(stores: Vec<L>, dirs: Vec<tempfile::TempDir>) -> Self {
+        let replicas = stores
+            .into_iter()
             .enumerate()
-            .map(|(i, dir)| {
-                let wal = Wal::open(dir.path(), WalOptions::default()).unwrap();
-                Some(Replica::open(wal, options(i as u64 + 1), None).unwrap())
-            })
+            .map(|(i, store)| Some(Replica::open(store, options(i as u64 + 1), None).unwrap()))
             .collect();
         Sim {
             replicas,
@@ -57,7 +92,7 @@ impl Sim {
         }
     }
 
-    fn absorb(&mut self, i: usize, out: Output) {
+    fn absorb(&mut self, i: usize, out: Output<L::SyncJob>) {
         self.network.extend(out.messages);
         if let Some(job) = out.sync {
             self.pending_syncs.push((i, job));
@@ -81,7 +116,7 @@ impl Sim {
                 self.pending_syncs.push((i, job));
                 continue;
             }
-            let outcome = job.run_blocking();
+            let outcome = job.run_now();
             if let Some(replica) = self.replicas[i].as_mut() {
                 let mut out = Output::default();
                 replica.on_synced(outcome, &mut out).unwrap();
@@ -134,7 +169,7 @@ impl Sim {
         panic!("no leader after 1000 ticks");
     }
 
-    fn replica(&mut self, id: u64) -> &mut Replica {
+    fn replica(&mut self, id: u64) -> &mut Replica<L> {
         self.replicas[id as usize - 1].as_mut().unwrap()
     }
 
@@ -663,5 +698,191 @@ mod memory_store_tests {
         assert!(refused.iter().all(|t| *t > MAX_PENDING_REQUESTS as u64));
         mem_run_syncs(&mut r, &mut out);
         assert_eq!(acknowledged(&mut out).len(), MAX_PENDING_REQUESTS);
+    }
+}
+
+/// A log that cannot grow: writes wait, nothing is acknowledged early, new
+/// writes are refused, leadership moves, and all of it ends when space
+/// returns.
+mod disk_full_tests {
+    use super::*;
+    use crate::log_store::memory::{MemDisk, MemLogStore, MemSyncJob};
+
+    type MemReplica = Replica<MemLogStore>;
+    type MemOutput = Output<MemSyncJob>;
+
+    fn mem_leader(disk: &MemDisk) -> (MemReplica, MemOutput) {
+        let mut r = Replica::open(disk.open(), single_voter_options(), None).unwrap();
+        let mut out = Output::default();
+        while !r.is_leader() {
+            r.tick(&mut out);
+            r.handle_ready(&mut out).unwrap();
+            run_syncs(&mut r, &mut out);
+        }
+        (r, out)
+    }
+
+    fn run_syncs(r: &mut MemReplica, out: &mut MemOutput) {
+        while let Some(job) = out.sync.take() {
+            r.on_synced(job.run(), out).unwrap();
+        }
+    }
+
+    fn error_code(result: &response::Result) -> Option<ErrorCode> {
+        match result {
+            response::Result::Error(e) => ErrorCode::try_from(e.code).ok(),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn writes_wait_unacknowledged_and_resume_when_space_returns() {
+        let disk = MemDisk::new();
+        let (mut r, mut out) = mem_leader(&disk);
+        out.replies.clear();
+        // Room for about two of the ten entries.
+        disk.set_room(Some(80));
+        let value = Bytes::from_static(b"v");
+        for token in 1..=10 {
+            r.propose(token, numbered_put(token, &value), SessionTag::default())
+                .unwrap();
+        }
+        r.flush(&mut out);
+        r.handle_ready(&mut out).unwrap();
+        run_syncs(&mut r, &mut out);
+        for _ in 0..5 {
+            r.tick(&mut out);
+            r.handle_ready(&mut out).unwrap();
+            run_syncs(&mut r, &mut out);
+        }
+        assert!(out.replies.is_empty(), "answered before the log took it");
+        let reason = r.disk_full().expect("the replica knows its disk is full");
+        assert!(reason.starts_with("disk full on"), "{reason}");
+        assert!(r.log_backlog_bytes() > 0);
+        assert!(r.status().commit_index < r.status().last_index);
+
+        // New writes are refused at once, naming the cause; reads work.
+        r.propose(11, numbered_put(11, &value), SessionTag::default())
+            .unwrap();
+        let read = Op::Get(Get {
+            key: Bytes::from_static(b"k1"),
+            consistency: Consistency::Linearizable as i32,
+        });
+        r.read(12, read, Consistency::Linearizable, &mut out)
+            .unwrap();
+        r.flush(&mut out);
+        r.handle_ready(&mut out).unwrap();
+        let refused = out.replies.iter().find(|reply| reply.token == 11).unwrap();
+        assert_eq!(
+            error_code(&refused.result),
+            Some(ErrorCode::ResourceExhausted)
+        );
+        let response::Result::Error(e) = &refused.result else {
+            unreachable!()
+        };
+        assert!(e.message.contains("disk full on"), "{}", e.message);
+        let read = out.replies.iter().find(|reply| reply.token == 12).unwrap();
+        assert!(
+            matches!(&read.result, response::Result::Get(g) if !g.found),
+            "{:?}",
+            read.result
+        );
+        out.replies.clear();
+
+        disk.set_room(None);
+        r.tick(&mut out);
+        r.handle_ready(&mut out).unwrap();
+        run_syncs(&mut r, &mut out);
+        assert_eq!(r.disk_full(), None);
+        assert_eq!(r.log_backlog_bytes(), 0);
+        let mut acked: Vec<u64> = out
+            .replies
+            .iter()
+            .filter(|reply| matches!(reply.result, response::Result::Write(_)))
+            .map(|reply| reply.token)
+            .collect();
+        acked.sort_unstable();
+        assert_eq!(acked, (1..=10).collect::<Vec<_>>());
+
+        // Everything acknowledged is durable.
+        drop(r);
+        disk.crash(0);
+        let (r, _) = mem_leader(&disk);
+        for token in 1..=10 {
+            let key = format!("k{token}");
+            assert!(r.state_machine().get(key.as_bytes()).is_some(), "{key}");
+        }
+    }
+
+    #[test]
+    fn a_leader_whose_disk_fills_hands_over_and_catches_up_later() {
+        let disks: Vec<MemDisk> = (0..3).map(|_| MemDisk::new()).collect();
+        let mut sim = Sim::in_memory(&disks);
+        let old = sim.elect();
+        disks[old as usize - 1].set_room(Some(0));
+
+        // A majority without the leader's disk still commits, but the
+        // leader applies (and answers) only what it holds itself.
+        sim.replica(old)
+            .propose(1, put("a", "1"), SessionTag::default())
+            .unwrap();
+        for _ in 0..5 {
+            sim.round();
+        }
+        assert!(
+            sim.take_reply(1).is_none(),
+            "answered from an unwritten log"
+        );
+        sim.replica(old)
+            .propose(2, put("b", "2"), SessionTag::default())
+            .unwrap();
+        sim.round();
+        let refused = sim.take_reply(2).expect("refused at once");
+        assert_eq!(error_code(&refused), Some(ErrorCode::ResourceExhausted));
+
+        let mut new = None;
+        for _ in 0..300 {
+            sim.tick();
+            new = sim.leader().filter(|&l| l != old);
+            if new.is_some() {
+                break;
+            }
+        }
+        let new = new.expect("leadership moves off the full disk");
+        let lost_leadership = sim.take_reply(1).expect("answered when leadership moved");
+        assert_eq!(error_code(&lost_leadership), Some(ErrorCode::Unavailable));
+        sim.replica(new)
+            .propose(3, put("c", "3"), SessionTag::default())
+            .unwrap();
+        for _ in 0..5 {
+            sim.round();
+        }
+        assert!(matches!(
+            sim.take_reply(3),
+            Some(response::Result::Write(_))
+        ));
+        assert!(
+            sim.replica(new).state_machine().get(b"a").is_some(),
+            "the write the followers took is committed"
+        );
+        assert!(sim.replica(old).disk_full().is_some());
+
+        disks[old as usize - 1].set_room(None);
+        for _ in 0..20 {
+            sim.tick();
+        }
+        assert_eq!(sim.replica(old).disk_full(), None);
+        let applied: Vec<u64> = (1..=3)
+            .map(|id| sim.replica(id).state_machine().applied_index())
+            .collect();
+        assert!(applied.iter().all(|&a| a == applied[0]), "{applied:?}");
+        for id in 1..=3 {
+            let sm = sim.replica(id).state_machine();
+            assert!(
+                sm.get(b"a").is_some() && sm.get(b"c").is_some(),
+                "node {id}"
+            );
+            assert!(sm.get(b"b").is_none(), "node {id} applied a refused write");
+        }
     }
 }

@@ -79,6 +79,9 @@ impl Shard {
         m.last_index.set(status.last_index as i64);
         let wal = self.replica.wal();
         m.wal_segments.set(wal.segment_count() as i64);
+        m.wal_disk_full.set(i64::from(!status.disk_full.is_empty()));
+        m.wal_backlog_bytes
+            .set(self.replica.log_backlog_bytes() as i64);
         let written = wal.bytes_written();
         m.wal_bytes
             .inc_by(written.saturating_sub(self.wal_bytes_reported));
