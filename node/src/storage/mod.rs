@@ -373,3 +373,116 @@ impl<L: LogStore> raft::Storage for RaftStorage<L> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use raft::Storage as _;
+
+    use super::*;
+    use crate::log_store::memory::{MemDisk, MemLogStore};
+
+    fn entries(first: u64, count: u64, term: u64) -> Vec<Entry> {
+        (first..first + count)
+            .map(|index| Entry {
+                index,
+                term,
+                data: Bytes::from(vec![index as u8; 16]),
+                ..Default::default()
+            })
+            .collect()
+    }
+
+    fn read(storage: &RaftStorage<MemLogStore>, low: u64, high: u64) -> Vec<(u64, u64)> {
+        storage
+            .entries(low, high, None, GetEntriesContext::empty(false))
+            .unwrap()
+            .iter()
+            .map(|e| (e.index, e.term))
+            .collect()
+    }
+
+    #[test]
+    fn writes_the_log_refuses_are_read_back_and_written_later_in_order() {
+        let disk = MemDisk::new();
+        let mut storage = RaftStorage::new(disk.open());
+        storage.append(entries(1, 4, 1)).unwrap();
+        // Room for two more entries (40 bytes each in the memory store).
+        disk.set_room(Some(80));
+        let error = storage.append(entries(5, 4, 1)).unwrap_err();
+        assert!(error.is_disk_full() && error.appended() == 2, "{error}");
+        assert!(storage.has_pending());
+        assert_eq!(storage.pending_entry_bytes(), 32);
+        // A hard state waits behind the entries; a conflicting append from a
+        // new leader replaces the waiting suffix.
+        storage
+            .set_hard_state(&HardState {
+                term: 2,
+                vote: 2,
+                commit: 3,
+                ..Default::default()
+            })
+            .unwrap();
+        storage.append(entries(8, 2, 2)).unwrap();
+        assert_eq!(storage.last_index().unwrap(), 9);
+        assert_eq!(storage.term(6).unwrap(), 1);
+        assert_eq!(storage.term(7).unwrap(), 1);
+        assert_eq!(storage.term(8).unwrap(), 2);
+        assert_eq!(
+            read(&storage, 3, 10),
+            vec![(3, 1), (4, 1), (5, 1), (6, 1), (7, 1), (8, 2), (9, 2)]
+        );
+        // A size limit spans both parts: the first entry always comes.
+        let limited = storage
+            .entries(5, 10, Some(40), GetEntriesContext::empty(false))
+            .unwrap();
+        assert_eq!(limited.len(), 2);
+
+        // Still full: nothing moves, nothing is lost.
+        assert!(storage.write_pending().unwrap_err().is_retryable());
+        assert_eq!(read(&storage, 1, 10).len(), 9);
+        disk.set_room(None);
+        storage.write_pending().unwrap();
+        assert!(!storage.has_pending());
+        assert_eq!(storage.wal().last_index(), 9);
+        assert_eq!(storage.wal().hard_state().term, 2);
+        assert_eq!(
+            read(&storage, 1, 10),
+            vec![
+                (1, 1),
+                (2, 1),
+                (3, 1),
+                (4, 1),
+                (5, 1),
+                (6, 1),
+                (7, 1),
+                (8, 2),
+                (9, 2)
+            ]
+        );
+    }
+
+    #[test]
+    fn a_snapshot_installed_while_writes_wait_moves_the_log_start() {
+        let disk = MemDisk::new();
+        let mut storage = RaftStorage::new(disk.open());
+        storage.append(entries(1, 3, 1)).unwrap();
+        disk.set_room(Some(0));
+        assert!(storage.append(entries(4, 2, 1)).is_err());
+        storage
+            .install_snapshot_marker(SnapshotMarker { index: 10, term: 3 })
+            .unwrap();
+        assert_eq!(storage.first_index().unwrap(), 11);
+        assert_eq!(storage.last_index().unwrap(), 10);
+        assert_eq!(storage.term(10).unwrap(), 3);
+        assert!(matches!(
+            storage.term(4),
+            Err(raft::Error::Store(StorageError::Compacted))
+        ));
+        storage.append(entries(11, 2, 3)).unwrap();
+        assert_eq!(read(&storage, 11, 13), vec![(11, 3), (12, 3)]);
+        disk.set_room(None);
+        storage.write_pending().unwrap();
+        assert_eq!(storage.wal().first_index(), 11);
+        assert_eq!(read(&storage, 11, 13), vec![(11, 3), (12, 3)]);
+    }
+}
