@@ -22,6 +22,10 @@ pub mod replica;
 pub mod sessions;
 mod shard;
 pub mod shared;
+#[cfg(test)]
+pub mod sim;
+#[doc(hidden)]
+pub mod sim_bugs;
 pub mod snapshot;
 mod snapshot_transfer;
 pub mod state_machine;

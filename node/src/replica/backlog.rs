@@ -151,7 +151,7 @@ impl<L: LogStore> Replica<L> {
                 to = peer,
                 "disk full: transferring leadership"
             );
-            self.raw.transfer_leader(peer);
+            self.transfer_leader(peer);
         }
     }
 }

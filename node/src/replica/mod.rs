@@ -12,7 +12,7 @@ mod ready;
 mod requests;
 mod snapshots;
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
 
 use bytes::Bytes;
 use corekv_proto::client::{response, Role, ShardStatus};
@@ -53,8 +53,13 @@ pub struct ReplicaOptions {
     /// Ticks between leader heartbeats.
     pub heartbeat_ticks: usize,
     /// Ticks without a leader before an election (randomised by raft-rs in
-    /// `[election_ticks, 2 * election_ticks)`).
+    /// `[election_ticks, max_election_ticks)`).
     pub election_ticks: usize,
+    /// Upper bound (exclusive) of the randomised election timeout; 0 means
+    /// raft-rs's default, `2 * election_ticks`. raft-rs draws the timeout
+    /// from the thread's RNG, so a deterministic simulation sets
+    /// `election_ticks + 1` and picks `election_ticks` from its own seed.
+    pub max_election_ticks: usize,
     /// A pending request older than this many ticks is answered TIMEOUT.
     pub request_timeout_ticks: u64,
     /// Upper bound on the bytes of entries in one append message.
@@ -206,7 +211,7 @@ pub struct Replica<L: LogStore = Wal> {
     /// Lease reads of this turn.
     queued_lease_reads: Vec<PendingRead>,
     /// ReadIndex rounds in flight, by request context.
-    read_rounds: HashMap<u64, Vec<PendingRead>>,
+    read_rounds: BTreeMap<u64, Vec<PendingRead>>,
     /// Reads whose read index is known, waiting for apply to reach it.
     reads_awaiting_apply: VecDeque<(u64, Vec<PendingRead>)>,
     next_read_ctx: u64,
@@ -230,6 +235,17 @@ pub struct Replica<L: LogStore = Wal> {
     received_snapshots: VecDeque<LoadedSnapshot>,
     /// Writes the log store could not take yet (it cannot grow).
     backlog: Backlog,
+    /// The Ready that installed a snapshot from the leader, until it is
+    /// persisted. raft-rs forgets the snapshot is pending when the Ready is
+    /// advanced but keeps its applied index until it is persisted; a
+    /// campaign in between reads the entries after that applied index,
+    /// which the snapshot compacted away, and raft-rs aborts. So the
+    /// replica neither ticks raft nor takes MsgTimeoutNow meanwhile (the
+    /// window is one sync; found by the simulator, seed 21394).
+    installing_snapshot: Option<u64>,
+    /// Until this tick lease reads are served as linearizable ones (see
+    /// `suspect_lease`).
+    lease_suspect_until: u64,
 }
 
 impl<L: LogStore> Replica<L> {
@@ -309,6 +325,7 @@ impl<L: LogStore> Replica<L> {
         let config = raft::Config {
             id: options.node_id,
             election_tick: options.election_ticks,
+            max_election_tick: options.max_election_ticks,
             heartbeat_tick: options.heartbeat_ticks,
             applied,
             max_size_per_msg: options.max_size_per_msg,
@@ -344,7 +361,7 @@ impl<L: LogStore> Replica<L> {
             pending_writes: BTreeMap::new(),
             queued_reads: Vec::new(),
             queued_lease_reads: Vec::new(),
-            read_rounds: HashMap::new(),
+            read_rounds: BTreeMap::new(),
             reads_awaiting_apply: VecDeque::new(),
             next_read_ctx: 1,
             unpersisted: VecDeque::new(),
@@ -357,6 +374,8 @@ impl<L: LogStore> Replica<L> {
             snapshot_in_progress: false,
             received_snapshots: VecDeque::new(),
             backlog: Backlog::default(),
+            installing_snapshot: None,
+            lease_suspect_until: 0,
         })
     }
 
@@ -383,7 +402,9 @@ impl<L: LogStore> Replica<L> {
     /// Advances raft's clock by one tick and expires requests past their
     /// deadline.
     pub fn tick(&mut self, out: &mut Output<L::SyncJob>) {
-        self.raw.tick();
+        if self.installing_snapshot.is_none() {
+            self.raw.tick();
+        }
         self.ticks += 1;
         self.expire(out);
         self.step_down_if_disk_full();
@@ -408,6 +429,12 @@ impl<L: LogStore> Replica<L> {
                 );
                 message.commit = last;
             }
+        }
+        if self.installing_snapshot.is_some()
+            && message.get_msg_type() == MessageType::MsgTimeoutNow
+        {
+            // See `installing_snapshot`; the leader tries the transfer again.
+            return;
         }
         if self.refuses_append(&message) {
             tracing::debug!(
@@ -444,7 +471,19 @@ impl<L: LogStore> Replica<L> {
 
     /// Starts a transfer of leadership to `peer`.
     pub fn transfer_leader(&mut self, peer: u64) {
+        self.suspect_lease();
         self.raw.transfer_leader(peer);
+    }
+
+    /// A leader that starts a transfer can no longer trust its lease: the
+    /// peer it names campaigns at once and the voters grant it even though
+    /// they heard from this leader within the election timeout, so a new
+    /// leader may take writes while this one still believes its lease
+    /// holds (cut off, it learns nothing until check-quorum steps it down,
+    /// up to two election timeouts later). Lease reads meanwhile go through
+    /// a ReadIndex round. Found by the simulator, seed 6707.
+    fn suspect_lease(&mut self) {
+        self.lease_suspect_until = self.ticks + 2 * self.options.election_ticks as u64 + 1;
     }
 
     /// True if `id` is a voter of this group.
@@ -485,6 +524,21 @@ impl<L: LogStore> Replica<L> {
     /// The WAL (segment count, bytes written).
     pub fn wal(&self) -> &L {
         self.raw.store().wal()
+    }
+
+    /// The term and data of the log entry at `index` as raft sees it
+    /// (`None` once compacted or past the end): the simulator compares
+    /// committed entries across replicas with it.
+    #[cfg(test)]
+    pub(crate) fn log_entry(&self, index: u64) -> Option<(u64, Bytes)> {
+        let context = raft::GetEntriesContext::empty(false);
+        let entries = self
+            .raw
+            .raft
+            .raft_log
+            .slice(index, index + 1, None, context)
+            .ok()?;
+        entries.first().map(|e| (e.term, e.data.clone()))
     }
 
     /// Raft status of this replica, as the client protocol reports it.

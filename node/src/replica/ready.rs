@@ -180,6 +180,9 @@ impl<L: LogStore> Replica<L> {
                 let covered = newest.unwrap_or(self.last_ready_number.min(written));
                 self.sync_in_flight = Some(covered);
                 out.sync = Some(job);
+                if crate::sim_bugs::planted(crate::sim_bugs::Bug::AckBeforeSync) {
+                    self.persisted_through(covered, out);
+                }
             }
             // Nothing unsynced: whatever these readys wrote is already durable.
             (None, Some(newest)) => self.persisted_through(newest, out),
@@ -202,6 +205,12 @@ impl<L: LogStore> Replica<L> {
 
     fn persisted_through(&mut self, number: u64, out: &mut Output<L::SyncJob>) {
         self.raw.on_persist_ready(number);
+        if self
+            .installing_snapshot
+            .is_some_and(|ready| ready <= number)
+        {
+            self.installing_snapshot = None;
+        }
         self.report_applied();
         while let Some(front) = self.unpersisted.front() {
             if front.number > number {

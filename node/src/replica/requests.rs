@@ -78,6 +78,11 @@ impl<L: LogStore> Replica<L> {
             deadline_tick: self.ticks + self.options.request_timeout_ticks,
         };
         if consistency == Consistency::Lease {
+            if crate::sim_bugs::planted(crate::sim_bugs::Bug::LeaseWithoutCheck) {
+                let result = self.serve_read(&read.op);
+                out.replies.push(Reply { token, result });
+                return Ok(());
+            }
             self.queued_lease_reads.push(read);
         } else {
             self.queued_reads.push(read);
@@ -131,6 +136,11 @@ impl<L: LogStore> Replica<L> {
         message.set_msg_type(MessageType::MsgPropose);
         message.from = self.options.node_id;
         let (tokens, datas): (Vec<Token>, Vec<Bytes>) = proposals.into_iter().unzip();
+        let entries_data = if crate::sim_bugs::planted(crate::sim_bugs::Bug::AckBeforeCommit) {
+            datas.clone()
+        } else {
+            Vec::new()
+        };
         let entries: Vec<Entry> = datas
             .into_iter()
             .map(|data| Entry {
@@ -159,6 +169,14 @@ impl<L: LogStore> Replica<L> {
         let term = self.raw.raft.term;
         let deadline_tick = self.ticks + self.options.request_timeout_ticks;
         for (i, token) in tokens.into_iter().enumerate() {
+            if crate::sim_bugs::planted(crate::sim_bugs::Bug::AckBeforeCommit) {
+                let index = last_before + 1 + i as u64;
+                out.replies.push(Reply {
+                    token,
+                    result: answer_before_commit(index, &entries_data[i]),
+                });
+                continue;
+            }
             self.pending_writes.insert(
                 last_before + 1 + i as u64,
                 PendingWrite {
@@ -182,7 +200,13 @@ impl<L: LogStore> Replica<L> {
         }
         if !self.queued_lease_reads.is_empty() {
             let reads = std::mem::take(&mut self.queued_lease_reads);
-            self.start_read_round(reads, ReadOnlyOption::LeaseBased);
+            // See `lease_suspect_until`: a full ReadIndex round instead.
+            let option = if self.ticks < self.lease_suspect_until {
+                ReadOnlyOption::Safe
+            } else {
+                ReadOnlyOption::LeaseBased
+            };
+            self.start_read_round(reads, option);
         }
     }
 
@@ -214,7 +238,11 @@ impl<L: LogStore> Replica<L> {
             .queued_reads
             .drain(..)
             .chain(self.queued_lease_reads.drain(..))
-            .chain(self.read_rounds.drain().flat_map(|(_, r)| r))
+            .chain(
+                std::mem::take(&mut self.read_rounds)
+                    .into_values()
+                    .flatten(),
+            )
             .chain(self.reads_awaiting_apply.drain(..).flat_map(|(_, r)| r));
         for read in reads {
             out.replies.push(Reply {
@@ -356,4 +384,15 @@ fn superseded() -> response::Result {
         ErrorCode::Unavailable,
         "the proposal was replaced by another leader's entry; it was not applied",
     )
+}
+
+/// The answer the `AckBeforeCommit` mistake gives at once: what applying
+/// the command at `index` would answer if nothing else intervened.
+fn answer_before_commit(index: u64, data: &Bytes) -> response::Result {
+    use corekv_proto::client::{DeleteResult, WriteResult};
+    use corekv_proto::log::command::Op as LogOp;
+    match crate::command::decode(data) {
+        Ok((LogOp::Delete(_), _)) => response::Result::Delete(DeleteResult { deleted: true }),
+        _ => response::Result::Write(WriteResult { version: index }),
+    }
 }

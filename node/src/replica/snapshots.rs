@@ -73,6 +73,7 @@ impl<L: LogStore> Replica<L> {
         self.state_machine.restore(metadata.index, received.image);
         self.applied_since_snapshot = (0, 0);
         out.snapshot_installed = Some(received.meta);
+        self.installing_snapshot = Some(ready);
         Ok(())
     }
 
@@ -124,6 +125,19 @@ impl<L: LogStore> Replica<L> {
                 return Ok(());
             }
         };
+        // A snapshot from the leader may have been installed while this one
+        // was written: the log already starts after it, and the newer
+        // snapshot is the one to offer.
+        let log_start = self.raw.store().first_index().unwrap_or(1);
+        if meta.index < log_start {
+            tracing::info!(
+                shard = self.options.shard,
+                index = meta.index,
+                log_start,
+                "snapshot written behind an installed one; nothing to compact"
+            );
+            return Ok(());
+        }
         let marker = SnapshotMarker {
             index: meta.index,
             term: meta.term,

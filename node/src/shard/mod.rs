@@ -142,6 +142,7 @@ pub async fn run(
             voters: config.peers.iter().map(|p| p.id).collect(),
             heartbeat_ticks: config.heartbeat_ticks,
             election_ticks: config.election_ticks,
+            max_election_ticks: 0,
             request_timeout_ticks,
             max_size_per_msg: MAX_APPEND_BYTES,
             max_inflight_msgs: MAX_INFLIGHT_APPENDS,

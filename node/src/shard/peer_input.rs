@@ -261,6 +261,7 @@ mod tests {
             voters: vec![1, 2, 3],
             heartbeat_ticks: 3,
             election_ticks: 30,
+            max_election_ticks: 0,
             request_timeout_ticks: 500,
             max_size_per_msg: 1 << 20,
             max_inflight_msgs: 1,

@@ -204,9 +204,10 @@ impl<L: LogStore> RaftStorage<L> {
 }
 
 fn wal_hard_state(hs: &HardState) -> corekv_wal::HardState {
+    let forget_vote = crate::sim_bugs::planted(crate::sim_bugs::Bug::ForgetVote);
     corekv_wal::HardState {
         term: hs.term,
-        vote: hs.vote,
+        vote: if forget_vote { 0 } else { hs.vote },
         commit: hs.commit,
     }
 }
