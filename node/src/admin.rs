@@ -125,6 +125,8 @@ pub fn shard_status_json(s: &ShardStatus) -> serde_json::Value {
         "commit_index": s.commit_index,
         "applied_index": s.applied_index,
         "last_index": s.last_index,
+        "state_machine_bytes": s.state_machine_bytes,
+        "state_machine_keys": s.state_machine_keys,
     });
     if !s.disk_full.is_empty() {
         value["disk_full"] = json!(s.disk_full);

@@ -121,6 +121,8 @@ pub struct Metrics {
     wal_segments: Family<ShardLabel, Gauge>,
     wal_disk_full: Family<ShardLabel, Gauge>,
     wal_backlog_bytes: Family<ShardLabel, Gauge>,
+    state_machine_bytes: Family<ShardLabel, Gauge>,
+    state_machine_keys: Family<ShardLabel, Gauge>,
     requests: Family<RequestLabels, Counter>,
     request_seconds: Family<OpLabels, Histogram, fn() -> Histogram>,
     reconnects: Family<PeerLabels, Counter>,
@@ -178,6 +180,10 @@ pub struct ShardMetrics {
     pub wal_disk_full: Gauge,
     /// wal_backlog_bytes: entry bytes waiting for the log.
     pub wal_backlog_bytes: Gauge,
+    /// state_machine_bytes: accounted bytes of the state machine.
+    pub state_machine_bytes: Gauge,
+    /// state_machine_keys: keys in the state machine.
+    pub state_machine_keys: Gauge,
     /// Client connection counts.
     pub connections: ConnectionMetrics,
     /// client_requests_total by [op][status] (indexes into OPS, STATUSES).
@@ -210,6 +216,8 @@ impl Metrics {
             wal_segments: Family::default(),
             wal_disk_full: Family::default(),
             wal_backlog_bytes: Family::default(),
+            state_machine_bytes: Family::default(),
+            state_machine_keys: Family::default(),
             requests: Family::default(),
             request_seconds: Family::new_with_constructor(request_histogram),
             reconnects: Family::default(),
@@ -302,6 +310,16 @@ impl Metrics {
             m.wal_backlog_bytes.clone(),
         );
         registry.register(
+            "state_machine_bytes",
+            "Accounted bytes of the state machine: keys, values and 64 bytes per pair (what max_memory_bytes limits)",
+            m.state_machine_bytes.clone(),
+        );
+        registry.register(
+            "state_machine_keys",
+            "Keys in the state machine",
+            m.state_machine_keys.clone(),
+        );
+        registry.register(
             "client_requests",
             "Client requests answered, by op and status",
             m.requests.clone(),
@@ -377,6 +395,8 @@ impl Metrics {
             wal_segments: self.wal_segments.get_or_create(&l).clone(),
             wal_disk_full: self.wal_disk_full.get_or_create(&l).clone(),
             wal_backlog_bytes: self.wal_backlog_bytes.get_or_create(&l).clone(),
+            state_machine_bytes: self.state_machine_bytes.get_or_create(&l).clone(),
+            state_machine_keys: self.state_machine_keys.get_or_create(&l).clone(),
             connections: self.connection_metrics(shard),
             requests: OPS
                 .iter()

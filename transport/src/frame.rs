@@ -399,6 +399,8 @@ mod tests {
                 applied_index: v[5],
                 last_index: v[5] ^ v[4],
                 disk_full,
+                state_machine_bytes: v[0] ^ v[2],
+                state_machine_keys: v[1] ^ v[3],
             });
         let result = prop_oneof![
             (

@@ -72,6 +72,24 @@ use peers::{host_port, is_wildcard, parse_peers, PEERS_SYNTAX};
 
 const MIB: u64 = 1024 * 1024;
 
+/// Half of MemTotal from /proc/meminfo; 0 (no limit) if it cannot be read.
+fn half_of_machine_memory() -> u64 {
+    let Ok(meminfo) = std::fs::read_to_string("/proc/meminfo") else {
+        return 0;
+    };
+    meminfo
+        .lines()
+        .find_map(|line| line.strip_prefix("MemTotal:"))
+        .and_then(|rest| {
+            rest.trim()
+                .trim_end_matches("kB")
+                .trim()
+                .parse::<u64>()
+                .ok()
+        })
+        .map_or(0, |kib| kib * 1024 / 2)
+}
+
 config_keys! {
     /// This node's Raft id, >= 1. Required: there is no safe default, since two
     /// nodes with one id would corrupt each other's groups.
@@ -250,6 +268,26 @@ config_keys! {
         default: 64 * MIB,
         flag: u64, "BYTES", "Snapshot after this many log bytes [default: 67108864]",
         env: "COREKV_SNAPSHOT_BYTES",
+    }
+    /// Both snapshot thresholds grow with the state: a snapshot is due only
+    /// once the log since the last one also passes this percentage of the
+    /// state at that snapshot (its accounted bytes, and its keys for
+    /// `snapshot_entries`), so snapshot writes stay about this share of log
+    /// writes however large the state. Default 100.
+    snapshot_log_percent: u64 {
+        default: 100,
+        flag: u64, "PERCENT", "Snapshot only after log of this % of the state's size [default: 100]",
+        env: "COREKV_SNAPSHOT_LOG_PERCENT",
+    }
+    /// Accounted bytes (keys, values, 64 bytes per pair) the node's state
+    /// machines may hold, shared evenly by its shards; a write that would
+    /// pass its shard's share is refused with RESOURCE_EXHAUSTED, deletes
+    /// and shrinking writes still work. 0 = no limit. Default: half of the
+    /// machine's memory.
+    max_memory_bytes: u64 {
+        default: half_of_machine_memory(),
+        flag: u64, "BYTES", "State machine memory limit, all shards [default: half of the machine's memory]",
+        env: "COREKV_MAX_MEMORY_BYTES",
     }
     /// Largest frame accepted on any connection; a bigger one is refused and
     /// its connection closed. At least `max_key_bytes + max_value_bytes +

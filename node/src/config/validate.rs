@@ -129,6 +129,7 @@ impl Config {
         for (key, value) in [
             ("snapshot_entries", self.snapshot_entries),
             ("snapshot_bytes", self.snapshot_bytes),
+            ("snapshot_log_percent", self.snapshot_log_percent),
             ("max_client_connections", self.max_client_connections as u64),
             (
                 "max_requests_in_flight_per_connection",

@@ -70,6 +70,13 @@ pub struct ReplicaOptions {
     pub snapshot_entries: u64,
     /// ... or once this many bytes of entries were applied.
     pub snapshot_bytes: u64,
+    /// ... and in both cases at least this percentage of the state's keys
+    /// (or accounted bytes) at the last snapshot, so that the bytes written
+    /// for snapshots stay a bounded share of the log, whatever the size.
+    pub snapshot_log_percent: u64,
+    /// Accounted bytes the state machine may grow to; past it growing
+    /// writes are refused with RESOURCE_EXHAUSTED (0 = no limit).
+    pub max_state_bytes: u64,
 }
 
 /// A snapshot restored at start-up or received from the leader.
@@ -229,6 +236,9 @@ pub struct Replica<L: LogStore = Wal> {
     leader_id: u64,
     /// Applied since the last snapshot: entries and bytes.
     applied_since_snapshot: (u64, u64),
+    /// The state machine's keys and accounted bytes at the last snapshot
+    /// (taken, installed or restored), which the snapshot rule scales with.
+    snapshot_base: (u64, u64),
     snapshot_in_progress: bool,
     /// Verified snapshots from the leader, waiting for raft to install one
     /// (newest last, at most `MAX_RECEIVED_SNAPSHOTS`).
@@ -347,6 +357,7 @@ impl<L: LogStore> Replica<L> {
             storage.set_latest_snapshot(loaded.meta.clone());
             state_machine.restore(loaded.meta.index, loaded.image);
         }
+        let snapshot_base = (state_machine.len() as u64, state_machine.bytes());
         let raw =
             RawNode::new(&config, storage, &logger).map_err(|source| ReplicaError::RaftStart {
                 shard: options.shard,
@@ -371,6 +382,7 @@ impl<L: LogStore> Replica<L> {
             role: StateRole::Follower,
             leader_id: 0,
             applied_since_snapshot: (0, 0),
+            snapshot_base,
             snapshot_in_progress: false,
             received_snapshots: VecDeque::new(),
             backlog: Backlog::default(),
@@ -554,6 +566,8 @@ impl<L: LogStore> Replica<L> {
             applied_index: self.state_machine.applied_index(),
             last_index: self.raw.store().last_index().unwrap_or(0),
             disk_full: self.disk_full().unwrap_or_default().to_string(),
+            state_machine_bytes: self.state_machine.bytes(),
+            state_machine_keys: self.state_machine.len() as u64,
         }
     }
 }

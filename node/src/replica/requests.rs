@@ -37,6 +37,8 @@ impl<L: LogStore> Replica<L> {
         }
         let entry = if let Some(refused) = self.disk_full_error() {
             Err(refused)
+        } else if let Some(refused) = self.memory_limit_error(&op) {
+            Err(refused)
         } else if self.pending_requests() >= MAX_PENDING_REQUESTS {
             Err(self.too_many_pending())
         } else {
@@ -99,6 +101,33 @@ impl<L: LogStore> Replica<L> {
             + self.queued_lease_reads.len()
             + self.read_rounds.len()
             + self.reads_awaiting_apply.len()
+    }
+
+    /// RESOURCE_EXHAUSTED for a write that would grow the state machine past
+    /// `max_state_bytes`. Checked against the applied state when the write
+    /// arrives (writes in flight may pass the limit by their own size); the
+    /// apply itself never refuses, so replicas cannot diverge over it.
+    fn memory_limit_error(&self, op: &Op) -> Option<response::Result> {
+        let limit = self.options.max_state_bytes;
+        let (key, value_len) = match op {
+            Op::Put(put) => (&put.key, put.value.len()),
+            Op::Cas(cas) => (&cas.key, cas.value.len()),
+            _ => return None,
+        };
+        let growth = self.state_machine.growth(key, value_len);
+        let used = self.state_machine.bytes();
+        if limit == 0 || growth <= 0 || used.saturating_add(growth as u64) <= limit {
+            return None;
+        }
+        Some(state_machine::error(
+            ErrorCode::ResourceExhausted,
+            &format!(
+                "shard {}: the state machine holds {used} bytes and this write adds {growth}, \
+                 past its limit of {limit} (max_memory_bytes split between shards); \
+                 deletes and smaller overwrites still work",
+                self.options.shard
+            ),
+        ))
     }
 
     fn too_many_pending(&self) -> response::Result {

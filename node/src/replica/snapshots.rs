@@ -72,6 +72,7 @@ impl<L: LogStore> Replica<L> {
             .set_latest_snapshot(received.meta.clone());
         self.state_machine.restore(metadata.index, received.image);
         self.applied_since_snapshot = (0, 0);
+        self.snapshot_base = (self.state_machine.len() as u64, self.state_machine.bytes());
         out.snapshot_installed = Some(received.meta);
         self.installing_snapshot = Some(ready);
         Ok(())
@@ -80,7 +81,20 @@ impl<L: LogStore> Replica<L> {
     pub(super) fn maybe_snapshot(&mut self, out: &mut Output<L::SyncJob>) {
         let wanted = self.raw.store().take_snapshot_wanted();
         let (entries, bytes) = self.applied_since_snapshot;
-        let due = entries >= self.options.snapshot_entries || bytes >= self.options.snapshot_bytes;
+        // The thresholds grow with the state, so a large state is written
+        // no more often than its size in log has gone by (see
+        // `snapshot_log_percent`); a small one as configured.
+        let (base_keys, base_bytes) = self.snapshot_base;
+        let percent = self.options.snapshot_log_percent;
+        let entries_due = self
+            .options
+            .snapshot_entries
+            .max(base_keys.saturating_mul(percent) / 100);
+        let bytes_due = self
+            .options
+            .snapshot_bytes
+            .max(base_bytes.saturating_mul(percent) / 100);
+        let due = entries >= entries_due || bytes >= bytes_due;
         if self.snapshot_in_progress || !(due || wanted) {
             return;
         }
@@ -107,6 +121,7 @@ impl<L: LogStore> Replica<L> {
         };
         self.snapshot_in_progress = true;
         self.applied_since_snapshot = (0, 0);
+        self.snapshot_base = (self.state_machine.len() as u64, self.state_machine.bytes());
         out.snapshot_to_write = Some((meta, self.state_machine.view()));
     }
 

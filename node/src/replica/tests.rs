@@ -51,6 +51,8 @@ fn options(id: u64) -> ReplicaOptions {
         max_inflight_msgs: 256,
         snapshot_entries: 1_000_000,
         snapshot_bytes: 1 << 30,
+        snapshot_log_percent: 100,
+        max_state_bytes: 0,
     }
 }
 
@@ -400,6 +402,8 @@ fn single_voter_options() -> ReplicaOptions {
         max_inflight_msgs: 256,
         snapshot_entries: u64::MAX,
         snapshot_bytes: u64::MAX,
+        snapshot_log_percent: 100,
+        max_state_bytes: 0,
     }
 }
 
@@ -886,5 +890,62 @@ mod disk_full_tests {
             );
             assert!(sm.get(b"b").is_none(), "node {id} applied a refused write");
         }
+    }
+}
+
+/// The snapshot rule scales with the state: the bytes written for
+/// snapshots stay a bounded share of the log, whatever the data size.
+mod snapshot_rule_tests {
+    use super::*;
+    use crate::log_store::memory::MemDisk;
+
+    /// Snapshots a single voter takes while it applies `puts` puts of new
+    /// keys, with a threshold of 10 entries and `percent`.
+    fn snapshots_taken(puts: u64, percent: u64) -> Vec<u64> {
+        let disk = MemDisk::new();
+        let options = ReplicaOptions {
+            snapshot_entries: 10,
+            snapshot_log_percent: percent,
+            ..single_voter_options()
+        };
+        let mut r = Replica::open(disk.open(), options, None).unwrap();
+        let mut out = Output::default();
+        let mut taken = Vec::new();
+        let drive = |r: &mut Replica<_>, out: &mut Output<_>, taken: &mut Vec<u64>| {
+            r.handle_ready(out).unwrap();
+            while let Some(job) = out.sync.take() {
+                let job: crate::log_store::memory::MemSyncJob = job;
+                r.on_synced(job.run(), out).unwrap();
+            }
+            if let Some((meta, _image)) = out.snapshot_to_write.take() {
+                taken.push(meta.index);
+                r.on_snapshot_written(Ok(meta)).unwrap();
+            }
+        };
+        while !r.is_leader() {
+            r.tick(&mut out);
+            drive(&mut r, &mut out, &mut taken);
+        }
+        let value = Bytes::from_static(b"v");
+        for token in 1..=puts {
+            r.propose(token, numbered_put(token, &value), SessionTag::default())
+                .unwrap();
+            r.flush(&mut out);
+            drive(&mut r, &mut out, &mut taken);
+        }
+        taken
+    }
+
+    #[test]
+    fn a_larger_state_defers_the_next_snapshot() {
+        // Without scaling: one snapshot per 10 entries.
+        let fixed = snapshots_taken(200, 0);
+        assert_eq!(fixed.len(), 20, "{fixed:?}");
+        // Scaled: the next snapshot waits for as many entries as the state
+        // had keys at the last one, so the gaps double.
+        let scaled = snapshots_taken(200, 100);
+        assert!(scaled.len() <= 6, "{scaled:?}");
+        let gaps: Vec<u64> = scaled.windows(2).map(|w| w[1] - w[0]).collect();
+        assert!(gaps.windows(2).all(|g| g[1] >= g[0]), "{scaled:?}");
     }
 }

@@ -82,6 +82,8 @@ impl Shard {
         m.wal_disk_full.set(i64::from(!status.disk_full.is_empty()));
         m.wal_backlog_bytes
             .set(self.replica.log_backlog_bytes() as i64);
+        m.state_machine_bytes.set(status.state_machine_bytes as i64);
+        m.state_machine_keys.set(status.state_machine_keys as i64);
         let written = wal.bytes_written();
         m.wal_bytes
             .inc_by(written.saturating_sub(self.wal_bytes_reported));

@@ -148,6 +148,8 @@ pub async fn run(
             max_inflight_msgs: MAX_INFLIGHT_APPENDS,
             snapshot_entries: config.snapshot_entries,
             snapshot_bytes: config.snapshot_bytes,
+            snapshot_log_percent: config.snapshot_log_percent,
+            max_state_bytes: config.max_memory_bytes / u64::from(config.shards),
         },
         loaded,
     )?;

@@ -267,6 +267,8 @@ mod tests {
             max_inflight_msgs: 1,
             snapshot_entries: 1_000_000,
             snapshot_bytes: 1 << 30,
+            snapshot_log_percent: 100,
+            max_state_bytes: 0,
         };
         let disk = MemDisk::new();
         let mut r = Replica::open(disk.open(), options, None).unwrap();

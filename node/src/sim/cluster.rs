@@ -219,6 +219,8 @@ fn options(id: u64, nodes: u64, election_ticks: usize) -> ReplicaOptions {
         // Small, so snapshots, compaction and snapshot transfers happen.
         snapshot_entries: 150,
         snapshot_bytes: 1 << 30,
+        snapshot_log_percent: 100,
+        max_state_bytes: 0,
     }
 }
 
