@@ -5,8 +5,11 @@
 #   L     1 client, puts            W64   64 clients, puts
 #   W256  256 clients, puts         R64   64 clients, linearizable gets (prefilled)
 #   S64   64 clients, stale gets    M64   64 clients, 50 % puts / 50 % gets
+#   BIG   1M keys x 1 KiB prefilled (about 1 GB a node), then 4 clients x 64
+#         pipelined puts for BIG_DURATION (default 30s); not in the default set
 #
-# All: 16 B keys, 256 B values, 100k keyspace, DURATION measured after WARMUP.
+# All but BIG: 16 B keys, 256 B values, 100k keyspace, DURATION measured
+# after WARMUP.
 #
 # Environment (all optional):
 #   PORT_BASE   port base of the dev cluster (default 7000: clients on 7100,
@@ -30,6 +33,7 @@ cd "$(dirname "$0")/.."
 
 PORT_BASE=${PORT_BASE:-7000}
 DURATION=${DURATION:-20s}
+BIG_DURATION=${BIG_DURATION:-30s}
 WARMUP=${WARMUP:-2s}
 SCENARIOS=${SCENARIOS:-"L W64 W256 R64 S64 M64"}
 RUNS=${RUNS:-1}
@@ -116,19 +120,22 @@ done
 echo "cluster ready" >&2
 
 COMMON=(--endpoints "$ENDPOINTS" --json bench
-    --key-size 16 --value-size 256 --keyspace 100000
-    --duration "$DURATION" --warmup "$WARMUP" --seed 1 --admin "$ADMIN")
+    --key-size 16 --warmup "$WARMUP" --seed 1 --admin "$ADMIN")
+SMALL=(--value-size 256 --keyspace 100000 --duration "$DURATION")
 
 scenario_flags() {
     case "$1" in
-    L) echo "--clients 1 --mix put=100" ;;
-    W64) echo "--clients 64 --mix put=100" ;;
-    W256) echo "--clients 256 --mix put=100" ;;
-    R64) echo "--clients 64 --mix get=100 --consistency linearizable --prefill" ;;
-    S64) echo "--clients 64 --mix get=100 --consistency stale" ;;
-    M64) echo "--clients 64 --mix put=50,get=50" ;;
+    L) echo "${SMALL[*]} --clients 1 --mix put=100" ;;
+    W64) echo "${SMALL[*]} --clients 64 --mix put=100" ;;
+    W256) echo "${SMALL[*]} --clients 256 --mix put=100" ;;
+    R64) echo "${SMALL[*]} --clients 64 --mix get=100 --consistency linearizable --prefill" ;;
+    S64) echo "${SMALL[*]} --clients 64 --mix get=100 --consistency stale" ;;
+    M64) echo "${SMALL[*]} --clients 64 --mix put=50,get=50" ;;
+    # State that grows (issue 13): 1M keys x 1 KiB prefilled (about 1 GB
+    # per node), then pipelined puts over them.
+    BIG) echo "--value-size 1024 --keyspace 1000000 --duration $BIG_DURATION --clients 4 --pipeline 64 --mix put=100 --prefill" ;;
     *)
-        echo "unknown scenario $1 (known: L W64 W256 R64 S64 M64)" >&2
+        echo "unknown scenario $1 (known: L W64 W256 R64 S64 M64 BIG)" >&2
         return 1
         ;;
     esac

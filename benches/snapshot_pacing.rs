@@ -64,6 +64,7 @@ fn sync_loop(wal: &mut Wal, done: &AtomicBool, for_at_least: Duration) -> Histog
             .record(t.elapsed().as_micros() as u64)
             .expect("record");
         if index % 4096 == 0 {
+            wal.wait_for_next_segment();
             wal.apply_snapshot_marker(SnapshotMarker { index, term: 1 })
                 .expect("marker");
             wal.sync().expect("sync");

@@ -57,6 +57,8 @@ fn append(wal: &mut Wal, batch: usize, data: &[u8]) {
         })
         .collect();
     wal.append_entries_waiting(&entries).expect("append");
+    // So a marker written next never finds the next segment unprepared.
+    wal.wait_for_next_segment();
 }
 
 /// Drops everything appended so far and deletes the covered segments.

@@ -476,7 +476,7 @@ async fn status(client: &Client, json: bool) -> ExitCode {
                             marks.push_str(&s.disk_full);
                         }
                         rows.push(format!(
-                            "{node_id:<5} {:<5} {:<13} {:<6} {:<6} {:<8} {:<8} {:<8}{marks}",
+                            "{node_id:<5} {:<5} {:<13} {:<6} {:<6} {:<8} {:<8} {:<8} {:<10} {:<9.1}{marks}",
                             s.shard,
                             Role::from_wire(s.role).as_str(),
                             s.term,
@@ -484,6 +484,8 @@ async fn status(client: &Client, json: bool) -> ExitCode {
                             s.commit_index,
                             s.applied_index,
                             lag,
+                            s.state_machine_keys,
+                            s.state_machine_bytes as f64 / (1 << 20) as f64,
                         ));
                         corekv_node::admin::shard_status_json(s)
                     })
@@ -501,8 +503,17 @@ async fn status(client: &Client, json: bool) -> ExitCode {
         println!("{}", json!({ "nodes": nodes }));
     } else {
         println!(
-            "{:<5} {:<5} {:<13} {:<6} {:<6} {:<8} {:<8} {:<8}",
-            "node", "shard", "role", "term", "leader", "commit", "applied", "lag"
+            "{:<5} {:<5} {:<13} {:<6} {:<6} {:<8} {:<8} {:<8} {:<10} {:<9}",
+            "node",
+            "shard",
+            "role",
+            "term",
+            "leader",
+            "commit",
+            "applied",
+            "lag",
+            "keys",
+            "data_mib"
         );
         for row in rows {
             println!("{row}");

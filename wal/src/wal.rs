@@ -755,7 +755,11 @@ mod tests {
                 data,
             })
             .collect();
-        wal.append_entries_waiting(&refs)
+        let result = wal.append_entries_waiting(&refs);
+        // The small records tests write next (hard state, markers) may
+        // rotate too: have the next segment ready, as a shard would retry.
+        wal.wait_for_next_segment();
+        result
     }
 
     fn read_all(wal: &Wal) -> Vec<(u64, u64, Vec<u8>)> {

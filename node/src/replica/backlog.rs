@@ -111,6 +111,12 @@ impl<L: LogStore> Replica<L> {
         self.backlog.disk_full.as_deref()
     }
 
+    /// True while some write waits for the log store (its next segment was
+    /// not ready, or the disk is full).
+    pub fn has_log_backlog(&self) -> bool {
+        self.raw.store().has_pending()
+    }
+
     /// Bytes of entries waiting for the log store.
     pub fn log_backlog_bytes(&self) -> u64 {
         self.raw.store().pending_entry_bytes()

@@ -425,6 +425,25 @@ fn single_voter_leader(dir: &std::path::Path) -> (Replica, Output) {
     (r, out)
 }
 
+/// Lets a replica on the real WAL finish what waits for the WAL's next
+/// segment (prepared on its own thread): handles Readys and runs syncs until
+/// nothing waits, within a generous deadline.
+fn settle(r: &mut Replica, out: &mut Output) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        r.handle_ready(out).unwrap();
+        run_syncs(r, out);
+        if !r.has_log_backlog() && !r.sync_in_flight() {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the WAL's next segment never came"
+        );
+        std::thread::yield_now();
+    }
+}
+
 /// Runs every sync the replica asks for, blocking, until it asks for none.
 fn run_syncs(r: &mut Replica, out: &mut Output) {
     while let Some(job) = out.sync.take() {
@@ -467,6 +486,7 @@ mod rotation_tests {
                     .block_on(job.run());
                 r.on_synced(outcome, &mut out).unwrap();
             }
+            settle(&mut r, &mut out);
             let status = r.status();
             assert_eq!(
                 status.commit_index,
@@ -559,6 +579,7 @@ mod group_commit_tests {
             r.on_synced(job.run_blocking(), &mut out).unwrap();
             in_flight = out.sync.take();
         }
+        settle(&mut r, &mut out);
         let status = r.status();
         assert_eq!(
             status.commit_index, status.last_index,

@@ -135,6 +135,9 @@ impl std::fmt::Display for Failure {
     }
 }
 
+/// Steps a key is used for before the clients move to new keys.
+const EPOCH_STEPS: u64 = 20_000;
+
 /// Election timeouts a replica may get, in ticks.
 const ELECTION_TICKS: std::ops::Range<usize> = 10..20;
 
@@ -173,7 +176,7 @@ struct Client {
     /// Writes issued, to make every written value unique.
     writes: u64,
     /// The newest version it saw per key, for CAS.
-    versions: BTreeMap<u64, u64>,
+    versions: BTreeMap<Bytes, u64>,
 }
 
 /// The simulated cluster.
@@ -677,8 +680,12 @@ impl Sim {
     }
 
     fn issue(&mut self, c: usize) {
+        // Keys change every epoch, so each key's history (and the checker's
+        // search over it) stays one epoch long however long the run; keys
+        // are independent, so this loses nothing.
         let key_number = self.rng.gen_range(0..self.config.keys);
-        let key = Bytes::from(format!("k{key_number}"));
+        let epoch = self.now / EPOCH_STEPS;
+        let key = Bytes::from(format!("e{epoch}k{key_number}"));
         let client = &mut self.clients[c];
         let roll: f64 = self.rng.gen();
         let op = if roll < 0.35 {
@@ -690,8 +697,8 @@ impl Sim {
         } else if roll < 0.5 {
             client.writes += 1;
             Op::Cas {
+                expected_version: client.versions.get(&key).copied().unwrap_or(0),
                 key,
-                expected_version: client.versions.get(&key_number).copied().unwrap_or(0),
                 value: Bytes::from(format!("c{}w{}", client.id, client.writes)),
             }
         } else if roll < 0.55 {
@@ -766,13 +773,7 @@ impl Sim {
             return;
         };
         let (id, _, node, _) = self.clients[c].pending.take().expect("found");
-        let key_number: u64 = {
-            let key = self.history.record(id).op.key().clone();
-            std::str::from_utf8(&key[1..])
-                .ok()
-                .and_then(|k| k.parse().ok())
-                .unwrap_or(0)
-        };
+        let key = self.history.record(id).op.key().clone();
         let outcome = match result {
             response::Result::Write(w) => Some(Outcome::Written { version: w.version }),
             response::Result::Get(g) if g.found => Some(Outcome::Found {
@@ -834,7 +835,7 @@ impl Sim {
                     Outcome::Failed => None,
                 };
                 if let Some(version) = version {
-                    self.clients[c].versions.insert(key_number, version);
+                    self.clients[c].versions.insert(key, version);
                 }
                 self.history.complete(id, outcome, self.now);
             }
