@@ -8,7 +8,7 @@ mod common;
 use std::time::Duration;
 
 use bytes::Bytes;
-use common::Cluster;
+use common::{wait_for, Cluster, DEADLINE};
 use corekv::scrape;
 use corekv_client::{block_on, Client, ClientError, ClientOptions, Consistency, ErrorCode};
 
@@ -35,7 +35,7 @@ fn growing_writes_are_refused_at_the_limit_and_shrinking_ones_are_not() {
     for node in &mut cluster.nodes {
         node.start();
     }
-    let leader = cluster.wait_for_leaders()[0];
+    cluster.wait_for_leaders();
     let value = Bytes::from(vec![b'v'; 1024]);
     let acknowledged = block_on(async {
         let client = connect(&cluster).await;
@@ -79,16 +79,25 @@ fn growing_writes_are_refused_at_the_limit_and_shrinking_ones_are_not() {
     });
     assert!(acknowledged.len() > 40, "{}", acknowledged.len());
 
-    // Status and metrics say how full the shard is.
-    let status = cluster.status(leader).unwrap().shards[0].clone();
+    // Status and metrics say how full the shard is (on the leader of now:
+    // leadership may have moved to the shard's preferred node meanwhile;
+    // a follower catches up within a heartbeat or two).
+    let keys = acknowledged.len() as u64 - 1;
+    let (leader, status) = wait_for("status counts every key", DEADLINE, || {
+        let leader = cluster.status(1)?.shards[0].leader_id;
+        if leader == 0 {
+            return None;
+        }
+        let status = cluster.status(leader)?.shards[0].clone();
+        (status.state_machine_keys == keys).then_some((leader, status))
+    });
     assert!(status.state_machine_bytes <= LIMIT, "{status:?}");
-    assert_eq!(status.state_machine_keys, acknowledged.len() as u64 - 1);
     let admin = cluster.node(leader).admin_addr();
-    let metrics = scrape::get(&admin, "/metrics").expect("metrics");
-    assert_eq!(
-        scrape::metric_value(&metrics, "state_machine_bytes{shard=\"0\"}"),
-        Some(status.state_machine_bytes as f64)
-    );
+    wait_for("the metric follows the status", DEADLINE, || {
+        let metrics = scrape::get(&admin, "/metrics").ok()?;
+        let bytes = scrape::metric_value(&metrics, "state_machine_bytes{shard=\"0\"}")?;
+        (bytes == status.state_machine_bytes as f64).then_some(())
+    });
 
     // Nothing acknowledged is lost across a restart of every node.
     for node in &mut cluster.nodes {
