@@ -323,8 +323,18 @@ fn isolated_leader_steps_down_and_fails_pending_writes() {
         }
         other => panic!("pending write not failed: {other:?}"),
     }
-    // The majority elected another leader that serves reads.
-    let new = sim.leader().expect("majority has a leader");
+    // The majority elects another leader that serves reads. raft-rs draws
+    // election timeouts from the thread's RNG, so a split vote can take a
+    // few more timeouts: wait for the leader, within a bound.
+    let mut new = sim.leader();
+    for _ in 0..1000 {
+        if new.is_some_and(|id| id != old) {
+            break;
+        }
+        sim.tick();
+        new = sim.leader();
+    }
+    let new = new.expect("majority has a leader");
     assert_ne!(new, old);
     let mut out = Output::default();
     let get = Op::Get(Get {
@@ -599,11 +609,11 @@ mod memory_store_tests {
     use super::*;
     use crate::log_store::memory::{MemDisk, MemLogStore, MemSyncJob};
 
-    type MemReplica = Replica<MemLogStore>;
-    type MemOutput = Output<MemSyncJob>;
+    pub(super) type MemReplica = Replica<MemLogStore>;
+    pub(super) type MemOutput = Output<MemSyncJob>;
 
     /// A single-voter leader over whatever `disk` holds, every sync run.
-    fn mem_leader(disk: &MemDisk) -> (MemReplica, MemOutput) {
+    pub(super) fn mem_leader(disk: &MemDisk) -> (MemReplica, MemOutput) {
         let mut r = Replica::open(disk.open(), single_voter_options(), None).unwrap();
         let mut out = Output::default();
         r.handle_ready(&mut out).unwrap();
@@ -616,7 +626,7 @@ mod memory_store_tests {
         (r, out)
     }
 
-    fn mem_run_syncs(r: &mut MemReplica, out: &mut MemOutput) {
+    pub(super) fn mem_run_syncs(r: &mut MemReplica, out: &mut MemOutput) {
         while let Some(job) = out.sync.take() {
             r.on_synced(job.run(), out).unwrap();
         }
@@ -732,28 +742,9 @@ mod memory_store_tests {
 /// writes are refused, leadership moves, and all of it ends when space
 /// returns.
 mod disk_full_tests {
+    use super::memory_store_tests::{mem_leader, mem_run_syncs as run_syncs};
     use super::*;
-    use crate::log_store::memory::{MemDisk, MemLogStore, MemSyncJob};
-
-    type MemReplica = Replica<MemLogStore>;
-    type MemOutput = Output<MemSyncJob>;
-
-    fn mem_leader(disk: &MemDisk) -> (MemReplica, MemOutput) {
-        let mut r = Replica::open(disk.open(), single_voter_options(), None).unwrap();
-        let mut out = Output::default();
-        while !r.is_leader() {
-            r.tick(&mut out);
-            r.handle_ready(&mut out).unwrap();
-            run_syncs(&mut r, &mut out);
-        }
-        (r, out)
-    }
-
-    fn run_syncs(r: &mut MemReplica, out: &mut MemOutput) {
-        while let Some(job) = out.sync.take() {
-            r.on_synced(job.run(), out).unwrap();
-        }
-    }
+    use crate::log_store::memory::MemDisk;
 
     fn error_code(result: &response::Result) -> Option<ErrorCode> {
         match result {
