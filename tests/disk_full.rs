@@ -9,10 +9,9 @@ mod common;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use common::{wait_for, Cluster, RawClient, DEADLINE};
+use common::{stale_get, wait_for, Cluster, DEADLINE};
 use corekv::scrape;
 use corekv_client::{block_on, Client, ClientOptions};
-use corekv_proto::client::{request::Op, response, Consistency, Get, Request};
 
 /// Segments of 1 MiB (the smallest allowed) fill quickly; a file limit just
 /// below that makes every new segment fail to preallocate.
@@ -50,26 +49,6 @@ fn put_all(cluster: &Cluster, keys: &[String], value: &Bytes) {
 
 fn keys(prefix: &str, count: usize) -> Vec<String> {
     (0..count).map(|i| format!("{prefix}-{i}")).collect()
-}
-
-/// The node's own view of `key` (STALE: its state machine, no forwarding).
-fn stale_get(port: u16, key: &str) -> Option<Option<Bytes>> {
-    let response = RawClient::connect(port)
-        .ok()?
-        .call(Request {
-            id: 1,
-            no_forward: true,
-            op: Some(Op::Get(Get {
-                key: Bytes::copy_from_slice(key.as_bytes()),
-                consistency: Consistency::Stale as i32,
-            })),
-            ..Default::default()
-        })
-        .ok()?;
-    match response.result? {
-        response::Result::Get(g) => Some(g.found.then_some(g.value)),
-        _ => None,
-    }
 }
 
 fn disk_full_reason(cluster: &Cluster, id: u64) -> Option<String> {

@@ -5,7 +5,7 @@ mod common;
 
 use bytes::Bytes;
 use common::{files_under, wait_for, Cluster, RawClient, DEADLINE};
-use corekv_proto::client::{request::Op, response, Consistency, Get, Put, Request};
+use corekv_proto::client::{request::Op, response, Put, Request};
 
 const SNAPSHOT_CONFIG: &str = "snapshot_entries = 200\nwal_segment_bytes = 1048576\n";
 
@@ -37,23 +37,9 @@ fn write_many(port: u16, from: u64, count: u64) {
     }
 }
 
+/// The length of the value the node behind `port` holds for `key` (STALE).
 fn stale_get(port: u16, key: &str) -> Option<usize> {
-    let mut raw = RawClient::connect(port).ok()?;
-    let response = raw
-        .call(Request {
-            id: 1,
-            no_forward: false,
-            op: Some(Op::Get(Get {
-                key: Bytes::from(key.to_string()),
-                consistency: Consistency::Stale as i32,
-            })),
-            ..Default::default()
-        })
-        .ok()?;
-    match response.result {
-        Some(response::Result::Get(g)) if g.found => Some(g.value.len()),
-        _ => None,
-    }
+    common::stale_get(port, key).flatten().map(|v| v.len())
 }
 
 fn wal_segments(cluster: &Cluster, id: u64) -> usize {

@@ -505,3 +505,25 @@ pub fn files_under(dir: &Path) -> Vec<PathBuf> {
 }
 
 pub mod proxy;
+
+/// What the node behind `port` holds for `key`, read STALE (its own state
+/// machine): `Some(None)` if absent, `None` if it did not answer a value.
+pub fn stale_get(port: u16, key: &str) -> Option<Option<bytes::Bytes>> {
+    use corekv_proto::client::{request::Op, response, Consistency, Get};
+    let response = RawClient::connect(port)
+        .ok()?
+        .call(Request {
+            id: 1,
+            no_forward: false,
+            op: Some(Op::Get(Get {
+                key: bytes::Bytes::copy_from_slice(key.as_bytes()),
+                consistency: Consistency::Stale as i32,
+            })),
+            ..Default::default()
+        })
+        .ok()?;
+    match response.result? {
+        response::Result::Get(g) => Some(g.found.then_some(g.value)),
+        _ => None,
+    }
+}

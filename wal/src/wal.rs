@@ -745,8 +745,9 @@ mod tests {
             .collect()
     }
 
-    fn append(wal: &mut Wal, entries: &[(u64, u64, Vec<u8>)]) -> Result<(), WalError> {
-        let refs: Vec<EntryRef<'_>> = entries
+    /// The owned entries as the WAL takes them.
+    fn refs(entries: &[(u64, u64, Vec<u8>)]) -> Vec<EntryRef<'_>> {
+        entries
             .iter()
             .map(|(index, term, data)| EntryRef {
                 index: *index,
@@ -754,8 +755,11 @@ mod tests {
                 entry_type: (*index % 3) as u8,
                 data,
             })
-            .collect();
-        let result = wal.append_entries_waiting(&refs);
+            .collect()
+    }
+
+    fn append(wal: &mut Wal, entries: &[(u64, u64, Vec<u8>)]) -> Result<(), WalError> {
+        let result = wal.append_entries_waiting(&refs(entries));
         // The small records tests write next (hard state, markers) may
         // rotate too: have the next segment ready, as a shard would retry.
         wal.wait_for_next_segment();
@@ -1287,16 +1291,7 @@ mod tests {
         // Without waiting: each call appends what fits until a segment is
         // missing; the rest goes in a later call, as a shard retries.
         while next < entries.len() {
-            let refs: Vec<EntryRef<'_>> = entries[next..]
-                .iter()
-                .map(|(index, term, data)| EntryRef {
-                    index: *index,
-                    term: *term,
-                    entry_type: (*index % 3) as u8,
-                    data,
-                })
-                .collect();
-            match wal.append_entries(&refs) {
+            match wal.append_entries(&refs(&entries[next..])) {
                 Ok(()) => next = entries.len(),
                 Err(error @ WalError::SegmentNotReady { .. }) => {
                     assert!(error.is_retryable());

@@ -114,9 +114,15 @@ impl<L: LogStore> Replica<L> {
             Op::Cas(cas) => (&cas.key, cas.value.len()),
             _ => return None,
         };
-        let growth = self.state_machine.growth(key, value_len);
         let used = self.state_machine.bytes();
-        if limit == 0 || growth <= 0 || used.saturating_add(growth as u64) <= limit {
+        // The common case needs no lookup of the key's current value: even
+        // as a new pair the write fits.
+        let as_new = crate::state_machine::pair_bytes(key.len(), value_len);
+        if limit == 0 || used.saturating_add(as_new) <= limit {
+            return None;
+        }
+        let growth = self.state_machine.growth(key, value_len);
+        if growth <= 0 || used.saturating_add(growth as u64) <= limit {
             return None;
         }
         Some(state_machine::error(

@@ -79,7 +79,7 @@ impl<L: LogStore> RaftStorage<L> {
             self.pending.push_entries(entries);
             return Ok(());
         }
-        match self.write_entries(&entries) {
+        match write_entries(&mut self.wal, &entries) {
             Err(error) if error.is_retryable() => {
                 self.pending
                     .push_entries(entries.into_iter().skip(error.appended()));
@@ -151,8 +151,8 @@ impl<L: LogStore> RaftStorage<L> {
             self.pending.install = None;
         }
         while !self.pending.entries.is_empty() {
-            let entries: Vec<Entry> = self.pending.entries.iter().cloned().collect();
-            let result = self.write_entries(&entries);
+            let entries = self.pending.entries.make_contiguous();
+            let result = write_entries(&mut self.wal, entries);
             let written = match &result {
                 Ok(()) => entries.len(),
                 Err(error) => error.appended(),
@@ -188,19 +188,20 @@ impl<L: LogStore> RaftStorage<L> {
     pub fn pending_entry_bytes(&self) -> u64 {
         self.pending.entry_bytes()
     }
+}
 
-    fn write_entries(&mut self, entries: &[Entry]) -> Result<(), WalError> {
-        let refs: Vec<EntryRef<'_>> = entries
-            .iter()
-            .map(|e| EntryRef {
-                index: e.index,
-                term: e.term,
-                entry_type: e.get_entry_type() as u8,
-                data: &e.data,
-            })
-            .collect();
-        self.wal.append_entries(&refs)
-    }
+/// Appends raft entries to the store (their data is copied into the log).
+fn write_entries<L: LogStore>(wal: &mut L, entries: &[Entry]) -> Result<(), WalError> {
+    let refs: Vec<EntryRef<'_>> = entries
+        .iter()
+        .map(|e| EntryRef {
+            index: e.index,
+            term: e.term,
+            entry_type: e.get_entry_type() as u8,
+            data: &e.data,
+        })
+        .collect();
+    wal.append_entries(&refs)
 }
 
 fn wal_hard_state(hs: &HardState) -> corekv_wal::HardState {
@@ -383,14 +384,7 @@ mod tests {
     use crate::log_store::memory::{MemDisk, MemLogStore};
 
     fn entries(first: u64, count: u64, term: u64) -> Vec<Entry> {
-        (first..first + count)
-            .map(|index| Entry {
-                index,
-                term,
-                data: Bytes::from(vec![index as u8; 16]),
-                ..Default::default()
-            })
-            .collect()
+        pending::test_entries(first, count, term, 16)
     }
 
     fn read(storage: &RaftStorage<MemLogStore>, low: u64, high: u64) -> Vec<(u64, u64)> {

@@ -109,19 +109,26 @@ impl Pending {
     }
 }
 
+/// `count` entries from `first` in `term`, each with `data_len` bytes of
+/// data (tests of this module and of the storage).
+#[cfg(test)]
+pub(super) fn test_entries(first: u64, count: u64, term: u64, data_len: usize) -> Vec<Entry> {
+    (first..first + count)
+        .map(|index| Entry {
+            index,
+            term,
+            data: vec![index as u8; data_len].into(),
+            ..Default::default()
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn entries(first: u64, count: u64, term: u64) -> Vec<Entry> {
-        (first..first + count)
-            .map(|index| Entry {
-                index,
-                term,
-                data: vec![0u8; 10].into(),
-                ..Default::default()
-            })
-            .collect()
+        test_entries(first, count, term, 10)
     }
 
     fn indexes_and_terms(pending: &Pending) -> Vec<(u64, u64)> {
