@@ -7,6 +7,8 @@
 #   S64   64 clients, stale gets    M64   64 clients, 50 % puts / 50 % gets
 #   BIG   1M keys x 1 KiB prefilled (about 1 GB a node), then 4 clients x 64
 #         pipelined puts for BIG_DURATION (default 30s); not in the default set
+#   BIGREF  the same load on 100k keys x 256 B (prefilled), BIG's yardstick;
+#         run it first: SCENARIOS="BIGREF BIG" RUNS=3
 #
 # All but BIG: 16 B keys, 256 B values, 100k keyspace, DURATION measured
 # after WARMUP.
@@ -134,8 +136,9 @@ scenario_flags() {
     # State that grows (issue 13): 1M keys x 1 KiB prefilled (about 1 GB
     # per node), then pipelined puts over them.
     BIG) echo "--value-size 1024 --keyspace 1000000 --duration $BIG_DURATION --clients 4 --pipeline 64 --mix put=100 --prefill" ;;
+    BIGREF) echo "--value-size 256 --keyspace 100000 --duration $BIG_DURATION --clients 4 --pipeline 64 --mix put=100 --prefill" ;;
     *)
-        echo "unknown scenario $1 (known: L W64 W256 R64 S64 M64 BIG)" >&2
+        echo "unknown scenario $1 (known: L W64 W256 R64 S64 M64 BIG BIGREF)" >&2
         return 1
         ;;
     esac
@@ -163,19 +166,28 @@ for name in $SCENARIOS; do
     cp "$OUT_DIR/$name.$median.json" "$OUT_DIR/$name.json"
 done
 
-printf '\n%-6s %10s %9s %9s %8s %12s %13s\n' scenario "ops/s" p50_us p99_us errors cpu_us_per_op term_changes
+printf '\n%-8s %10s %9s %9s %9s %8s %12s %13s %10s %9s\n' scenario "ops/s" p50_us p99_us max_us errors cpu_us_per_op term_changes snapshots snap/log
 for name in $SCENARIOS; do
     jq -r --arg name "$name" '
         [$name,
          (.total.ops_per_s | floor),
          .total.latency_us.p50,
          .total.latency_us.p99,
+         .total.latency_us.max,
          (.total.errors | add // 0),
          (if .cpu.cpu_us_per_op == null then "-" else (.cpu.cpu_us_per_op * 10 | round / 10) end),
-         .leadership.term_changes]
+         .leadership.term_changes,
+         (if .disk == null then "-" else .disk.snapshots end),
+         (if .disk.snapshot_to_log_ratio == null then "-" else (.disk.snapshot_to_log_ratio * 100 | round / 100) end)]
         | @tsv' "$OUT_DIR/$name.json" |
-        awk -F'\t' '{ printf "%-6s %10s %9s %9s %8s %12s %13s\n", $1, $2, $3, $4, $5, $6, $7 }'
+        awk -F'\t' '{ printf "%-8s %10s %9s %9s %9s %8s %12s %13s %10s %9s\n", $1, $2, $3, $4, $5, $6, $7, $8, $9, $10 }'
 done
+if [[ -f "$OUT_DIR/BIG.json" && -f "$OUT_DIR/BIGREF.json" ]]; then
+    jq -rn --slurpfile big "$OUT_DIR/BIG.json" --slurpfile ref "$OUT_DIR/BIGREF.json" \
+        '"BIG / BIGREF ops/s: \($big[0].total.ops_per_s / $ref[0].total.ops_per_s * 100 | round / 100)"'
+fi
+echo "snapshots: written by all nodes in the window; snap/log: their bytes over the bytes appended to the WALs"
+
 if [[ "$RUNS" -gt 1 ]]; then
     echo "(each row: the median of $RUNS runs by ops/s)"
 fi

@@ -21,6 +21,13 @@ use crate::shared::NodeShared;
 /// is not ready.
 pub const READY_MAX_APPLY_LAG: u64 = 1000;
 
+/// A follower whose applied index trails what the leader has shown it by
+/// more than this is catching up (restarted, wiped, or cut off for a while)
+/// and not ready. Looser than `READY_MAX_APPLY_LAG`: a healthy follower under
+/// load trails the leader's log by the writes of one replication round and
+/// fsync, thousands of entries when the disk is slow for a moment.
+pub const READY_MAX_LEADER_LAG: u64 = 10_000;
+
 /// Binds the admin port and serves it on a new thread.
 pub fn start(node: Arc<NodeShared>) -> anyhow::Result<()> {
     let addr = format!("{}:{}", node.config.listen_host, node.config.admin_port);
@@ -127,6 +134,7 @@ pub fn shard_status_json(s: &ShardStatus) -> serde_json::Value {
         "last_index": s.last_index,
         "state_machine_bytes": s.state_machine_bytes,
         "state_machine_keys": s.state_machine_keys,
+        "leader_last_index": s.leader_last_index,
     });
     if !s.disk_full.is_empty() {
         value["disk_full"] = json!(s.disk_full);
@@ -142,6 +150,12 @@ fn not_ready_reason(node: &NodeShared) -> Option<String> {
         }
         if s.leader_id == 0 {
             return Some(format!("shard {} has no leader", s.shard));
+        }
+        if s.leader_last_index > s.applied_index + READY_MAX_LEADER_LAG {
+            return Some(format!(
+                "shard {} catching up: applied index {} of the leader's {}",
+                s.shard, s.applied_index, s.leader_last_index
+            ));
         }
         if s.commit_index > s.applied_index + READY_MAX_APPLY_LAG {
             return Some(format!(

@@ -17,6 +17,7 @@ mod inbox;
 mod log_limit;
 pub mod log_store;
 pub mod metrics;
+pub mod progress;
 mod raft_log;
 pub mod replica;
 pub mod sessions;

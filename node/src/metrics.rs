@@ -114,6 +114,8 @@ pub struct Metrics {
     proposals_dropped: Family<ShardLabel, Counter>,
     snapshots_sent: Family<ShardLabel, Counter>,
     snapshots_received: Family<ShardLabel, Counter>,
+    snapshots_written: Family<ShardLabel, Counter>,
+    snapshot_bytes_written: Family<ShardLabel, Counter>,
     rpc: Family<RpcLabels, Counter>,
     fsync: Family<ShardLabel, Histogram, fn() -> Histogram>,
     loop_turn: Family<ShardLabel, Histogram, fn() -> Histogram>,
@@ -168,6 +170,10 @@ pub struct ShardMetrics {
     pub snapshots_sent: Counter,
     /// raft_snapshots_received_total.
     pub snapshots_received: Counter,
+    /// snapshots_written_total.
+    pub snapshots_written: Counter,
+    /// snapshot_bytes_written_total.
+    pub snapshot_bytes_written: Counter,
     /// wal_fsync_seconds.
     pub fsync: Histogram,
     /// shard_loop_turn_seconds.
@@ -209,6 +215,8 @@ impl Metrics {
             proposals_dropped: Family::default(),
             snapshots_sent: Family::default(),
             snapshots_received: Family::default(),
+            snapshots_written: Family::default(),
+            snapshot_bytes_written: Family::default(),
             rpc: Family::default(),
             fsync: Family::new_with_constructor(fsync_histogram),
             loop_turn: Family::new_with_constructor(loop_turn_histogram),
@@ -278,6 +286,16 @@ impl Metrics {
             "raft_snapshots_received",
             "Snapshots received from the leader",
             m.snapshots_received.clone(),
+        );
+        registry.register(
+            "snapshots_written",
+            "Snapshots this replica wrote of its own state",
+            m.snapshots_written.clone(),
+        );
+        registry.register(
+            "snapshot_bytes_written",
+            "Bytes of the snapshots this replica wrote of its own state (compare with wal_bytes_written_total)",
+            m.snapshot_bytes_written.clone(),
         );
         registry.register(
             "wal_fsync_seconds",
@@ -389,6 +407,8 @@ impl Metrics {
             proposals_dropped: self.proposals_dropped.get_or_create(&l).clone(),
             snapshots_sent: self.snapshots_sent.get_or_create(&l).clone(),
             snapshots_received: self.snapshots_received.get_or_create(&l).clone(),
+            snapshots_written: self.snapshots_written.get_or_create(&l).clone(),
+            snapshot_bytes_written: self.snapshot_bytes_written.get_or_create(&l).clone(),
             fsync: self.fsync.get_or_create(&l).clone(),
             loop_turn: self.loop_turn.get_or_create(&l).clone(),
             wal_bytes: self.wal_bytes.get_or_create(&l).clone(),

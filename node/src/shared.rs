@@ -30,9 +30,9 @@ pub(crate) enum CrossCore {
     Reply { conn: u64, response: Response },
     /// Stop: the node is shutting down.
     Shutdown,
-    /// A snapshot this shard asked for was written (or failed), by the
-    /// helper thread that wrote it.
-    SnapshotWritten(Result<(SnapshotMeta, PathBuf), SnapshotError>),
+    /// A snapshot this shard asked for was written (its metadata, file and
+    /// length in bytes) or failed, by the helper thread that wrote it.
+    SnapshotWritten(Result<(SnapshotMeta, PathBuf, u64), SnapshotError>),
 }
 
 /// State every shard of the node can see. Written rarely (status once per

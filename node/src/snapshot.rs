@@ -34,6 +34,7 @@ use bytes::{Buf, Bytes};
 use corekv_proto::client::Response;
 use prost::Message as _;
 
+use crate::progress::{Progress, Unit};
 use crate::sessions::{Session, Sessions};
 use crate::state_machine::{Image, Key, Map, Versioned};
 
@@ -154,6 +155,36 @@ pub const SNAPSHOT_WRITEBACK_CHUNK_BYTES: u64 = 1 << 20;
 /// Default rate of a snapshot write: a 1 GiB state takes 4 s.
 pub const SNAPSHOT_BYTES_PER_SECOND: u64 = 256 << 20;
 
+/// Starts writeback of the `chunk_bytes` at `start` of the file `fd`, after
+/// waiting for the chunk before it to be on disk: so at most two chunks of a
+/// file written in order are dirty. Blocking (it waits for the disk): call it
+/// off the shard thread. Errors are left to the file's final fsync, which
+/// reports them with the file's name.
+pub fn writeback_chunk(fd: std::os::fd::RawFd, start: u64, chunk_bytes: u64) {
+    if start >= chunk_bytes {
+        // SAFETY: plain syscall on a descriptor the caller keeps open.
+        unsafe {
+            libc::sync_file_range(
+                fd,
+                (start - chunk_bytes) as libc::off64_t,
+                chunk_bytes as libc::off64_t,
+                libc::SYNC_FILE_RANGE_WAIT_BEFORE
+                    | libc::SYNC_FILE_RANGE_WRITE
+                    | libc::SYNC_FILE_RANGE_WAIT_AFTER,
+            )
+        };
+    }
+    // SAFETY: as above.
+    unsafe {
+        libc::sync_file_range(
+            fd,
+            start as libc::off64_t,
+            chunk_bytes as libc::off64_t,
+            libc::SYNC_FILE_RANGE_WRITE,
+        )
+    };
+}
+
 /// A file whose dirty pages are bounded by `Pacing`.
 struct PacedFile {
     file: File,
@@ -177,31 +208,7 @@ impl PacedFile {
         use std::os::fd::AsRawFd as _;
         let fd = self.file.as_raw_fd();
         while self.written - self.started >= chunk_bytes {
-            let start = self.started;
-            // Errors are left to the final fsync, which reports them with the
-            // file name; these calls only schedule and wait.
-            if start >= chunk_bytes {
-                // SAFETY: plain syscall on an open descriptor we own.
-                unsafe {
-                    libc::sync_file_range(
-                        fd,
-                        (start - chunk_bytes) as libc::off64_t,
-                        chunk_bytes as libc::off64_t,
-                        libc::SYNC_FILE_RANGE_WAIT_BEFORE
-                            | libc::SYNC_FILE_RANGE_WRITE
-                            | libc::SYNC_FILE_RANGE_WAIT_AFTER,
-                    )
-                };
-            }
-            // SAFETY: as above.
-            unsafe {
-                libc::sync_file_range(
-                    fd,
-                    start as libc::off64_t,
-                    chunk_bytes as libc::off64_t,
-                    libc::SYNC_FILE_RANGE_WRITE,
-                )
-            };
+            writeback_chunk(fd, self.started, chunk_bytes);
             self.started += chunk_bytes;
             if bytes_per_second > 0 {
                 // This runs on the shard's helper thread, never the shard's.
@@ -328,15 +335,50 @@ pub fn sync_dir(dir: &Path) -> Result<(), SnapshotError> {
 
 /// Reads and verifies a snapshot file: checksum first, then every length.
 pub fn read(path: &Path) -> Result<(SnapshotMeta, Image), SnapshotError> {
+    read_reporting(path, None)
+}
+
+/// [`read`], logging progress for a large file (see [`Progress`]).
+pub fn read_reporting(
+    path: &Path,
+    mut progress: Option<&mut Progress>,
+) -> Result<(SnapshotMeta, Image), SnapshotError> {
     let mut bytes = Vec::new();
     File::open(path)
         .and_then(|mut f| f.read_to_end(&mut bytes))
         .map_err(io(path, "read"))?;
-    decode(path, Bytes::from(bytes))
+    let decoded = decode_reporting(path, Bytes::from(bytes), progress.as_deref_mut());
+    if let (Ok(_), Some(progress)) = (&decoded, progress) {
+        progress.finish();
+    }
+    decoded
+}
+
+/// [`read`], with progress lines on `shard` naming the work `what`.
+pub fn read_logged(
+    shard: u32,
+    what: &str,
+    path: &Path,
+) -> Result<(SnapshotMeta, Image), SnapshotError> {
+    let len = fs::metadata(path).map(|m| m.len()).unwrap_or(0);
+    let mut progress = Progress::new(shard, what, Unit::Bytes, len);
+    read_reporting(path, Some(&mut progress))
 }
 
 /// Verifies and decodes snapshot bytes (`path` only names them in errors).
 pub fn decode(path: &Path, bytes: Bytes) -> Result<(SnapshotMeta, Image), SnapshotError> {
+    decode_reporting(path, bytes, None)
+}
+
+/// Pairs decoded between two looks at the clock for progress lines.
+const PAIRS_PER_PROGRESS_CHECK: u64 = 16 * 1024;
+
+fn decode_reporting(
+    path: &Path,
+    bytes: Bytes,
+    mut progress: Option<&mut Progress>,
+) -> Result<(SnapshotMeta, Image), SnapshotError> {
+    let total_len = bytes.len() as u64;
     let corrupt = |reason: String| SnapshotError::Corrupt {
         path: path.to_path_buf(),
         reason,
@@ -394,6 +436,11 @@ pub fn decode(path: &Path, bytes: Bytes) -> Result<(SnapshotMeta, Image), Snapsh
     let count = body.get_u64_le();
     let mut map = Map::new();
     for i in 0..count {
+        if i % PAIRS_PER_PROGRESS_CHECK == 0 {
+            if let Some(progress) = progress.as_deref_mut() {
+                progress.update(total_len - body.remaining() as u64);
+            }
+        }
         need(&body, 4, "key length")?;
         let key_len = body.get_u32_le();
         if key_len > MAX_ITEM_BYTES {
@@ -486,9 +533,9 @@ pub fn list(dir: &Path) -> Vec<(u64, u64, PathBuf)> {
 
 /// The newest snapshot in `dir` that verifies; a bad one is skipped with a
 /// warning for the one before it.
-pub fn load_latest(dir: &Path) -> Option<(SnapshotMeta, Image, PathBuf)> {
+pub fn load_latest(shard: u32, dir: &Path) -> Option<(SnapshotMeta, Image, PathBuf)> {
     for (_, _, path) in list(dir) {
-        match read(&path) {
+        match read_logged(shard, "loading snapshot", &path) {
             Ok((meta, image)) => return Some((meta, image, path)),
             Err(e) => tracing::warn!(error = %e, "skipping unreadable snapshot"),
         }
@@ -642,7 +689,7 @@ mod tests {
         let mid = bytes.len() / 2;
         bytes[mid] ^= 1;
         fs::write(&newest, bytes).unwrap();
-        let (loaded, _, path) = load_latest(dir.path()).unwrap();
+        let (loaded, _, path) = load_latest(0, dir.path()).unwrap();
         assert_eq!(loaded.index, 42);
         assert_ne!(path, newest);
     }

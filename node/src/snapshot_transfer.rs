@@ -23,6 +23,7 @@ use protobuf::Message as _;
 use raft::prelude::{Message, MessageType};
 
 use crate::helper::{Busy, Helper};
+use crate::progress::{Progress, Unit};
 use crate::replica::LoadedSnapshot;
 use crate::snapshot::{self, SnapshotError, SnapshotMeta};
 
@@ -223,6 +224,12 @@ pub async fn send(outgoing: Outgoing) -> Result<(), TransferError> {
         .await
         .map_err(file_error(path, "open"))?;
     let raft_message = Bytes::from(outgoing.message.write_to_bytes()?);
+    let mut progress = Progress::new(
+        outgoing.meta.shard,
+        format!("sending snapshot to node {}", outgoing.message.to),
+        Unit::Bytes,
+        len,
+    );
     let mut offset = 0u64;
     loop {
         let want = CHUNK_BYTES.min((len - offset) as usize);
@@ -242,6 +249,7 @@ pub async fn send(outgoing: Outgoing) -> Result<(), TransferError> {
             } else {
                 Bytes::new()
             },
+            total_bytes: len,
         };
         let frame = encode_frame_bytes(&PeerFrame {
             msg: Some(peer_frame::Msg::SnapshotChunk(chunk)),
@@ -249,10 +257,12 @@ pub async fn send(outgoing: Outgoing) -> Result<(), TransferError> {
         let (result, _) = writer.write_all(frame).await;
         result.map_err(|source| TransferError::Send { offset, source })?;
         offset += want as u64;
+        progress.update(offset);
         if last {
             break;
         }
     }
+    progress.finish();
     let _ = file.close().await;
     let frame = match monoio::time::timeout(ACK_TIMEOUT, reader.next_frame()).await {
         Ok(Ok(Some(frame))) => frame,
@@ -354,7 +364,7 @@ async fn receive_file<R: AsyncReadRent>(
     let file = monoio::fs::File::create(&tmp)
         .await
         .map_err(file_error(&tmp, "create"))?;
-    let written = write_chunks(reader, link, &file, &tmp).await;
+    let written = write_chunks(reader, link, &file, &tmp, helper).await;
     let _ = file.close().await;
     let (index, term, message) = match written {
         Ok(first) => first,
@@ -363,12 +373,13 @@ async fn receive_file<R: AsyncReadRent>(
             return Err(e);
         }
     };
+    let shard = link.shard;
     // Checksum, decode and rename are blocking work: a helper thread does it.
     let (tx, rx) = futures_channel::oneshot::channel();
     let final_path = dir.join(snapshot::file_name(index, term));
     let cleanup = tmp.clone();
     let submitted = helper.submit(move || {
-        let result = snapshot::read(&tmp)
+        let result = snapshot::read_logged(shard, "verifying received snapshot", &tmp)
             .map_err(TransferError::from)
             .and_then(|(meta, image)| {
                 if (meta.index, meta.term) != (index, term) {
@@ -406,10 +417,13 @@ async fn write_chunks<R: AsyncReadRent>(
     link: SnapshotLink,
     file: &monoio::fs::File,
     tmp: &Path,
+    helper: &Helper,
 ) -> Result<(u64, u64, Message), TransferError> {
     let shard = link.shard;
     let mut expected_offset = 0u64;
     let mut first: Option<(u64, u64, Message)> = None;
+    let mut progress: Option<Progress> = None;
+    let mut pacer = ReceivePacer::new(file).map_err(file_error(tmp, "dup"))?;
     loop {
         let frame = match monoio::time::timeout(FRAME_TIMEOUT, reader.next_frame()).await {
             Ok(Ok(Some(frame))) => frame,
@@ -447,17 +461,86 @@ async fn write_chunks<R: AsyncReadRent>(
             let message = Message::parse_from_carllerche_bytes(&chunk.raft_message)?;
             check_snapshot_message(&message, link, chunk.index, chunk.term)?;
             first = Some((chunk.index, chunk.term, message));
+            progress = Some(Progress::new(
+                shard,
+                format!("receiving snapshot from node {}", link.peer),
+                Unit::Bytes,
+                chunk.total_bytes,
+            ));
         }
         let len = chunk.data.len() as u64;
         let (written, _) = file.write_all_at(chunk.data, chunk.offset).await;
         written.map_err(file_error(tmp, "write"))?;
         expected_offset += len;
+        if let Some(progress) = &mut progress {
+            progress.update(expected_offset);
+        }
+        pacer.wrote(len, helper).await;
         if chunk.last {
             break;
         }
     }
     file.sync_all().await.map_err(file_error(tmp, "fsync"))?;
+    if let Some(progress) = &mut progress {
+        progress.finish();
+    }
     Ok(first.expect("at least one chunk was read"))
+}
+
+/// Keeps a received snapshot from piling up dirty pages that the final
+/// fsync (and, meanwhile, the WAL's fdatasync on the same disk) would have
+/// to wait for: every `SNAPSHOT_WRITEBACK_CHUNK_BYTES` written start their
+/// writeback on the helper thread, after the chunk before them is on disk,
+/// and the transfer slows to `SNAPSHOT_BYTES_PER_SECOND`, as a snapshot the
+/// node writes itself. Waiting here is async: the shard goes on, the leader
+/// sees TCP back-pressure.
+struct ReceivePacer {
+    /// A duplicate of the temp file's descriptor, for the helper thread.
+    fd: std::sync::Arc<std::os::fd::OwnedFd>,
+    written: u64,
+    started: u64,
+    began: std::time::Instant,
+}
+
+impl ReceivePacer {
+    fn new(file: &monoio::fs::File) -> std::io::Result<ReceivePacer> {
+        use std::os::fd::{AsRawFd as _, BorrowedFd};
+        // SAFETY: the descriptor stays open for this call (the file is
+        // borrowed); the duplicate is owned and closed by the pacer.
+        let fd = unsafe { BorrowedFd::borrow_raw(file.as_raw_fd()) }.try_clone_to_owned()?;
+        Ok(ReceivePacer {
+            fd: std::sync::Arc::new(fd),
+            written: 0,
+            started: 0,
+            began: std::time::Instant::now(),
+        })
+    }
+
+    async fn wrote(&mut self, bytes: u64, helper: &Helper) {
+        use std::os::fd::AsRawFd as _;
+        let chunk = snapshot::SNAPSHOT_WRITEBACK_CHUNK_BYTES;
+        self.written += bytes;
+        while self.written - self.started >= chunk {
+            let (fd, start) = (self.fd.clone(), self.started);
+            let (tx, rx) = futures_channel::oneshot::channel();
+            let submitted = helper.submit(move || {
+                snapshot::writeback_chunk(fd.as_raw_fd(), start, chunk);
+                let _ = tx.send(());
+            });
+            // A busy helper only means this chunk's writeback is left to
+            // the kernel; the final fsync still makes the file durable.
+            if submitted.is_ok() {
+                let _ = rx.await;
+            }
+            self.started += chunk;
+            let due = Duration::from_secs_f64(
+                self.started as f64 / snapshot::SNAPSHOT_BYTES_PER_SECOND as f64,
+            );
+            if let Some(ahead) = due.checked_sub(self.began.elapsed()) {
+                monoio::time::sleep(ahead).await;
+            }
+        }
+    }
 }
 
 /// Deletes a broken transfer's temp file on the helper thread. If the helper

@@ -52,6 +52,8 @@
 //!   "cpu": null | { "nodes": [ { "admin": "host:port", "cpu_s": x | null,
 //!                                "error": null | ".." } ],
 //!                   "cluster_cpu_s": x, "cpu_us_per_op": x },
+//!   "disk": null | { "wal_bytes": x, "snapshot_bytes": x, "snapshots": x,
+//!                    "snapshot_to_log_ratio": x | null },
 //!   "leadership": { "term_changes": n, "shards_with_new_leader": n,
 //!                   "leader_changes_reported": null | n,
 //!                   "before": [ { "shard": 0, "term": 3, "leader": 1 } ],
@@ -61,7 +63,9 @@
 //!
 //! `cpu` is present with `--admin`: the sum over the nodes of the growth of
 //! `process_cpu_seconds_total` across the measured window, per measured
-//! operation. `leader_changes_reported` is the growth of
+//! operation. `disk` (also with `--admin`) sums over the nodes the growth of
+//! `wal_bytes_written_total`, `snapshot_bytes_written_total` and
+//! `snapshots_written_total` across the window. `leader_changes_reported` is the growth of
 //! `raft_leader_changes_total` summed over the nodes (every replica counts
 //! each change it sees). Error codes are the server's (`TIMEOUT`,
 //! `UNAVAILABLE`, ...) or the client's own `CLIENT_TIMEOUT` (retries ran out
@@ -92,8 +96,8 @@ use corekv_proto::client::{Consistency, ErrorCode};
 use crate::scrape;
 
 use report::{
-    progress_line, AdminScrape, ClusterSnapshot, Measured, PrefillReport, Progress, Report,
-    ShardTerm,
+    progress_line, AdminScrape, ClusterSnapshot, DiskCounters, Measured, PrefillReport, Progress,
+    Report, ShardTerm,
 };
 use settings::Settings;
 pub use settings::{BenchArgs, BenchConsistency};
@@ -622,9 +626,23 @@ fn scrape_admin(addr: &str) -> Result<AdminScrape, String> {
     let body = scrape::get(addr, "/metrics").map_err(|e| e.to_string())?;
     let cpu_seconds = scrape::metric_sum(&body, "process_cpu_seconds_total")
         .ok_or_else(|| format!("{addr}/metrics has no process_cpu_seconds_total"))?;
+    let sum = |name| scrape::metric_sum(&body, name);
+    let disk = match (
+        sum("wal_bytes_written_total"),
+        sum("snapshot_bytes_written_total"),
+        sum("snapshots_written_total"),
+    ) {
+        (Some(wal_bytes), Some(snapshot_bytes), Some(snapshots)) => Some(DiskCounters {
+            wal_bytes,
+            snapshot_bytes,
+            snapshots,
+        }),
+        _ => None,
+    };
     Ok(AdminScrape {
         cpu_seconds,
-        leader_changes: scrape::metric_sum(&body, "raft_leader_changes_total"),
+        leader_changes: sum("raft_leader_changes_total"),
+        disk,
     })
 }
 

@@ -54,6 +54,48 @@ pub(super) struct ShardTerm {
 pub(super) struct AdminScrape {
     pub(super) cpu_seconds: f64,
     pub(super) leader_changes: Option<f64>,
+    /// wal_bytes_written_total, snapshot_bytes_written_total and
+    /// snapshots_written_total (absent from an older node).
+    pub(super) disk: Option<DiskCounters>,
+}
+
+/// A node's counters of what it wrote to disk.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub(super) struct DiskCounters {
+    pub(super) wal_bytes: f64,
+    pub(super) snapshot_bytes: f64,
+    pub(super) snapshots: f64,
+}
+
+impl DiskCounters {
+    /// The growth from `before` to `after`, summed over the nodes; None
+    /// unless every node answered both times.
+    fn growth(before: &ClusterSnapshot, after: &ClusterSnapshot) -> Option<DiskCounters> {
+        if before.nodes.is_empty() {
+            return None;
+        }
+        let mut sum = DiskCounters::default();
+        for (b, a) in before.nodes.iter().zip(&after.nodes) {
+            let (b, a) = (b.as_ref().ok()?.disk?, a.as_ref().ok()?.disk?);
+            sum.wal_bytes += a.wal_bytes - b.wal_bytes;
+            sum.snapshot_bytes += a.snapshot_bytes - b.snapshot_bytes;
+            sum.snapshots += a.snapshots - b.snapshots;
+        }
+        Some(sum)
+    }
+
+    fn to_json(self) -> Value {
+        json!({
+            "wal_bytes": self.wal_bytes,
+            "snapshot_bytes": self.snapshot_bytes,
+            "snapshots": self.snapshots,
+            "snapshot_to_log_ratio": self.ratio(),
+        })
+    }
+
+    fn ratio(self) -> Option<f64> {
+        (self.wal_bytes > 0.0).then(|| self.snapshot_bytes / self.wal_bytes)
+    }
 }
 
 /// Latency summary of one operation type.
@@ -216,6 +258,8 @@ impl LeadershipReport {
     }
 }
 
+const MIB: f64 = (1u64 << 20) as f64;
+
 /// Everything the run reports.
 pub(super) struct Report {
     settings: Settings,
@@ -226,6 +270,8 @@ pub(super) struct Report {
     total: OpRow,
     cpu: Option<CpuReport>,
     leadership: LeadershipReport,
+    /// What the nodes wrote to disk in the measured window (with --admin).
+    disk: Option<DiskCounters>,
 }
 
 impl Report {
@@ -256,6 +302,7 @@ impl Report {
                 total.count,
             ),
             leadership: LeadershipReport::new(&measured.before, &measured.after),
+            disk: DiskCounters::growth(&measured.before, &measured.after),
             rows,
             total,
         }
@@ -320,6 +367,7 @@ impl Report {
             "total": self.total.to_json(),
             "ops": ops,
             "cpu": cpu,
+            "disk": self.disk.map(DiskCounters::to_json),
             "leadership": {
                 "term_changes": l.term_changes,
                 "shards_with_new_leader": l.shards_with_new_leader,
@@ -408,6 +456,18 @@ impl Report {
                     );
                 }
             }
+        }
+        if let Some(disk) = self.disk {
+            let _ = writeln!(
+                out,
+                "disk: {:.0} MiB to the WALs, {:.0} snapshots of {:.0} MiB in all{}",
+                disk.wal_bytes / MIB,
+                disk.snapshots,
+                disk.snapshot_bytes / MIB,
+                disk.ratio()
+                    .map(|r| format!(" ({r:.2}x the log)"))
+                    .unwrap_or_default()
+            );
         }
         let l = &self.leadership;
         match &l.error {
@@ -602,6 +662,11 @@ mod tests {
                     Ok(AdminScrape {
                         cpu_seconds: *s,
                         leader_changes: Some(1.0),
+                        disk: Some(DiskCounters {
+                            wal_bytes: *s * 100.0,
+                            snapshot_bytes: *s * 10.0,
+                            snapshots: *s,
+                        }),
                     })
                 })
                 .collect(),
@@ -614,6 +679,12 @@ mod tests {
         let after = snapshot(&[(0, 2, 1), (1, 7, 3)], &[2.0, 4.0]);
         let l = LeadershipReport::new(&before, &after);
         assert_eq!((l.term_changes, l.shards_with_new_leader), (2, 1));
+        let disk = DiskCounters::growth(&before, &after).unwrap();
+        assert_eq!(
+            (disk.wal_bytes, disk.snapshot_bytes, disk.snapshots),
+            (300.0, 30.0, 3.0)
+        );
+        assert_eq!(disk.ratio(), Some(0.1));
         assert_eq!(l.leader_changes_reported, Some(0.0));
         assert_eq!(l.error, None);
 

@@ -401,6 +401,7 @@ mod tests {
                 disk_full,
                 state_machine_bytes: v[0] ^ v[2],
                 state_machine_keys: v[1] ^ v[3],
+                leader_last_index: v[4] ^ v[3],
             });
         let result = prop_oneof![
             (
@@ -483,10 +484,11 @@ mod tests {
             (
                 any::<(u32, u64, u64, u64, bool)>(),
                 bytes_strategy(1024),
-                bytes_strategy(128)
+                bytes_strategy(128),
+                any::<u64>()
             )
                 .prop_map(
-                    |((shard, term, index, offset, last), data, raft_message)| {
+                    |((shard, term, index, offset, last), data, raft_message, total_bytes)| {
                         Msg::SnapshotChunk(peer::SnapshotChunk {
                             shard,
                             term,
@@ -495,6 +497,7 @@ mod tests {
                             data,
                             last,
                             raft_message,
+                            total_bytes,
                         })
                     }
                 ),

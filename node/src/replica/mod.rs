@@ -21,6 +21,7 @@ use raft::prelude::{Message, MessageType};
 use raft::{RawNode, ReadOnlyOption, StateRole, Storage as _};
 
 use crate::log_store::LogStore;
+use crate::progress::{Progress, Unit};
 use crate::snapshot::SnapshotMeta;
 use crate::state_machine::{Image, StateMachine};
 use crate::storage::RaftStorage;
@@ -253,6 +254,15 @@ pub struct Replica<L: LogStore = Wal> {
     /// replica neither ticks raft nor takes MsgTimeoutNow meanwhile (the
     /// window is one sync; found by the simulator, seed 21394).
     installing_snapshot: Option<u64>,
+    /// (term, index): the highest log index a leader of `term` has shown
+    /// us, in an append (its previous index plus its entries) or a
+    /// snapshot. How far behind the leader this replica is, which raft's
+    /// commit index does not say (a leader tells a follower only the commit
+    /// index that follower already matches).
+    leader_seen: (u64, u64),
+    /// The committed log replayed into the state machine after a restart,
+    /// while it lasts (for progress lines).
+    replay: Option<Replay>,
     /// Until this tick lease reads are served as linearizable ones (see
     /// `suspect_lease`).
     lease_suspect_until: u64,
@@ -348,6 +358,10 @@ impl<L: LogStore> Replica<L> {
             // next append or heartbeat instead (client answers come from the
             // leader and do not wait for it).
             skip_bcast_commit: true,
+            // A restart hands over up to a snapshot's worth of committed log
+            // (a gigabyte at size) to apply: in Readys of this size, not one
+            // copy of all of it at once.
+            max_committed_size_per_ready: MAX_COMMITTED_BYTES_PER_READY,
             ..Default::default()
         };
         let logger = crate::raft_log::logger(options.shard, options.node_id);
@@ -363,7 +377,19 @@ impl<L: LogStore> Replica<L> {
                 shard: options.shard,
                 source,
             })?;
+        let committed = raw.raft.raft_log.committed;
+        let replay = (committed > applied).then(|| Replay {
+            from: applied,
+            to: committed,
+            progress: Progress::new(
+                options.shard,
+                "replaying log",
+                Unit::Entries,
+                committed - applied,
+            ),
+        });
         Ok(Replica {
+            replay,
             raw,
             state_machine,
             options,
@@ -387,6 +413,7 @@ impl<L: LogStore> Replica<L> {
             received_snapshots: VecDeque::new(),
             backlog: Backlog::default(),
             installing_snapshot: None,
+            leader_seen: (0, 0),
             lease_suspect_until: 0,
         })
     }
@@ -425,6 +452,7 @@ impl<L: LogStore> Replica<L> {
     /// Feeds a message from a peer. Malformed or stale messages are dropped
     /// by raft; they never stop the replica.
     pub fn step(&mut self, mut message: Message) {
+        self.note_leader_index(&message);
         // A leader sends heartbeats with the commit index it believes we
         // hold. After this node lost entries it had acknowledged (a damaged
         // disk), that is past our log's end and raft-rs would abort; clamp it,
@@ -457,6 +485,35 @@ impl<L: LogStore> Replica<L> {
         }
         if let Err(e) = self.raw.step(message) {
             tracing::debug!(shard = self.options.shard, error = %e, "raft message dropped");
+        }
+    }
+
+    fn note_leader_index(&mut self, message: &Message) {
+        let index = match message.get_msg_type() {
+            MessageType::MsgAppend => message.index + message.entries.len() as u64,
+            MessageType::MsgSnapshot => message.get_snapshot().get_metadata().index,
+            // What the leader believes we hold, which after a wipe is more
+            // than we do (see the clamp in `step`).
+            MessageType::MsgHeartbeat => message.commit,
+            _ => return,
+        };
+        let (term, seen) = self.leader_seen;
+        if message.term > term {
+            self.leader_seen = (message.term, index);
+        } else if message.term == term && index > seen {
+            self.leader_seen.1 = index;
+        }
+    }
+
+    /// See `ShardStatus::leader_last_index`.
+    fn leader_last_index(&self) -> u64 {
+        let raft = &self.raw.raft;
+        if raft.state == StateRole::Leader {
+            raft.raft_log.last_index()
+        } else if self.leader_seen.0 == raft.term {
+            self.leader_seen.1
+        } else {
+            0
         }
     }
 
@@ -568,9 +625,21 @@ impl<L: LogStore> Replica<L> {
             disk_full: self.disk_full().unwrap_or_default().to_string(),
             state_machine_bytes: self.state_machine.bytes(),
             state_machine_keys: self.state_machine.len() as u64,
+            leader_last_index: self.leader_last_index(),
         }
     }
 }
+
+/// Committed entries to apply after a restart, from the snapshot (or the
+/// log's start) to the commit index the log holds.
+struct Replay {
+    from: u64,
+    to: u64,
+    progress: Progress,
+}
+
+/// Bytes of committed entries raft hands over in one Ready.
+pub const MAX_COMMITTED_BYTES_PER_READY: u64 = 64 << 20;
 
 /// A write at start-up, before the shard serves anything: it may wait for
 /// the WAL's next segment instead of being refused for it. A full disk is

@@ -259,6 +259,14 @@ impl<L: LogStore> Replica<L> {
                 }
             }
         }
+        if let Some(replay) = &mut self.replay {
+            let applied = self.state_machine.applied_index();
+            replay.progress.update(applied.saturating_sub(replay.from));
+            if applied >= replay.to {
+                replay.progress.finish();
+                self.replay = None;
+            }
+        }
         Ok(())
     }
 

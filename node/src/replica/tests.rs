@@ -961,3 +961,61 @@ mod snapshot_rule_tests {
         assert!(gaps.windows(2).all(|g| g[1] >= g[0]), "{scaled:?}");
     }
 }
+
+/// A follower that lost its data knows how far behind the leader it is,
+/// though raft's commit index does not say (the leader tells it only what
+/// it already matches): what `/health/ready` reads.
+mod catch_up_tests {
+    use super::*;
+    use crate::log_store::memory::MemDisk;
+
+    #[test]
+    fn a_wiped_follower_reports_the_leaders_index_until_it_has_caught_up() {
+        let disks: Vec<MemDisk> = (0..3).map(|_| MemDisk::new()).collect();
+        let mut sim = Sim::in_memory(&disks);
+        let leader = sim.elect();
+        for token in 1..=50 {
+            sim.replica(leader)
+                .propose(token, put(&format!("k{token}"), "v"), SessionTag::default())
+                .unwrap();
+        }
+        // Heartbeats carry the commit index to the followers.
+        for _ in 0..10 {
+            sim.tick();
+        }
+        let last = sim.replica(leader).status().last_index;
+        assert_eq!(sim.replica(leader).status().leader_last_index, last);
+        let follower = (1..=3).find(|&id| id != leader).unwrap();
+        let healthy = sim.replica(follower).status();
+        assert_eq!(
+            (healthy.leader_last_index, healthy.applied_index),
+            (last, last)
+        );
+
+        // The follower restarts with an empty disk: its commit index says
+        // nothing about the 50 writes it misses, its view of the leader does.
+        let wiped = MemDisk::new();
+        sim.replicas[follower as usize - 1] =
+            Some(Replica::open(wiped.open(), options(follower), None).unwrap());
+        // As the shard does when the follower's link comes back.
+        sim.replica(leader).peer_reconnected(follower);
+        let mut behind = None;
+        for _ in 0..20 {
+            sim.tick();
+            let s = sim.replica(follower).status();
+            if s.leader_last_index >= last && s.applied_index < last {
+                behind = Some(s);
+                break;
+            }
+        }
+        let behind = behind.expect("the wiped follower sees how far behind it is");
+        assert!(behind.commit_index < last, "{behind:?}");
+
+        for _ in 0..50 {
+            sim.tick();
+        }
+        let caught_up = sim.replica(follower).status();
+        assert_eq!(caught_up.applied_index, last, "{caught_up:?}");
+        assert_eq!(caught_up.leader_last_index, last, "{caught_up:?}");
+    }
+}

@@ -36,6 +36,12 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 
 pub(super) async fn tick(local: Rc<Local>, every: Duration) {
     let mut interval = monoio::time::interval(every);
+    // After a long turn (a start-up replay, a stall) the ticks it missed
+    // must not arrive as a burst: raft would count a whole election timeout
+    // before it reads the leader's heartbeats waiting in the same inbox,
+    // and campaign. One tick per turn, as Go's time.Ticker drops them for
+    // etcd.
+    interval.set_missed_tick_behavior(monoio::time::MissedTickBehavior::Skip);
     loop {
         interval.tick().await;
         local.inbox.push(Input::Tick);

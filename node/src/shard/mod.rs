@@ -128,7 +128,7 @@ pub async fn run(
     }
     let snap_dir = data_dir::snapshot_dir(&config.data_dir, shard);
     // Start-up, before the shard serves: reading the snapshot here blocks nobody.
-    let loaded = snapshot::load_latest(&snap_dir).map(|(meta, image, path)| {
+    let loaded = snapshot::load_latest(shard, &snap_dir).map(|(meta, image, path)| {
         tracing::info!(shard, index = meta.index, term = meta.term, file = %path.display(), "snapshot loaded");
         LoadedSnapshot { meta, image }
     });
@@ -363,8 +363,10 @@ impl Shard {
                 CrossCore::Reply { conn, response } => self.send_to_conn(conn, &response),
                 CrossCore::Shutdown => return Ok(Some(())),
                 CrossCore::SnapshotWritten(result) => {
-                    let result = result.map(|(meta, path)| {
-                        tracing::info!(shard = self.local.shard, index = meta.index, term = meta.term, file = %path.display(), "snapshot created");
+                    let result = result.map(|(meta, path, bytes)| {
+                        self.metrics.snapshots_written.inc();
+                        self.metrics.snapshot_bytes_written.inc_by(bytes);
+                        tracing::info!(shard = self.local.shard, index = meta.index, term = meta.term, bytes, file = %path.display(), "snapshot created");
                         meta
                     });
                     self.replica.on_snapshot_written(result)?;

@@ -75,7 +75,10 @@ impl Shard {
             let dir = self.snap_dir.clone();
             let reply = self.node.cross[self.local.shard as usize].clone();
             let submitted = self.local.helper.submit(move || {
-                let result = snapshot::write(&dir, &meta, &image).map(|path| (meta, path));
+                let result = snapshot::write(&dir, &meta, &image).map(|path| {
+                    let bytes = std::fs::metadata(&path).map_or(0, |m| m.len());
+                    (meta, path, bytes)
+                });
                 // Dropping the view here, off the shard thread, frees what
                 // the shard no longer shares.
                 drop(image);
