@@ -233,6 +233,13 @@ pub struct Replica<L: LogStore = Wal> {
     /// A snapshot marker no sync covers yet. It gets a sync of its own, so
     /// an idle shard does not keep compactable segments until its next write.
     marker_unsynced: bool,
+    /// The newest durable snapshot (own or installed): when the next own one
+    /// is written, the log is compacted up to this one, not the new one. So
+    /// the log keeps about one snapshot interval of entries: a follower that
+    /// was away for less than that catches up from the log instead of being
+    /// sent the whole state, and a newest snapshot that turns out unreadable
+    /// at restart can fall back to the one before, with the log after it.
+    compact_to: Option<SnapshotMarker>,
     role: StateRole,
     leader_id: u64,
     /// Applied since the last snapshot: entries and bytes.
@@ -284,8 +291,11 @@ impl<L: LogStore> Replica<L> {
         let marker = wal.snapshot_marker();
         if let Some(loaded) = &snapshot {
             let meta = &loaded.meta;
-            if marker.index < meta.index {
-                // The snapshot became durable but the marker did not: record it now.
+            // The log may start before the snapshot (it is compacted only up
+            // to the snapshot before, see `compact_to`). Only a snapshot the
+            // log does not lead up to (one received from the leader whose
+            // marker did not become durable) needs its marker recorded now.
+            if marker.index < meta.index && wal.term(meta.index) != Some(meta.term) {
                 let marker = SnapshotMarker {
                     index: meta.index,
                     term: meta.term,
@@ -367,6 +377,10 @@ impl<L: LogStore> Replica<L> {
         let logger = crate::raft_log::logger(options.shard, options.node_id);
         let mut storage = RaftStorage::new(wal);
         let mut state_machine = StateMachine::new();
+        let compact_to = snapshot.as_ref().map(|s| SnapshotMarker {
+            index: s.meta.index,
+            term: s.meta.term,
+        });
         if let Some(loaded) = snapshot {
             storage.set_latest_snapshot(loaded.meta.clone());
             state_machine.restore(loaded.meta.index, loaded.image);
@@ -405,6 +419,7 @@ impl<L: LogStore> Replica<L> {
             sync_in_flight: None,
             last_ready_number: 0,
             marker_unsynced: false,
+            compact_to,
             role: StateRole::Follower,
             leader_id: 0,
             applied_since_snapshot: (0, 0),

@@ -59,6 +59,7 @@ impl<L: LogStore> Replica<L> {
             index: metadata.index,
             term: metadata.term,
         };
+        self.compact_to = Some(marker);
         let ready = self.last_ready_number;
         let result = self.raw.mut_store().install_snapshot_marker(marker);
         self.logged(ready, result)?;
@@ -153,13 +154,22 @@ impl<L: LogStore> Replica<L> {
             );
             return Ok(());
         }
-        let marker = SnapshotMarker {
+        let newest = SnapshotMarker {
             index: meta.index,
             term: meta.term,
         };
+        self.raw.mut_store().set_latest_snapshot(meta);
+        // Up to the snapshot before this one (see `compact_to`), if the log
+        // still starts before it and holds it.
+        let Some(marker) = self.compact_to.replace(newest) else {
+            return Ok(());
+        };
+        let store = self.raw.store();
+        if marker.index < log_start || store.term(marker.index).ok() != Some(marker.term) {
+            return Ok(());
+        }
         let result = self.raw.mut_store().compact(marker);
         self.logged(self.last_ready_number, result)?;
-        self.raw.mut_store().set_latest_snapshot(meta);
         self.marker_unsynced = true;
         Ok(())
     }

@@ -511,37 +511,116 @@ mod rotation_tests {
 mod snapshot_marker_tests {
     use super::*;
 
-    #[test]
-    fn an_idle_shard_syncs_its_snapshot_marker_and_compacts() {
-        let dir = tempfile::tempdir().unwrap();
-        let (mut r, mut out) = single_voter_leader(dir.path());
+    /// A single-voter leader that took 1500 puts of 4 KiB and two
+    /// snapshots (every 500 entries) into `snapshots`, the second one written
+    /// once the writes stopped; returns the first snapshot's metadata.
+    fn two_snapshots(
+        dir: &std::path::Path,
+        snapshots: &std::path::Path,
+    ) -> (Replica, Output, SnapshotMeta) {
+        let (mut r, mut out) = single_voter_leader(dir);
         r.options.snapshot_entries = 500;
         let value = Bytes::from(vec![b'v'; 4096]);
-        let mut snapshot = None;
-        for token in 1..=1000u64 {
+        let mut first = None;
+        let mut second = None;
+        for token in 1..=1500u64 {
             r.propose(token, numbered_put(token, &value), SessionTag::default())
                 .unwrap();
             r.flush(&mut out);
             r.handle_ready(&mut out).unwrap();
             run_syncs(&mut r, &mut out);
-            if let Some(taken) = out.snapshot_to_write.take() {
-                snapshot.get_or_insert(taken);
+            if let Some((meta, map)) = out.snapshot_to_write.take() {
+                if first.is_none() {
+                    crate::snapshot::write(snapshots, &meta, &map).unwrap();
+                    r.on_snapshot_written(Ok(meta.clone())).unwrap();
+                    first = Some(meta);
+                } else {
+                    second.get_or_insert((meta, map));
+                }
             }
         }
-        let (meta, map) = snapshot.expect("a snapshot after 500 entries");
-        let snapshots = tempfile::tempdir().unwrap();
-        crate::snapshot::write(snapshots.path(), &meta, &map).unwrap();
-        // The writes have stopped; the snapshot becomes durable now.
+        let first = first.expect("a snapshot after 500 entries");
+        assert_eq!(
+            r.raw.store().first_index().unwrap(),
+            1,
+            "the log is kept up to the snapshot before the newest"
+        );
+        let (meta, map) = second.expect("a second snapshot 500 entries later");
+        crate::snapshot::write(snapshots, &meta, &map).unwrap();
+        // The writes have stopped; the second snapshot becomes durable now
+        // and the log is compacted up to the first.
         r.on_snapshot_written(Ok(meta)).unwrap();
         r.handle_ready(&mut out).unwrap();
+        (r, out, first)
+    }
+
+    #[test]
+    fn an_idle_shard_syncs_its_snapshot_marker_and_compacts() {
+        let (dir, snapshots) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let (mut r, mut out, first) = two_snapshots(dir.path(), snapshots.path());
         let job = out.sync.take().expect("the marker gets a sync of its own");
         r.on_synced(job.run_blocking(), &mut out).unwrap();
         assert!(
             !r.take_obsolete_segments().is_empty(),
-            "segments covered by the snapshot are handed out for deletion"
+            "segments covered by the first snapshot are handed out for deletion"
         );
+        assert_eq!(r.raw.store().first_index().unwrap(), first.index + 1);
         let status = r.status();
         assert_eq!(status.commit_index, status.last_index);
+    }
+
+    /// Reopens the shard over `dir` and the newest readable snapshot in
+    /// `snapshots`; returns it once the committed log is applied.
+    fn reopen(dir: &std::path::Path, snapshots: &std::path::Path) -> (Replica, u64) {
+        let wal = Wal::open(
+            dir,
+            WalOptions {
+                segment_bytes: 1 << 20,
+                shard_id: 0,
+            },
+        )
+        .unwrap();
+        let (meta, image, _) = crate::snapshot::load_latest(0, snapshots).unwrap();
+        let loaded_index = meta.index;
+        let loaded = LoadedSnapshot { meta, image };
+        let mut r = Replica::open(wal, single_voter_options(), Some(loaded)).unwrap();
+        let mut out = Output::default();
+        r.handle_ready(&mut out).unwrap();
+        run_syncs(&mut r, &mut out);
+        (r, loaded_index)
+    }
+
+    #[test]
+    fn a_restart_replays_from_the_newest_snapshot_or_the_one_before_if_it_is_unreadable() {
+        let (dir, snapshots) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let (mut r, mut out, first) = two_snapshots(dir.path(), snapshots.path());
+        run_syncs(&mut r, &mut out);
+        let last = r.status().last_index;
+        drop(r);
+
+        let (r, loaded) = reopen(dir.path(), snapshots.path());
+        assert!(loaded > first.index, "the newest snapshot is loaded");
+        assert_eq!(r.state_machine().applied_index(), last);
+        assert_eq!(r.state_machine().len(), 1500);
+        drop(r);
+
+        // The newest snapshot rots: the one before it and the log after it
+        // still hold everything.
+        let newest = crate::snapshot::list(snapshots.path())[0].2.clone();
+        let mut bytes = std::fs::read(&newest).unwrap();
+        let middle = bytes.len() / 2;
+        bytes[middle] ^= 0xff;
+        std::fs::write(&newest, bytes).unwrap();
+        let (r, loaded) = reopen(dir.path(), snapshots.path());
+        assert_eq!(loaded, first.index, "the snapshot before is loaded");
+        assert_eq!(r.state_machine().applied_index(), last);
+        assert_eq!(r.state_machine().len(), 1500);
+        for token in [1u64, 750, 1500] {
+            assert!(r
+                .state_machine()
+                .get(format!("k{token}").as_bytes())
+                .is_some());
+        }
     }
 }
 
