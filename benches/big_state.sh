@@ -23,6 +23,9 @@
 #   SHARDS      shards per node (default: corekv dev's default)
 #   COREKV      a corekv binary instead of building one in release mode
 #   KEEP        keep the cluster's directory (logs) at this path
+#   MEMORY_ONLY set to 1 to stop after the memory table (e.g. for
+#               KEYS=10000000 VALUE_SIZE=64)
+#   PHASES      the phases after BASE (default "RESTART CATCHUP")
 #
 # Needs jq and curl. Every node this script started is killed by its pid on
 # exit; the temp directory is removed unless KEEP is set.
@@ -121,7 +124,7 @@ metric() { # node, metric name: the sum of its samples
 
 # A field of /proc/PID/status in bytes: VmRSS (all resident pages), RssAnon
 # (heap: the state machine), RssFile (mapped files: the WAL segments).
-status_bytes() { awk -v f="$2:" '$1 == f { print $2 * 1024 }' "/proc/$1/status"; }
+status_bytes() { awk -v f="$2:" '$1 == f { printf "%.0f", $2 * 1024 }' "/proc/$1/status"; }
 
 "$COREKV" dev --no-start --nodes 3 --dir "$WORK/cluster" --port-base "$PORT_BASE" ${SHARDS:+--shards "$SHARDS"} >/dev/null
 for i in 1 2 3; do start_node "$i"; done
@@ -145,18 +148,26 @@ for i in 1 2 3; do
     done
 done
 payload=$((KEYS * (KEY_SIZE + VALUE_SIZE)))
-printf '\n%-5s %10s %14s %8s %9s %9s %12s %13s\n' node keys accounted_MiB RSS_MiB anon_MiB file_MiB RSS/payload anon/payload
-for i in 1 2 3; do
-    pid=${PID[$i]}
-    rss=$(status_bytes "$pid" VmRSS)
-    anon=$(status_bytes "$pid" RssAnon)
-    file=$(status_bytes "$pid" RssFile)
-    printf '%-5s %10s %14s %8s %9s %9s %12s %13s\n' "$i" "$(metric "$i" state_machine_keys)" \
-        "$(($(metric "$i" state_machine_bytes) >> 20))" "$((rss >> 20))" "$((anon >> 20))" "$((file >> 20))" \
-        "$(awk -v r="$rss" -v p="$payload" 'BEGIN { printf "%.2f", r / p }')" \
-        "$(awk -v r="$anon" -v p="$payload" 'BEGIN { printf "%.2f", r / p }')"
-done
-echo "payload: $KEYS x ($KEY_SIZE + $VALUE_SIZE) B = $((payload >> 20)) MiB; file pages are the mapped WAL (page cache the kernel can drop)"
+memory_table() {
+    echo
+    echo "memory $1 (payload: $KEYS x ($KEY_SIZE + $VALUE_SIZE) B = $((payload >> 20)) MiB)"
+    printf '%-5s %10s %14s %8s %9s %9s %12s %13s\n' node keys accounted_MiB RSS_MiB anon_MiB file_MiB RSS/payload anon/payload
+    local i pid rss anon file
+    for i in 1 2 3; do
+        pid=${PID[$i]}
+        rss=$(status_bytes "$pid" VmRSS)
+        anon=$(status_bytes "$pid" RssAnon)
+        file=$(status_bytes "$pid" RssFile)
+        printf '%-5s %10s %14s %8s %9s %9s %12s %13s\n' "$i" "$(metric "$i" state_machine_keys)" \
+            "$(($(metric "$i" state_machine_bytes) >> 20))" "$((rss >> 20))" "$((anon >> 20))" "$((file >> 20))" \
+            "$(awk -v r="$rss" -v p="$payload" 'BEGIN { printf "%.2f", r / p }')" \
+            "$(awk -v r="$anon" -v p="$payload" 'BEGIN { printf "%.2f", r / p }')"
+    done
+    echo "(anon: heap, the state machine; file: mapped WAL segments, page cache the kernel can drop)"
+}
+memory_table "after the prefill"
+
+[[ "${MEMORY_ONLY:-}" == 1 ]] && exit 0
 
 # A node that leads no shard.
 follower=""
@@ -197,13 +208,22 @@ catchup() { restart_follower wipe; }
 
 declare -A SECONDS_TO_READY=()
 phase BASE ""
-phase RESTART restart
-SECONDS_TO_READY[RESTART]=$(cat "$WORK/ready_seconds")
-phase CATCHUP catchup
-SECONDS_TO_READY[CATCHUP]=$(cat "$WORK/ready_seconds")
+memory_table "after BASE (random overwrites)"
+PHASES=${PHASES-RESTART CATCHUP}
+for name in $PHASES; do
+    case $name in
+    RESTART) phase RESTART restart ;;
+    CATCHUP) phase CATCHUP catchup ;;
+    *)
+        echo "unknown phase $name (known: RESTART CATCHUP)" >&2
+        exit 2
+        ;;
+    esac
+    SECONDS_TO_READY[$name]=$(cat "$WORK/ready_seconds")
+done
 
 printf '\n%-8s %9s %8s %8s %8s %8s %13s %14s\n' phase "puts/s" p50_ms p99_ms max_ms errors term_changes ready_after_s
-for name in BASE RESTART CATCHUP; do
+for name in BASE $PHASES; do
     jq -r --arg name "$name" --arg ready "${SECONDS_TO_READY[$name]:--}" '
         [$name, (.total.ops_per_s | floor),
          (.total.latency_us.p50 / 1000), (.total.latency_us.p99 / 1000), (.total.latency_us.max / 1000),

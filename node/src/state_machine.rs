@@ -187,6 +187,12 @@ impl StateMachine {
     }
 
     fn insert(&mut self, key: &Bytes, value: Bytes, version: u64) {
+        // The value arrives as a slice of a larger buffer (a log entry, or a
+        // peer frame holding many entries); stored as is, one live value
+        // would keep all of that buffer alive for as long as the key is not
+        // overwritten, and memory would follow the write history instead of
+        // the data. A copy of its own costs one allocation per write.
+        let value = Bytes::copy_from_slice(&value);
         let added = pair_bytes(key.len(), value.len());
         let old = self.map.insert(Key::new(key), Versioned { value, version });
         let removed = old.map_or(0, |v| pair_bytes(key.len(), v.value.len()));
