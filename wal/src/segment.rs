@@ -66,6 +66,9 @@ pub(crate) struct Segment {
     /// durable snapshot marker's segment whose max is covered by the marker
     /// holds nothing live.
     pub(crate) max_entry_index: u64,
+    /// Whether `release_pages` ran: a sealed, synced segment's pages are
+    /// taken out of the process's page tables once.
+    pub(crate) pages_released: bool,
 }
 
 impl Segment {
@@ -151,6 +154,27 @@ impl Segment {
         Ok(())
     }
 
+    /// Takes a sealed, synced segment's pages out of this process's page
+    /// tables. Mapped, they count towards the process's RSS (and a cgroup's
+    /// memory) for as long as the segment lives, a gigabyte of log at size;
+    /// unmapped they are page cache the kernel may drop, and a read of an old
+    /// entry (a follower catching up) faults them back. Only a hint: an
+    /// error changes nothing.
+    pub(crate) fn release_pages(&mut self) {
+        if self.pages_released {
+            return;
+        }
+        self.pages_released = true;
+        // SAFETY: as in `prepare_recovered_for_appends`: on a shared file
+        // mapping MADV_DONTNEED drops page table entries only; the bytes stay
+        // in the page cache and the file (dirty pages are written back as
+        // usual), and the next access faults them back in unchanged.
+        let _ = unsafe {
+            self.map
+                .unchecked_advise(memmap2::UncheckedAdvice::DontNeed)
+        };
+    }
+
     /// Maps an existing segment whose header recovery found valid.
     pub(crate) fn open_existing(path: PathBuf, sequence: u64) -> Result<Segment, WalError> {
         let file = OpenOptions::new()
@@ -192,6 +216,7 @@ impl Segment {
             map,
             write_offset: HEADER_LEN,
             header_durable,
+            pages_released: false,
             max_entry_index: 0,
         })
     }

@@ -383,6 +383,10 @@ impl Wal {
             if segment.sequence <= outcome.target.sequence {
                 segment.header_durable = true;
             }
+            // Sealed (the target is in a later segment) and so fully synced.
+            if segment.sequence < outcome.target.sequence {
+                segment.release_pages();
+            }
         }
         while let Some(&(end, index)) = self.pending_markers.front() {
             if end > self.synced {
@@ -1096,6 +1100,22 @@ mod tests {
         assert_eq!(wal.first_index(), 151);
         assert_eq!(read_all(&wal), entries[150..]);
         assert_eq!(wal.segment_count(), before - removed);
+    }
+
+    #[test]
+    fn sealed_segments_leave_the_page_tables_once_synced_and_read_back_unchanged() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut wal = open(dir.path());
+        let entries = batch(1, 200, 1, 100);
+        append(&mut wal, &entries).unwrap();
+        assert!(wal.segment_count() > 2, "the entries span segments");
+        assert!(wal.segments.iter().all(|s| !s.pages_released));
+        wal.sync().unwrap();
+        let released: Vec<bool> = wal.segments.iter().map(|s| s.pages_released).collect();
+        let (sealed, active) = released.split_at(released.len() - 1);
+        assert!(sealed.iter().all(|&r| r), "{released:?}");
+        assert!(!active[0], "appends go on through its pages");
+        assert_eq!(read_all(&wal), entries);
     }
 
     #[test]
