@@ -7,10 +7,12 @@
 //!
 //! - `alone`: no snapshot, for as long as the unpaced snapshot took;
 //! - `unpaced`: the snapshot left to the kernel's writeback until its fsync;
-//! - `paced`: the default pacing (writeback started every 1 MiB, at most two
-//!   chunks dirty).
+//! - `chunks`: through the page cache, writeback started every 1 MiB (at
+//!   most two chunks dirty), 256 MiB/s;
+//! - `direct`: the default, O_DIRECT in 1 MiB blocks, 256 MiB/s.
 //!
-//! Prints p50/p99/p99.9/max sync latency per mode and the snapshot's time.
+//! Prints p50/p99/p99.9/max sync latency per mode, the snapshot's time and
+//! the CPU time of the thread that wrote it.
 //! Files go under `COREKV_BENCH_DIR` if set, else the system temp directory.
 //! Run: `cargo bench --bench snapshot_pacing`.
 
@@ -74,6 +76,18 @@ fn sync_loop(wal: &mut Wal, done: &AtomicBool, for_at_least: Duration) -> Histog
     latencies
 }
 
+/// CPU seconds (user + system) the calling thread has used.
+fn thread_cpu_seconds() -> f64 {
+    // SAFETY: getrusage fills the struct it is given.
+    let usage = unsafe {
+        let mut usage = std::mem::zeroed::<libc::rusage>();
+        libc::getrusage(libc::RUSAGE_THREAD, &mut usage);
+        usage
+    };
+    let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    secs(usage.ru_utime) + secs(usage.ru_stime)
+}
+
 fn run(
     dir: &Path,
     name: &str,
@@ -91,14 +105,15 @@ fn run(
         learners: vec![],
     };
     let snap_dir = dir.join(format!("{name}-snap"));
-    let (latencies, took) = std::thread::scope(|scope| {
+    let (latencies, (took, cpu)) = std::thread::scope(|scope| {
         let writer = pacing.map(|pacing| {
             let (done, snap_dir, meta) = (&done, &snap_dir, &meta);
             scope.spawn(move || {
                 let started = Instant::now();
+                let cpu = thread_cpu_seconds();
                 snapshot::write_paced(snap_dir, meta, image, pacing).expect("snapshot");
                 done.store(true, Ordering::Relaxed);
-                started.elapsed()
+                (started.elapsed(), thread_cpu_seconds() - cpu)
             })
         });
         let latencies = sync_loop(
@@ -110,18 +125,19 @@ fn run(
                 Duration::ZERO
             },
         );
-        let took = writer.map_or(alone_for, |w| w.join().expect("writer"));
+        let took = writer.map_or((alone_for, 0.0), |w| w.join().expect("writer"));
         (latencies, took)
     });
     let ms = |q: f64| latencies.value_at_quantile(q) as f64 / 1000.0;
     println!(
-        "{name:<8} {:>8} {:>8.2} {:>8.2} {:>8.2} {:>8.2} {:>10.1}",
+        "{name:<8} {:>8} {:>8.2} {:>8.2} {:>8.2} {:>8.2} {:>10.1} {:>10.2}",
         latencies.len(),
         ms(0.5),
         ms(0.99),
         ms(0.999),
         latencies.max() as f64 / 1000.0,
-        took.as_secs_f64()
+        took.as_secs_f64(),
+        cpu
     );
     let _ = std::fs::remove_dir_all(dir.join(name));
     let _ = std::fs::remove_dir_all(&snap_dir);
@@ -140,7 +156,7 @@ fn main() {
     let dir = tempfile::tempdir_in(base).expect("temp dir");
     eprintln!("building a state of {mib} MiB of 1 KiB values");
     let image = image(mib);
-    println!("mode        syncs   p50 ms   p99 ms p99.9 ms   max ms  snapshot s");
+    println!("mode        syncs   p50 ms   p99 ms p99.9 ms   max ms  snapshot s  writer cpu s");
     let unpaced = run(
         dir.path(),
         "unpaced",
@@ -150,7 +166,17 @@ fn main() {
     );
     run(
         dir.path(),
-        "paced",
+        "chunks",
+        &image,
+        Some(Pacing::Chunks {
+            chunk_bytes: corekv_node::snapshot::SNAPSHOT_WRITEBACK_CHUNK_BYTES,
+            bytes_per_second: corekv_node::snapshot::SNAPSHOT_BYTES_PER_SECOND,
+        }),
+        Duration::ZERO,
+    );
+    run(
+        dir.path(),
+        "direct",
         &image,
         Some(Pacing::default()),
         Duration::ZERO,
