@@ -142,7 +142,11 @@ pub fn configs(args: &DevArgs) -> anyhow::Result<Vec<Config>> {
                 p.admin_port.unwrap_or_default()
             ));
         }
-        configs.push(Config::from_toml_str(&text).map_err(|e| anyhow::anyhow!("{e}"))?);
+        let mut config = Config::from_toml_str(&text).map_err(|e| anyhow::anyhow!("{e}"))?;
+        // The default limit is half of the machine's memory for one node;
+        // the dev nodes share the machine, so they share that half.
+        config.max_memory_bytes /= args.nodes;
+        configs.push(config);
     }
     Ok(configs)
 }
@@ -394,6 +398,23 @@ mod tests {
                 cpus,
                 vec![vec![cores[0]], vec![cores[1]], vec![cores[2 % cores.len()]]]
             );
+        }
+    }
+
+    #[test]
+    fn dev_nodes_share_the_default_memory_limit() {
+        let one = Config::from_toml_str(
+            "node_id = 1\ndata_dir = \"d\"\n[[peers]]\nid = 1\nhost = \"127.0.0.1\"\nclient_port = 7100\npeer_port = 7150\n",
+        )
+        .unwrap();
+        assert!(
+            one.max_memory_bytes > 0,
+            "the default reads the machine's memory"
+        );
+        let configs = configs(&args(1)).unwrap();
+        assert_eq!(configs.len(), 3);
+        for config in &configs {
+            assert_eq!(config.max_memory_bytes, one.max_memory_bytes / 3);
         }
     }
 
