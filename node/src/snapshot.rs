@@ -520,15 +520,19 @@ pub fn read(path: &Path) -> Result<(SnapshotMeta, Image), SnapshotError> {
 }
 
 /// [`read`], logging progress for a large file (see [`Progress`]).
+///
+/// The file is read in 1 MiB steps while it is decoded: a restart of a
+/// node holding N bytes needs N for the state, not 2N with the file's bytes
+/// beside it. The checksum is checked at the end; nothing decoded is used
+/// before it is.
 pub fn read_reporting(
     path: &Path,
     mut progress: Option<&mut Progress>,
 ) -> Result<(SnapshotMeta, Image), SnapshotError> {
-    let mut bytes = Vec::new();
-    File::open(path)
-        .and_then(|mut f| f.read_to_end(&mut bytes))
-        .map_err(io(path, "read"))?;
-    let decoded = decode_reporting(path, Bytes::from(bytes), progress.as_deref_mut());
+    let file = File::open(path).map_err(io(path, "open"))?;
+    let len = file.metadata().map_err(io(path, "stat"))?.len();
+    let reader = std::io::BufReader::with_capacity(1 << 20, file);
+    let decoded = decode_from(path, reader, len, progress.as_deref_mut());
     if let (Ok(_), Some(progress)) = (&decoded, progress) {
         progress.finish();
     }
@@ -548,126 +552,216 @@ pub fn read_logged(
 
 /// Verifies and decodes snapshot bytes (`path` only names them in errors).
 pub fn decode(path: &Path, bytes: Bytes) -> Result<(SnapshotMeta, Image), SnapshotError> {
-    decode_reporting(path, bytes, None)
+    let len = bytes.len() as u64;
+    decode_from(path, bytes.reader(), len, None)
 }
 
 /// Pairs decoded between two looks at the clock for progress lines.
 const PAIRS_PER_PROGRESS_CHECK: u64 = 16 * 1024;
 
-fn decode_reporting(
+/// Why decoding stopped: the file is not what it should be, or reading it
+/// failed.
+enum Stop {
+    Corrupt(String),
+    Io(std::io::Error),
+}
+
+/// The body of a snapshot file (everything before the checksum), read in
+/// order through the checksum.
+struct Body<R: Read> {
+    reader: R,
+    /// Body bytes not read yet.
+    remaining: u64,
+    hasher: crc32fast::Hasher,
+}
+
+impl<R: Read> Body<R> {
+    fn need(&self, n: u64, what: &str) -> Result<(), Stop> {
+        if self.remaining < n {
+            return Err(Stop::Corrupt(format!(
+                "truncated in {what}: need {n} bytes, {} left",
+                self.remaining
+            )));
+        }
+        Ok(())
+    }
+
+    fn fill(&mut self, buf: &mut [u8]) -> Result<(), Stop> {
+        self.reader.read_exact(buf).map_err(Stop::Io)?;
+        self.hasher.update(buf);
+        self.remaining -= buf.len() as u64;
+        Ok(())
+    }
+
+    fn u32(&mut self) -> Result<u32, Stop> {
+        let mut b = [0u8; 4];
+        self.fill(&mut b)?;
+        Ok(u32::from_le_bytes(b))
+    }
+
+    fn u64(&mut self) -> Result<u64, Stop> {
+        let mut b = [0u8; 8];
+        self.fill(&mut b)?;
+        Ok(u64::from_le_bytes(b))
+    }
+
+    /// `n` bytes, checked against what is left first.
+    fn bytes(&mut self, n: usize, what: &str) -> Result<Vec<u8>, Stop> {
+        self.need(n as u64, what)?;
+        let mut v = vec![0u8; n];
+        self.fill(&mut v)?;
+        Ok(v)
+    }
+
+    /// Reads what is left of the body (after a decoding error), so the
+    /// checksum can say whether the file was damaged.
+    fn drain(&mut self) -> Result<(), Stop> {
+        let mut buf = vec![0u8; 64 << 10];
+        while self.remaining > 0 {
+            let n = (self.remaining as usize).min(buf.len());
+            self.fill(&mut buf[..n])?;
+        }
+        Ok(())
+    }
+}
+
+fn decode_from<R: Read>(
     path: &Path,
-    bytes: Bytes,
-    mut progress: Option<&mut Progress>,
+    reader: R,
+    len: u64,
+    progress: Option<&mut Progress>,
 ) -> Result<(SnapshotMeta, Image), SnapshotError> {
-    let total_len = bytes.len() as u64;
     let corrupt = |reason: String| SnapshotError::Corrupt {
         path: path.to_path_buf(),
         reason,
     };
-    let min_len = MAGIC.len() + 4 + 4 + 8 + 8 + 4 + 4 + 8 + CHECKSUM_LEN;
-    if bytes.len() < min_len {
+    let min_len = (MAGIC.len() + 4 + 4 + 8 + 8 + 4 + 4 + 8 + CHECKSUM_LEN) as u64;
+    if len < min_len {
         return Err(corrupt(format!(
-            "length {} is below the minimum {min_len}",
-            bytes.len()
+            "length {len} is below the minimum {min_len}"
         )));
     }
-    let body_len = bytes.len() - CHECKSUM_LEN;
-    let expected = u32::from_le_bytes(bytes[body_len..].try_into().expect("4 bytes"));
-    let actual = crc32fast::hash(&bytes[..body_len]);
-    if expected != actual {
-        return Err(corrupt(format!(
-            "checksum expected {expected:#010x} but got {actual:#010x}"
-        )));
+    let mut body = Body {
+        reader,
+        remaining: len - CHECKSUM_LEN as u64,
+        hasher: crc32fast::Hasher::new(),
+    };
+    let decoded = decode_body(&mut body, len, progress);
+    // A damaged file is reported as such, even where it also fails to
+    // decode: read the rest, then compare checksums.
+    let drained = match &decoded {
+        Err(Stop::Corrupt(_)) => body.drain(),
+        _ => Ok(()),
+    };
+    let checked = drained.and_then(|()| {
+        let actual = body.hasher.clone().finalize();
+        let mut b = [0u8; 4];
+        body.reader.read_exact(&mut b).map_err(Stop::Io)?;
+        let expected = u32::from_le_bytes(b);
+        if expected != actual {
+            return Err(Stop::Corrupt(format!(
+                "checksum expected {expected:#010x} but got {actual:#010x}"
+            )));
+        }
+        Ok(())
+    });
+    let stop = |stop| match stop {
+        Stop::Corrupt(reason) => corrupt(reason),
+        Stop::Io(e) => io(path, "read")(e),
+    };
+    match (decoded, checked) {
+        (_, Err(e @ Stop::Corrupt(_))) => Err(stop(e)),
+        (Err(e), _) | (_, Err(e)) => Err(stop(e)),
+        (Ok(decoded), Ok(())) => Ok(decoded),
     }
-    let mut body = bytes.slice(..body_len);
-    if &body[..MAGIC.len()] != MAGIC {
+}
+
+fn decode_body<R: Read>(
+    body: &mut Body<R>,
+    len: u64,
+    mut progress: Option<&mut Progress>,
+) -> Result<(SnapshotMeta, Image), Stop> {
+    let corrupt = |reason: String| Stop::Corrupt(reason);
+    let mut magic = [0u8; MAGIC.len()];
+    body.fill(&mut magic)?;
+    if &magic != MAGIC {
         return Err(corrupt("bad magic".into()));
     }
-    body.advance(MAGIC.len());
-    let need = |body: &Bytes, n: usize, what: &str| {
-        if body.remaining() < n {
-            Err(corrupt(format!(
-                "truncated in {what}: need {n} bytes, {} left",
-                body.remaining()
-            )))
-        } else {
-            Ok(())
-        }
-    };
-    need(&body, 24, "header")?;
-    let version = body.get_u32_le();
+    body.need(24, "header")?;
+    let version = body.u32()?;
     if version != FORMAT_VERSION && version != FORMAT_VERSION_WITHOUT_SESSIONS {
         return Err(corrupt(format!(
             "format version expected {FORMAT_VERSION} (or {FORMAT_VERSION_WITHOUT_SESSIONS}) but got {version}"
         )));
     }
     let mut meta = SnapshotMeta {
-        shard: body.get_u32_le(),
-        index: body.get_u64_le(),
-        term: body.get_u64_le(),
+        shard: body.u32()?,
+        index: body.u64()?,
+        term: body.u64()?,
         ..Default::default()
     };
     for list in [&mut meta.voters, &mut meta.learners] {
-        need(&body, 4, "member count")?;
-        let count = body.get_u32_le() as usize;
-        need(&body, count.saturating_mul(8), "members")?;
-        list.extend((0..count).map(|_| body.get_u64_le()));
+        body.need(4, "member count")?;
+        let count = body.u32()? as u64;
+        body.need(count.saturating_mul(8), "members")?;
+        for _ in 0..count {
+            list.push(body.u64()?);
+        }
     }
-    need(&body, 8, "pair count")?;
-    let count = body.get_u64_le();
+    body.need(8, "pair count")?;
+    let count = body.u64()?;
     let mut map = Map::new();
+    let mut key_buf = Vec::new();
     for i in 0..count {
         if i % PAIRS_PER_PROGRESS_CHECK == 0 {
             if let Some(progress) = progress.as_deref_mut() {
-                progress.update(total_len - body.remaining() as u64);
+                progress.update(len - body.remaining);
             }
         }
-        need(&body, 4, "key length")?;
-        let key_len = body.get_u32_le();
+        body.need(4, "key length")?;
+        let key_len = body.u32()?;
         if key_len > MAX_ITEM_BYTES {
             return Err(corrupt(format!(
                 "pair {i}: key length {key_len} is impossible"
             )));
         }
-        need(&body, key_len as usize, "key")?;
-        // Keys and values are copied out: slices would keep the whole
-        // snapshot buffer alive for as long as any one of them lives.
-        let key = Key::from_slice(&body[..key_len as usize]);
-        body.advance(key_len as usize);
-        need(&body, 4, "value length")?;
-        let value_len = body.get_u32_le();
+        body.need(u64::from(key_len), "key")?;
+        key_buf.resize(key_len as usize, 0);
+        body.fill(&mut key_buf)?;
+        let key = Key::from_slice(&key_buf);
+        body.need(4, "value length")?;
+        let value_len = body.u32()?;
         if value_len > MAX_ITEM_BYTES {
             return Err(corrupt(format!(
                 "pair {i}: value length {value_len} is impossible"
             )));
         }
-        need(&body, value_len as usize + 8, "value")?;
-        let value = Bytes::copy_from_slice(&body[..value_len as usize]);
-        body.advance(value_len as usize);
-        let version = body.get_u64_le();
+        body.need(u64::from(value_len) + 8, "value")?;
+        let value = Bytes::from(body.bytes(value_len as usize, "value")?);
+        let version = body.u64()?;
         map.insert(key, Versioned { value, version });
     }
     let mut sessions = Vec::new();
     if version != FORMAT_VERSION_WITHOUT_SESSIONS {
-        need(&body, 8, "session count")?;
-        let count = body.get_u64_le();
+        body.need(8, "session count")?;
+        let count = body.u64()?;
         if count > MAX_SESSIONS_READ {
             return Err(corrupt(format!("session count {count} is impossible")));
         }
         for i in 0..count {
-            need(&body, 20, "session header")?;
-            let id = body.get_u64_le();
+            body.need(20, "session header")?;
+            let id = body.u64()?;
             let mut session = Session {
-                last_used: body.get_u64_le(),
+                last_used: body.u64()?,
                 ..Default::default()
             };
-            let results = body.get_u32_le();
+            let results = body.u32()?;
             for _ in 0..results {
-                need(&body, 12, "session result header")?;
-                let sequence = body.get_u64_le();
-                let len = body.get_u32_le() as usize;
-                need(&body, len, "session result")?;
-                let response = Response::decode(body.split_to(len))
+                body.need(12, "session result header")?;
+                let sequence = body.u64()?;
+                let len = body.u32()? as usize;
+                let encoded = body.bytes(len, "session result")?;
+                let response = Response::decode(encoded.as_slice())
                     .map_err(|e| corrupt(format!("session {i}: undecodable result: {e}")))?;
                 let result = response
                     .result
@@ -677,10 +771,10 @@ fn decode_reporting(
             sessions.push((id, session));
         }
     }
-    if body.has_remaining() {
+    if body.remaining > 0 {
         return Err(corrupt(format!(
             "{} bytes after the last pair",
-            body.remaining()
+            body.remaining
         )));
     }
     let image = Image {
@@ -896,9 +990,16 @@ mod tests {
         for i in (0..good.len()).step_by(37) {
             let mut bad = good.clone();
             bad[i] ^= 0x40;
+            // Also where the flip breaks decoding first (a length, the
+            // magic), the error names the damage: the checksum.
+            let error = decode(&path, Bytes::from(bad.clone()))
+                .unwrap_err()
+                .to_string();
+            assert!(error.contains("checksum expected"), "flip at {i}: {error}");
+            fs::write(dir.path().join("bad.snap"), &bad).unwrap();
             assert!(
-                decode(&path, Bytes::from(bad)).is_err(),
-                "flip at {i} not detected"
+                read(&dir.path().join("bad.snap")).is_err(),
+                "flip at {i}, read from a file"
             );
         }
         assert!(decode(&path, Bytes::from(good[..good.len() - 9].to_vec())).is_err());
