@@ -169,20 +169,21 @@ memory_table "after the prefill"
 
 [[ "${MEMORY_ONLY:-}" == 1 ]] && exit 0
 
-# A node that leads no shard.
-follower=""
-for i in 1 2 3; do
-    if [[ "$(curl -s --max-time 5 "http://127.0.0.1:$(admin_port "$i")/status" |
-        jq '[.shards[] | select(.role == "leader")] | length')" == 0 ]]; then
-        follower=$i
-        break
-    fi
-done
-[[ -n "$follower" ]] || {
+# A node that leads no shard right now (leadership balancing may move a
+# shard to its preferred node at any time, so this is asked at each kill).
+pick_follower() {
+    local i
+    for i in 1 2 3; do
+        if [[ "$(curl -s --max-time 5 "http://127.0.0.1:$(admin_port "$i")/status" |
+            jq '[.shards[] | select(.role == "leader")] | length')" == 0 ]]; then
+            echo "$i"
+            return 0
+        fi
+    done
     echo "every node leads a shard; run with fewer SHARDS" >&2
-    exit 1
+    return 1
 }
-echo "the follower restarted below: node $follower" >&2
+follower=""
 
 phase() { # name, then what to do while the load runs (a function name or "")
     local name=$1 action=$2
@@ -195,6 +196,8 @@ phase() { # name, then what to do while the load runs (a function name or "")
 
 restart_follower() {
     sleep 3
+    follower=$(pick_follower)
+    echo "restarting node $follower (${1:-keeping its data})" >&2
     kill -KILL "${PID[$follower]}"
     wait "${PID[$follower]}" 2>/dev/null || true
     [[ "${1:-}" == wipe ]] && rm -rf "$WORK/cluster/node$follower/data"
@@ -231,5 +234,6 @@ for name in BASE $PHASES; do
         awk -F'\t' '{ printf "%-8s %9s %8.1f %8.1f %8.1f %8s %13s %14s\n", $1, $2, $3, $4, $5, $6, $7, $8 }'
 done
 echo "(each phase: $DURATION of 4 clients x 64 pipelined puts; the restart or wipe happens 3 s in)"
+[[ -n "$follower" ]] || exit 0
 echo "progress lines of node $follower during the catch-up:"
 grep -E "progress|snapshot (received|applied|loaded)|replay" "$WORK/node$follower.log" | tail -n 12 || true
