@@ -540,16 +540,25 @@ impl<L: LogStore> Replica<L> {
     /// Our link to `peer` came back after being down: the peer may have
     /// restarted with fewer entries than it once acknowledged (a damaged
     /// disk). The leader forgets what it believed the peer holds and probes
-    /// from where it was, so a rejection walks it back to the peer's real log
-    /// end even on an idle shard. Forgetting only delays counting the peer
+    /// from the log's end, so a rejection walks it back to the peer's real
+    /// log end even on an idle shard. Forgetting only delays counting the peer
     /// towards a commit until its next ack; it never commits anything early.
     pub fn peer_reconnected(&mut self, peer: u64) {
         if !self.is_leader() {
             return;
         }
+        let last = self.raw.raft.raft_log.last_index();
         if let Some(progress) = self.raw.raft.mut_prs().get_mut(peer) {
             progress.become_probe();
             progress.matched = 0;
+            // From the log's end, as a new leader probes: the peer's
+            // rejection names its last index and the leader jumps there.
+            // become_probe alone restarts from matched + 1, which is 1 when
+            // this leader never heard from the peer (it restarted before the
+            // election, or the link flapped twice): an index compacted long
+            // ago, so raft sent a whole snapshot to a follower that had all
+            // but the last seconds of the log (measured at 1 GB).
+            progress.next_idx = last + 1;
         }
     }
 

@@ -1048,6 +1048,51 @@ mod catch_up_tests {
     use super::*;
     use crate::log_store::memory::MemDisk;
 
+    /// A leader that never heard from a peer (elected while the peer was
+    /// down) used to probe it from index 1 when its link came up, an index
+    /// long compacted: raft then sent a whole snapshot to a follower that
+    /// had nearly all of the log.
+    #[test]
+    fn a_reconnected_peer_is_probed_from_the_log_end_not_from_the_start() {
+        let disks: Vec<MemDisk> = (0..3).map(|_| MemDisk::new()).collect();
+        let mut sim = Sim::in_memory(&disks);
+        let leader = sim.elect();
+        for token in 1..=20 {
+            sim.replica(leader)
+                .propose(token, put(&format!("k{token}"), "v"), SessionTag::default())
+                .unwrap();
+        }
+        for _ in 0..10 {
+            sim.tick();
+        }
+        let follower = (1..=3).find(|&id| id != leader).unwrap();
+        // The link flaps twice before the follower answers anything.
+        sim.replica(leader).peer_reconnected(follower);
+        sim.replica(leader).peer_reconnected(follower);
+        let last = sim.replica(leader).status().last_index;
+        let next = sim
+            .replica(leader)
+            .raw
+            .raft
+            .prs()
+            .get(follower)
+            .unwrap()
+            .next_idx;
+        assert_eq!(next, last + 1);
+        for _ in 0..10 {
+            sim.tick();
+        }
+        let progress = sim
+            .replica(leader)
+            .raw
+            .raft
+            .prs()
+            .get(follower)
+            .unwrap()
+            .clone();
+        assert_eq!(progress.matched, sim.replica(leader).status().last_index);
+    }
+
     #[test]
     fn a_wiped_follower_reports_the_leaders_index_until_it_has_caught_up() {
         let disks: Vec<MemDisk> = (0..3).map(|_| MemDisk::new()).collect();
