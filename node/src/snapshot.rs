@@ -217,14 +217,9 @@ impl DirectFile {
         let block = &self.buf.as_mut_slice()[..len];
         self.file.write_all_at(block, self.written)?;
         self.written += len as u64;
-        if self.bytes_per_second > 0 {
-            // This runs on the shard's helper thread, never the shard's.
-            let due = std::time::Duration::from_secs_f64(
-                self.written as f64 / self.bytes_per_second as f64,
-            );
-            if let Some(ahead) = due.checked_sub(self.began.elapsed()) {
-                std::thread::sleep(ahead);
-            }
+        // This runs on the shard's helper thread, never the shard's.
+        if let Some(ahead) = ahead_of_rate(self.written, self.bytes_per_second, self.began) {
+            std::thread::sleep(ahead);
         }
         Ok(())
     }
@@ -354,6 +349,20 @@ pub const SNAPSHOT_WRITEBACK_CHUNK_BYTES: u64 = 1 << 20;
 /// Default rate of a snapshot write: a 1 GiB state takes 4 s.
 pub const SNAPSHOT_BYTES_PER_SECOND: u64 = 256 << 20;
 
+/// How far `done` bytes since `began` are ahead of `bytes_per_second` (0:
+/// no limit): the wait that brings a paced writer back to its rate.
+pub fn ahead_of_rate(
+    done: u64,
+    bytes_per_second: u64,
+    began: std::time::Instant,
+) -> Option<std::time::Duration> {
+    if bytes_per_second == 0 {
+        return None;
+    }
+    let due = std::time::Duration::from_secs_f64(done as f64 / bytes_per_second as f64);
+    due.checked_sub(began.elapsed())
+}
+
 /// Starts writeback of the `chunk_bytes` at `start` of the file `fd`, after
 /// waiting for the chunk before it to be on disk: so at most two chunks of a
 /// file written in order are dirty. Blocking (it waits for the disk): call it
@@ -409,14 +418,9 @@ impl PacedFile {
         while self.written - self.started >= chunk_bytes {
             writeback_chunk(fd, self.started, chunk_bytes);
             self.started += chunk_bytes;
-            if bytes_per_second > 0 {
-                // This runs on the shard's helper thread, never the shard's.
-                let due = std::time::Duration::from_secs_f64(
-                    self.started as f64 / bytes_per_second as f64,
-                );
-                if let Some(ahead) = due.checked_sub(self.began.elapsed()) {
-                    std::thread::sleep(ahead);
-                }
+            // This runs on the shard's helper thread, never the shard's.
+            if let Some(ahead) = ahead_of_rate(self.started, bytes_per_second, self.began) {
+                std::thread::sleep(ahead);
             }
         }
     }
@@ -514,40 +518,37 @@ pub fn sync_dir(dir: &Path) -> Result<(), SnapshotError> {
         .map_err(io(dir, "fsync dir"))
 }
 
-/// Reads and verifies a snapshot file: checksum first, then every length.
+/// Reads and verifies a snapshot file. The file is read in 1 MiB steps
+/// while it is decoded: a restart of a node holding N bytes needs N for the
+/// state, not 2N with the file's bytes beside it. The checksum is checked at
+/// the end; nothing decoded is used before it is.
 pub fn read(path: &Path) -> Result<(SnapshotMeta, Image), SnapshotError> {
-    read_reporting(path, None)
+    read_with(path, None)
 }
 
-/// [`read`], logging progress for a large file (see [`Progress`]).
-///
-/// The file is read in 1 MiB steps while it is decoded: a restart of a
-/// node holding N bytes needs N for the state, not 2N with the file's bytes
-/// beside it. The checksum is checked at the end; nothing decoded is used
-/// before it is.
-pub fn read_reporting(
-    path: &Path,
-    mut progress: Option<&mut Progress>,
-) -> Result<(SnapshotMeta, Image), SnapshotError> {
-    let file = File::open(path).map_err(io(path, "open"))?;
-    let len = file.metadata().map_err(io(path, "stat"))?.len();
-    let reader = std::io::BufReader::with_capacity(1 << 20, file);
-    let decoded = decode_from(path, reader, len, progress.as_deref_mut());
-    if let (Ok(_), Some(progress)) = (&decoded, progress) {
-        progress.finish();
-    }
-    decoded
-}
-
-/// [`read`], with progress lines on `shard` naming the work `what`.
+/// [`read`], with progress lines on `shard` naming the work `what` (see
+/// [`Progress`]).
 pub fn read_logged(
     shard: u32,
     what: &str,
     path: &Path,
 ) -> Result<(SnapshotMeta, Image), SnapshotError> {
-    let len = fs::metadata(path).map(|m| m.len()).unwrap_or(0);
-    let mut progress = Progress::new(shard, what, Unit::Bytes, len);
-    read_reporting(path, Some(&mut progress))
+    read_with(path, Some((shard, what)))
+}
+
+fn read_with(
+    path: &Path,
+    report: Option<(u32, &str)>,
+) -> Result<(SnapshotMeta, Image), SnapshotError> {
+    let file = File::open(path).map_err(io(path, "open"))?;
+    let len = file.metadata().map_err(io(path, "stat"))?.len();
+    let mut progress = report.map(|(shard, what)| Progress::new(shard, what, Unit::Bytes, len));
+    let reader = std::io::BufReader::with_capacity(1 << 20, file);
+    let decoded = decode_from(path, reader, len, progress.as_mut());
+    if let (Ok(_), Some(progress)) = (&decoded, &mut progress) {
+        progress.finish();
+    }
+    decoded
 }
 
 /// Verifies and decodes snapshot bytes (`path` only names them in errors).

@@ -533,10 +533,8 @@ impl ReceivePacer {
                 let _ = rx.await;
             }
             self.started += chunk;
-            let due = Duration::from_secs_f64(
-                self.started as f64 / snapshot::SNAPSHOT_BYTES_PER_SECOND as f64,
-            );
-            if let Some(ahead) = due.checked_sub(self.began.elapsed()) {
+            let rate = snapshot::SNAPSHOT_BYTES_PER_SECOND;
+            if let Some(ahead) = snapshot::ahead_of_rate(self.started, rate, self.began) {
                 monoio::time::sleep(ahead).await;
             }
         }
