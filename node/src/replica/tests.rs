@@ -1046,7 +1046,35 @@ mod snapshot_rule_tests {
 /// it already matches): what `/health/ready` reads.
 mod catch_up_tests {
     use super::*;
-    use crate::log_store::memory::MemDisk;
+    use crate::log_store::memory::{MemDisk, MemLogStore};
+
+    /// Three replicas in memory, a leader elected, `puts` writes committed
+    /// and their commit index carried to the followers by heartbeats.
+    fn cluster_with_puts(puts: u64) -> (Sim<MemLogStore>, u64) {
+        let disks: Vec<MemDisk> = (0..3).map(|_| MemDisk::new()).collect();
+        let mut sim = Sim::in_memory(&disks);
+        let leader = sim.elect();
+        for token in 1..=puts {
+            sim.replica(leader)
+                .propose(token, put(&format!("k{token}"), "v"), SessionTag::default())
+                .unwrap();
+        }
+        for _ in 0..10 {
+            sim.tick();
+        }
+        (sim, leader)
+    }
+
+    /// The leader's view of `peer`.
+    fn progress_of(sim: &mut Sim<MemLogStore>, leader: u64, peer: u64) -> raft::Progress {
+        sim.replica(leader)
+            .raw
+            .raft
+            .prs()
+            .get(peer)
+            .unwrap()
+            .clone()
+    }
 
     /// A leader that never heard from a peer (elected while the peer was
     /// down) used to probe it from index 1 when its link came up, an index
@@ -1054,59 +1082,23 @@ mod catch_up_tests {
     /// had nearly all of the log.
     #[test]
     fn a_reconnected_peer_is_probed_from_the_log_end_not_from_the_start() {
-        let disks: Vec<MemDisk> = (0..3).map(|_| MemDisk::new()).collect();
-        let mut sim = Sim::in_memory(&disks);
-        let leader = sim.elect();
-        for token in 1..=20 {
-            sim.replica(leader)
-                .propose(token, put(&format!("k{token}"), "v"), SessionTag::default())
-                .unwrap();
-        }
-        for _ in 0..10 {
-            sim.tick();
-        }
+        let (mut sim, leader) = cluster_with_puts(20);
         let follower = (1..=3).find(|&id| id != leader).unwrap();
         // The link flaps twice before the follower answers anything.
         sim.replica(leader).peer_reconnected(follower);
         sim.replica(leader).peer_reconnected(follower);
         let last = sim.replica(leader).status().last_index;
-        let next = sim
-            .replica(leader)
-            .raw
-            .raft
-            .prs()
-            .get(follower)
-            .unwrap()
-            .next_idx;
-        assert_eq!(next, last + 1);
+        assert_eq!(progress_of(&mut sim, leader, follower).next_idx, last + 1);
         for _ in 0..10 {
             sim.tick();
         }
-        let progress = sim
-            .replica(leader)
-            .raw
-            .raft
-            .prs()
-            .get(follower)
-            .unwrap()
-            .clone();
+        let progress = progress_of(&mut sim, leader, follower);
         assert_eq!(progress.matched, sim.replica(leader).status().last_index);
     }
 
     #[test]
     fn a_wiped_follower_reports_the_leaders_index_until_it_has_caught_up() {
-        let disks: Vec<MemDisk> = (0..3).map(|_| MemDisk::new()).collect();
-        let mut sim = Sim::in_memory(&disks);
-        let leader = sim.elect();
-        for token in 1..=50 {
-            sim.replica(leader)
-                .propose(token, put(&format!("k{token}"), "v"), SessionTag::default())
-                .unwrap();
-        }
-        // Heartbeats carry the commit index to the followers.
-        for _ in 0..10 {
-            sim.tick();
-        }
+        let (mut sim, leader) = cluster_with_puts(50);
         let last = sim.replica(leader).status().last_index;
         assert_eq!(sim.replica(leader).status().leader_last_index, last);
         let follower = (1..=3).find(|&id| id != leader).unwrap();
