@@ -47,15 +47,8 @@ for tool in jq curl; do
     }
 done
 
-if [[ -z "${COREKV:-}" ]]; then
-    echo "building corekv (release)" >&2
-    cargo build --release -p corekv >&2
-    COREKV="${CARGO_TARGET_DIR:-target}/release/corekv"
-fi
-[[ -x "$COREKV" ]] || {
-    echo "no corekv binary at $COREKV" >&2
-    exit 2
-}
+# shellcheck source=benches/corekv_binary.sh
+source benches/corekv_binary.sh
 
 WORK=${KEEP:-$(mktemp -d -t corekv-big.XXXXXX)}
 mkdir -p "$WORK"

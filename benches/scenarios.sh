@@ -46,15 +46,8 @@ command -v jq >/dev/null || {
     exit 2
 }
 
-if [[ -z "${COREKV:-}" ]]; then
-    echo "building corekv (release)" >&2
-    cargo build --release -p corekv >&2
-    COREKV="${CARGO_TARGET_DIR:-target}/release/corekv"
-fi
-[[ -x "$COREKV" ]] || {
-    echo "no corekv binary at $COREKV" >&2
-    exit 2
-}
+# shellcheck source=benches/corekv_binary.sh
+source benches/corekv_binary.sh
 
 WORK=$(mktemp -d -t corekv-scenarios.XXXXXX)
 OUT_DIR=${OUT_DIR:-$WORK/results}
