@@ -195,7 +195,11 @@ impl StateMachine {
         // peer frame holding many entries); stored as is, one live value
         // would keep all of that buffer alive for as long as the key is not
         // overwritten, and memory would follow the write history instead of
-        // the data. A copy of its own costs one allocation per write.
+        // the data. Copied here, where every source (peer frames, log reads,
+        // the leader's own entries) passes, and to the value's exact size:
+        // keeping the ~1060 B entry of a 1 KiB value would round up to a
+        // 1280 B allocation class. One allocation and copy per write (3.5 %
+        // of a node's CPU at BIG, perf).
         let value = Bytes::copy_from_slice(&value);
         let added = pair_bytes(key.len(), value.len());
         let old = self.map.insert(Key::new(key), Versioned { value, version });
