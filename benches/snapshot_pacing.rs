@@ -101,8 +101,10 @@ fn run(
         shard: 0,
         index: 1,
         term: 1,
-        voters: vec![1],
-        learners: vec![],
+        membership: corekv_proto::log::Membership {
+            voters: vec![1],
+            ..Default::default()
+        },
     };
     let snap_dir = dir.join(format!("{name}-snap"));
     let (latencies, (took, cpu)) = std::thread::scope(|scope| {

@@ -1,5 +1,5 @@
 //! The `corekv` command line: `run` and `dev` start nodes; `put`, `get`,
-//! `del`, `cas`, `scan` and `status` are the client side.
+//! `del`, `cas`, `scan`, `status` and `member` are the client side.
 //!
 //! Exit codes of the client commands: 0 success; 1 a get that found nothing
 //! or a VERSION_MISMATCH; 2 any other error (printed on stderr).
@@ -111,6 +111,9 @@ enum Command {
     },
     /// Closed-loop load generator against a running cluster.
     Bench(Box<crate::bench::BenchArgs>),
+    /// Add, promote, remove and list the cluster's members.
+    #[command(subcommand)]
+    Member(crate::member::MemberCommand),
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -169,7 +172,8 @@ pub fn main() -> ExitCode {
                 ..Default::default()
             };
             let json = cli.json;
-            match block_on(client_command(command, options, json)) {
+            let timeout = cli.timeout;
+            match block_on(client_command(command, options, json, timeout)) {
                 Ok(code) => code,
                 Err(e) => {
                     eprintln!("error: {e:#}");
@@ -189,7 +193,24 @@ fn run_node(args: &RunArgs) -> ExitCode {
         }
     };
     init_logging(&config.log_level, config.log_format == LogFormat::Json);
-    match corekv_node::run(config) {
+    let joining = match corekv_node::join::check(&config) {
+        Ok(Some(topology)) => {
+            let members: Vec<u64> = topology.nodes.iter().map(|n| n.node_id).collect();
+            tracing::info!(
+                cluster_id = topology.cluster_id,
+                shards = topology.shards,
+                ?members,
+                "joining the cluster: this node waits until it is added (corekv member add)"
+            );
+            topology.nodes
+        }
+        Ok(None) => Vec::new(),
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match corekv_node::run(config, joining) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e:#}");
@@ -230,6 +251,7 @@ async fn client_command(
     command: Command,
     options: ClientOptions,
     json: bool,
+    timeout: Duration,
 ) -> anyhow::Result<ExitCode> {
     let client = match Client::connect(options).await {
         Ok(client) => client,
@@ -364,6 +386,7 @@ async fn client_command(
         }
         Command::Status => status(&client, json).await,
         Command::TransferLeader { shard, to } => transfer_leader(&client, shard, to, json).await,
+        Command::Member(command) => crate::member::run(&client, command, json, timeout).await,
         Command::Run(_) | Command::Dev(_) | Command::Bench(_) => {
             unreachable!("handled before connecting")
         }
@@ -478,7 +501,11 @@ async fn status(client: &Client, json: bool) -> ExitCode {
                         rows.push(format!(
                             "{node_id:<5} {:<5} {:<13} {:<6} {:<6} {:<8} {:<8} {:<8} {:<10} {:<9.1}{marks}",
                             s.shard,
-                            Role::from_wire(s.role).as_str(),
+                            if s.removed {
+                                "removed"
+                            } else {
+                                Role::from_wire(s.role).as_str()
+                            },
                             s.term,
                             s.leader_id,
                             s.commit_index,

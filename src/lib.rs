@@ -12,4 +12,5 @@ pub mod bench;
 pub mod cli;
 pub mod dev;
 mod duration;
+mod member;
 pub mod scrape;

@@ -376,6 +376,20 @@ impl Client {
         }
     }
 
+    /// Changes the members of `shard` (see client.proto ChangeMembership);
+    /// follows the shard's leader and retries while a change is in
+    /// progress or leadership moves, until the request timeout.
+    pub async fn change_membership(
+        &self,
+        change: corekv_proto::client::ChangeMembership,
+    ) -> Result<corekv_proto::client::MembershipResult, ClientError> {
+        let shard = change.shard;
+        match self.routed(shard, Op::ChangeMembership(change)).await? {
+            response::Result::Membership(result) => Ok(result),
+            other => Err(unexpected(other)),
+        }
+    }
+
     /// Status of the node at `addr` (a client port).
     pub async fn status_at(&self, addr: SocketAddr) -> Result<StatusResult, ClientError> {
         let answer = self

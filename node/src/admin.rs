@@ -124,9 +124,14 @@ pub fn status_json(node: &NodeShared) -> serde_json::Value {
 
 /// One shard's status as `/status` and `corekv status --json` show it.
 pub fn shard_status_json(s: &ShardStatus) -> serde_json::Value {
+    let role = if s.removed {
+        "removed"
+    } else {
+        corekv_proto::client::Role::from_wire(s.role).as_str()
+    };
     let mut value = json!({
         "shard": s.shard,
-        "role": corekv_proto::client::Role::from_wire(s.role).as_str(),
+        "role": role,
         "term": s.term,
         "leader_id": s.leader_id,
         "commit_index": s.commit_index,
@@ -136,6 +141,13 @@ pub fn shard_status_json(s: &ShardStatus) -> serde_json::Value {
         "state_machine_keys": s.state_machine_keys,
         "leader_last_index": s.leader_last_index,
     });
+    if let Some(m) = &s.membership {
+        value["voters"] = json!(m.voters);
+        value["learners"] = json!(m.learners);
+        if !m.voters_outgoing.is_empty() {
+            value["voters_outgoing"] = json!(m.voters_outgoing);
+        }
+    }
     if !s.disk_full.is_empty() {
         value["disk_full"] = json!(s.disk_full);
     }
@@ -147,6 +159,21 @@ fn not_ready_reason(node: &NodeShared) -> Option<String> {
     for s in &status.shards {
         if !s.disk_full.is_empty() {
             return Some(format!("shard {}: {}", s.shard, s.disk_full));
+        }
+        if s.removed {
+            return Some(format!(
+                "shard {}: this node was removed from the cluster",
+                s.shard
+            ));
+        }
+        let is_member = s.membership.as_ref().is_some_and(|m| {
+            m.voters.contains(&status.node_id) || m.learners.contains(&status.node_id)
+        });
+        if !is_member {
+            return Some(format!(
+                "shard {}: this node is not a member yet (waiting to be added: corekv member add)",
+                s.shard
+            ));
         }
         if s.leader_id == 0 {
             return Some(format!("shard {} has no leader", s.shard));

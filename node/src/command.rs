@@ -31,9 +31,12 @@ pub fn encode(op: &Op, tag: SessionTag) -> Option<Bytes> {
             value: cas.value.clone(),
         }),
         Op::OpenSession(_) => command::Op::OpenSession(log::OpenSession {}),
-        Op::Get(_) | Op::Scan(_) | Op::Topology(_) | Op::Status(_) | Op::TransferLeader(_) => {
-            return None
-        }
+        Op::Get(_)
+        | Op::Scan(_)
+        | Op::Topology(_)
+        | Op::Status(_)
+        | Op::TransferLeader(_)
+        | Op::ChangeMembership(_) => return None,
     };
     let command = log::Command {
         op: Some(op),

@@ -115,7 +115,12 @@ pub fn check_format(data_dir: &Path) -> anyhow::Result<()> {
     }
 }
 
-fn holds_shard_data(data_dir: &Path) -> anyhow::Result<bool> {
+/// True if the data directory holds any shard's files (it was started
+/// before). A directory that does not exist holds none.
+pub fn holds_shard_data(data_dir: &Path) -> anyhow::Result<bool> {
+    if !data_dir.exists() {
+        return Ok(false);
+    }
     let entries = std::fs::read_dir(data_dir)
         .with_context(|| format!("cannot list data dir {}", data_dir.display()))?;
     for entry in entries {

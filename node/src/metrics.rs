@@ -60,7 +60,7 @@ struct OpLabels {
 }
 
 /// Client operations as metric labels.
-pub const OPS: [&str; 9] = [
+pub const OPS: [&str; 10] = [
     "put",
     "get",
     "delete",
@@ -70,9 +70,10 @@ pub const OPS: [&str; 9] = [
     "status",
     "transfer_leader",
     "open_session",
+    "change_membership",
 ];
 /// Outcomes of client requests as metric labels ("ok" or an error code).
-pub const STATUSES: [&str; 11] = [
+pub const STATUSES: [&str; 12] = [
     "ok",
     "not_leader",
     "wrong_shard",
@@ -84,6 +85,7 @@ pub const STATUSES: [&str; 11] = [
     "internal",
     "session_expired",
     "resource_exhausted",
+    "failed_precondition",
 ];
 
 fn fsync_histogram() -> Histogram {
@@ -125,6 +127,9 @@ pub struct Metrics {
     wal_backlog_bytes: Family<ShardLabel, Gauge>,
     state_machine_bytes: Family<ShardLabel, Gauge>,
     state_machine_keys: Family<ShardLabel, Gauge>,
+    voters: Family<ShardLabel, Gauge>,
+    learners: Family<ShardLabel, Gauge>,
+    removed: Family<ShardLabel, Gauge>,
     requests: Family<RequestLabels, Counter>,
     request_seconds: Family<OpLabels, Histogram, fn() -> Histogram>,
     reconnects: Family<PeerLabels, Counter>,
@@ -190,6 +195,12 @@ pub struct ShardMetrics {
     pub state_machine_bytes: Gauge,
     /// state_machine_keys: keys in the state machine.
     pub state_machine_keys: Gauge,
+    /// raft_voters: voters of the group.
+    pub voters: Gauge,
+    /// raft_learners: learners of the group.
+    pub learners: Gauge,
+    /// raft_removed: 1 once this node was removed from the group.
+    pub removed: Gauge,
     /// Client connection counts.
     pub connections: ConnectionMetrics,
     /// client_requests_total by [op][status] (indexes into OPS, STATUSES).
@@ -226,6 +237,9 @@ impl Metrics {
             wal_backlog_bytes: Family::default(),
             state_machine_bytes: Family::default(),
             state_machine_keys: Family::default(),
+            voters: Family::default(),
+            learners: Family::default(),
+            removed: Family::default(),
             requests: Family::default(),
             request_seconds: Family::new_with_constructor(request_histogram),
             reconnects: Family::default(),
@@ -338,6 +352,21 @@ impl Metrics {
             m.state_machine_keys.clone(),
         );
         registry.register(
+            "raft_voters",
+            "Voters of the shard's group, as this node applied its membership",
+            m.voters.clone(),
+        );
+        registry.register(
+            "raft_learners",
+            "Learners of the shard's group, as this node applied its membership",
+            m.learners.clone(),
+        );
+        registry.register(
+            "raft_removed",
+            "1 once this node was removed from the shard's group",
+            m.removed.clone(),
+        );
+        registry.register(
             "client_requests",
             "Client requests answered, by op and status",
             m.requests.clone(),
@@ -417,6 +446,9 @@ impl Metrics {
             wal_backlog_bytes: self.wal_backlog_bytes.get_or_create(&l).clone(),
             state_machine_bytes: self.state_machine_bytes.get_or_create(&l).clone(),
             state_machine_keys: self.state_machine_keys.get_or_create(&l).clone(),
+            voters: self.voters.get_or_create(&l).clone(),
+            learners: self.learners.get_or_create(&l).clone(),
+            removed: self.removed.get_or_create(&l).clone(),
             connections: self.connection_metrics(shard),
             requests: OPS
                 .iter()
@@ -534,6 +566,7 @@ pub fn op_index(op: &corekv_proto::client::request::Op) -> usize {
         Op::Status(_) => 6,
         Op::TransferLeader(_) => 7,
         Op::OpenSession(_) => 8,
+        Op::ChangeMembership(_) => 9,
     }
 }
 
@@ -551,6 +584,7 @@ pub fn status_index(result: &corekv_proto::client::response::Result) -> usize {
             Ok(ErrorCode::VersionMismatch) => 7,
             Ok(ErrorCode::SessionExpired) => 9,
             Ok(ErrorCode::ResourceExhausted) => 10,
+            Ok(ErrorCode::FailedPrecondition) => 11,
             _ => 8,
         },
         _ => 0,

@@ -7,7 +7,9 @@ use std::sync::atomic::AtomicUsize;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use corekv_proto::client::{Request, Response, ShardStatus, StatusResult};
+use corekv_proto::client::{
+    NodeInfo, Request, Response, ShardMembership, ShardStatus, StatusResult,
+};
 use corekv_transport::SocketOptions;
 
 use crate::config::Config;
@@ -30,6 +32,11 @@ pub(crate) enum CrossCore {
     Reply { conn: u64, response: Response },
     /// Stop: the node is shutting down.
     Shutdown,
+    /// A member's host name, resolved on the helper thread (or why not).
+    PeerResolved {
+        peer: u64,
+        addr: Result<std::net::SocketAddr, String>,
+    },
     /// A snapshot this shard asked for was written (its metadata, file and
     /// length in bytes) or failed, by the helper thread that wrote it.
     SnapshotWritten(Result<(SnapshotMeta, PathBuf, u64), SnapshotError>),
@@ -42,6 +49,8 @@ pub struct NodeShared {
     pub config: Config,
     /// Latest status published by each shard.
     pub shard_status: Vec<Mutex<ShardStatus>>,
+    /// Each shard's membership, published when it changes.
+    pub shard_membership: Vec<Mutex<ShardMembership>>,
     /// Each shard's cross-core queue.
     pub(crate) cross: Vec<flume::Sender<CrossCore>>,
     /// The metrics registry (each shard holds its own handles).
@@ -49,6 +58,8 @@ pub struct NodeShared {
     /// Client connections open on every shard, against
     /// `max_client_connections`.
     pub client_connections: AtomicUsize,
+    /// The cluster's members when this node joined it (empty otherwise).
+    pub joining: Vec<NodeInfo>,
 }
 
 impl NodeShared {
@@ -70,8 +81,29 @@ impl NodeShared {
             shards: self
                 .shard_status
                 .iter()
-                .map(|slot| slot.lock().expect("status lock poisoned").clone())
+                .zip(&self.shard_membership)
+                .map(|(status, membership)| {
+                    let mut status = status.lock().expect("status lock poisoned").clone();
+                    status.membership =
+                        Some(membership.lock().expect("membership lock poisoned").clone());
+                    status
+                })
                 .collect(),
         }
+    }
+
+    /// Every node any shard of this node counts as a member, by id: the
+    /// cluster's nodes as far as this node has applied its membership.
+    pub fn members(&self) -> Vec<NodeInfo> {
+        let mut nodes: Vec<NodeInfo> = Vec::new();
+        for slot in &self.shard_membership {
+            for node in &slot.lock().expect("membership lock poisoned").nodes {
+                if !nodes.iter().any(|n| n.node_id == node.node_id) {
+                    nodes.push(node.clone());
+                }
+            }
+        }
+        nodes.sort_by_key(|n| n.node_id);
+        nodes
     }
 }

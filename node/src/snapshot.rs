@@ -20,10 +20,14 @@
 //! ..      8     session count S                                (version 2 on)
 //! ..            S x { id u64 | last_used u64 | result count R u32 |
 //!                     R x { sequence u64 | len u32 | client.proto Response } }
+//! ..      4     membership length M                            (version 3 on)
+//! ..      M     log.proto Membership: the whole configuration (joint
+//!               included), every member's addresses, the removed ids
 //! end-4   4     crc32 (crc32fast) of every byte before it
 //! ```
 //!
-//! Version 1 files (no sessions) are still read, with no sessions.
+//! Version 1 files (no sessions) and version 2 files (no membership beyond
+//! the voter and learner ids) are still read.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{BufWriter, Read, Write};
@@ -34,6 +38,8 @@ use bytes::{Buf, Bytes};
 use corekv_proto::client::Response;
 use prost::Message as _;
 
+use corekv_proto::log::Membership;
+
 use crate::progress::{Progress, Unit};
 use crate::sessions::{Session, Sessions};
 use crate::state_machine::{Image, Key, Map, Versioned};
@@ -41,9 +47,13 @@ use crate::state_machine::{Image, Key, Map, Versioned};
 /// First bytes of every snapshot file.
 pub const MAGIC: &[u8; 8] = b"CKVSNAP1";
 /// Version of the layout above.
-pub const FORMAT_VERSION: u32 = 2;
+pub const FORMAT_VERSION: u32 = 3;
 /// The version before sessions, still read.
 const FORMAT_VERSION_WITHOUT_SESSIONS: u32 = 1;
+/// The version before the membership record, still read.
+const FORMAT_VERSION_WITHOUT_MEMBERSHIP: u32 = 2;
+/// Upper bound on the membership record read from a snapshot.
+const MAX_MEMBERSHIP_BYTES: u32 = 1 << 20;
 /// Upper bound on the sessions and results read from one snapshot.
 const MAX_SESSIONS_READ: u64 = 1 << 20;
 /// Bytes of the trailing checksum.
@@ -54,7 +64,7 @@ pub const SNAPSHOTS_KEPT: usize = 2;
 const MAX_ITEM_BYTES: u32 = 64 << 20;
 
 /// What a snapshot covers.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct SnapshotMeta {
     /// Shard it belongs to.
     pub shard: u32,
@@ -62,10 +72,8 @@ pub struct SnapshotMeta {
     pub index: u64,
     /// Term of that entry.
     pub term: u64,
-    /// Voters at that index.
-    pub voters: Vec<u64>,
-    /// Learners at that index.
-    pub learners: Vec<u64>,
+    /// The shard's membership at that index.
+    pub membership: Membership,
 }
 
 /// Why a snapshot could not be written or read.
@@ -469,7 +477,7 @@ pub fn write_paced(
     write_all(&mut out, &meta.shard.to_le_bytes())?;
     write_all(&mut out, &meta.index.to_le_bytes())?;
     write_all(&mut out, &meta.term.to_le_bytes())?;
-    for ids in [&meta.voters, &meta.learners] {
+    for ids in [&meta.membership.voters, &meta.membership.learners] {
         write_all(&mut out, &(ids.len() as u32).to_le_bytes())?;
         for id in ids {
             write_all(&mut out, &id.to_le_bytes())?;
@@ -500,6 +508,9 @@ pub fn write_paced(
             write_all(&mut out, &encoded)?;
         }
     }
+    let membership = meta.membership.encode_to_vec();
+    write_all(&mut out, &(membership.len() as u32).to_le_bytes())?;
+    write_all(&mut out, &membership)?;
     let crc = out.hasher.clone().finalize();
     let mut sink = out.inner;
     sink.write_all(&crc.to_le_bytes())
@@ -690,9 +701,9 @@ fn decode_body<R: Read>(
     }
     body.need(24, "header")?;
     let version = body.u32()?;
-    if version != FORMAT_VERSION && version != FORMAT_VERSION_WITHOUT_SESSIONS {
+    if !(FORMAT_VERSION_WITHOUT_SESSIONS..=FORMAT_VERSION).contains(&version) {
         return Err(corrupt(format!(
-            "format version expected {FORMAT_VERSION} (or {FORMAT_VERSION_WITHOUT_SESSIONS}) but got {version}"
+            "format version expected {FORMAT_VERSION_WITHOUT_SESSIONS} to {FORMAT_VERSION} but got {version}"
         )));
     }
     let mut meta = SnapshotMeta {
@@ -701,7 +712,7 @@ fn decode_body<R: Read>(
         term: body.u64()?,
         ..Default::default()
     };
-    for list in [&mut meta.voters, &mut meta.learners] {
+    for list in [&mut meta.membership.voters, &mut meta.membership.learners] {
         body.need(4, "member count")?;
         let count = body.u32()? as u64;
         body.need(count.saturating_mul(8), "members")?;
@@ -771,6 +782,17 @@ fn decode_body<R: Read>(
             }
             sessions.push((id, session));
         }
+    }
+    if version > FORMAT_VERSION_WITHOUT_MEMBERSHIP {
+        body.need(4, "membership length")?;
+        let len = body.u32()?;
+        if len > MAX_MEMBERSHIP_BYTES {
+            return Err(corrupt(format!("membership length {len} is impossible")));
+        }
+        body.need(u64::from(len), "membership")?;
+        let encoded = body.bytes(len as usize, "membership")?;
+        meta.membership = Membership::decode(encoded.as_slice())
+            .map_err(|e| corrupt(format!("undecodable membership: {e}")))?;
     }
     if body.remaining > 0 {
         return Err(corrupt(format!(
@@ -864,8 +886,11 @@ mod tests {
             shard: 3,
             index: 42,
             term: 7,
-            voters: vec![1, 2, 3],
-            learners: vec![9],
+            membership: Membership {
+                voters: vec![1, 2, 3],
+                learners: vec![9],
+                ..Default::default()
+            },
         };
         let mut map = Map::new();
         for i in 0..100u64 {
@@ -1059,7 +1084,9 @@ mod tests {
                     .sum::<usize>()
             })
             .sum::<usize>();
-        let mut old = bytes[..bytes.len() - CHECKSUM_LEN - sessions_bytes].to_vec();
+        let membership_bytes = 4 + meta.membership.encoded_len();
+        let mut old =
+            bytes[..bytes.len() - CHECKSUM_LEN - membership_bytes - sessions_bytes].to_vec();
         old[8..12].copy_from_slice(&FORMAT_VERSION_WITHOUT_SESSIONS.to_le_bytes());
         let crc = crc32fast::hash(&old);
         old.extend_from_slice(&crc.to_le_bytes());

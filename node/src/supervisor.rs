@@ -20,7 +20,10 @@ enum Event {
 }
 
 /// Runs the node until SIGTERM/SIGINT (exit 0) or a shard fails (error).
-pub fn run(config: Config) -> anyhow::Result<()> {
+/// `joining`: the members a joining node learned from the cluster (see
+/// [`crate::join::check`]), the addresses it answers the leader that adds it
+/// at before its log names any member.
+pub fn run(config: Config, joining: Vec<corekv_proto::client::NodeInfo>) -> anyhow::Result<()> {
     let _lock = DataDirLock::acquire(&config.data_dir)?;
     data_dir::check_format(&config.data_dir)?;
     let shards = config.shards;
@@ -32,6 +35,14 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         receivers.push(rx);
     }
     let node = Arc::new(NodeShared {
+        shard_membership: (0..shards)
+            .map(|s| {
+                Mutex::new(corekv_proto::client::ShardMembership {
+                    shard: s,
+                    ..Default::default()
+                })
+            })
+            .collect(),
         shard_status: (0..shards)
             .map(|s| {
                 Mutex::new(ShardStatus {
@@ -43,6 +54,7 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         cross: senders,
         metrics: Metrics::new(),
         client_connections: AtomicUsize::new(0),
+        joining,
         config,
     });
     crate::admin::start(node.clone())?;

@@ -123,6 +123,14 @@ impl Node {
         matches!(self.child.as_mut().map(|c| c.try_wait()), Some(Ok(None)))
     }
 
+    /// The exit code once the process has exited (`Some(None)` if a signal
+    /// ended it); `None` while it runs.
+    pub fn try_exit_code(&mut self) -> Option<Option<i32>> {
+        let status = self.child.as_mut()?.try_wait().ok()??;
+        self.child = None;
+        Some(status.code())
+    }
+
     /// The pid, if running.
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(|c| c.id())
@@ -233,16 +241,38 @@ impl Cluster {
 
     /// Writes configs (with `extra` TOML lines for every node) without starting.
     pub fn configure(nodes: u64, shards: u32, extra: &str) -> Cluster {
+        Self::configure_with_spares(nodes, 0, shards, extra)
+    }
+
+    /// A cluster of `nodes` voters (started) and `spares` more nodes, ids
+    /// `nodes + 1..`, configured to join it (`join` = the voters' client
+    /// addresses, no `peers`) but not started.
+    pub fn start_with_spares(nodes: u64, spares: u64, shards: u32) -> Cluster {
+        let mut cluster = Self::configure_with_spares(nodes, spares, shards, "");
+        for node in cluster.nodes.iter_mut().take(nodes as usize) {
+            node.start();
+        }
+        cluster
+    }
+
+    /// [`Cluster::configure`] with `spares` joining nodes after the voters.
+    pub fn configure_with_spares(nodes: u64, spares: u64, shards: u32, extra: &str) -> Cluster {
         let dir = tempfile::tempdir().expect("tempdir");
-        let (base, ports_held) = free_port_base(nodes, shards);
-        let ports: Vec<(u16, u16, u16)> = (0..nodes)
+        let (base, ports_held) = free_port_base(nodes + spares, shards);
+        let ports: Vec<(u16, u16, u16)> = (0..nodes + spares)
             .map(|i| {
                 let c = base + (i as u16) * 100;
                 (c, c + 50, c + 90)
             })
             .collect();
         let mut peers = String::new();
-        for (i, (c, p, a)) in ports.iter().enumerate() {
+        let join: Vec<String> = ports
+            .iter()
+            .take(nodes as usize)
+            .map(|(c, _, _)| format!("\"127.0.0.1:{c}\""))
+            .collect();
+        let join = format!("join = [{}]\n", join.join(", "));
+        for (i, (c, p, a)) in ports.iter().enumerate().take(nodes as usize) {
             peers.push_str(&format!(
                 "\n[[peers]]\nid = {}\nhost = \"127.0.0.1\"\nclient_port = {c}\npeer_port = {p}\nadmin_port = {a}\n",
                 i + 1
@@ -261,8 +291,13 @@ impl Cluster {
             std::fs::create_dir_all(&node_dir).unwrap();
             let data_dir = node_dir.join("data");
             let config_path = node_dir.join("corekv.toml");
+            let members = if id <= nodes {
+                peers.as_str()
+            } else {
+                join.as_str()
+            };
             let text = format!(
-                "node_id = {id}\ncluster_id = 7\ndata_dir = {:?}\nclient_port = {c}\npeer_port = {p}\nadmin_port = {a}\nshards = {shards}\n{segment}{extra}\n{peers}",
+                "node_id = {id}\ncluster_id = 7\ndata_dir = {:?}\nclient_port = {c}\npeer_port = {p}\nadmin_port = {a}\nshards = {shards}\n{segment}{extra}\n{members}",
                 data_dir.display().to_string()
             );
             std::fs::write(&config_path, text).unwrap();
@@ -526,4 +561,112 @@ pub fn stale_get(port: u16, key: &str) -> Option<Option<bytes::Bytes>> {
         response::Result::Get(g) => Some(g.found.then_some(g.value)),
         _ => None,
     }
+}
+
+/// A client that writes `w0`, `w1`, ... in a loop on its own thread until
+/// stopped, remembering every acknowledged key and the longest time between
+/// two acknowledgements (a write that failed is retried under a new key).
+pub struct Writer {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<WriterReport>>,
+}
+
+/// What a [`Writer`] saw.
+#[derive(Debug)]
+pub struct WriterReport {
+    /// Every key whose put was acknowledged; its value is the key.
+    pub acked: Vec<String>,
+    /// Puts that failed (timed out, outcome unknown, refused).
+    pub failed: u64,
+    /// The longest stretch without an acknowledgement.
+    pub longest_gap: Duration,
+    /// When (since the writer started) the longest stretch ended.
+    pub longest_gap_ended: Duration,
+}
+
+impl Writer {
+    /// Starts writing to the cluster behind `endpoints`.
+    pub fn start(endpoints: String) -> Writer {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let stop = std::sync::Arc::new(AtomicBool::new(false));
+        let stopped = stop.clone();
+        let thread = std::thread::spawn(move || {
+            corekv_client::block_on(async move {
+                let options = corekv_client::ClientOptions {
+                    endpoints: endpoints.split(',').map(str::to_string).collect(),
+                    request_timeout: Duration::from_secs(5),
+                    ..Default::default()
+                };
+                let client = corekv_client::Client::connect(options)
+                    .await
+                    .expect("writer connects");
+                let started = Instant::now();
+                let mut report = WriterReport {
+                    acked: Vec::new(),
+                    failed: 0,
+                    longest_gap: Duration::ZERO,
+                    longest_gap_ended: Duration::ZERO,
+                };
+                let mut last_ack = Instant::now();
+                let mut i = 0u64;
+                while !stopped.load(Ordering::SeqCst) {
+                    let key = format!("w{i}");
+                    i += 1;
+                    let value = bytes::Bytes::from(key.clone().into_bytes());
+                    match client.put(value.clone(), value).await {
+                        Ok(_) => {
+                            let now = Instant::now();
+                            if now - last_ack > report.longest_gap {
+                                report.longest_gap = now - last_ack;
+                                report.longest_gap_ended = now - started;
+                            }
+                            last_ack = now;
+                            report.acked.push(key);
+                        }
+                        Err(_) => report.failed += 1,
+                    }
+                }
+                report
+            })
+        });
+        Writer {
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    /// Stops the writer and returns what it saw.
+    pub fn stop(mut self) -> WriterReport {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.thread
+            .take()
+            .expect("writer running")
+            .join()
+            .expect("writer thread")
+    }
+}
+
+impl Drop for Writer {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// Waits until the node behind `port` holds every key of `keys` (each
+/// valued as itself), read from its own state machine.
+pub fn wait_for_keys_on(port: u16, keys: &[String]) {
+    let mut next = 0;
+    wait_for(
+        &format!("{} keys on port {port}", keys.len()),
+        DEADLINE,
+        || {
+            while next < keys.len() {
+                match stale_get(port, &keys[next]) {
+                    Some(Some(value)) if value == keys[next].as_bytes() => next += 1,
+                    _ => return None,
+                }
+            }
+            Some(())
+        },
+    );
 }

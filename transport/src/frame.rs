@@ -387,6 +387,7 @@ mod tests {
                 host,
                 client_port,
                 peer_port,
+                admin_port: client_port ^ peer_port,
             },
         );
         let shard_status =
@@ -402,6 +403,8 @@ mod tests {
                 state_machine_bytes: v[0] ^ v[2],
                 state_machine_keys: v[1] ^ v[3],
                 leader_last_index: v[4] ^ v[3],
+                membership: None,
+                removed: v[0] % 2 == 1,
             });
         let result = prop_oneof![
             (
@@ -470,7 +473,10 @@ mod tests {
                 )
             ),
             any::<u64>().prop_map(|node_id| Msg::HelloAck(peer::HelloAck { node_id })),
-            ".{0,64}".prop_map(|reason| Msg::HelloReject(peer::HelloReject { reason })),
+            ".{0,64}".prop_map(|reason| Msg::HelloReject(peer::HelloReject {
+                reason,
+                removed: false
+            })),
             proptest::collection::vec(bytes_strategy(256), 0..8)
                 .prop_map(|messages| Msg::Raft(peer::RaftBatch { messages })),
             (any::<u64>(), proptest::option::of(request_strategy())).prop_map(

@@ -74,7 +74,19 @@ pub enum HandshakeError {
         peer: SocketAddr,
         /// What disagreed, with both values.
         reason: String,
+        /// The dialer was removed from the group (see [`Refusal::removed`]).
+        removed: bool,
     },
+}
+
+/// Why the listener refuses a Hello: what it tells the dialer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    /// What disagreed, with both values.
+    pub reason: String,
+    /// The dialer was a member of the shard's group and was removed: it
+    /// should stop serving the shard rather than dial again.
+    pub removed: bool,
 }
 
 fn describe_connect_error(peer: SocketAddr, error: &std::io::Error) -> String {
@@ -144,7 +156,7 @@ async fn write_frame(
 /// Listener side: reads the first frame within `handshake_timeout`, expects
 /// a `Hello` and hands it to `check`.
 ///
-/// - `check` returns `Err(reason)`: `HelloReject{reason}` is sent, the
+/// - `check` returns `Err(refusal)`: `HelloReject` is sent, the
 ///   rejection is logged with the peer's values, the connection is closed and
 ///   [`HandshakeError::Rejected`] returned.
 /// - `check` returns `Ok`: `HelloAck{node_id: my_node_id}` is sent and the
@@ -158,7 +170,7 @@ pub async fn accept_peer(
     my_node_id: u64,
     max_frame_bytes: usize,
     handshake_timeout: Duration,
-    check: impl FnOnce(&Hello) -> Result<(), String>,
+    check: impl FnOnce(&Hello) -> Result<(), Refusal>,
 ) -> Result<(Hello, FrameReader<TcpOwnedReadHalf>, TcpOwnedWriteHalf), HandshakeError> {
     let peer = stream
         .peer_addr()
@@ -176,7 +188,7 @@ pub async fn accept_peer(
             })
         }
     };
-    if let Err(reason) = check(&hello) {
+    if let Err(Refusal { reason, removed }) = check(&hello) {
         tracing::warn!(
             %peer,
             peer_cluster_id = hello.cluster_id,
@@ -189,6 +201,7 @@ pub async fn accept_peer(
         );
         let reject = peer_frame(Msg::HelloReject(HelloReject {
             reason: reason.clone(),
+            removed,
         }));
         // Best effort: the dialer learns why, unless it is already gone.
         // Dropping the halves afterwards closes the connection.
@@ -198,7 +211,11 @@ pub async fn accept_peer(
             write_frame(peer, &mut write_half, reject),
         )
         .await;
-        return Err(HandshakeError::Rejected { peer, reason });
+        return Err(HandshakeError::Rejected {
+            peer,
+            reason,
+            removed,
+        });
     }
     let ack = peer_frame(Msg::HelloAck(HelloAck {
         node_id: my_node_id,
@@ -237,6 +254,7 @@ pub async fn connect_peer(
         Some(Msg::HelloReject(reject)) => Err(HandshakeError::Rejected {
             peer: addr,
             reason: reject.reason,
+            removed: reject.removed,
         }),
         other => Err(HandshakeError::Unexpected {
             peer: addr,

@@ -27,7 +27,7 @@ pub use frame::{
     decode_message, encode_frame, encode_frame_bytes, FrameDecoder, FrameError,
     DEFAULT_MAX_FRAME_BYTES, FRAME_HEADER_LEN,
 };
-pub use handshake::{accept_peer, connect_peer, HandshakeError};
+pub use handshake::{accept_peer, connect_peer, HandshakeError, Refusal};
 pub use link::{LinkEvent, PeerLink, PeerLinkConfig};
 pub use reader::FrameReader;
 pub use socket::{configure_stream, connect, SocketOptions};

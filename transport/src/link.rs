@@ -55,6 +55,8 @@ pub enum LinkEvent {
     Rejected {
         /// The peer's reason, with the values that disagree.
         reason: String,
+        /// The peer says we were removed from the shard's group.
+        removed: bool,
     },
 }
 
@@ -267,11 +269,13 @@ async fn run_link(shared: Rc<LinkShared>, on_event: Rc<dyn Fn(LinkEvent)>) {
                 outage_reported = true;
                 on_event(LinkEvent::Down { reason });
             }
-            Err(HandshakeError::Rejected { reason, .. }) => {
+            Err(HandshakeError::Rejected {
+                reason, removed, ..
+            }) => {
                 failures = failures.saturating_add(1);
                 tracing::warn!(%addr, node_id, shard, cluster_id = config.hello.cluster_id, %reason,
                     "peer rejected our handshake");
-                on_event(LinkEvent::Rejected { reason });
+                on_event(LinkEvent::Rejected { reason, removed });
             }
             Err(error) => {
                 failures = failures.saturating_add(1);

@@ -10,8 +10,8 @@ use std::time::Duration;
 use common::{frame_number, hello, listen, numbered_frame, run, wait_for};
 use corekv_proto::peer::Hello;
 use corekv_transport::{
-    accept_peer, connect_peer, HandshakeError, LinkEvent, PeerLink, PeerLinkConfig, SendError,
-    SocketOptions,
+    accept_peer, connect_peer, HandshakeError, LinkEvent, PeerLink, PeerLinkConfig, Refusal,
+    SendError, SocketOptions,
 };
 use monoio::net::TcpListener;
 
@@ -19,14 +19,17 @@ const MY_CLUSTER_ID: u64 = 7;
 const MY_NODE_ID: u64 = 2;
 
 /// The check a node runs on an incoming Hello, reduced to the cluster id.
-fn check_cluster(hello: &Hello) -> Result<(), String> {
+fn check_cluster(hello: &Hello) -> Result<(), Refusal> {
     if hello.cluster_id == MY_CLUSTER_ID {
         Ok(())
     } else {
-        Err(format!(
-            "cluster id: mine {MY_CLUSTER_ID}, yours {}",
-            hello.cluster_id
-        ))
+        Err(Refusal {
+            reason: format!(
+                "cluster id: mine {MY_CLUSTER_ID}, yours {}",
+                hello.cluster_id
+            ),
+            removed: false,
+        })
     }
 }
 
@@ -95,8 +98,13 @@ fn wrong_cluster_id_is_rejected_with_the_reason_on_both_sides() {
         });
         let dialer_side = connect_peer(addr, &hello(8), &SocketOptions::default(), 1 << 20).await;
         match dialer_side {
-            Err(HandshakeError::Rejected { peer, reason }) => {
+            Err(HandshakeError::Rejected {
+                peer,
+                reason,
+                removed,
+            }) => {
                 assert_eq!(peer, addr);
+                assert!(!removed);
                 assert_eq!(reason, "cluster id: mine 7, yours 8");
             }
             Err(other) => panic!("dialer expected a rejection, got {other}"),
@@ -208,7 +216,8 @@ fn link_to_a_foreign_cluster_reports_rejected_and_keeps_retrying() {
         assert_eq!(
             events.borrow()[0],
             LinkEvent::Rejected {
-                reason: "cluster id: mine 7, yours 8".to_string()
+                reason: "cluster id: mine 7, yours 8".to_string(),
+                removed: false,
             }
         );
         assert!(*rejections.borrow() >= 2);

@@ -199,6 +199,21 @@ config_keys! {
         parse: parse_peers,
         env: "COREKV_PEERS",
     }
+    /// Client addresses (`HOST:PORT`) of members of an existing cluster to
+    /// join. Read only on the first start with an empty data directory: the
+    /// node asks one of them for the cluster's id and shard count (both must
+    /// match this node's `cluster_id` and `shards`), starts with no members,
+    /// and waits until an operator adds it (`corekv member add`). `peers`
+    /// is then not used. Default: empty (a new cluster of `peers`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    join: Vec<String> {
+        default: Vec::new(),
+        flag: String, "HOST:PORT,...",
+            "Join the cluster these client addresses belong to (first start only) \
+             [default: start a new cluster of peers]",
+        parse: parse_join,
+        env: "COREKV_JOIN",
+    }
     /// Length of one Raft tick in milliseconds. Default 10.
     tick_ms: u64 {
         default: 10,
@@ -442,6 +457,26 @@ impl Layer {
         }
         Ok(())
     }
+}
+
+/// Parses the `--join` / `COREKV_JOIN` syntax: `HOST:PORT` separated by
+/// commas.
+fn parse_join(text: &str) -> Result<Vec<String>, String> {
+    let addrs: Vec<String> = text
+        .split(',')
+        .map(str::trim)
+        .filter(|entry| !entry.is_empty())
+        .map(str::to_string)
+        .collect();
+    for addr in &addrs {
+        let port = addr.rsplit_once(':').map(|(_, port)| port);
+        if port.and_then(|p| p.parse::<u16>().ok()).is_none() {
+            return Err(format!(
+                "`{addr}` is not HOST:PORT (a member's client address)"
+            ));
+        }
+    }
+    Ok(addrs)
 }
 
 /// Parses the `--cpus` / `COREKV_CPUS` syntax: CPU ids separated by commas.

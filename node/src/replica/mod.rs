@@ -8,6 +8,7 @@
 //! lets a test drive three replicas in one thread.
 
 mod backlog;
+mod members;
 mod ready;
 mod requests;
 mod snapshots;
@@ -16,11 +17,13 @@ use std::collections::{BTreeMap, VecDeque};
 
 use bytes::Bytes;
 use corekv_proto::client::{response, Role, ShardStatus};
+use corekv_proto::log::{Member, Membership};
 use corekv_wal::{SnapshotMarker, SyncJob, Wal, WalError};
 use raft::prelude::{Message, MessageType};
 use raft::{RawNode, ReadOnlyOption, StateRole, Storage as _};
 
 use crate::log_store::LogStore;
+use crate::membership;
 use crate::progress::{Progress, Unit};
 use crate::snapshot::SnapshotMeta;
 use crate::state_machine::{Image, StateMachine};
@@ -49,8 +52,10 @@ pub struct ReplicaOptions {
     pub node_id: u64,
     /// Shard index, for logs.
     pub shard: u32,
-    /// The static voter set a fresh cluster bootstraps with.
-    pub voters: Vec<u64>,
+    /// The voters (with their addresses) a new cluster's log starts with;
+    /// empty for a node that joins an existing cluster (it waits to be
+    /// added). Only read when the log store holds no configuration yet.
+    pub bootstrap: Vec<Member>,
     /// Ticks between leader heartbeats.
     pub heartbeat_ticks: usize,
     /// Ticks without a leader before an election (randomised by raft-rs in
@@ -128,6 +133,9 @@ pub struct Output<J = SyncJob> {
     pub snapshot_to_write: Option<(SnapshotMeta, Image)>,
     /// A snapshot received from the leader was installed.
     pub snapshot_installed: Option<SnapshotMeta>,
+    /// The group's membership changed (see [`Replica::membership`]): links
+    /// to new members must exist before this step's messages go out.
+    pub membership_changed: bool,
 }
 
 impl<J> Default for Output<J> {
@@ -141,6 +149,7 @@ impl<J> Default for Output<J> {
             proposals_dropped: 0,
             snapshot_to_write: None,
             snapshot_installed: None,
+            membership_changed: false,
         }
     }
 }
@@ -273,6 +282,14 @@ pub struct Replica<L: LogStore = Wal> {
     /// Until this tick lease reads are served as linearizable ones (see
     /// `suspect_lease`).
     lease_suspect_until: u64,
+    /// The group's members and their addresses, as applied.
+    membership: Membership,
+    /// The log index `membership` was applied at.
+    membership_index: u64,
+    /// This node was a member and was removed: it serves nothing more.
+    removed: bool,
+    /// The tick each peer's last message arrived at (see `is_live`).
+    last_heard: std::collections::HashMap<u64, u64>,
 }
 
 impl<L: LogStore> Replica<L> {
@@ -310,8 +327,8 @@ impl<L: LogStore> Replica<L> {
             }
             if wal.conf_state().is_none() {
                 let conf_state = corekv_wal::ConfState {
-                    voters: meta.voters.clone(),
-                    learners: meta.learners.clone(),
+                    voters: meta.membership.voters.clone(),
+                    learners: meta.membership.learners.clone(),
                 };
                 at_start(&mut wal, |w| w.set_conf_state(&conf_state)).map_err(fail)?;
             }
@@ -342,14 +359,7 @@ impl<L: LogStore> Replica<L> {
             });
         }
         if wal.conf_state().is_none() {
-            let conf_state = corekv_wal::ConfState {
-                voters: options.voters.clone(),
-                learners: Vec::new(),
-            };
-            at_start(&mut wal, |w| w.set_conf_state(&conf_state)).map_err(fail)?;
-            // Start-up, before the shard serves anything: a blocking sync here
-            // delays no request.
-            wal.sync().map_err(fail)?;
+            bootstrap(&mut wal, &options.bootstrap).map_err(fail)?;
         }
         let applied = covered;
         let config = raft::Config {
@@ -377,6 +387,10 @@ impl<L: LogStore> Replica<L> {
         let logger = crate::raft_log::logger(options.shard, options.node_id);
         let mut storage = RaftStorage::new(wal);
         let mut state_machine = StateMachine::new();
+        let membership = snapshot
+            .as_ref()
+            .map(|s| s.meta.membership.clone())
+            .unwrap_or_default();
         let compact_to = snapshot.as_ref().map(|s| SnapshotMarker {
             index: s.meta.index,
             term: s.meta.term,
@@ -403,6 +417,10 @@ impl<L: LogStore> Replica<L> {
             ),
         });
         Ok(Replica {
+            membership_index: covered,
+            membership,
+            removed: false,
+            last_heard: Default::default(),
             replay,
             raw,
             state_machine,
@@ -456,7 +474,7 @@ impl<L: LogStore> Replica<L> {
     /// Advances raft's clock by one tick and expires requests past their
     /// deadline.
     pub fn tick(&mut self, out: &mut Output<L::SyncJob>) {
-        if self.installing_snapshot.is_none() {
+        if self.installing_snapshot.is_none() && !self.removed {
             self.raw.tick();
         }
         self.ticks += 1;
@@ -467,6 +485,7 @@ impl<L: LogStore> Replica<L> {
     /// Feeds a message from a peer. Malformed or stale messages are dropped
     /// by raft; they never stop the replica.
     pub fn step(&mut self, mut message: Message) {
+        self.last_heard.insert(message.from, self.ticks);
         self.note_leader_index(&message);
         // A leader sends heartbeats with the commit index it believes we
         // hold. After this node lost entries it had acknowledged (a damaged
@@ -650,6 +669,10 @@ impl<L: LogStore> Replica<L> {
             state_machine_bytes: self.state_machine.bytes(),
             state_machine_keys: self.state_machine.len() as u64,
             leader_last_index: self.leader_last_index(),
+            // The shell adds it when it changes (cloned every turn, it
+            // would cost allocations on the hot path).
+            membership: None,
+            removed: self.removed,
         }
     }
 }
@@ -664,6 +687,41 @@ struct Replay {
 
 /// Bytes of committed entries raft hands over in one Ready.
 pub const MAX_COMMITTED_BYTES_PER_READY: u64 = 64 << 20;
+
+/// Starts the log of a new replica. A node of a new cluster writes the
+/// bootstrap entries (the same on every node, see
+/// [`membership::bootstrap_entries`]) as committed, with the initial voters
+/// as the configuration the log starts from; a joining node records an
+/// empty configuration and waits for the leader to add it.
+fn bootstrap<L: LogStore>(wal: &mut L, voters: &[Member]) -> Result<(), WalError> {
+    let conf_state = corekv_wal::ConfState {
+        voters: voters.iter().map(|m| m.id).collect(),
+        learners: Vec::new(),
+    };
+    at_start(wal, |w| w.set_conf_state(&conf_state))?;
+    let entries = membership::bootstrap_entries(voters);
+    if let Some(last) = entries.last() {
+        let refs: Vec<corekv_wal::EntryRef<'_>> = entries
+            .iter()
+            .map(|e| corekv_wal::EntryRef {
+                index: e.index,
+                term: e.term,
+                entry_type: e.get_entry_type() as u8,
+                data: &e.data,
+            })
+            .collect();
+        at_start(wal, |w| w.append_entries(&refs))?;
+        let hard_state = corekv_wal::HardState {
+            term: last.term,
+            vote: 0,
+            commit: last.index,
+        };
+        at_start(wal, |w| w.set_hard_state(hard_state))?;
+    }
+    // Start-up, before the shard serves anything: a blocking sync here
+    // delays no request.
+    wal.sync()
+}
 
 /// A write at start-up, before the shard serves anything: it may wait for
 /// the WAL's next segment instead of being refused for it. A full disk is

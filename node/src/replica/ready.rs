@@ -3,11 +3,14 @@
 //! persistence bookkeeping that lets held messages leave once a sync has
 //! made their Ready durable.
 
-use protobuf::Message as _;
-use raft::prelude::{ConfChange, ConfChangeV2, ConfState, Entry, EntryType, Message, MessageType};
+use corekv_proto::client::{response, ErrorCode, MembershipResult};
+use corekv_proto::log::Membership;
+use raft::prelude::{Entry, EntryType, Message, MessageType};
 use raft::StateRole;
 
 use crate::log_store::LogStore;
+use crate::membership;
+use crate::state_machine;
 
 use super::{Output, Replica, ReplicaError, RoleChange};
 
@@ -255,7 +258,7 @@ impl<L: LogStore> Replica<L> {
                 }
                 EntryType::EntryConfChange | EntryType::EntryConfChangeV2 => {
                     self.state_machine.skip(index);
-                    self.apply_conf_change(&entry)?;
+                    self.apply_conf_change(&entry, out);
                 }
             }
         }
@@ -270,27 +273,77 @@ impl<L: LogStore> Replica<L> {
         Ok(())
     }
 
-    fn apply_conf_change(&mut self, entry: &Entry) -> Result<(), ReplicaError> {
-        let conf_state: ConfState = if entry.get_entry_type() == EntryType::EntryConfChangeV2 {
-            let mut change = ConfChangeV2::default();
-            if change.merge_from_bytes(&entry.data).is_err() {
-                return Ok(());
-            }
-            match self.raw.apply_conf_change(&change) {
-                Ok(cs) => cs,
-                Err(_) => return Ok(()),
-            }
-        } else {
-            let mut change = ConfChange::default();
-            if change.merge_from_bytes(&entry.data).is_err() {
-                return Ok(());
-            }
-            match self.raw.apply_conf_change(&change) {
-                Ok(cs) => cs,
-                Err(_) => return Ok(()),
+    /// Applies a configuration change on every replica alike: raft-rs's
+    /// configuration, then the members' addresses from the change's
+    /// context. A change raft-rs refuses (it validated it when proposed, so
+    /// only a change raced by another) changes nothing, on every replica.
+    fn apply_conf_change(&mut self, entry: &Entry, out: &mut Output<L::SyncJob>) {
+        let shard = self.options.shard;
+        let result = match membership::decode_change(entry) {
+            None => Err("undecodable configuration change".to_string()),
+            Some((change, context)) => match self.raw.apply_conf_change(&change) {
+                Ok(conf) => {
+                    self.step_down_if_removed();
+                    let mut next = self.membership.clone();
+                    membership::apply(&mut next, &conf, &context);
+                    self.set_membership(next, entry.index, out);
+                    Ok(())
+                }
+                Err(e) => Err(e.to_string()),
+            },
+        };
+        let answer = match result {
+            Ok(()) => response::Result::Membership(MembershipResult {
+                membership: Some(membership::report(&self.membership, shard, entry.index)),
+                unchanged: false,
+            }),
+            Err(reason) => {
+                tracing::warn!(shard, index = entry.index, %reason, "configuration change not applied");
+                state_machine::error(
+                    ErrorCode::FailedPrecondition,
+                    &format!("shard {shard}: the configuration change was not applied: {reason}"),
+                )
             }
         };
-        let result = self.raw.mut_store().set_conf_state(&conf_state);
-        self.logged(self.last_ready_number, result)
+        self.answer_write(entry.index, entry.term, answer, out);
+    }
+
+    /// A leader whose removal was just applied steps down, as etcd's raft
+    /// does (raft-rs 0.7 leaves it leading without its own progress and
+    /// aborts at its next append). It gets here when it took over while its
+    /// own removal, proposed by the leader before it, was still uncommitted
+    /// (found by the simulator, seed 1711): a leader never proposes its own
+    /// removal (see `step_aside`).
+    fn step_down_if_removed(&mut self) {
+        let me = self.options.node_id;
+        let raft = &mut self.raw.raft;
+        if raft.state == StateRole::Leader && !raft.prs().conf().voters().contains(me) {
+            tracing::warn!(
+                shard = self.options.shard,
+                term = raft.term,
+                "this leader's removal was applied: stepping down"
+            );
+            let term = raft.term;
+            raft.become_follower(term, raft::INVALID_ID);
+        }
+    }
+
+    /// Takes `next` as the group's membership (applied at `index`), and
+    /// notices when it no longer holds this node.
+    pub(super) fn set_membership(
+        &mut self,
+        next: Membership,
+        index: u64,
+        out: &mut Output<L::SyncJob>,
+    ) {
+        let me = self.options.node_id;
+        let was_member = membership::ids(&self.membership).any(|id| id == me);
+        let is_member = membership::ids(&next).any(|id| id == me);
+        self.membership = next;
+        self.membership_index = index;
+        out.membership_changed = true;
+        if was_member && !is_member {
+            self.mark_removed("its removal was applied");
+        }
     }
 }

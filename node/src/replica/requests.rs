@@ -223,6 +223,19 @@ impl<L: LogStore> Replica<L> {
         }
     }
 
+    /// Waits for the entry proposed at `index` to be applied, then answers
+    /// `token` (or times out like any write).
+    pub(super) fn track_write(&mut self, index: u64, token: Token) {
+        self.pending_writes.insert(
+            index,
+            PendingWrite {
+                term: self.raw.raft.term,
+                token,
+                deadline_tick: self.ticks + self.options.request_timeout_ticks,
+            },
+        );
+    }
+
     fn flush_reads(&mut self) {
         // raft-rs silently drops a ReadIndex on a leader that has not yet
         // committed an entry of its term; keep those reads queued until it has.

@@ -63,11 +63,7 @@ impl<L: LogStore> Replica<L> {
         let ready = self.last_ready_number;
         let result = self.raw.mut_store().install_snapshot_marker(marker);
         self.logged(ready, result)?;
-        let result = self
-            .raw
-            .mut_store()
-            .set_conf_state(metadata.get_conf_state());
-        self.logged(ready, result)?;
+        self.set_membership(received.meta.membership.clone(), metadata.index, out);
         self.raw
             .mut_store()
             .set_latest_snapshot(received.meta.clone());
@@ -112,13 +108,11 @@ impl<L: LogStore> Replica<L> {
         {
             return;
         }
-        let conf = self.raw.raft.prs().conf().to_conf_state();
         let meta = SnapshotMeta {
             shard: self.options.shard,
             index,
             term,
-            voters: conf.voters.clone(),
-            learners: conf.learners.clone(),
+            membership: self.membership.clone(),
         };
         self.snapshot_in_progress = true;
         self.applied_since_snapshot = (0, 0);

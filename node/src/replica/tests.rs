@@ -42,7 +42,7 @@ fn options(id: u64) -> ReplicaOptions {
     ReplicaOptions {
         node_id: id,
         shard: 0,
-        voters: vec![1, 2, 3],
+        bootstrap: crate::membership::loopback_members([1, 2, 3]),
         heartbeat_ticks: 3,
         election_ticks: 30,
         max_election_ticks: 0,
@@ -355,7 +355,7 @@ fn isolated_leader_steps_down_and_fails_pending_writes() {
 fn restart_recovers_log_and_reapplies() {
     let dir = tempfile::tempdir().unwrap();
     let mut opts = options(1);
-    opts.voters = vec![1];
+    opts.bootstrap = crate::membership::loopback_members([1]);
     {
         let wal = Wal::open(dir.path(), WalOptions::default()).unwrap();
         let mut r = Replica::open(wal, opts.clone(), None).unwrap();
@@ -403,7 +403,7 @@ fn single_voter_options() -> ReplicaOptions {
     ReplicaOptions {
         node_id: 1,
         shard: 0,
-        voters: vec![1],
+        bootstrap: crate::membership::loopback_members([1]),
         heartbeat_ticks: 3,
         election_ticks: 30,
         max_election_ticks: 0,

@@ -23,6 +23,7 @@ use crate::state_machine;
 
 use super::client_conn::ClientConn;
 use super::inputs::{ConnId, Input, Local};
+use super::members::PeerGate;
 use super::peer_input::{inputs_of_frame, LinkEnds, Refusal};
 use crate::log_limit::LogLimit;
 use crate::metrics::ConnectionMetrics;
@@ -229,7 +230,14 @@ async fn serve_peer(
 ) {
     let config = &node.config;
     let shard = local.shard;
-    let check = |hello: &Hello| check_hello(hello, &node, shard).map_err(|e| e.to_string());
+    let check = |hello: &Hello| {
+        check_hello(hello, &node, shard, &local.gate.borrow()).map_err(|e| {
+            corekv_transport::Refusal {
+                removed: matches!(e, HelloRefusal::Removed { .. }),
+                reason: e.to_string(),
+            }
+        })
+    };
     // The write half stays alive while we read: dropping it would shut the
     // socket down for writing and the dialer would see a closed link.
     let (hello, mut reader, write_half) = match accept_peer(
@@ -279,6 +287,13 @@ async fn serve_peer(
                 break;
             }
         };
+        // A member removed while its link was up is cut off: it dials again,
+        // and the handshake tells it it was removed (it never hears of its
+        // removal otherwise: the leader stops sending to it once applied).
+        if local.gate.borrow().removed.contains(&peer) {
+            tracing::info!(shard, peer, "closing the link of a removed member");
+            break;
+        }
         let frame = match decode_message::<PeerFrame>(frame) {
             Ok(frame) => frame,
             Err(e) => {
@@ -319,11 +334,20 @@ enum HelloRefusal {
     WrongShard { mine: u32, yours: u32 },
     #[error("protocol version mismatch: mine {mine}, yours {yours}")]
     ProtocolVersion { mine: u32, yours: u32 },
-    #[error("unknown node id {id}: members are {members:?}")]
+    #[error("unknown node id {id}: members of this shard are {members:?}")]
     UnknownNode { id: u64, members: Vec<u64> },
+    #[error("node {id} was removed from shard {shard}")]
+    Removed { id: u64, shard: u32 },
+    #[error("node id {id} is this node's own id")]
+    OwnId { id: u64 },
 }
 
-fn check_hello(hello: &Hello, node: &NodeShared, shard: u32) -> Result<(), HelloRefusal> {
+fn check_hello(
+    hello: &Hello,
+    node: &NodeShared,
+    shard: u32,
+    gate: &PeerGate,
+) -> Result<(), HelloRefusal> {
     let config = &node.config;
     if hello.cluster_id != config.cluster_id {
         return Err(HelloRefusal::ClusterId {
@@ -349,10 +373,19 @@ fn check_hello(hello: &Hello, node: &NodeShared, shard: u32) -> Result<(), Hello
             yours: hello.protocol_version,
         });
     }
-    if hello.node_id == config.node_id || config.peer(hello.node_id).is_none() {
+    let id = hello.node_id;
+    if id == config.node_id {
+        return Err(HelloRefusal::OwnId { id });
+    }
+    if gate.removed.contains(&id) {
+        return Err(HelloRefusal::Removed { id, shard });
+    }
+    // A node that knows no members yet joined and waits for the leader
+    // that adds it: that leader is not a member it knows of.
+    if !gate.members.is_empty() && !gate.members.contains(&id) {
         return Err(HelloRefusal::UnknownNode {
-            id: hello.node_id,
-            members: config.peers.iter().map(|p| p.id).collect(),
+            id,
+            members: gate.members.clone(),
         });
     }
     Ok(())

@@ -95,4 +95,6 @@ pub(super) struct Local {
     pub(super) next_conn: Cell<ConnId>,
     /// The shard's helper thread, for blocking work.
     pub(super) helper: Helper,
+    /// Who may open a peer link (the accept tasks read it).
+    pub(super) gate: RefCell<super::members::PeerGate>,
 }

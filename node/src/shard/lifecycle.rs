@@ -35,10 +35,10 @@ impl Shard {
                     self.metrics.leader_changes.inc();
                 }
                 if change.role == raft::StateRole::Leader {
-                    // The first leaders of a new cluster (term 1) are placed at
-                    // once; after a failover or an operator's transfer the new
+                    // The first leaders of a new cluster are placed at once;
+                    // after a failover or an operator's transfer the new
                     // leader keeps the shard for a while before balancing.
-                    let delay = if change.term <= 1 {
+                    let delay = if change.term <= crate::membership::FIRST_ELECTION_TERM {
                         0
                     } else {
                         BALANCE_BACKOFF_TICKS
@@ -84,6 +84,7 @@ impl Shard {
             .set(self.replica.log_backlog_bytes() as i64);
         m.state_machine_bytes.set(status.state_machine_bytes as i64);
         m.state_machine_keys.set(status.state_machine_keys as i64);
+        m.removed.set(i64::from(status.removed));
         let written = wal.bytes_written();
         m.wal_bytes
             .inc_by(written.saturating_sub(self.wal_bytes_reported));
@@ -107,8 +108,10 @@ impl Shard {
         {
             return;
         }
-        let mut voters: Vec<u64> = self.node.config.peers.iter().map(|p| p.id).collect();
-        voters.sort_unstable();
+        let voters = &self.replica.membership().voters;
+        if voters.is_empty() {
+            return;
+        }
         let preferred = voters[self.local.shard as usize % voters.len()];
         if preferred == self.node.config.node_id
             || !self.links.get(&preferred).is_some_and(|l| l.is_up())

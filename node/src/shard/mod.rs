@@ -11,6 +11,7 @@ mod client_conn;
 mod connections;
 mod inputs;
 mod lifecycle;
+mod members;
 mod peer_input;
 mod routing;
 mod snapshots;
@@ -23,8 +24,8 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use corekv_proto::client::ErrorCode;
-use corekv_proto::peer::{peer_frame, Hello, LinkKind, PeerFrame, RaftBatch};
-use corekv_transport::{encode_frame_bytes, LinkEvent, PeerLink, PeerLinkConfig};
+use corekv_proto::peer::{peer_frame, PeerFrame, RaftBatch};
+use corekv_transport::{encode_frame_bytes, LinkEvent, PeerLink};
 use corekv_wal::{Wal, WalOptions};
 use monoio::net::TcpListener;
 use protobuf::Message as _;
@@ -83,9 +84,11 @@ struct Shard {
     next_balance_tick: u64,
     /// Peers a snapshot is being sent to right now.
     snapshots_sending: std::collections::HashSet<u64>,
-    /// Each peer's address for this shard, resolved at start-up (never on
-    /// the loop: a DNS lookup blocks).
+    /// Each peer's address for this shard (a host name is resolved on the
+    /// helper thread: a DNS lookup blocks).
     peer_addrs: HashMap<u64, std::net::SocketAddr>,
+    /// Members whose host name is being resolved.
+    resolving: std::collections::HashSet<u64>,
     /// WAL segments to delete once the helper has room for the job.
     obsolete_segments: Vec<std::path::PathBuf>,
     /// Ticks in a second: how often idle connections are looked for.
@@ -139,7 +142,7 @@ pub async fn run(
         ReplicaOptions {
             node_id: config.node_id,
             shard,
-            voters: config.peers.iter().map(|p| p.id).collect(),
+            bootstrap: bootstrap_voters(config),
             heartbeat_ticks: config.heartbeat_ticks,
             election_ticks: config.election_ticks,
             max_election_ticks: 0,
@@ -161,6 +164,7 @@ pub async fn run(
         conns: RefCell::new(HashMap::new()),
         next_conn: Cell::new(1),
         helper,
+        gate: RefCell::new(members::PeerGate::default()),
     });
 
     let client_addr = resolve(&config.listen_host, config.client_port, shard)?;
@@ -194,44 +198,12 @@ pub async fn run(
     monoio::spawn(tick(local.clone(), Duration::from_millis(tick_ms)));
     monoio::spawn(receive_cross_core(local.clone(), cross_rx));
 
-    let mut links = HashMap::new();
-    let mut peer_addrs = HashMap::new();
-    for peer in config.peers.iter().filter(|p| p.id != config.node_id) {
-        let addr = resolve(&peer.host, peer.peer_port, shard)?;
-        peer_addrs.insert(peer.id, addr);
-        let hello = Hello {
-            cluster_id: config.cluster_id,
-            node_id: config.node_id,
-            shard,
-            protocol_version: corekv_proto::PEER_PROTOCOL_VERSION,
-            shards: config.shards,
-            kind: LinkKind::Raft as i32,
-        };
-        let link_config = PeerLinkConfig {
-            addr,
-            hello,
-            socket: node.socket_options(),
-            max_queue_bytes: link_queue_bytes(config.max_frame_bytes),
-            max_frame_bytes: config.max_frame_bytes,
-            backoff_initial: Duration::from_millis(10),
-            backoff_max: Duration::from_secs(1),
-        };
-        let events = local.clone();
-        let peer_id = peer.id;
-        let on_event: Rc<dyn Fn(LinkEvent)> = Rc::new(move |event| {
-            events.inbox.push(Input::Link {
-                peer: peer_id,
-                event,
-            })
-        });
-        links.insert(peer.id, PeerLink::start(link_config, on_event));
-    }
-
     let mut shard_loop = Shard {
         local,
         node,
         replica,
-        links,
+        links: HashMap::new(),
+        resolving: Default::default(),
         routes: HashMap::new(),
         next_token: 1,
         forwarded: HashMap::new(),
@@ -248,12 +220,32 @@ pub async fn run(
         snapshots_sending: Default::default(),
         stopping: None,
         next_balance_tick: 0,
-        peer_addrs,
+        peer_addrs: HashMap::new(),
         obsolete_segments: Vec::new(),
         ticks_per_second: (1000 / tick_ms).max(1),
         slow_reader_log: RefCell::new(LogLimit::default()),
     };
+    shard_loop.on_membership_changed();
     shard_loop.run().await
+}
+
+/// The voters a new cluster starts with: the config's `peers`, unless this
+/// node joins an existing cluster (then none: it waits to be added).
+fn bootstrap_voters(config: &crate::config::Config) -> Vec<corekv_proto::log::Member> {
+    if !config.join.is_empty() {
+        return Vec::new();
+    }
+    config
+        .peers
+        .iter()
+        .map(|p| corekv_proto::log::Member {
+            id: p.id,
+            host: p.host.clone(),
+            client_port: u32::from(p.client_port),
+            peer_port: u32::from(p.peer_port),
+            admin_port: p.admin_port.map_or(0, u32::from),
+        })
+        .collect()
 }
 
 impl Shard {
@@ -362,6 +354,7 @@ impl Shard {
                 }
                 CrossCore::Reply { conn, response } => self.send_to_conn(conn, &response),
                 CrossCore::Shutdown => return Ok(Some(())),
+                CrossCore::PeerResolved { peer, addr } => self.on_peer_resolved(peer, addr),
                 CrossCore::SnapshotWritten(result) => {
                     let result = result.map(|(meta, path, bytes)| {
                         self.metrics.snapshots_written.inc();
@@ -422,9 +415,13 @@ impl Shard {
                     tracing::warn!(shard = self.local.shard, peer, %reason, "connection lost");
                     self.replica.report_unreachable(peer);
                 }
-                LinkEvent::Rejected { reason } => {
+                LinkEvent::Rejected { reason, removed } => {
                     tracing::error!(shard = self.local.shard, peer, %reason, "peer rejected our hello");
                     self.replica.report_unreachable(peer);
+                    if removed {
+                        self.replica
+                            .mark_removed(&format!("node {peer} refused us as a removed member"));
+                    }
                 }
             },
         }
@@ -432,6 +429,9 @@ impl Shard {
     }
 
     fn dispatch(&mut self, out: &mut Output) {
+        if std::mem::take(&mut out.membership_changed) {
+            self.on_membership_changed();
+        }
         self.handle_snapshot_outputs(out);
         self.metrics
             .proposals
@@ -483,6 +483,9 @@ impl Shard {
             }
         }
         for (to, batch) in by_peer {
+            if !self.links.contains_key(&to) {
+                self.dial_unknown(to);
+            }
             let Some(link) = self.links.get(&to) else {
                 continue;
             };

@@ -258,7 +258,7 @@ mod tests {
         let options = ReplicaOptions {
             node_id: 1,
             shard: 0,
-            voters: vec![1, 2, 3],
+            bootstrap: crate::membership::loopback_members([1, 2, 3]),
             heartbeat_ticks: 3,
             election_ticks: 30,
             max_election_ticks: 0,

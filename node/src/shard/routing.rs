@@ -4,9 +4,7 @@
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use corekv_proto::client::{
-    request::Op, response, Consistency, ErrorCode, NodeInfo, Request, Response, TopologyResult,
-};
+use corekv_proto::client::{request::Op, response, Consistency, ErrorCode, Request, Response};
 use corekv_proto::peer::{peer_frame, ForwardReply, PeerFrame};
 use corekv_transport::encode_frame_bytes;
 
@@ -52,8 +50,17 @@ impl Shard {
             | Op::Topology(_)
             | Op::Status(_)
             | Op::TransferLeader(_)
-            | Op::OpenSession(_) => None,
+            | Op::OpenSession(_)
+            | Op::ChangeMembership(_) => None,
         };
+        // Status still tells an operator what happened; a topology from a
+        // removed node would be stale, so clients are sent elsewhere.
+        let serves_removed = matches!(op, Op::Status(_));
+        if self.replica.is_removed() && !serves_removed {
+            let result = self.removed_error();
+            self.answer(&route, result);
+            return;
+        }
         if let Some(key) = key {
             if let Err(result) = self.check_sizes(key, &op) {
                 self.answer(&route, result);
@@ -126,6 +133,21 @@ impl Shard {
                     }
                     let result = response::Result::TransferLeader(Default::default());
                     self.answer(&route, result);
+                }
+            }
+            Op::ChangeMembership(ref change) => {
+                let target = change.shard;
+                if target >= self.node.config.shards {
+                    let message = format!("no shard {target}");
+                    self.answer(
+                        &route,
+                        state_machine::error(ErrorCode::WrongShard, &message),
+                    );
+                } else if target != self.local.shard {
+                    self.hand_over(target, route, op, no_forward);
+                } else {
+                    let change = change.clone();
+                    self.change_membership(route, op, &change, no_forward, out);
                 }
             }
             Op::OpenSession(ref open) if open.shard != self.local.shard => {
@@ -263,12 +285,8 @@ impl Shard {
                 leader_id,
                 ..Default::default()
             };
-            if let Some(peer) = self.node.config.peer(leader_id) {
-                error.leader_addr = format!(
-                    "{}:{}",
-                    peer.host,
-                    u32::from(peer.client_port) + self.local.shard
-                );
+            if let Some(addr) = self.client_addr_of(leader_id) {
+                error.leader_addr = addr;
             }
             self.answer(&route, response::Result::Error(error));
             return;
@@ -438,31 +456,6 @@ impl Shard {
             if client.cut_off(CutReason::Idle) {
                 self.metrics.connections.closed_idle.inc();
             }
-        }
-    }
-
-    pub(super) fn topology(&self) -> TopologyResult {
-        let config = &self.node.config;
-        TopologyResult {
-            cluster_id: config.cluster_id,
-            shards: config.shards,
-            nodes: config
-                .peers
-                .iter()
-                .map(|p| NodeInfo {
-                    node_id: p.id,
-                    host: p.host.clone(),
-                    client_port: u32::from(p.client_port),
-                    peer_port: u32::from(p.peer_port),
-                })
-                .collect(),
-            leaders: self
-                .node
-                .status()
-                .shards
-                .iter()
-                .map(|s| s.leader_id)
-                .collect(),
         }
     }
 }

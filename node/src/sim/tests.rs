@@ -129,6 +129,11 @@ const REGRESSION_SEEDS: &[u64] = &[
     // A leader that started a transfer served a lease read after the new
     // leader took a write (see `Replica::suspect_lease`).
     6707,
+    // A leader took over while its own removal, proposed by the leader
+    // before it, was uncommitted; it applied it and went on leading without
+    // its own progress, and raft-rs aborted (see
+    // `Replica::step_down_if_removed`).
+    1711,
 ];
 
 #[test]

@@ -102,19 +102,6 @@ impl<L: LogStore> RaftStorage<L> {
         result
     }
 
-    /// Persists a new configuration.
-    pub fn set_conf_state(&mut self, cs: &ConfState) -> Result<(), WalError> {
-        if !self.pending.is_empty() {
-            self.pending.conf_state = Some(cs.clone());
-            return Ok(());
-        }
-        let result = self.wal.set_conf_state(&wal_conf_state(cs));
-        if result.as_ref().is_err_and(WalError::is_retryable) {
-            self.pending.conf_state = Some(cs.clone());
-        }
-        result
-    }
-
     /// Records that a snapshot from the leader (durable, installed in the
     /// state machine) replaces the log through `marker.index`.
     pub fn install_snapshot_marker(&mut self, marker: SnapshotMarker) -> Result<(), WalError> {
@@ -159,12 +146,6 @@ impl<L: LogStore> RaftStorage<L> {
             };
             self.pending.written_entries(written);
             result?;
-        }
-        if let Some(cs) = self.pending.conf_state.take() {
-            if let Err(error) = self.wal.set_conf_state(&wal_conf_state(&cs)) {
-                self.pending.conf_state = Some(cs);
-                return Err(error);
-            }
         }
         if let Some(hs) = self.pending.hard_state.take() {
             if let Err(error) = self.wal.set_hard_state(wal_hard_state(&hs)) {
@@ -213,13 +194,6 @@ fn wal_hard_state(hs: &HardState) -> corekv_wal::HardState {
     }
 }
 
-fn wal_conf_state(cs: &ConfState) -> corekv_wal::ConfState {
-    corekv_wal::ConfState {
-        voters: cs.voters.clone(),
-        learners: cs.learners.clone(),
-    }
-}
-
 impl<L: LogStore> RaftStorage<L> {
     /// The log's first index as raft sees it: the WAL's, moved by a waiting
     /// installed snapshot.
@@ -254,11 +228,21 @@ impl<L: LogStore> raft::Storage for RaftStorage<L> {
             commit: hs.commit,
             ..Default::default()
         };
-        let mut conf_state = ConfState::default();
-        if let Some(cs) = self.wal.conf_state() {
-            conf_state.voters = cs.voters;
-            conf_state.learners = cs.learners;
-        }
+        // The configuration as of the snapshot raft starts from: the
+        // conf-change entries after it are applied again, in order, as the
+        // log replays. Without a snapshot, the log's first configuration
+        // (a new cluster's voters, or none for a node that joins).
+        let conf_state = match &self.latest_snapshot {
+            Some(meta) => crate::membership::conf_state(&meta.membership),
+            None => {
+                let mut conf_state = ConfState::default();
+                if let Some(cs) = self.wal.conf_state() {
+                    conf_state.voters = cs.voters;
+                    conf_state.learners = cs.learners;
+                }
+                conf_state
+            }
+        };
         Ok(RaftState {
             hard_state,
             conf_state,
@@ -362,8 +346,7 @@ impl<L: LogStore> raft::Storage for RaftStorage<L> {
                 let metadata = snapshot.mut_metadata();
                 metadata.index = meta.index;
                 metadata.term = meta.term;
-                metadata.mut_conf_state().voters = meta.voters.clone();
-                metadata.mut_conf_state().learners = meta.learners.clone();
+                metadata.set_conf_state(crate::membership::conf_state(&meta.membership));
                 Ok(snapshot)
             }
             _ => {

@@ -12,10 +12,10 @@
 use std::collections::VecDeque;
 
 use corekv_wal::SnapshotMarker;
-use raft::prelude::{ConfState, Entry, HardState};
+use raft::prelude::{Entry, HardState};
 
 /// The waiting writes, in the order they are written back: the marker of an
-/// installed snapshot, then entries, configuration, hard state, and last a
+/// installed snapshot, then entries, hard state, and last a
 /// compaction marker (which needs the entries it covers in the log).
 #[derive(Default)]
 pub(super) struct Pending {
@@ -23,7 +23,6 @@ pub(super) struct Pending {
     pub(super) install: Option<SnapshotMarker>,
     /// Entries that replace the log from `entries[0].index` on.
     pub(super) entries: VecDeque<Entry>,
-    pub(super) conf_state: Option<ConfState>,
     pub(super) hard_state: Option<HardState>,
     pub(super) compaction: Option<SnapshotMarker>,
     entry_bytes: u64,
@@ -33,7 +32,6 @@ impl Pending {
     pub(super) fn is_empty(&self) -> bool {
         self.install.is_none()
             && self.entries.is_empty()
-            && self.conf_state.is_none()
             && self.hard_state.is_none()
             && self.compaction.is_none()
     }
