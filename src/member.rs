@@ -39,12 +39,18 @@ pub enum MemberCommand {
         /// Its admin HTTP port.
         #[arg(long)]
         admin_port: Option<u16>,
+        /// Only check the change on every shard; change nothing.
+        #[arg(long)]
+        dry_run: bool,
     },
     /// Make a learner a voter on every shard; refused while it is behind on
     /// any shard.
     Promote {
         /// Node id of the learner.
         id: u64,
+        /// Only check the change on every shard; change nothing.
+        #[arg(long)]
+        dry_run: bool,
     },
     /// Remove a voter or learner from every shard. A shard led by the node
     /// hands leadership away first.
@@ -54,6 +60,9 @@ pub enum MemberCommand {
         /// Remove even if a shard is left without a quorum of live voters.
         #[arg(long)]
         force: bool,
+        /// Only check the change on every shard; change nothing.
+        #[arg(long)]
+        dry_run: bool,
     },
     /// Every member, its role on each shard, and any shard that disagrees.
     List,
@@ -69,7 +78,7 @@ pub async fn run(
     json: bool,
     timeout: Duration,
 ) -> ExitCode {
-    let (action, node, force, what) = match command {
+    let (action, node, force, dry_run, what) = match command {
         MemberCommand::List => return list(client, json).await,
         MemberCommand::Add {
             id,
@@ -77,6 +86,7 @@ pub async fn run(
             client_port,
             peer_port,
             admin_port,
+            dry_run,
         } => {
             let node = NodeInfo {
                 node_id: id,
@@ -85,31 +95,29 @@ pub async fn run(
                 peer_port: u32::from(peer_port),
                 admin_port: admin_port.map_or(0, u32::from),
             };
-            (
-                MembershipAction::AddLearner,
-                node,
-                false,
-                "added as a learner",
-            )
+            let what = "added as a learner";
+            (MembershipAction::AddLearner, node, false, dry_run, what)
         }
-        MemberCommand::Promote { id } => (
-            MembershipAction::Promote,
+        MemberCommand::Promote { id, dry_run } => {
+            let what = "promoted to voter";
+            (MembershipAction::Promote, node_id(id), false, dry_run, what)
+        }
+        MemberCommand::Remove { id, force, dry_run } => (
+            MembershipAction::Remove,
             node_id(id),
-            false,
-            "promoted to voter",
+            force,
+            dry_run,
+            "removed",
         ),
-        MemberCommand::Remove { id, force } => {
-            (MembershipAction::Remove, node_id(id), force, "removed")
-        }
     };
     let id = node.node_id;
     let shards = client.topology().shards;
-    let request = |shard, dry_run| ChangeMembership {
+    let request = |shard, check_only| ChangeMembership {
         shard,
         action: action as i32,
         node: Some(node.clone()),
         force,
-        dry_run,
+        dry_run: check_only,
     };
     // 1. Every shard's leader checks the change; one refusal stops it all.
     let mut to_change = Vec::new();
@@ -128,6 +136,10 @@ pub async fn run(
         };
         eprintln!("error: node {id} {state} of every shard; nothing changed");
         return ExitCode::from(2);
+    }
+    if dry_run {
+        print_checked(json, id, what, &to_change);
+        return ExitCode::SUCCESS;
     }
     // 2. Shard by shard; an outcome not known in time is asked again (the
     // change is idempotent: a shard that has it answers "unchanged").
@@ -160,6 +172,17 @@ pub async fn run(
         );
     }
     ExitCode::SUCCESS
+}
+
+fn print_checked(json: bool, id: u64, what: &str, shards: &[u32]) {
+    if json {
+        println!(
+            "{}",
+            json!({ "node_id": id, "action": what, "dry_run": true, "shards": shards })
+        );
+    } else {
+        println!("dry run: node {id} can be {what} on shards {shards:?}; nothing changed");
+    }
 }
 
 fn node_id(id: u64) -> NodeInfo {
@@ -199,7 +222,8 @@ fn refused(shard: u32, error: &ClientError) -> ExitCode {
 /// One shard's membership and who reported it.
 struct ShardView {
     membership: ShardMembership,
-    /// The node whose view it is, and whether that node leads the shard.
+    /// The node whose view it is, and whether the topology names it the
+    /// shard's leader.
     from: u64,
     from_leader: bool,
 }
@@ -222,27 +246,20 @@ async fn list(client: &Client, json: bool) -> ExitCode {
     let mut views = Vec::new();
     for shard in 0..topology.shards {
         let leader = topology.leaders.get(shard as usize).copied().unwrap_or(0);
-        let view_of = |node: u64| {
-            statuses
-                .iter()
-                .find(|(id, _)| *id == node)
-                .and_then(|(_, s)| s.shards.get(shard as usize))
-                .and_then(|s| s.membership.clone())
-        };
-        let view = match view_of(leader) {
-            Some(membership) => Some(ShardView {
-                membership,
-                from: leader,
-                from_leader: true,
-            }),
-            None => statuses.iter().find_map(|(id, _)| {
-                view_of(*id).map(|membership| ShardView {
+        // The newest membership any node has applied: a change is applied
+        // only once committed, so the highest index is the group's current
+        // one (a node that was removed, or lags, reports an older one).
+        let view = statuses
+            .iter()
+            .filter_map(|(id, status)| {
+                let membership = status.shards.get(shard as usize)?.membership.clone()?;
+                Some(ShardView {
                     membership,
                     from: *id,
-                    from_leader: false,
+                    from_leader: *id == leader,
                 })
-            }),
-        };
+            })
+            .max_by_key(|v| (v.membership.index, v.from_leader));
         match view {
             Some(view) => views.push(view),
             None => {
@@ -358,7 +375,7 @@ fn print_members(views: &[ShardView], json: bool) {
     }
     for view in views.iter().filter(|v| !v.from_leader) {
         println!(
-            "shard {}: no leader answered; shown as node {} has applied it",
+            "shard {}: shown as node {} applied it (not its leader, or no leader known)",
             view.membership.shard, view.from
         );
     }

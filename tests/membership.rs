@@ -367,7 +367,13 @@ fn bad_membership_requests_fail_clearly_and_change_nothing() {
     assert_eq!(membership_state(&cluster), before);
 
     // Removing a live voter while another is down would leave no quorum.
+    // (The leader counts a voter live for an election timeout after it last
+    // heard from it: wait until it noticed, through a dry run.)
     cluster.node(3).kill9();
+    wait_for("the leaders to see node 3 down", DEADLINE, || {
+        let (code, _, err) = cluster.cli(&["member", "remove", "2", "--dry-run"]);
+        (code == 2 && err.contains("quorum")).then_some(())
+    });
     let (code, _, err) = cluster.cli(&["member", "remove", "2"]);
     assert_eq!(code, 2);
     assert!(err.contains("quorum"), "{err}");

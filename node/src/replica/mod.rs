@@ -405,6 +405,14 @@ impl<L: LogStore> Replica<L> {
                 shard: options.shard,
                 source,
             })?;
+        let mut membership = membership;
+        if membership::ids(&membership).next().is_none() {
+            // A log started before configurations carried addresses (no
+            // bootstrap entries): its configuration is raft's starting one,
+            // the addresses are the config's `peers`.
+            let conf = raw.raft.prs().conf().to_conf_state();
+            membership::apply(&mut membership, &conf, &Default::default());
+        }
         let committed = raw.raft.raft_log.committed;
         let replay = (committed > applied).then(|| Replay {
             from: applied,
@@ -688,17 +696,16 @@ struct Replay {
 /// Bytes of committed entries raft hands over in one Ready.
 pub const MAX_COMMITTED_BYTES_PER_READY: u64 = 64 << 20;
 
-/// Starts the log of a new replica. A node of a new cluster writes the
+/// Starts the log of a new replica from an empty configuration (which also
+/// marks the log as started). A node of a new cluster then writes the
 /// bootstrap entries (the same on every node, see
-/// [`membership::bootstrap_entries`]) as committed, with the initial voters
-/// as the configuration the log starts from; a joining node records an
-/// empty configuration and waits for the leader to add it.
+/// [`membership::bootstrap_entries`]) as committed: applying them, as
+/// every later replica applies them from the log, makes the initial voters
+/// the configuration. A joining node writes nothing more and waits for the
+/// leader to add it. Either way every replica of the group goes through the
+/// same configurations at the same indexes.
 fn bootstrap<L: LogStore>(wal: &mut L, voters: &[Member]) -> Result<(), WalError> {
-    let conf_state = corekv_wal::ConfState {
-        voters: voters.iter().map(|m| m.id).collect(),
-        learners: Vec::new(),
-    };
-    at_start(wal, |w| w.set_conf_state(&conf_state))?;
+    at_start(wal, |w| w.set_conf_state(&corekv_wal::ConfState::default()))?;
     let entries = membership::bootstrap_entries(voters);
     if let Some(last) = entries.last() {
         let refs: Vec<corekv_wal::EntryRef<'_>> = entries
