@@ -109,15 +109,10 @@ impl Shard {
             }
             Op::TransferLeader(ref transfer) => {
                 let (target, to) = (transfer.shard, transfer.to);
-                if target >= self.node.config.shards {
-                    let message = format!("no shard {target}");
-                    self.answer(
-                        &route,
-                        state_machine::error(ErrorCode::WrongShard, &message),
-                    );
-                } else if target != self.local.shard {
-                    self.hand_over(target, route, op, no_forward);
-                } else if !self.replica.is_voter(to) {
+                let Some((route, op)) = self.on_shard(target, route, op, no_forward) else {
+                    return;
+                };
+                if !self.replica.is_voter(to) {
                     let message = format!("node {to} is not a voter of shard {target}");
                     self.answer(
                         &route,
@@ -136,31 +131,15 @@ impl Shard {
                 }
             }
             Op::ChangeMembership(ref change) => {
-                let target = change.shard;
-                if target >= self.node.config.shards {
-                    let message = format!("no shard {target}");
-                    self.answer(
-                        &route,
-                        state_machine::error(ErrorCode::WrongShard, &message),
-                    );
-                } else if target != self.local.shard {
-                    self.hand_over(target, route, op, no_forward);
-                } else {
-                    let change = change.clone();
+                let change = change.clone();
+                if let Some((route, op)) = self.on_shard(change.shard, route, op, no_forward) {
                     self.change_membership(route, op, &change, no_forward, out);
                 }
             }
             Op::OpenSession(ref open) if open.shard != self.local.shard => {
                 let target = open.shard;
-                if target >= self.node.config.shards {
-                    let message = format!("no shard {target}");
-                    self.answer(
-                        &route,
-                        state_machine::error(ErrorCode::WrongShard, &message),
-                    );
-                } else {
-                    self.hand_over(target, route, op, no_forward);
-                }
+                // Another shard of this node, or none: `on_shard` deals with it.
+                let _ = self.on_shard(target, route, op, no_forward);
             }
             Op::Put(_) | Op::Delete(_) | Op::Cas(_) | Op::OpenSession(_) => {
                 let token = self.token(route.clone());
@@ -169,6 +148,31 @@ impl Shard {
                     self.not_leader(route, op, not_leader, no_forward);
                 }
             }
+        }
+    }
+
+    /// An operation addressed to shard `target`: WRONG_SHARD if this node
+    /// has no such shard, handed over if it is another shard of this node;
+    /// given back when it is this shard's to serve.
+    fn on_shard(
+        &mut self,
+        target: u32,
+        route: Route,
+        op: Op,
+        no_forward: bool,
+    ) -> Option<(Route, Op)> {
+        if target >= self.node.config.shards {
+            let message = format!("no shard {target}");
+            self.answer(
+                &route,
+                state_machine::error(ErrorCode::WrongShard, &message),
+            );
+            None
+        } else if target != self.local.shard {
+            self.hand_over(target, route, op, no_forward);
+            None
+        } else {
+            Some((route, op))
         }
     }
 
