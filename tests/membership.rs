@@ -196,6 +196,34 @@ fn grow_three_to_five_kill_two_and_shrink_back_to_three() {
     }
     let members = members(&cluster);
     assert_eq!(members["disagreeing_shards"], serde_json::json!([]));
+
+    // A restarted node finds the members in its own log, not in its config
+    // file (whose `peers` still lists nodes 1, 2 and 3 only).
+    assert!(cluster.node(3).terminate().success());
+    let log_before = cluster.nodes[2].log().len();
+    cluster.node(3).start();
+    wait_ready(&cluster, 3);
+    wait_for(
+        "node 3 to be connected to nodes 4 and 5 again",
+        DEADLINE,
+        || {
+            let log = cluster.nodes[2].log();
+            let after = &log[log_before..];
+            ["peer=4", "peer=5"]
+                .iter()
+                .all(|peer| after.contains(&format!("connection up shard=0 {peer}")))
+                .then_some(())
+        },
+    );
+    let status = cluster.status(3).unwrap();
+    for shard in &status.shards {
+        let membership = shard.membership.as_ref().unwrap();
+        assert_eq!(membership.voters, vec![3, 4, 5]);
+        let ids: Vec<u64> = membership.nodes.iter().map(|n| n.node_id).collect();
+        assert_eq!(ids, vec![3, 4, 5]);
+    }
+    let (code, out, err) = cluster.cli(&["put", "after-restart", "yes"]);
+    assert_eq!(code, 0, "{out} {err}");
 }
 
 #[test]
