@@ -114,6 +114,8 @@ enum Command {
     /// Add, promote, remove and list the cluster's members.
     #[command(subcommand)]
     Member(crate::member::MemberCommand),
+    /// A live view of every node and shard (from their admin ports).
+    Top(crate::top::TopArgs),
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -150,6 +152,13 @@ pub fn main() -> ExitCode {
                     ExitCode::from(2)
                 }
             }
+        }
+        Command::Top(args) => {
+            init_logging(
+                &std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
+                false,
+            );
+            crate::top::run(args, cli.endpoints, cli.timeout)
         }
         Command::Dev(args) => {
             init_logging("info", false);
@@ -387,7 +396,7 @@ async fn client_command(
         Command::Status => status(&client, json).await,
         Command::TransferLeader { shard, to } => transfer_leader(&client, shard, to, json).await,
         Command::Member(command) => crate::member::run(&client, command, json, timeout).await,
-        Command::Run(_) | Command::Dev(_) | Command::Bench(_) => {
+        Command::Run(_) | Command::Dev(_) | Command::Bench(_) | Command::Top(_) => {
             unreachable!("handled before connecting")
         }
     };

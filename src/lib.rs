@@ -14,3 +14,4 @@ pub mod dev;
 mod duration;
 mod member;
 pub mod scrape;
+mod top;

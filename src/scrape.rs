@@ -1,6 +1,7 @@
 //! Reading a node's admin port from outside: one plain HTTP/1.1 request per
 //! connection, and the Prometheus text helpers that pick samples out of
-//! `/metrics`. Shared by `corekv bench` and the integration tests.
+//! `/metrics`. Shared by `corekv bench`, `corekv top` and the integration
+//! tests.
 
 use std::io::{self, Read, Write as _};
 use std::net::{TcpStream, ToSocketAddrs};
@@ -168,6 +169,103 @@ fn sample_value(after_labels: &str) -> Option<f64> {
     after_labels.split_whitespace().next()?.parse().ok()
 }
 
+/// One sample of Prometheus / OpenMetrics text: `name{labels} value`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Sample<'a> {
+    /// The sample's name (with `_total`, `_bucket`... as written).
+    pub name: &'a str,
+    /// Its labels as written (values unescaped only of `\"`; corekv's
+    /// label values need no escapes).
+    pub labels: Vec<(&'a str, &'a str)>,
+    /// Its value.
+    pub value: f64,
+}
+
+impl Sample<'_> {
+    /// The value of label `key`, if the sample has it.
+    pub fn label(&self, key: &str) -> Option<&str> {
+        self.labels.iter().find(|(k, _)| *k == key).map(|(_, v)| *v)
+    }
+}
+
+/// Every sample in `text`; comments, blank and malformed lines are skipped.
+pub fn samples(text: &str) -> impl Iterator<Item = Sample<'_>> {
+    text.lines().filter_map(parse_sample)
+}
+
+fn parse_sample(line: &str) -> Option<Sample<'_>> {
+    if line.starts_with('#') || line.trim().is_empty() {
+        return None;
+    }
+    let name_end = line.find(['{', ' '])?;
+    let name = &line[..name_end];
+    let mut labels = Vec::new();
+    let mut rest = &line[name_end..];
+    if let Some(inner) = rest.strip_prefix('{') {
+        let mut cursor = inner;
+        loop {
+            cursor = cursor.trim_start_matches([',', ' ']);
+            if let Some(after) = cursor.strip_prefix('}') {
+                rest = after;
+                break;
+            }
+            let (key, after_key) = cursor.split_once("=\"")?;
+            // The value ends at the first quote not escaped by a backslash.
+            let mut end = None;
+            let mut escaped = false;
+            for (i, c) in after_key.char_indices() {
+                match c {
+                    '\\' if !escaped => escaped = true,
+                    '"' if !escaped => {
+                        end = Some(i);
+                        break;
+                    }
+                    _ => escaped = false,
+                }
+            }
+            let end = end?;
+            labels.push((key.trim(), &after_key[..end]));
+            cursor = &after_key[end + 1..];
+        }
+    }
+    Some(Sample {
+        name,
+        labels,
+        value: sample_value(rest)?,
+    })
+}
+
+/// The `q` quantile (0..=1) of a histogram given as its cumulative buckets
+/// `(upper bound, count)`, by linear interpolation inside the bucket that
+/// holds it, as Prometheus' `histogram_quantile` does; None without
+/// observations. The `+Inf` bucket answers with the highest finite bound.
+pub fn histogram_quantile(q: f64, buckets: &[(f64, f64)]) -> Option<f64> {
+    let mut buckets = buckets.to_vec();
+    buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let total = buckets.last()?.1;
+    if total <= 0.0 {
+        return None;
+    }
+    let rank = q.clamp(0.0, 1.0) * total;
+    let (mut lower, mut below) = (0.0, 0.0);
+    for &(bound, count) in &buckets {
+        if count >= rank {
+            if bound.is_infinite() {
+                return Some(lower);
+            }
+            let inside = count - below;
+            let fraction = if inside > 0.0 {
+                (rank - below) / inside
+            } else {
+                1.0
+            };
+            return Some(lower + (bound - lower) * fraction);
+        }
+        (lower, below) = (bound, count);
+    }
+    Some(lower)
+}
+
 /// One answer, split at the end of its head.
 struct Answer {
     status_line: String,
@@ -319,6 +417,50 @@ mod tests {
         assert!(
             error.starts_with(&format!("cannot connect to admin {addr}: ")),
             "{error}"
+        );
+    }
+
+    #[test]
+    fn samples_parse_names_labels_and_values() {
+        let text = "# TYPE x counter\n\
+                    up 1\n\
+                    x_total{shard=\"0\",op=\"put\"} 12 1700000000\n\
+                    h_bucket{le=\"+Inf\",shard=\"1\"} 3.5\n\
+                    odd{note=\"a \\\"quoted\\\" }, word\"} 2\n\
+                    broken{shard=\"0\" 1\n\
+                    # EOF\n";
+        let all: Vec<Sample> = samples(text).collect();
+        assert_eq!(all.len(), 4, "{all:?}");
+        assert_eq!((all[0].name, all[0].value), ("up", 1.0));
+        assert_eq!(all[1].name, "x_total");
+        assert_eq!(all[1].label("op"), Some("put"));
+        assert_eq!(all[1].value, 12.0);
+        assert_eq!(all[2].label("le"), Some("+Inf"));
+        assert_eq!(all[3].label("note"), Some("a \\\"quoted\\\" }, word"));
+        assert_eq!(all[3].value, 2.0);
+    }
+
+    #[test]
+    fn histogram_quantile_interpolates_inside_the_bucket() {
+        let buckets = [
+            (0.001, 50.0),
+            (0.002, 90.0),
+            (0.004, 100.0),
+            (f64::INFINITY, 100.0),
+        ];
+        assert_eq!(histogram_quantile(0.5, &buckets), Some(0.001));
+        let p70 = histogram_quantile(0.7, &buckets).unwrap();
+        assert!((p70 - 0.0015).abs() < 1e-9, "{p70}");
+        let p99 = histogram_quantile(0.99, &buckets).unwrap();
+        assert!((p99 - 0.0038).abs() < 1e-9, "{p99}");
+        assert_eq!(
+            histogram_quantile(0.5, &[(1.0, 0.0), (f64::INFINITY, 0.0)]),
+            None
+        );
+        // Past the last finite bound: that bound, as Prometheus answers.
+        assert_eq!(
+            histogram_quantile(0.99, &[(1.0, 1.0), (f64::INFINITY, 10.0)]),
+            Some(1.0)
         );
     }
 
