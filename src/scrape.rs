@@ -163,6 +163,37 @@ pub fn metric_value(text: &str, name_and_labels: &str) -> Option<f64> {
     sample_value(&line[name_and_labels.len()..])
 }
 
+/// The metric families `text` declares in its `# TYPE` lines, as (family
+/// name, type) in the order given, e.g. `("wal_fsync_seconds", "histogram")`.
+pub fn metric_families(text: &str) -> Vec<(&str, &str)> {
+    text.lines()
+        .filter_map(|line| {
+            let mut fields = line.strip_prefix("# TYPE ")?.split_whitespace();
+            Some((fields.next()?, fields.next()?))
+        })
+        .collect()
+}
+
+/// True when Prometheus stores series named `name` from `text`: a sample of
+/// that name is there, or a declared family is exposed under it (a counter
+/// `f` as `f_total`, a histogram `f` as `f_bucket`, `f_sum` and `f_count`, a
+/// summary as `f`, `f_sum`, `f_count`, anything else as `f`). The families
+/// count because a label set created on first use (a peer, a refusal
+/// reason) has no sample until then, yet a query of it is right.
+pub fn exposes(text: &str, name: &str) -> bool {
+    metric_sum(text, name).is_some()
+        || metric_families(text).iter().any(|&(family, kind)| {
+            let suffixes: &[&str] = match kind {
+                "counter" => &["_total"],
+                "histogram" => &["_bucket", "_sum", "_count"],
+                "summary" => &["", "_sum", "_count"],
+                _ => &[""],
+            };
+            name.strip_prefix(family)
+                .is_some_and(|suffix| suffixes.contains(&suffix))
+        })
+}
+
 /// The value in what follows a sample's name and labels: the first field,
 /// since a timestamp may come after it.
 fn sample_value(after_labels: &str) -> Option<f64> {
@@ -476,6 +507,49 @@ mod tests {
         assert_eq!(metric_sum(text, "process_cpu_seconds_total"), Some(12.5));
         assert_eq!(metric_sum(text, "raft_leader_changes_total"), Some(5.0));
         assert_eq!(metric_sum(text, "raft_current_term"), None);
+    }
+
+    #[test]
+    fn exposes_knows_samples_and_the_series_names_of_declared_families() {
+        let text = "# TYPE raft_leader_changes counter\n\
+                    raft_leader_changes_total{shard=\"0\"} 2\n\
+                    # TYPE peer_messages_refused counter\n\
+                    # TYPE wal_fsync_seconds histogram\n\
+                    wal_fsync_seconds_bucket{le=\"+Inf\",shard=\"0\"} 1\n\
+                    # TYPE wal_segments gauge\n\
+                    # TYPE process_cpu_seconds_total counter\n\
+                    process_cpu_seconds_total 1.5\n\
+                    # EOF\n";
+        assert_eq!(
+            metric_families(text),
+            [
+                ("raft_leader_changes", "counter"),
+                ("peer_messages_refused", "counter"),
+                ("wal_fsync_seconds", "histogram"),
+                ("wal_segments", "gauge"),
+                ("process_cpu_seconds_total", "counter"),
+            ]
+        );
+        for name in [
+            "raft_leader_changes_total",
+            "peer_messages_refused_total",
+            "wal_fsync_seconds_bucket",
+            "wal_fsync_seconds_count",
+            "wal_segments",
+            "process_cpu_seconds_total",
+        ] {
+            assert!(exposes(text, name), "{name} is exposed");
+        }
+        for name in [
+            "raft_leader_changes",
+            "raft_leader_change_total",
+            "peer_messages_refused_count",
+            "wal_fsync_seconds",
+            "wal_segments_total",
+            "process_cpu_seconds",
+        ] {
+            assert!(!exposes(text, name), "{name} is not exposed");
+        }
     }
 
     #[test]
