@@ -441,7 +441,7 @@ pub fn run(args: BenchArgs, endpoints: Vec<String>, json: bool) -> anyhow::Resul
         None
     };
     let measured = run_measure(&settings)?;
-    let report = Report::new(&settings, prefill, measured);
+    let report = Report::new(&settings, prefill, &measured);
     if json {
         println!("{}", report.to_json());
     } else {

@@ -97,6 +97,16 @@ pub(super) struct Stats {
 }
 
 impl Stats {
+    /// Every operation type's results together (a type not in the mix
+    /// adds nothing).
+    pub(super) fn total(&self) -> OpStats {
+        let mut all = OpStats::default();
+        for op in &self.ops {
+            all.merge(op);
+        }
+        all
+    }
+
     pub(super) fn merge(&mut self, other: &Stats) {
         for (mine, theirs) in self.ops.iter_mut().zip(&other.ops) {
             mine.merge(theirs);
