@@ -40,7 +40,8 @@
 //!               "duration_s": 20.0 | null, "ops": null | 100000, "warmup_s": 2.0,
 //!               "key_size": 16, "value_size": 256, "keyspace": 100000,
 //!               "mix": { "put": 50, "get": 50, "cas": 0 },
-//!               "consistency": "linearizable", "seed": 1, "prefill": false },
+//!               "consistency": "linearizable", "seed": 1, "prefill": false,
+//!               "hdr": null | "FILE" },
 //!   "prefill": null | { "keys": 100000, "seconds": 3.2, "errors": { "CODE": n } },
 //!   "elapsed_s": 20.0,
 //!   "total": { same shape as one entry of "ops", all operation types merged },
@@ -71,9 +72,16 @@
 //! `UNAVAILABLE`, ...) or the client's own `CLIENT_TIMEOUT` (retries ran out
 //! of time) and `NO_ENDPOINT`.
 //!
+//! Besides the report, `--hdr FILE` writes the latency distribution in
+//! HdrHistogram's percentile text format, in milliseconds (see `hgrm.rs`),
+//! with one more file per operation type when the mix has several. The
+//! files are created before the run and written after the report.
+//!
 //! The exit code is 0 when the run completed, errors or not (they are in the
-//! report), and 2 when it could not run.
+//! report), and 2 when it could not run or its files could not be written.
 
+mod hgrm;
+mod outputs;
 mod report;
 mod settings;
 mod stats;
@@ -95,6 +103,7 @@ use corekv_proto::client::{Consistency, ErrorCode};
 
 use crate::scrape;
 
+use outputs::OutputFiles;
 use report::{
     progress_line, AdminScrape, ClusterSnapshot, DiskCounters, Measured, PrefillReport, Progress,
     Report, ShardTerm,
@@ -435,6 +444,7 @@ async fn execute(
 /// Runs `corekv bench`.
 pub fn run(args: BenchArgs, endpoints: Vec<String>, json: bool) -> anyhow::Result<ExitCode> {
     let settings = Settings::new(args, endpoints)?;
+    let files = OutputFiles::create(&settings)?;
     let prefill = if settings.args.prefill {
         Some(run_prefill(&settings)?)
     } else {
@@ -447,6 +457,7 @@ pub fn run(args: BenchArgs, endpoints: Vec<String>, json: bool) -> anyhow::Resul
     } else {
         print!("{}", report.to_table());
     }
+    files.write(&measured)?;
     Ok(ExitCode::SUCCESS)
 }
 

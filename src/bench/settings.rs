@@ -3,6 +3,7 @@
 //! report can describe the configuration without depending on the code that
 //! runs it.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::bail;
@@ -71,6 +72,12 @@ pub struct BenchArgs {
     /// How long one operation may take, client retries included.
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     pub request_timeout: Duration,
+    /// Also write the latency distribution in HdrHistogram's percentile text
+    /// format (.hgrm, values in milliseconds); with several operation types,
+    /// FILE holds them all and FILE with `.put`, `.get` or `.cas` before its
+    /// extension each one.
+    #[arg(long, value_name = "FILE")]
+    pub hdr: Option<PathBuf>,
 }
 
 /// Consistency of the benchmark's gets.
