@@ -353,6 +353,7 @@ impl Report {
                 "consistency": args.consistency.name(),
                 "seed": self.settings.seed,
                 "prefill": args.prefill,
+                "plot": args.plot.as_ref().map(|p| p.display().to_string()),
                 "hdr": args.hdr.as_ref().map(|p| p.display().to_string()),
             },
             "prefill": self.prefill.as_ref().map(|p| json!({

@@ -10,6 +10,7 @@ use anyhow::bail;
 use corekv_client::ClientOptions;
 use corekv_proto::client::Consistency;
 
+use super::timeline::Timeline;
 use super::workload::{digits_needed, Mix};
 use crate::duration::parse_duration;
 
@@ -72,6 +73,10 @@ pub struct BenchArgs {
     /// How long one operation may take, client retries included.
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     pub request_timeout: Duration,
+    /// Also draw the run as an SVG file: throughput, p50 and p99 per second,
+    /// and the latency by percentile.
+    #[arg(long, value_name = "FILE.svg")]
+    pub plot: Option<PathBuf>,
     /// Also write the latency distribution in HdrHistogram's percentile text
     /// format (.hgrm, values in milliseconds); with several operation types,
     /// FILE holds them all and FILE with `.put`, `.get` or `.cas` before its
@@ -193,6 +198,15 @@ impl Settings {
             request_timeout: self.args.request_timeout,
             ..Default::default()
         }
+    }
+
+    /// An empty timeline of the measured window when the run is plotted;
+    /// without --plot nothing is recorded per second.
+    pub(super) fn timeline(&self) -> Option<Timeline> {
+        self.args
+            .plot
+            .as_ref()
+            .map(|_| Timeline::new(self.duration))
     }
 
     /// Clients run by `thread`.
