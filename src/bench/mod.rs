@@ -40,7 +40,8 @@
 //!               "duration_s": 20.0 | null, "ops": null | 100000, "warmup_s": 2.0,
 //!               "key_size": 16, "value_size": 256, "keyspace": 100000,
 //!               "mix": { "put": 50, "get": 50, "cas": 0 },
-//!               "consistency": "linearizable", "seed": 1, "prefill": false },
+//!               "consistency": "linearizable", "seed": 1, "prefill": false,
+//!               "plot": null | "FILE.svg", "hdr": null | "FILE" },
 //!   "prefill": null | { "keys": 100000, "seconds": 3.2, "errors": { "CODE": n } },
 //!   "elapsed_s": 20.0,
 //!   "total": { same shape as one entry of "ops", all operation types merged },
@@ -71,12 +72,23 @@
 //! `UNAVAILABLE`, ...) or the client's own `CLIENT_TIMEOUT` (retries ran out
 //! of time) and `NO_ENDPOINT`.
 //!
+//! Besides the report, `--plot FILE.svg` draws the run (throughput and
+//! p50/p99 per second, latency by percentile; see `plot.rs`) and `--hdr FILE`
+//! writes the latency distribution in HdrHistogram's percentile text format,
+//! in milliseconds (see `hgrm.rs`), with one more file per operation type
+//! when the mix has several. Both files are created before the run and
+//! written after the report.
+//!
 //! The exit code is 0 when the run completed, errors or not (they are in the
-//! report), and 2 when it could not run.
+//! report), and 2 when it could not run or its files could not be written.
 
+mod hgrm;
+mod outputs;
+mod plot;
 mod report;
 mod settings;
 mod stats;
+mod timeline;
 mod workload;
 
 use std::cell::RefCell;
@@ -86,7 +98,7 @@ use std::process::ExitCode;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Barrier, Mutex, OnceLock};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{bail, Context as _};
 use bytes::Bytes;
@@ -95,6 +107,7 @@ use corekv_proto::client::{Consistency, ErrorCode};
 
 use crate::scrape;
 
+use outputs::OutputFiles;
 use report::{
     progress_line, AdminScrape, ClusterSnapshot, DiskCounters, Measured, PrefillReport, Progress,
     Report, ShardTerm,
@@ -266,7 +279,11 @@ async fn worker_main(shared: Arc<Shared>, thread: usize, ticks: mpsc::Sender<Tic
         return Stats::default();
     }
     let start = *shared.start.get().expect("start is set before `go`");
-    let stats = Rc::new(RefCell::new(Stats::default()));
+    let timeline = match shared.job {
+        Job::Measure => settings.timeline(),
+        Job::Prefill => None,
+    };
+    let stats = Rc::new(RefCell::new(Stats::new(timeline)));
     let tick = Rc::new(RefCell::new(Tick::new()));
     let values = Rc::new(value_pool(settings.seed, thread, settings.args.value_size));
     let finished = Rc::new(std::cell::Cell::new(false));
@@ -362,6 +379,14 @@ impl Slot {
                 let mut stats = self.stats.borrow_mut();
                 stats.ops[op.kind.index()].record(&outcome, latency_us);
                 stats.last_finish = stats.last_finish.max(Some(finished));
+                if let Some(timeline) = stats.timeline.as_mut() {
+                    let offset = finished.saturating_duration_since(measure_start);
+                    let completed_latency_us = match outcome {
+                        Outcome::Error(_) => None,
+                        _ => Some(latency_us),
+                    };
+                    timeline.record(offset, completed_latency_us);
+                }
             }
             if matches!(outcome, Outcome::Error(_)) {
                 monoio::time::sleep(ERROR_PAUSE).await;
@@ -435,18 +460,21 @@ async fn execute(
 /// Runs `corekv bench`.
 pub fn run(args: BenchArgs, endpoints: Vec<String>, json: bool) -> anyhow::Result<ExitCode> {
     let settings = Settings::new(args, endpoints)?;
+    let files = OutputFiles::create(&settings)?;
     let prefill = if settings.args.prefill {
         Some(run_prefill(&settings)?)
     } else {
         None
     };
+    let started = SystemTime::now();
     let measured = run_measure(&settings)?;
-    let report = Report::new(&settings, prefill, measured);
+    let report = Report::new(&settings, prefill, &measured);
     if json {
         println!("{}", report.to_json());
     } else {
         print!("{}", report.to_table());
     }
+    files.write(&settings, &measured, started)?;
     Ok(ExitCode::SUCCESS)
 }
 

@@ -278,7 +278,7 @@ impl Report {
     pub(super) fn new(
         settings: &Settings,
         prefill: Option<PrefillReport>,
-        measured: Measured,
+        measured: &Measured,
     ) -> Report {
         let rows: Vec<OpRow> = settings
             .args
@@ -286,11 +286,7 @@ impl Report {
             .kinds()
             .map(|k| OpRow::new(k.name(), &measured.stats.ops[k.index()], measured.elapsed))
             .collect();
-        let mut all = OpStats::default();
-        for kind in settings.args.mix.kinds() {
-            all.merge(&measured.stats.ops[kind.index()]);
-        }
-        let total = OpRow::new("total", &all, measured.elapsed);
+        let total = OpRow::new("total", &measured.stats.total(), measured.elapsed);
         Report {
             settings: settings.clone(),
             prefill,
@@ -357,6 +353,8 @@ impl Report {
                 "consistency": args.consistency.name(),
                 "seed": self.settings.seed,
                 "prefill": args.prefill,
+                "plot": args.plot.as_ref().map(|p| p.display().to_string()),
+                "hdr": args.hdr.as_ref().map(|p| p.display().to_string()),
             },
             "prefill": self.prefill.as_ref().map(|p| json!({
                 "keys": p.keys,
@@ -391,7 +389,7 @@ impl Report {
             args.key_size,
             args.value_size,
             args.keyspace,
-            self.mix_text(),
+            args.mix,
             if args.mix.weight(OpKind::Get) > 0 {
                 format!(", {} gets", args.consistency.name())
             } else {
@@ -489,15 +487,6 @@ impl Report {
             }
         }
         out
-    }
-
-    fn mix_text(&self) -> String {
-        let mix = &self.settings.args.mix;
-        OpKind::ALL
-            .iter()
-            .map(|k| format!("{}={}", k.name(), mix.weight(*k)))
-            .collect::<Vec<_>>()
-            .join(",")
     }
 }
 

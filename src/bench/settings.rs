@@ -3,12 +3,14 @@
 //! report can describe the configuration without depending on the code that
 //! runs it.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::bail;
 use corekv_client::ClientOptions;
 use corekv_proto::client::Consistency;
 
+use super::timeline::Timeline;
 use super::workload::{digits_needed, Mix};
 use crate::duration::parse_duration;
 
@@ -71,6 +73,16 @@ pub struct BenchArgs {
     /// How long one operation may take, client retries included.
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     pub request_timeout: Duration,
+    /// Also draw the run as an SVG file: throughput, p50 and p99 per second,
+    /// and the latency by percentile.
+    #[arg(long, value_name = "FILE.svg")]
+    pub plot: Option<PathBuf>,
+    /// Also write the latency distribution in HdrHistogram's percentile text
+    /// format (.hgrm, values in milliseconds); with several operation types,
+    /// FILE holds them all and FILE with `.put`, `.get` or `.cas` before its
+    /// extension each one.
+    #[arg(long, value_name = "FILE")]
+    pub hdr: Option<PathBuf>,
 }
 
 /// Consistency of the benchmark's gets.
@@ -186,6 +198,15 @@ impl Settings {
             request_timeout: self.args.request_timeout,
             ..Default::default()
         }
+    }
+
+    /// An empty timeline of the measured window when the run is plotted;
+    /// without --plot nothing is recorded per second.
+    pub(super) fn timeline(&self) -> Option<Timeline> {
+        self.args
+            .plot
+            .as_ref()
+            .map(|_| Timeline::new(self.duration))
     }
 
     /// Clients run by `thread`.

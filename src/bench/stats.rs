@@ -1,11 +1,13 @@
 //! What the workers measure: latency histograms and outcome counts per
-//! operation type, the per-second tick for the progress line, and how the
-//! threads' results merge into one.
+//! operation type, the per-second tick for the progress line, the timeline
+//! for --plot, and how the threads' results merge into one.
 
 use std::collections::BTreeMap;
 use std::time::Instant;
 
 use hdrhistogram::Histogram;
+
+use super::timeline::Timeline;
 
 /// Highest latency the histograms hold; slower operations count as this.
 const LATENCY_MAX_US: u64 = 60_000_000;
@@ -94,14 +96,38 @@ pub(super) struct Stats {
     pub(super) ops: [OpStats; 3],
     /// When the last recorded operation finished.
     pub(super) last_finish: Option<Instant>,
+    /// Every type's operations by the second they finished in (with --plot).
+    pub(super) timeline: Option<Timeline>,
 }
 
 impl Stats {
+    pub(super) fn new(timeline: Option<Timeline>) -> Stats {
+        Stats {
+            timeline,
+            ..Stats::default()
+        }
+    }
+
+    /// Every operation type's results together (a type not in the mix
+    /// adds nothing).
+    pub(super) fn total(&self) -> OpStats {
+        let mut all = OpStats::default();
+        for op in &self.ops {
+            all.merge(op);
+        }
+        all
+    }
+
     pub(super) fn merge(&mut self, other: &Stats) {
         for (mine, theirs) in self.ops.iter_mut().zip(&other.ops) {
             mine.merge(theirs);
         }
         self.last_finish = self.last_finish.max(other.last_finish);
+        match (&mut self.timeline, &other.timeline) {
+            (Some(mine), Some(theirs)) => mine.merge(theirs),
+            (None, Some(theirs)) => self.timeline = Some(theirs.clone()),
+            (_, None) => {}
+        }
     }
 }
 

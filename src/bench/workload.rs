@@ -113,6 +113,17 @@ impl Mix {
     }
 }
 
+/// As `--mix` takes it, every operation named: `put=50,get=50,cas=0`.
+impl std::fmt::Display for Mix {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for (i, kind) in OpKind::ALL.iter().enumerate() {
+            let separator = if i == 0 { "" } else { "," };
+            write!(f, "{separator}{}={}", kind.name(), self.weight(*kind))?;
+        }
+        Ok(())
+    }
+}
+
 /// `key_size` bytes naming key `index`: zero-padded decimal.
 ///
 /// # Panics
@@ -203,6 +214,7 @@ mod tests {
         assert_eq!(mix.weights, [50, 50, 0]);
         let mix = Mix::parse(" get = 3 ").unwrap();
         assert_eq!(mix.weights, [0, 3, 0]);
+        assert_eq!(mix.to_string(), "put=0,get=3,cas=0");
         assert_eq!(mix.kinds().collect::<Vec<_>>(), vec![OpKind::Get]);
     }
 
