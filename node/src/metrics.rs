@@ -633,7 +633,9 @@ fn process_metrics() -> String {
                 .unwrap_or(0.0);
             // OpenMetrics names a counter family without `_total` (its
             // sample has it); a strict parser refuses the whole page otherwise.
-            text.push_str("# HELP process_cpu_seconds Total user and system CPU time spent in seconds.\n");
+            text.push_str(
+                "# HELP process_cpu_seconds Total user and system CPU time spent in seconds.\n",
+            );
             text.push_str("# TYPE process_cpu_seconds counter\n");
             text.push_str(&format!(
                 "process_cpu_seconds_total {}\n",
