@@ -114,6 +114,10 @@ enum Command {
     /// Add, promote, remove and list the cluster's members.
     #[command(subcommand)]
     Member(crate::member::MemberCommand),
+    /// Read a stopped node's WAL or snapshot files (no connection; exit
+    /// code 1 if they are corrupt).
+    #[command(subcommand)]
+    Debug(crate::debug::DebugCommand),
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -151,6 +155,7 @@ pub fn main() -> ExitCode {
                 }
             }
         }
+        Command::Debug(command) => crate::debug::run(command, cli.json),
         Command::Dev(args) => {
             init_logging("info", false);
             match crate::dev::run(args) {
@@ -387,7 +392,7 @@ async fn client_command(
         Command::Status => status(&client, json).await,
         Command::TransferLeader { shard, to } => transfer_leader(&client, shard, to, json).await,
         Command::Member(command) => crate::member::run(&client, command, json, timeout).await,
-        Command::Run(_) | Command::Dev(_) | Command::Bench(_) => {
+        Command::Run(_) | Command::Dev(_) | Command::Bench(_) | Command::Debug(_) => {
             unreachable!("handled before connecting")
         }
     };
