@@ -116,6 +116,10 @@ enum Command {
     Member(crate::member::MemberCommand),
     /// A live view of every node and shard (from their admin ports).
     Top(crate::top::TopArgs),
+    /// Read a stopped node's WAL or snapshot files (no connection; exit
+    /// code 1 if they are corrupt).
+    #[command(subcommand)]
+    Debug(crate::debug::DebugCommand),
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -160,6 +164,7 @@ pub fn main() -> ExitCode {
             );
             crate::top::run(args, cli.endpoints, cli.timeout)
         }
+        Command::Debug(command) => crate::debug::run(command, cli.json),
         Command::Dev(args) => {
             init_logging("info", false);
             match crate::dev::run(args) {
@@ -396,7 +401,11 @@ async fn client_command(
         Command::Status => status(&client, json).await,
         Command::TransferLeader { shard, to } => transfer_leader(&client, shard, to, json).await,
         Command::Member(command) => crate::member::run(&client, command, json, timeout).await,
-        Command::Run(_) | Command::Dev(_) | Command::Bench(_) | Command::Top(_) => {
+        Command::Run(_)
+        | Command::Dev(_)
+        | Command::Bench(_)
+        | Command::Top(_)
+        | Command::Debug(_) => {
             unreachable!("handled before connecting")
         }
     };

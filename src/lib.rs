@@ -2,7 +2,8 @@
 //!
 //! Owns what an operator types: `corekv run` (hands the configuration to
 //! corekv-node), `corekv dev` (a local cluster of child processes), the
-//! client commands (through corekv-client) and `corekv bench`. It never
+//! client commands (through corekv-client), `corekv bench` and `corekv
+//! debug` (a stopped node's files, read-only). It never
 //! reaches into a node's internals: a running node is only ever spoken to
 //! over its client and admin ports, like any other program would; `scrape`
 //! is the one reader of an admin port, shared by bench and the integration
@@ -10,6 +11,7 @@
 
 pub mod bench;
 pub mod cli;
+mod debug;
 pub mod dev;
 mod duration;
 mod member;

@@ -25,6 +25,7 @@ use corekv_client::{Client, ClientError, ClientOptions};
 use corekv_proto::client::{
     request::Op, response, Consistency, ErrorCode, Get, Put, Request, Role, ShardStatus,
 };
+use corekv_wal::inspect;
 
 // ---------------------------------------------------------------------------
 // Tests
@@ -337,7 +338,7 @@ fn torn_tail_scenario(tear: Tear, restart: Restart) {
         // all zeros until its predecessor is durable.
         let newest = segments(&wal)
             .into_iter()
-            .rfind(|p| std::fs::read(p).unwrap().starts_with(SEGMENT_MAGIC))
+            .rfind(|p| has_header(p))
             .expect("a WAL segment with a header");
         let offset = tear_tail(&newest, &mut rng, tear);
         println!(
@@ -409,7 +410,7 @@ fn corrupt_record_in_an_older_wal_segment_refuses_to_start() {
     let wal = cluster.nodes[0].data_dir.join("shard-000").join("wal");
     let mut all: Vec<PathBuf> = segments(&wal)
         .into_iter()
-        .filter(|p| std::fs::read(p).unwrap().starts_with(SEGMENT_MAGIC))
+        .filter(|p| has_header(p))
         .collect();
     assert!(all.len() >= 4, "expected several segments: {all:?}");
     all.pop(); // the newest may end in a torn tail; leave it alone
@@ -1287,27 +1288,36 @@ fn segments(wal: &Path) -> Vec<PathBuf> {
     all
 }
 
-/// From wal/src/format.rs: records start after a 32-byte segment header,
-/// each `len u32 LE | crc32 u32 LE | kind u8 | payload`, 8-byte aligned.
-const SEGMENT_MAGIC: &[u8] = b"corekvWL";
-const SEGMENT_HEADER_LEN: usize = 32;
-const RECORD_HEADER_LEN: usize = 8;
-const KIND_ENTRIES: u8 = 1;
-
-/// (offset, len) of every record of a segment, in order.
-fn records(bytes: &[u8]) -> Vec<(usize, usize)> {
-    let mut out = Vec::new();
-    let mut offset = SEGMENT_HEADER_LEN;
-    while offset + RECORD_HEADER_LEN <= bytes.len() {
-        let len = u32::from_le_bytes(bytes[offset..offset + 4].try_into().unwrap()) as usize;
-        if len == 0 || offset + RECORD_HEADER_LEN + len > bytes.len() {
-            break;
-        }
-        out.push((offset, len));
-        offset = (offset + RECORD_HEADER_LEN + len).next_multiple_of(8);
-    }
-    out
+/// Whether a segment file has a valid header (a preallocated successor
+/// stays all zeros until its predecessor is durable).
+fn has_header(path: &Path) -> bool {
+    let bytes = std::fs::read(path).unwrap();
+    matches!(inspect::header(&bytes), inspect::Header::Valid { .. })
 }
+
+/// The records of a segment that check out, in order, read with the WAL's
+/// own reader: (offset, bytes with padding, whether it holds entries, bytes
+/// of kind and payload).
+fn records(bytes: &[u8]) -> Vec<(usize, usize, bool, usize)> {
+    inspect::Records::new(bytes)
+        .map_while(Result::ok)
+        .map(|r| {
+            let entries = matches!(r.content, inspect::Content::Entries(_));
+            (
+                r.offset as usize,
+                r.len as usize,
+                entries,
+                r.body_len as usize,
+            )
+        })
+        .collect()
+}
+
+/// Where records start in a segment.
+const FIRST_RECORD: usize = inspect::FIRST_RECORD_OFFSET as usize;
+/// The kind byte of an entries record (wal/src/format.rs), only to make the
+/// half-written record of a torn tail look like a real one.
+const KIND_ENTRIES: u8 = 1;
 
 /// How a test damages the newest WAL segment of a stopped node. The layout
 /// (wal/src/format.rs): a 32-byte header, then 8-byte aligned records
@@ -1335,14 +1345,8 @@ fn tear_tail(path: &Path, rng: &mut Rng, tear: Tear) -> u64 {
     let bytes = std::fs::read(path).unwrap();
     let written = records(&bytes)
         .last()
-        .map_or(SEGMENT_HEADER_LEN, |(offset, len)| {
-            offset + RECORD_HEADER_LEN + len
-        });
-    assert!(
-        written > SEGMENT_HEADER_LEN,
-        "{} has no records",
-        path.display()
-    );
+        .map_or(FIRST_RECORD, |&(offset, len, _, _)| offset + len);
+    assert!(written > FIRST_RECORD, "{} has no records", path.display());
     let file = std::fs::OpenOptions::new().write(true).open(path).unwrap();
     let (offset, garbage) = match tear {
         Tear::AfterLastRecord => {
@@ -1357,8 +1361,8 @@ fn tear_tail(path: &Path, rng: &mut Rng, tear: Tear) -> u64 {
             (offset, partial)
         }
         Tear::RandomOffset => {
-            let span = (written - SEGMENT_HEADER_LEN) as u64;
-            let offset = SEGMENT_HEADER_LEN + rng.below(span) as usize;
+            let span = (written - FIRST_RECORD) as u64;
+            let offset = FIRST_RECORD + rng.below(span) as usize;
             file.set_len(offset as u64).unwrap();
             file.set_len(bytes.len() as u64).unwrap();
             let mut flipped = vec![0u8; 512.min(bytes.len() - offset)];
@@ -1381,9 +1385,11 @@ fn flip_byte_in_large_record(path: &Path) -> u64 {
     let mut bytes = std::fs::read(path).unwrap();
     let (offset, len) = records(&bytes)
         .into_iter()
-        .find(|&(offset, len)| bytes[offset + RECORD_HEADER_LEN] == KIND_ENTRIES && len > 64 * 1024)
+        .find(|&(_, _, entries, body_len)| entries && body_len > 64 * 1024)
+        .map(|(offset, len, _, _)| (offset, len))
         .unwrap_or_else(|| panic!("no large entries record in {}", path.display()));
-    bytes[offset + RECORD_HEADER_LEN + len / 2] ^= 0x01;
+    // Half of a record this large is well inside its payload.
+    bytes[offset + len / 2] ^= 0x01;
     std::fs::write(path, bytes).unwrap();
     offset as u64
 }

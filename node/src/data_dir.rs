@@ -23,12 +23,37 @@ const FORMAT_PREFIX: &str = "corekv data format ";
 
 /// Where shard `shard` keeps its WAL.
 pub fn wal_dir(data_dir: &Path, shard: u32) -> PathBuf {
-    data_dir.join(format!("shard-{shard:03}")).join("wal")
+    data_dir.join(shard_dir_name(shard)).join("wal")
 }
 
 /// Where shard `shard` keeps its snapshot files.
 pub fn snapshot_dir(data_dir: &Path, shard: u32) -> PathBuf {
-    data_dir.join(format!("shard-{shard:03}")).join("snap")
+    data_dir.join(shard_dir_name(shard)).join("snap")
+}
+
+fn shard_dir_name(shard: u32) -> String {
+    format!("shard-{shard:03}")
+}
+
+/// The shard a directory name names (`shard-NNN`), if it names one.
+pub fn parse_shard_dir_name(name: &str) -> Option<u32> {
+    let digits = name.strip_prefix("shard-")?;
+    let shard = digits.parse().ok()?;
+    (shard_dir_name(shard) == name).then_some(shard)
+}
+
+/// The shard directories in a data directory, by shard.
+pub fn shard_dirs(data_dir: &Path) -> std::io::Result<Vec<(u32, PathBuf)>> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir(data_dir)? {
+        let entry = entry?;
+        let shard = entry.file_name().to_str().and_then(parse_shard_dir_name);
+        if let (Some(shard), true) = (shard, entry.path().is_dir()) {
+            found.push((shard, entry.path()));
+        }
+    }
+    found.sort();
+    Ok(found)
 }
 
 /// An exclusive lock on the data directory, held for the life of the node.
@@ -158,6 +183,25 @@ mod tests {
         assert_eq!(text, format!("corekv data format {DATA_FORMAT_VERSION}\n"));
         std::fs::create_dir_all(wal_dir(dir.path(), 0)).unwrap();
         check_format(dir.path()).unwrap();
+    }
+
+    #[test]
+    fn shard_dirs_are_found_by_their_names() {
+        let dir = tempfile::tempdir().unwrap();
+        for shard in [1, 0, 12] {
+            std::fs::create_dir_all(wal_dir(dir.path(), shard)).unwrap();
+        }
+        std::fs::create_dir_all(dir.path().join("shard-x")).unwrap();
+        std::fs::write(dir.path().join("shard-002"), b"a file").unwrap();
+        let found = shard_dirs(dir.path()).unwrap();
+        assert_eq!(
+            found.iter().map(|(s, _)| *s).collect::<Vec<_>>(),
+            vec![0, 1, 12]
+        );
+        assert_eq!(found[2].1, dir.path().join("shard-012"));
+        assert_eq!(parse_shard_dir_name("shard-007"), Some(7));
+        assert_eq!(parse_shard_dir_name("shard-7"), None);
+        assert_eq!(parse_shard_dir_name("snap"), None);
     }
 
     #[test]

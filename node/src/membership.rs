@@ -199,11 +199,44 @@ pub fn decode_change(entry: &Entry) -> Option<(ConfChangeV2, MembershipContext)>
     if entry.get_entry_type() != EntryType::EntryConfChangeV2 {
         return None;
     }
+    decode_change_data(&entry.data)
+}
+
+fn decode_change_data(data: &[u8]) -> Option<(ConfChangeV2, MembershipContext)> {
     let mut change = ConfChangeV2::default();
-    change.merge_from_bytes(&entry.data).ok()?;
+    change.merge_from_bytes(data).ok()?;
     // An empty context (raft-rs's own leave-joint entry) adds nobody.
     let context = MembershipContext::decode(change.context.as_ref()).ok()?;
     Some((change, context))
+}
+
+/// One node's part in a configuration change, in plain terms.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ChangeStep {
+    /// The node becomes a voter (added, or a learner promoted).
+    AddVoter(u64),
+    /// The node becomes a learner.
+    AddLearner(u64),
+    /// The node leaves the configuration.
+    Remove(u64),
+}
+
+/// What the data of a ConfChangeV2 entry changes, and the addresses its
+/// context carries, for tools that print a log without speaking raft-rs's
+/// types; `None` where [`decode_change`] skips the entry. No steps: the
+/// entry leaves a joint configuration.
+pub fn describe_change(data: &[u8]) -> Option<(Vec<ChangeStep>, MembershipContext)> {
+    let (change, context) = decode_change_data(data)?;
+    let steps = change
+        .changes
+        .iter()
+        .map(|single| match single.get_change_type() {
+            ConfChangeType::AddNode => ChangeStep::AddVoter(single.node_id),
+            ConfChangeType::AddLearnerNode => ChangeStep::AddLearner(single.node_id),
+            ConfChangeType::RemoveNode => ChangeStep::Remove(single.node_id),
+        })
+        .collect();
+    Some((steps, context))
 }
 
 /// Members `ids` on loopback with ports derived from the id: the
@@ -241,6 +274,29 @@ mod tests {
             assert_eq!(change.changes[0].node_id, i as u64 + 1);
             assert_eq!(context.members, vec![member(i as u64 + 1)]);
         }
+    }
+
+    #[test]
+    fn describe_change_says_who_is_added_and_where() {
+        for entry in bootstrap_entries(&[member(2), member(1)]) {
+            let (steps, context) = describe_change(&entry.data).unwrap();
+            assert_eq!(steps, vec![ChangeStep::AddVoter(entry.index)]);
+            assert_eq!(context.members, vec![member(entry.index)]);
+        }
+        let change = single_change(ConfChangeType::AddLearnerNode, 4, Some(&member(4)));
+        let data = change.write_to_bytes().unwrap();
+        let (steps, context) = describe_change(&data).unwrap();
+        assert_eq!(steps, vec![ChangeStep::AddLearner(4)]);
+        assert_eq!(context.members, vec![member(4)]);
+        let data = single_change(ConfChangeType::RemoveNode, 2, None)
+            .write_to_bytes()
+            .unwrap();
+        let (steps, context) = describe_change(&data).unwrap();
+        assert_eq!(
+            (steps, context.members),
+            (vec![ChangeStep::Remove(2)], vec![])
+        );
+        assert!(describe_change(&[0xff, 0xff]).is_none());
     }
 
     #[test]

@@ -91,10 +91,13 @@ pub enum SnapshotError {
         source: std::io::Error,
     },
     /// The file is not a valid snapshot.
-    #[error("snapshot {path} is corrupt: {reason}")]
+    #[error("snapshot {path} is corrupt at offset {offset}: {reason}")]
     Corrupt {
         /// The file.
         path: PathBuf,
+        /// Where decoding stopped (the damage is there or before it); where
+        /// the checksum sits if only the checksum disagrees.
+        offset: u64,
         /// What is wrong, with expected and actual values.
         reason: String,
     },
@@ -551,11 +554,29 @@ fn read_with(
     path: &Path,
     report: Option<(u32, &str)>,
 ) -> Result<(SnapshotMeta, Image), SnapshotError> {
+    let mut image = ImageBuilder::default();
+    let meta = visit_with(path, report, &mut image)?;
+    Ok((meta, image.finish()))
+}
+
+/// Reads and verifies a snapshot file in 1 MiB steps, handing each part to
+/// `visitor` as it is decoded and keeping nothing: for a reader that looks
+/// at a snapshot larger than it wants in memory (`corekv debug snapshot`).
+/// Returns the metadata, membership included.
+pub fn visit(path: &Path, visitor: &mut impl Visitor) -> Result<SnapshotMeta, SnapshotError> {
+    visit_with(path, None, visitor)
+}
+
+fn visit_with(
+    path: &Path,
+    report: Option<(u32, &str)>,
+    visitor: &mut impl Visitor,
+) -> Result<SnapshotMeta, SnapshotError> {
     let file = File::open(path).map_err(io(path, "open"))?;
     let len = file.metadata().map_err(io(path, "stat"))?.len();
     let mut progress = report.map(|(shard, what)| Progress::new(shard, what, Unit::Bytes, len));
     let reader = std::io::BufReader::with_capacity(1 << 20, file);
-    let decoded = decode_from(path, reader, len, progress.as_mut());
+    let decoded = decode_from(path, reader, len, progress.as_mut(), visitor);
     if let (Ok(_), Some(progress)) = (&decoded, &mut progress) {
         progress.finish();
     }
@@ -565,7 +586,54 @@ fn read_with(
 /// Verifies and decodes snapshot bytes (`path` only names them in errors).
 pub fn decode(path: &Path, bytes: Bytes) -> Result<(SnapshotMeta, Image), SnapshotError> {
     let len = bytes.len() as u64;
-    decode_from(path, bytes.reader(), len, None)
+    let mut image = ImageBuilder::default();
+    let meta = decode_from(path, bytes.reader(), len, None, &mut image)?;
+    Ok((meta, image.finish()))
+}
+
+/// What [`visit`] hands a reader, part by part in file order. The checksum
+/// covers the whole file and is read last: until `visit` returns Ok,
+/// nothing handed over is verified, so a visitor may show it but must not
+/// act on it.
+pub trait Visitor {
+    /// The header, before any pair: shard, index, term and the voter and
+    /// learner ids in `meta` (format 3's whole membership comes at the end,
+    /// in what `visit` returns), the file's format version and its pair count.
+    fn header(&mut self, meta: &SnapshotMeta, format_version: u32, pairs: u64);
+    /// One pair, in key order.
+    fn pair(&mut self, key: &[u8], value: Vec<u8>, version: u64);
+    /// One exactly-once session, and the bytes it takes in the file.
+    fn session(&mut self, id: u64, session: Session, bytes: u64);
+}
+
+/// The visitor that keeps everything: the state a node restores.
+#[derive(Default)]
+struct ImageBuilder {
+    map: Map,
+    sessions: Vec<(u64, Session)>,
+}
+
+impl ImageBuilder {
+    fn finish(self) -> Image {
+        Image {
+            map: self.map,
+            sessions: Sessions::from_sessions(self.sessions),
+        }
+    }
+}
+
+impl Visitor for ImageBuilder {
+    fn header(&mut self, _: &SnapshotMeta, _: u32, _: u64) {}
+
+    fn pair(&mut self, key: &[u8], value: Vec<u8>, version: u64) {
+        let value = Bytes::from(value);
+        self.map
+            .insert(Key::from_slice(key), Versioned { value, version });
+    }
+
+    fn session(&mut self, id: u64, session: Session, _: u64) {
+        self.sessions.push((id, session));
+    }
 }
 
 /// Pairs decoded between two looks at the clock for progress lines.
@@ -642,23 +710,28 @@ fn decode_from<R: Read>(
     reader: R,
     len: u64,
     progress: Option<&mut Progress>,
-) -> Result<(SnapshotMeta, Image), SnapshotError> {
-    let corrupt = |reason: String| SnapshotError::Corrupt {
+    visitor: &mut impl Visitor,
+) -> Result<SnapshotMeta, SnapshotError> {
+    let corrupt = |offset: u64, reason: String| SnapshotError::Corrupt {
         path: path.to_path_buf(),
+        offset,
         reason,
     };
     let min_len = (MAGIC.len() + 4 + 4 + 8 + 8 + 4 + 4 + 8 + CHECKSUM_LEN) as u64;
     if len < min_len {
-        return Err(corrupt(format!(
-            "length {len} is below the minimum {min_len}"
-        )));
+        return Err(corrupt(
+            0,
+            format!("length {len} is below the minimum {min_len}"),
+        ));
     }
+    let body_len = len - CHECKSUM_LEN as u64;
     let mut body = Body {
         reader,
-        remaining: len - CHECKSUM_LEN as u64,
+        remaining: body_len,
         hasher: crc32fast::Hasher::new(),
     };
-    let decoded = decode_body(&mut body, len, progress);
+    let decoded = decode_body(&mut body, len, progress, visitor);
+    let stopped_at = body_len - body.remaining;
     // A damaged file is reported as such, even where it also fails to
     // decode: read the rest, then compare checksums.
     let drained = match &decoded {
@@ -677,14 +750,18 @@ fn decode_from<R: Read>(
         }
         Ok(())
     });
-    let stop = |stop| match stop {
-        Stop::Corrupt(reason) => corrupt(reason),
-        Stop::Io(e) => io(path, "read")(e),
-    };
     match (decoded, checked) {
-        (_, Err(e @ Stop::Corrupt(_))) => Err(stop(e)),
-        (Err(e), _) | (_, Err(e)) => Err(stop(e)),
-        (Ok(decoded), Ok(())) => Ok(decoded),
+        (Err(Stop::Corrupt(why)), Err(Stop::Corrupt(checksum))) => Err(corrupt(
+            stopped_at,
+            format!("{checksum}; decoding stopped here: {why}"),
+        )),
+        (_, Err(Stop::Corrupt(checksum))) => Err(corrupt(
+            body_len,
+            format!("{checksum} over bytes 0..{body_len}"),
+        )),
+        (Err(Stop::Corrupt(why)), Ok(())) => Err(corrupt(stopped_at, why)),
+        (Err(Stop::Io(e)), _) | (_, Err(Stop::Io(e))) => Err(io(path, "read")(e)),
+        (Ok(meta), Ok(())) => Ok(meta),
     }
 }
 
@@ -692,7 +769,8 @@ fn decode_body<R: Read>(
     body: &mut Body<R>,
     len: u64,
     mut progress: Option<&mut Progress>,
-) -> Result<(SnapshotMeta, Image), Stop> {
+    visitor: &mut impl Visitor,
+) -> Result<SnapshotMeta, Stop> {
     let corrupt = |reason: String| Stop::Corrupt(reason);
     let mut magic = [0u8; MAGIC.len()];
     body.fill(&mut magic)?;
@@ -722,7 +800,7 @@ fn decode_body<R: Read>(
     }
     body.need(8, "pair count")?;
     let count = body.u64()?;
-    let mut map = Map::new();
+    visitor.header(&meta, version, count);
     let mut key_buf = Vec::new();
     for i in 0..count {
         if i % PAIRS_PER_PROGRESS_CHECK == 0 {
@@ -740,7 +818,6 @@ fn decode_body<R: Read>(
         body.need(u64::from(key_len), "key")?;
         key_buf.resize(key_len as usize, 0);
         body.fill(&mut key_buf)?;
-        let key = Key::from_slice(&key_buf);
         body.need(4, "value length")?;
         let value_len = body.u32()?;
         if value_len > MAX_ITEM_BYTES {
@@ -749,11 +826,10 @@ fn decode_body<R: Read>(
             )));
         }
         body.need(u64::from(value_len) + 8, "value")?;
-        let value = Bytes::from(body.bytes(value_len as usize, "value")?);
+        let value = body.bytes(value_len as usize, "value")?;
         let version = body.u64()?;
-        map.insert(key, Versioned { value, version });
+        visitor.pair(&key_buf, value, version);
     }
-    let mut sessions = Vec::new();
     if version != FORMAT_VERSION_WITHOUT_SESSIONS {
         body.need(8, "session count")?;
         let count = body.u64()?;
@@ -761,6 +837,7 @@ fn decode_body<R: Read>(
             return Err(corrupt(format!("session count {count} is impossible")));
         }
         for i in 0..count {
+            let start = body.remaining;
             body.need(20, "session header")?;
             let id = body.u64()?;
             let mut session = Session {
@@ -780,7 +857,7 @@ fn decode_body<R: Read>(
                     .ok_or_else(|| corrupt(format!("session {i}: an empty result")))?;
                 session.results.insert(sequence, result);
             }
-            sessions.push((id, session));
+            visitor.session(id, session, start - body.remaining);
         }
     }
     if version > FORMAT_VERSION_WITHOUT_MEMBERSHIP {
@@ -800,11 +877,7 @@ fn decode_body<R: Read>(
             body.remaining
         )));
     }
-    let image = Image {
-        map,
-        sessions: Sessions::from_sessions(sessions),
-    };
-    Ok((meta, image))
+    Ok(meta)
 }
 
 /// Snapshot files in `dir`, newest first, as (index, term, path).
@@ -1029,6 +1102,105 @@ mod tests {
             );
         }
         assert!(decode(&path, Bytes::from(good[..good.len() - 9].to_vec())).is_err());
+    }
+
+    #[derive(Default)]
+    struct Recorder {
+        header: Option<(SnapshotMeta, u32, u64)>,
+        pairs: Vec<(Vec<u8>, usize, u64)>,
+        sessions: Vec<(u64, u64)>,
+    }
+
+    impl Visitor for Recorder {
+        fn header(&mut self, meta: &SnapshotMeta, format_version: u32, pairs: u64) {
+            self.header = Some((meta.clone(), format_version, pairs));
+        }
+
+        fn pair(&mut self, key: &[u8], value: Vec<u8>, version: u64) {
+            self.pairs.push((key.to_vec(), value.len(), version));
+        }
+
+        fn session(&mut self, id: u64, _: Session, bytes: u64) {
+            self.sessions.push((id, bytes));
+        }
+    }
+
+    #[test]
+    fn visit_hands_over_every_part_in_file_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let (meta, image) = sample();
+        let path = write(dir.path(), &meta, &image).unwrap();
+        let mut recorder = Recorder::default();
+        assert_eq!(visit(&path, &mut recorder).unwrap(), meta);
+        let (header, version, pairs) = recorder.header.unwrap();
+        assert_eq!((header.shard, header.index, header.term), (3, 42, 7));
+        assert_eq!(header.membership.voters, meta.membership.voters);
+        assert_eq!((version, pairs), (FORMAT_VERSION, 100));
+        let expected: Vec<(Vec<u8>, usize, u64)> = image
+            .map
+            .iter()
+            .map(|(k, v)| (k.as_slice().to_vec(), v.value.len(), v.version))
+            .collect();
+        assert_eq!(recorder.pairs, expected);
+        let ids: Vec<u64> = image.sessions.iter().map(|(id, _)| id).collect();
+        assert_eq!(
+            recorder
+                .sessions
+                .iter()
+                .map(|(id, _)| *id)
+                .collect::<Vec<_>>(),
+            ids
+        );
+        // Session bytes: everything between the pairs and the membership.
+        let pairs_end = 80
+            + expected
+                .iter()
+                .map(|(k, v, _)| 16 + k.len() + v)
+                .sum::<usize>();
+        let membership_start = fs::metadata(&path).unwrap().len() as usize
+            - CHECKSUM_LEN
+            - 4
+            - meta.membership.encoded_len();
+        let session_bytes: u64 = recorder.sessions.iter().map(|(_, b)| b).sum();
+        assert_eq!(session_bytes as usize, membership_start - pairs_end - 8);
+    }
+
+    #[test]
+    fn corruption_names_the_offset_where_decoding_stopped() {
+        let dir = tempfile::tempdir().unwrap();
+        let (meta, image) = sample();
+        let path = write(dir.path(), &meta, &image).unwrap();
+        let good = fs::read(&path).unwrap();
+        let body_len = good.len() - CHECKSUM_LEN;
+        // Header 32, 3 voters and 1 learner (4 + 24 + 4 + 8), pair count 8:
+        // the first key's length sits at offset 80.
+        let mut bad = good.clone();
+        bad[80..84].copy_from_slice(&u32::MAX.to_le_bytes());
+        let error = decode(&path, Bytes::from(bad.clone()))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains("corrupt at offset 84: checksum expected")
+                && error.contains("decoding stopped here: pair 0: key length"),
+            "{error}"
+        );
+        // The same with a checksum that matches: a decoding error alone.
+        let crc = crc32fast::hash(&bad[..body_len]);
+        bad[body_len..].copy_from_slice(&crc.to_le_bytes());
+        let error = decode(&path, Bytes::from(bad)).unwrap_err().to_string();
+        assert!(
+            error.ends_with("corrupt at offset 84: pair 0: key length 4294967295 is impossible"),
+            "{error}"
+        );
+        // A flip inside a value decodes: only the checksum can tell.
+        let mut bad = good.clone();
+        bad[100] ^= 1;
+        let error = decode(&path, Bytes::from(bad)).unwrap_err().to_string();
+        assert!(
+            error.contains(&format!("corrupt at offset {body_len}: checksum expected"))
+                && error.ends_with(&format!("over bytes 0..{body_len}")),
+            "{error}"
+        );
     }
 
     #[test]

@@ -40,6 +40,9 @@
 //!   [`WalError::Poisoned`] until it is reopened (after a failed fdatasync
 //!   the kernel may have dropped the dirty pages, so memory no longer says
 //!   what is on disk).
+//! - **Inspection** ([`inspect`]): the records of a segment file's bytes,
+//!   decoded and checked as recovery does, for tools; it never writes,
+//!   locks or repairs.
 //! - **Limits**: a batch larger than a segment is split across records and
 //!   segments; a single entry that does not fit an empty segment is
 //!   [`WalError::EntryTooLarge`]. One `Wal` per directory (lock file).
@@ -49,6 +52,7 @@
 mod error;
 mod format;
 mod index;
+pub mod inspect;
 mod lock;
 mod prepare;
 mod recovery;

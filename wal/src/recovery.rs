@@ -425,7 +425,7 @@ impl Replay {
 
 /// Offsets of the first and last non-zero byte, if any. Skips zero pages
 /// fast: the unwritten rest of a segment is usually most of it.
-fn nonzero_span(bytes: &[u8]) -> Option<(usize, usize)> {
+pub(crate) fn nonzero_span(bytes: &[u8]) -> Option<(usize, usize)> {
     const CHUNK: usize = 4096;
     let is_zero = |chunk: &[u8]| chunk.iter().fold(0u8, |acc, &b| acc | b) == 0;
     let first_chunk = bytes.chunks(CHUNK).position(|chunk| !is_zero(chunk))?;
