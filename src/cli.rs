@@ -30,7 +30,8 @@ pub struct Cli {
         value_delimiter = ','
     )]
     endpoints: Vec<String>,
-    /// Print one JSON object instead of human-readable output.
+    /// Print JSON instead of human-readable output: one object (JSON lines
+    /// from the `debug` commands).
     #[arg(long, global = true)]
     json: bool,
     /// How long a client command may take, retries included.

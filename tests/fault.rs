@@ -284,15 +284,11 @@ fn torn_wal_tail_at_a_random_offset_is_repaired_after_a_cluster_restart() {
 /// must not die of it: it lowers its commit index at start-up, clamps the
 /// leader's heartbeat commit to its log, and the leader resends the rest.
 ///
-/// Ignored: at cb28c5a the follower no longer panics, but it never catches
-/// up. It logs `heartbeat commit beyond our log: entries were lost
-/// locally shard=0 leader_commit=150 last_index=104` every heartbeat, and
-/// nothing is resent: the leader's `Progress.matched` for it is still 150,
-/// equal to the leader's last index, so raft-rs sees nothing to send; and
-/// when a new entry is sent, the follower's rejection (at index 150 <=
-/// matched) is dropped by `maybe_decr_to` as stale. The leader has to lower
-/// `matched` (e.g. become_probe with `matched = 0`) when the peer reconnects,
-/// or the follower must come back through a snapshot.
+/// The leader's part: once the follower's link comes back, it forgets what
+/// it believed the follower holds and probes from its log's end
+/// (`Replica::peer_reconnected`); without that, raft-rs saw nothing to resend
+/// (its `matched` for the follower was still past the follower's log) and
+/// dropped the follower's rejections as stale.
 #[test]
 fn torn_wal_tail_at_a_random_offset_on_a_restarted_follower() {
     torn_tail_scenario(Tear::RandomOffset, Restart::Follower);
