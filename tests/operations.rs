@@ -342,3 +342,43 @@ fn frames_for_a_dead_peer_are_counted_as_dropped() {
         dropped(&cluster).filter(|&n| n > before)
     });
 }
+
+#[test]
+fn the_admin_port_keeps_connections_alive_and_silent_clients_do_not_block_it() {
+    use std::io::{Read, Write};
+    use std::net::TcpStream;
+    let mut cluster = Cluster::start(1, 1);
+    cluster.wait_for_leaders();
+    let admin = cluster.nodes[0].admin_addr();
+    // Clients that connect and say nothing hold every worker but one.
+    let silent: Vec<TcpStream> = (0..corekv_node::admin::ADMIN_WORKERS - 1)
+        .map(|_| TcpStream::connect(&admin).unwrap())
+        .collect();
+    // Two requests on one connection (keep-alive), answered in order; HEAD
+    // gets the head only.
+    let mut stream = TcpStream::connect(&admin).unwrap();
+    stream
+        .set_read_timeout(Some(std::time::Duration::from_secs(30)))
+        .unwrap();
+    stream
+        .write_all(
+            b"HEAD /metrics HTTP/1.1\r\nHost: x\r\n\r\n\
+              GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        )
+        .unwrap();
+    let mut text = String::new();
+    stream.read_to_string(&mut text).unwrap();
+    assert_eq!(text.matches("HTTP/1.1 200 OK").count(), 2, "{text}");
+    assert!(text.contains("Connection: keep-alive"), "{text}");
+    assert_eq!(text.matches("raft_current_term{").count(), 1, "{text}");
+    // A request with a body is refused; the port serves the next client.
+    let mut stream = TcpStream::connect(&admin).unwrap();
+    stream
+        .write_all(b"GET /status HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nabc")
+        .unwrap();
+    let mut text = String::new();
+    stream.read_to_string(&mut text).unwrap();
+    assert!(text.starts_with("HTTP/1.1 400"), "{text}");
+    assert!(scrape::get(&admin, "/status").is_ok());
+    drop(silent);
+}

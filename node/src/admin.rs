@@ -1,11 +1,16 @@
 //! The admin HTTP server: `/metrics`, `/status`, `/health/live`,
 //! `/health/ready`.
 //!
-//! It runs on its own thread with blocking std sockets, far from the shard
-//! threads: a slow scraper can never delay a request. Answers are small, so
-//! it speaks just enough HTTP/1.1: one request per connection.
+//! It runs on threads of its own with blocking std sockets, far from the
+//! shard threads: a slow scraper can never delay a request. A fixed pool of
+//! [`ADMIN_WORKERS`] threads accepts connections, each serving one
+//! connection at a time with keep-alive (as Prometheus scrapes); a client
+//! that is slow to send or read holds one worker for at most
+//! [`ADMIN_IO_TIMEOUT`] per step, and further connections wait in the
+//! listen backlog, so the port's threads and memory are bounded whatever
+//! clients do. Requests are parsed with httparse; nothing here takes a body.
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,6 +21,21 @@ use serde_json::json;
 use corekv_proto::client::ShardStatus;
 
 use crate::shared::NodeShared;
+
+/// Connections the admin port serves at once; more wait to be accepted.
+pub const ADMIN_WORKERS: usize = 4;
+/// A connection that sends nothing (between requests or within one) or
+/// does not take the answer for this long is closed.
+pub const ADMIN_IO_TIMEOUT: Duration = Duration::from_secs(5);
+/// Largest request head (request line and headers) read.
+const MAX_REQUEST_HEAD_BYTES: usize = 8 << 10;
+/// Headers of one request looked at (more: 431).
+const MAX_REQUEST_HEADERS: usize = 32;
+/// Requests served on one connection before it is closed, so one client
+/// cannot keep a worker for ever.
+const MAX_REQUESTS_PER_CONNECTION: usize = 10_000;
+/// Pause after a failed accept (out of descriptors) before the next.
+const ACCEPT_RETRY: Duration = Duration::from_millis(10);
 
 /// A replica whose applied index trails its commit index by more than this
 /// is not ready.
@@ -28,58 +48,181 @@ pub const READY_MAX_APPLY_LAG: u64 = 1000;
 /// fsync, thousands of entries when the disk is slow for a moment.
 pub const READY_MAX_LEADER_LAG: u64 = 10_000;
 
-/// Binds the admin port and serves it on a new thread.
+/// Binds the admin port and serves it on [`ADMIN_WORKERS`] new threads.
 pub fn start(node: Arc<NodeShared>) -> anyhow::Result<()> {
     let addr = format!("{}:{}", node.config.listen_host, node.config.admin_port);
     let listener = TcpListener::bind(&addr)
         .with_context(|| format!("cannot listen for admin HTTP on {addr}"))?;
     tracing::info!(%addr, "admin HTTP listening");
-    std::thread::Builder::new()
-        .name("corekv-admin".into())
-        .spawn(move || {
-            for stream in listener.incoming() {
-                match stream {
-                    Ok(stream) => {
+    for worker in 0..ADMIN_WORKERS {
+        let listener = listener
+            .try_clone()
+            .context("cannot share the admin listener")?;
+        let node = node.clone();
+        std::thread::Builder::new()
+            .name(format!("corekv-admin-{worker}"))
+            .spawn(move || loop {
+                match listener.accept() {
+                    Ok((stream, _)) => {
                         if let Err(e) = serve(stream, &node) {
-                            tracing::debug!(error = %e, "admin request failed");
+                            tracing::debug!(error = %e, "admin connection ended");
                         }
                     }
-                    Err(e) => tracing::warn!(error = %e, "admin accept failed"),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "admin accept failed");
+                        std::thread::sleep(ACCEPT_RETRY);
+                    }
                 }
-            }
-        })
-        .context("cannot start the admin thread")?;
+            })
+            .context("cannot start an admin thread")?;
+    }
     Ok(())
 }
 
-fn serve(stream: TcpStream, node: &NodeShared) -> std::io::Result<()> {
-    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
-    stream.set_write_timeout(Some(Duration::from_secs(5)))?;
-    let mut reader = BufReader::new(stream.try_clone()?);
-    let mut request_line = String::new();
-    reader.read_line(&mut request_line)?;
-    // Skip headers; nothing here takes a body.
-    let mut header = String::new();
-    while reader.read_line(&mut header)? > 2 {
-        header.clear();
+/// One request as far as routing needs it.
+struct Head {
+    method: String,
+    path: String,
+    keep_alive: bool,
+    /// Bytes of the head in the read buffer.
+    len: usize,
+}
+
+/// What reading the next request found.
+enum Next {
+    Request(Head),
+    /// The client closed the connection between requests.
+    Closed,
+    /// A malformed or oversized request: answered, then the connection closes.
+    Refused(&'static str, String),
+}
+
+/// Serves the requests of one connection until it closes, asks to close,
+/// errs or times out.
+fn serve(mut stream: TcpStream, node: &NodeShared) -> std::io::Result<()> {
+    stream.set_read_timeout(Some(ADMIN_IO_TIMEOUT))?;
+    stream.set_write_timeout(Some(ADMIN_IO_TIMEOUT))?;
+    let mut buffer = Vec::with_capacity(1024);
+    for _ in 0..MAX_REQUESTS_PER_CONNECTION {
+        let head = match next_request(&mut stream, &mut buffer)? {
+            Next::Request(head) => head,
+            Next::Closed => return Ok(()),
+            Next::Refused(status, reason) => {
+                return respond(&mut stream, status, TEXT, &reason, false, true);
+            }
+        };
+        buffer.drain(..head.len);
+        let path = head.path.split('?').next().unwrap_or("");
+        let (status, content_type, body) = route(&head.method, path, node);
+        let with_body = head.method != "HEAD";
+        respond(
+            &mut stream,
+            status,
+            content_type,
+            &body,
+            with_body,
+            !head.keep_alive,
+        )?;
+        if !head.keep_alive {
+            return Ok(());
+        }
     }
-    let mut parts = request_line.split_whitespace();
-    let method = parts.next().unwrap_or("");
-    let path = parts.next().unwrap_or("").split('?').next().unwrap_or("");
-    let (status, content_type, body) = route(method, path, node);
-    let mut stream = stream;
-    write!(
-        stream,
-        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+    Ok(())
+}
+
+/// Reads until `buffer` holds a whole request head.
+fn next_request(stream: &mut TcpStream, buffer: &mut Vec<u8>) -> std::io::Result<Next> {
+    let mut chunk = [0u8; 1024];
+    loop {
+        let mut headers = [httparse::EMPTY_HEADER; MAX_REQUEST_HEADERS];
+        let mut request = httparse::Request::new(&mut headers);
+        match request.parse(buffer) {
+            Ok(httparse::Status::Complete(len)) => {
+                let header = |name: &str| {
+                    request
+                        .headers
+                        .iter()
+                        .find(|h| h.name.eq_ignore_ascii_case(name))
+                        .map(|h| String::from_utf8_lossy(h.value).to_ascii_lowercase())
+                };
+                if header("content-length").is_some_and(|l| l.trim() != "0")
+                    || header("transfer-encoding").is_some()
+                {
+                    return Ok(Next::Refused(
+                        "400 Bad Request",
+                        "requests to the admin port take no body\n".into(),
+                    ));
+                }
+                let connection = header("connection").unwrap_or_default();
+                // HTTP/1.1 keeps the connection unless told; 1.0 only if asked.
+                let keep_alive = match request.version {
+                    Some(1) => !connection.contains("close"),
+                    _ => connection.contains("keep-alive"),
+                };
+                return Ok(Next::Request(Head {
+                    method: request.method.unwrap_or("").to_string(),
+                    path: request.path.unwrap_or("").to_string(),
+                    keep_alive,
+                    len,
+                }));
+            }
+            Ok(httparse::Status::Partial) if buffer.len() >= MAX_REQUEST_HEAD_BYTES => {
+                return Ok(Next::Refused(
+                    "431 Request Header Fields Too Large",
+                    format!("request head longer than {MAX_REQUEST_HEAD_BYTES} bytes\n"),
+                ));
+            }
+            Ok(httparse::Status::Partial) => {}
+            Err(httparse::Error::TooManyHeaders) => {
+                return Ok(Next::Refused(
+                    "431 Request Header Fields Too Large",
+                    format!("more than {MAX_REQUEST_HEADERS} headers\n"),
+                ));
+            }
+            Err(e) => {
+                return Ok(Next::Refused(
+                    "400 Bad Request",
+                    format!("malformed request: {e}\n"),
+                ));
+            }
+        }
+        let n = stream.read(&mut chunk)?;
+        if n == 0 {
+            return if buffer.is_empty() {
+                Ok(Next::Closed)
+            } else {
+                Err(std::io::ErrorKind::UnexpectedEof.into())
+            };
+        }
+        buffer.extend_from_slice(&chunk[..n]);
+    }
+}
+
+fn respond(
+    stream: &mut TcpStream,
+    status: &str,
+    content_type: &str,
+    body: &str,
+    with_body: bool,
+    close: bool,
+) -> std::io::Result<()> {
+    let connection = if close { "close" } else { "keep-alive" };
+    let head = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: {connection}\r\n\r\n",
         body.len()
-    )?;
-    stream.write_all(body.as_bytes())?;
+    );
+    let mut answer = head.into_bytes();
+    if with_body {
+        answer.extend_from_slice(body.as_bytes());
+    }
+    stream.write_all(&answer)?;
     stream.flush()
 }
 
+const JSON: &str = "application/json";
+const TEXT: &str = "text/plain; charset=utf-8";
+
 fn route(method: &str, path: &str, node: &NodeShared) -> (&'static str, &'static str, String) {
-    const JSON: &str = "application/json";
-    const TEXT: &str = "text/plain; charset=utf-8";
     let known = ["/metrics", "/status", "/health/live", "/health/ready"];
     if !known.contains(&path) {
         return ("404 Not Found", TEXT, format!("no such path: {path}\n"));
