@@ -203,8 +203,7 @@ enum Next {
 
 /// The segment files of `dir`, oldest first.
 fn segment_files(dir: &Path) -> anyhow::Result<Vec<(u64, PathBuf)>> {
-    // The WAL's error already says what the OS said: no source chain.
-    inspect::segment_files(dir).map_err(|e| anyhow::anyhow!("{e}"))
+    Ok(inspect::segment_files(dir)?)
 }
 
 fn read_dir(dir: &Path, args: &WalArgs, out: &mut Out) -> anyhow::Result<Verdict> {

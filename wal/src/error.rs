@@ -23,14 +23,16 @@ pub enum WalError {
     },
     /// A system call on a WAL file or directory failed (ENOSPC, EIO, ...).
     /// On a write path this also puts the WAL in the failed state.
-    #[error("WAL I/O error during {op} of {}: {source}", .path.display())]
+    #[error("WAL I/O error during {op} of {}: {error}", .path.display())]
     Io {
         /// The file or directory the call was made on.
         path: PathBuf,
         /// The operation, e.g. "fdatasync" or "preallocate".
         op: &'static str,
-        /// The error the kernel returned.
-        source: io::Error,
+        /// The error the kernel returned. Not named `source`: the message
+        /// already carries it, and as the source as well anyhow's `{:#}`
+        /// printed it twice.
+        error: io::Error,
     },
     /// Another `Wal` (in this process or another) holds the directory's lock
     /// file. Two writers would interleave records and corrupt the log.
@@ -47,14 +49,14 @@ pub enum WalError {
     /// `appended` entries are in the log, the rest are not. The
     /// WAL stays usable; retry the rest later (the preparer is already
     /// trying again) and it succeeds once space is freed.
-    #[error("WAL cannot grow: {op} of {}: {source}", .path.display())]
+    #[error("WAL cannot grow: {op} of {}: {error}", .path.display())]
     CannotGrow {
         /// The segment file that could not be made.
         path: PathBuf,
         /// The operation, e.g. "preallocate".
         op: &'static str,
-        /// The error the kernel returned.
-        source: io::Error,
+        /// The error the kernel returned (not `source`: see `Io`).
+        error: io::Error,
         /// How many entries of the call were appended before it stopped.
         appended: usize,
     },
@@ -155,21 +157,21 @@ fn holder(pid: &Option<u32>) -> String {
 
 impl WalError {
     /// Wraps an `io::Error` with the file and the operation that failed.
-    pub(crate) fn io(path: impl Into<PathBuf>, op: &'static str, source: io::Error) -> WalError {
+    pub(crate) fn io(path: impl Into<PathBuf>, op: &'static str, error: io::Error) -> WalError {
         WalError::Io {
             path: path.into(),
             op,
-            source,
+            error,
         }
     }
 
     /// A failure to make the next segment, as the retryable `CannotGrow`.
     pub(crate) fn into_cannot_grow(self) -> WalError {
         match self {
-            WalError::Io { path, op, source } => WalError::CannotGrow {
+            WalError::Io { path, op, error } => WalError::CannotGrow {
                 path,
                 op,
-                source,
+                error,
                 appended: 0,
             },
             other => other,
@@ -210,8 +212,8 @@ impl WalError {
     /// is full, or a file would pass the process's size limit.
     pub fn is_disk_full(&self) -> bool {
         match self {
-            WalError::CannotGrow { source, .. } | WalError::Io { source, .. } => matches!(
-                source.raw_os_error(),
+            WalError::CannotGrow { error, .. } | WalError::Io { error, .. } => matches!(
+                error.raw_os_error(),
                 Some(libc::ENOSPC | libc::EDQUOT | libc::EFBIG)
             ),
             _ => false,

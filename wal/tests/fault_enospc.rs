@@ -97,10 +97,13 @@ fn enospc_from_preallocation_names_the_file_and_appends_resume_when_space_return
     };
     match &error {
         WalError::CannotGrow {
-            path, op, source, ..
+            path,
+            op,
+            error: os,
+            ..
         } => {
             assert_eq!(*op, "preallocate");
-            assert_eq!(source.raw_os_error(), Some(libc::ENOSPC), "{source}");
+            assert_eq!(os.raw_os_error(), Some(libc::ENOSPC), "{os}");
             assert!(path.starts_with(&dir), "{}", path.display());
             assert_eq!(path.extension().unwrap(), "wal");
         }
@@ -164,9 +167,9 @@ fn enospc_when_creating_the_first_segment_is_an_error_naming_it() {
         shard_id: 0,
     };
     match Wal::open(&dir, options) {
-        Err(WalError::Io { path, op, source }) => {
+        Err(WalError::Io { path, op, error }) => {
             assert_eq!(
-                (op, source.raw_os_error()),
+                (op, error.raw_os_error()),
                 ("preallocate", Some(libc::ENOSPC))
             );
             assert_eq!(path, dir.join("0000000000000001.wal"));

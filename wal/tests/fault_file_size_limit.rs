@@ -48,10 +48,13 @@ fn preallocation_failure_names_the_file_and_appends_resume_once_files_may_grow()
     let error = wal.append_entries_waiting(&batch).unwrap_err();
     match &error {
         WalError::CannotGrow {
-            path, op, source, ..
+            path,
+            op,
+            error: os,
+            ..
         } => {
             assert_eq!(*op, "preallocate");
-            assert_eq!(source.raw_os_error(), Some(libc::EFBIG), "{source}");
+            assert_eq!(os.raw_os_error(), Some(libc::EFBIG), "{os}");
             let name = path.file_name().unwrap().to_str().unwrap().to_string();
             assert!(
                 name == "0000000000000002.wal" || name == "0000000000000003.wal",

@@ -260,7 +260,7 @@ impl MemLogStore {
         WalError::CannotGrow {
             path: PathBuf::from(LOCATION),
             op: "preallocate",
-            source: std::io::Error::from_raw_os_error(libc::ENOSPC),
+            error: std::io::Error::from_raw_os_error(libc::ENOSPC),
             appended,
         }
     }
@@ -286,7 +286,7 @@ impl MemLogStore {
         WalError::Io {
             path: PathBuf::from(LOCATION),
             op,
-            source: std::io::Error::other("injected failure"),
+            error: std::io::Error::other("injected failure"),
         }
     }
 }

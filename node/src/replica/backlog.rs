@@ -88,14 +88,14 @@ impl<L: LogStore> Replica<L> {
     }
 
     fn on_log_stalled(&mut self, error: &WalError) {
-        let WalError::CannotGrow { path, source, .. } = error else {
+        let WalError::CannotGrow { path, error, .. } = error else {
             // The next segment is still being made: a matter of a turn.
             return;
         };
         if self.backlog.disk_full.is_some() {
             return;
         }
-        let reason = format!("disk full on {}: {source}", path.display());
+        let reason = format!("disk full on {}: {error}", path.display());
         tracing::error!(
             shard = self.options.shard,
             %reason,
