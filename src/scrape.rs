@@ -1,15 +1,14 @@
-//! Reading a node's admin port from outside: one plain HTTP/1.1 request per
-//! connection, and the Prometheus text helpers that pick samples out of
-//! `/metrics`. Shared by `corekv bench`, `corekv top` and the integration
+//! Reading a node's admin port from outside: HTTP through ureq (one agent
+//! per thread, so repeated scrapes reuse their connection), and the
+//! Prometheus text helpers that pick samples out of `/metrics`. Shared by `corekv bench`, `corekv top` and the integration
 //! tests.
 
-use std::io::{self, Read, Write as _};
-use std::net::{TcpStream, ToSocketAddrs};
+use std::io::{self, Read};
 use std::time::Duration;
 
 /// Connect, read and write timeout of one admin request.
 pub const TIMEOUT: Duration = Duration::from_secs(5);
-/// Largest admin answer read, head included. The admin server's answers are
+/// Largest admin answer body read. The admin server's answers are
 /// far smaller; a longer one is refused rather than parsed half-read.
 pub const MAX_RESPONSE_BYTES: u64 = 16 << 20;
 
@@ -67,23 +66,15 @@ pub enum ScrapeError {
         /// The path asked for.
         path: String,
     },
-    /// The connection closed before the blank line that ends the head.
-    #[error("admin {addr}{path}: answer without a header end")]
-    NoHeaderEnd {
+    /// The answer was not HTTP (a bad status line or head).
+    #[error("admin {addr}{path}: not an HTTP answer: {reason}")]
+    NotHttp {
         /// The admin address as given.
         addr: String,
         /// The path asked for.
         path: String,
-    },
-    /// The status line carries no numeric status code.
-    #[error("admin {addr}{path}: no status code in `{status_line}`")]
-    BadStatusLine {
-        /// The admin address as given.
-        addr: String,
-        /// The path asked for.
-        path: String,
-        /// The first line of the answer.
-        status_line: String,
+        /// What the HTTP client found wrong.
+        reason: String,
     },
     /// [`get`] was answered with something other than 200.
     #[error("admin {addr}{path} answered `{status_line}`")]
@@ -101,7 +92,7 @@ pub enum ScrapeError {
 /// (`host:port`); any other status is [`ScrapeError::NotOk`].
 pub fn get(addr: &str, path: &str) -> Result<String, ScrapeError> {
     let answer = exchange("GET", addr, path, MAX_RESPONSE_BYTES)?;
-    if answer.status_line.split_whitespace().nth(1) != Some("200") {
+    if answer.status != 200 {
         return Err(ScrapeError::NotOk {
             addr: addr.to_string(),
             path: path.to_string(),
@@ -116,17 +107,7 @@ pub fn get(addr: &str, path: &str) -> Result<String, ScrapeError> {
 /// answers 503 with its reason in the body.
 pub fn request(method: &str, addr: &str, path: &str) -> Result<(u16, String), ScrapeError> {
     let answer = exchange(method, addr, path, MAX_RESPONSE_BYTES)?;
-    let status = answer
-        .status_line
-        .split_whitespace()
-        .nth(1)
-        .and_then(|code| code.parse().ok())
-        .ok_or_else(|| ScrapeError::BadStatusLine {
-            addr: addr.to_string(),
-            path: path.to_string(),
-            status_line: answer.status_line.clone(),
-        })?;
-    Ok((status, answer.body))
+    Ok((answer.status, answer.body))
 }
 
 /// Sum over all label sets of metric `name` in Prometheus/OpenMetrics text;
@@ -297,53 +278,59 @@ pub fn histogram_quantile(q: f64, buckets: &[(f64, f64)]) -> Option<f64> {
     Some(lower)
 }
 
-/// One answer, split at the end of its head.
+/// One answer.
 struct Answer {
+    status: u16,
     status_line: String,
     body: String,
 }
 
-/// Sends one request with `Connection: close` and reads the answer to its
-/// end, at most `max_response_bytes` of it.
+thread_local! {
+    /// Keeps connections alive between the requests of one thread (`corekv
+    /// top` and bench scrape every node again and again).
+    static AGENT: ureq::Agent = ureq::AgentBuilder::new()
+        .timeout_connect(TIMEOUT)
+        .timeout_read(TIMEOUT)
+        .timeout_write(TIMEOUT)
+        .build();
+}
+
+/// Sends one request and reads the answer to its end, at most
+/// `max_response_bytes` of it, whatever its status.
 fn exchange(
     method: &str,
     addr: &str,
     path: &str,
     max_response_bytes: u64,
 ) -> Result<Answer, ScrapeError> {
-    let socket = addr
-        .to_socket_addrs()
-        .map_err(|source| ScrapeError::Resolve {
-            addr: addr.to_string(),
-            source,
-        })?
-        .next()
-        .ok_or_else(|| ScrapeError::NoAddress {
-            addr: addr.to_string(),
-        })?;
-    let mut stream =
-        TcpStream::connect_timeout(&socket, TIMEOUT).map_err(|source| ScrapeError::Connect {
-            addr: addr.to_string(),
-            source,
-        })?;
-    let io = |source: io::Error| ScrapeError::Io {
-        addr: addr.to_string(),
-        path: path.to_string(),
-        source,
+    let url = format!("http://{addr}{path}");
+    let call = AGENT.with(|agent| agent.request(method, &url).call().map_err(Box::new));
+    let response = match call {
+        Ok(response) => response,
+        Err(error) => match *error {
+            ureq::Error::Status(_, response) => response,
+            ureq::Error::Transport(transport) => {
+                return Err(transport_error(addr, path, transport))
+            }
+        },
     };
-    stream.set_read_timeout(Some(TIMEOUT)).map_err(io)?;
-    stream.set_write_timeout(Some(TIMEOUT)).map_err(io)?;
-    write!(
-        stream,
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )
-    .map_err(io)?;
+    let status = response.status();
+    let status_line = format!(
+        "{} {status} {}",
+        response.http_version(),
+        response.status_text()
+    );
     // One byte past the bound tells a full answer from a cut one.
     let mut raw = Vec::new();
-    stream
+    response
+        .into_reader()
         .take(max_response_bytes + 1)
         .read_to_end(&mut raw)
-        .map_err(io)?;
+        .map_err(|source| ScrapeError::Io {
+            addr: addr.to_string(),
+            path: path.to_string(),
+            source,
+        })?;
     if raw.len() as u64 > max_response_bytes {
         return Err(ScrapeError::TooLarge {
             addr: addr.to_string(),
@@ -351,26 +338,47 @@ fn exchange(
             max: max_response_bytes,
         });
     }
-    let raw = String::from_utf8(raw).map_err(|_| ScrapeError::NotUtf8 {
+    let body = String::from_utf8(raw).map_err(|_| ScrapeError::NotUtf8 {
         addr: addr.to_string(),
         path: path.to_string(),
     })?;
-    let (head, body) = raw
-        .split_once("\r\n\r\n")
-        .ok_or_else(|| ScrapeError::NoHeaderEnd {
+    Ok(Answer {
+        status,
+        status_line,
+        body,
+    })
+}
+
+/// ureq's transport failure as one of ours, naming the address.
+fn transport_error(addr: &str, path: &str, transport: ureq::Transport) -> ScrapeError {
+    let reason = transport.to_string();
+    let as_io = || io::Error::other(reason.clone());
+    match transport.kind() {
+        ureq::ErrorKind::Dns | ureq::ErrorKind::InvalidUrl => ScrapeError::Resolve {
+            addr: addr.to_string(),
+            source: as_io(),
+        },
+        ureq::ErrorKind::ConnectionFailed => ScrapeError::Connect {
+            addr: addr.to_string(),
+            source: as_io(),
+        },
+        ureq::ErrorKind::BadStatus | ureq::ErrorKind::BadHeader => ScrapeError::NotHttp {
             addr: addr.to_string(),
             path: path.to_string(),
-        })?;
-    Ok(Answer {
-        status_line: head.lines().next().unwrap_or_default().to_string(),
-        body: body.to_string(),
-    })
+            reason,
+        },
+        _ => ScrapeError::Io {
+            addr: addr.to_string(),
+            path: path.to_string(),
+            source: as_io(),
+        },
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::io::{BufRead, BufReader};
+    use std::io::{BufRead, BufReader, Write as _};
     use std::net::TcpListener;
 
     /// Serves `answer` to one connection on a free local port, after
@@ -412,20 +420,14 @@ mod tests {
 
         let addr = serve_once("garbage\r\n\r\n");
         let error = request("GET", &addr, "/").unwrap_err();
-        assert!(
-            matches!(error, ScrapeError::BadStatusLine { .. }),
-            "{error}"
-        );
-        let addr = serve_once("HTTP/1.1 200 OK\r\n");
-        let error = request("GET", &addr, "/").unwrap_err();
-        assert!(matches!(error, ScrapeError::NoHeaderEnd { .. }), "{error}");
+        assert!(matches!(error, ScrapeError::NotHttp { .. }), "{error}");
     }
 
     #[test]
     fn an_answer_past_the_bound_is_refused_not_cut() {
         let answer = "HTTP/1.1 200 OK\r\n\r\n0123456789";
         let addr = serve_once(answer);
-        let limit = answer.len() as u64 - 1;
+        let limit = "0123456789".len() as u64 - 1;
         let error = exchange("GET", &addr, "/metrics", limit)
             .err()
             .expect("one byte over the bound is refused");
@@ -434,7 +436,7 @@ mod tests {
             format!("admin {addr}/metrics: answer longer than {limit} bytes")
         );
         let addr = serve_once(answer);
-        let full = exchange("GET", &addr, "/metrics", answer.len() as u64).unwrap();
+        let full = exchange("GET", &addr, "/metrics", limit + 1).unwrap();
         assert_eq!(full.body, "0123456789", "exactly the bound is read whole");
     }
 

@@ -4,9 +4,9 @@
 //! It runs on threads of its own with blocking std sockets, far from the
 //! shard threads: a slow scraper can never delay a request. A fixed pool of
 //! [`ADMIN_WORKERS`] threads accepts connections, each serving one
-//! connection at a time with keep-alive (as Prometheus scrapes); a client
-//! that is slow to send or read holds one worker for at most
-//! [`ADMIN_IO_TIMEOUT`] per step, and further connections wait in the
+//! connection at a time with keep-alive (for [`KEEP_ALIVE_IDLE`] between
+//! requests); a client that is slow to send or read holds one worker for at
+//! most [`ADMIN_IO_TIMEOUT`] per step, and further connections wait in the
 //! listen backlog, so the port's threads and memory are bounded whatever
 //! clients do. Requests are parsed with httparse; nothing here takes a body.
 
@@ -27,6 +27,10 @@ pub const ADMIN_WORKERS: usize = 4;
 /// A connection that sends nothing (between requests or within one) or
 /// does not take the answer for this long is closed.
 pub const ADMIN_IO_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a kept-alive connection may wait for its next request: short,
+/// so idle keep-alive clients do not hold the workers (Prometheus, which
+/// scrapes every 15 s or so, simply reconnects).
+pub const KEEP_ALIVE_IDLE: Duration = Duration::from_secs(1);
 /// Largest request head (request line and headers) read.
 const MAX_REQUEST_HEAD_BYTES: usize = 8 << 10;
 /// Headers of one request looked at (more: 431).
@@ -103,8 +107,13 @@ fn serve(mut stream: TcpStream, node: &NodeShared) -> std::io::Result<()> {
     stream.set_read_timeout(Some(ADMIN_IO_TIMEOUT))?;
     stream.set_write_timeout(Some(ADMIN_IO_TIMEOUT))?;
     let mut buffer = Vec::with_capacity(1024);
-    for _ in 0..MAX_REQUESTS_PER_CONNECTION {
-        let head = match next_request(&mut stream, &mut buffer)? {
+    for served in 0..MAX_REQUESTS_PER_CONNECTION {
+        let idle = if served == 0 {
+            ADMIN_IO_TIMEOUT
+        } else {
+            KEEP_ALIVE_IDLE
+        };
+        let head = match next_request(&mut stream, &mut buffer, idle)? {
             Next::Request(head) => head,
             Next::Closed => return Ok(()),
             Next::Refused(status, reason) => {
@@ -130,9 +139,19 @@ fn serve(mut stream: TcpStream, node: &NodeShared) -> std::io::Result<()> {
     Ok(())
 }
 
-/// Reads until `buffer` holds a whole request head.
-fn next_request(stream: &mut TcpStream, buffer: &mut Vec<u8>) -> std::io::Result<Next> {
+/// Reads until `buffer` holds a whole request head, waiting at most `idle`
+/// for its first byte.
+fn next_request(
+    stream: &mut TcpStream,
+    buffer: &mut Vec<u8>,
+    idle: Duration,
+) -> std::io::Result<Next> {
     let mut chunk = [0u8; 1024];
+    stream.set_read_timeout(Some(if buffer.is_empty() {
+        idle
+    } else {
+        ADMIN_IO_TIMEOUT
+    }))?;
     loop {
         let mut headers = [httparse::EMPTY_HEADER; MAX_REQUEST_HEADERS];
         let mut request = httparse::Request::new(&mut headers);
@@ -186,7 +205,11 @@ fn next_request(stream: &mut TcpStream, buffer: &mut Vec<u8>) -> std::io::Result
                 ));
             }
         }
-        let n = stream.read(&mut chunk)?;
+        let n = match stream.read(&mut chunk) {
+            // Nothing more asked within the idle time: done with this client.
+            Err(e) if buffer.is_empty() && is_timeout(&e) => return Ok(Next::Closed),
+            other => other?,
+        };
         if n == 0 {
             return if buffer.is_empty() {
                 Ok(Next::Closed)
@@ -194,8 +217,18 @@ fn next_request(stream: &mut TcpStream, buffer: &mut Vec<u8>) -> std::io::Result
                 Err(std::io::ErrorKind::UnexpectedEof.into())
             };
         }
+        if buffer.is_empty() {
+            stream.set_read_timeout(Some(ADMIN_IO_TIMEOUT))?;
+        }
         buffer.extend_from_slice(&chunk[..n]);
     }
+}
+
+fn is_timeout(error: &std::io::Error) -> bool {
+    matches!(
+        error.kind(),
+        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+    )
 }
 
 fn respond(
