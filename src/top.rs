@@ -194,7 +194,7 @@ impl View {
             .map(|n| Watched {
                 id: n.node_id,
                 admin: (n.admin_port != 0)
-                    .then(|| format!("{}:{}", bracket(&n.host), n.admin_port)),
+                    .then(|| corekv_node::config::host_port(&n.host, n.admin_port)),
             })
             .collect();
         Ok(())
@@ -246,15 +246,6 @@ impl View {
             row.fsync_p99_ms = p99_ms(&now.fsync_buckets, &before.fsync_buckets);
         }
         self.previous.insert(key, (at, now));
-    }
-}
-
-/// `[host]` for an IPv6 host.
-fn bracket(host: &str) -> String {
-    if host.contains(':') && !host.starts_with('[') {
-        format!("[{host}]")
-    } else {
-        host.to_string()
     }
 }
 

@@ -122,7 +122,7 @@ fn replace_a_killed_node_with_a_new_one_while_a_writer_runs() {
     let prefilled = prefill(&cluster, 600);
     let started = Instant::now();
     let writer = Writer::start(cluster.endpoints());
-    std::thread::sleep(Duration::from_millis(500));
+    writer.wait_for_acks(20);
 
     // Node 2, the leader of shard 1, dies for good; it is removed and node
     // 4 takes its place.
@@ -136,7 +136,7 @@ fn replace_a_killed_node_with_a_new_one_while_a_writer_runs() {
     promote_when_caught_up(&cluster, 4);
     wait_ready(&cluster, 4);
     let ready = started.elapsed();
-    std::thread::sleep(Duration::from_millis(500));
+    writer.wait_for_acks(20);
     let report = writer.stop();
 
     assert_eq!(voters(&cluster), vec![vec![1, 3, 4]; 2]);
@@ -235,10 +235,10 @@ fn removing_the_leader_of_every_shard_moves_leadership_first() {
         assert_eq!(code, 0, "{out} {err}");
     }
     let writer = Writer::start(cluster.endpoints());
-    std::thread::sleep(Duration::from_millis(300));
+    writer.wait_for_acks(20);
     let (code, out, err) = cluster.cli(&["member", "remove", "1"]);
     assert_eq!(code, 0, "{out} {err}");
-    std::thread::sleep(Duration::from_millis(300));
+    writer.wait_for_acks(20);
     let report = writer.stop();
 
     let log = cluster.nodes[0].log();

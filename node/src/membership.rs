@@ -140,6 +140,17 @@ pub fn member_of(node: &NodeInfo) -> Member {
     }
 }
 
+/// A `peers` entry of the config as a member record.
+pub fn member_of_peer(peer: &crate::config::PeerConfig) -> Member {
+    Member {
+        id: peer.id,
+        host: peer.host.clone(),
+        client_port: u32::from(peer.client_port),
+        peer_port: u32::from(peer.peer_port),
+        admin_port: peer.admin_port.map_or(0, u32::from),
+    }
+}
+
 /// The membership as the client protocol reports it.
 pub fn report(membership: &Membership, shard: u32, index: u64) -> ShardMembership {
     ShardMembership {

@@ -568,6 +568,8 @@ pub fn stale_get(port: u16, key: &str) -> Option<Option<bytes::Bytes>> {
 /// two acknowledgements (a write that failed is retried under a new key).
 pub struct Writer {
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// Puts acknowledged so far.
+    acks: std::sync::Arc<std::sync::atomic::AtomicU64>,
     thread: Option<std::thread::JoinHandle<WriterReport>>,
 }
 
@@ -590,6 +592,8 @@ impl Writer {
         use std::sync::atomic::{AtomicBool, Ordering};
         let stop = std::sync::Arc::new(AtomicBool::new(false));
         let stopped = stop.clone();
+        let acks = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let acked = acks.clone();
         let thread = std::thread::spawn(move || {
             corekv_client::block_on(async move {
                 let options = corekv_client::ClientOptions {
@@ -622,6 +626,7 @@ impl Writer {
                             }
                             last_ack = now;
                             report.acked.push(key);
+                            acked.fetch_add(1, Ordering::SeqCst);
                         }
                         Err(_) => report.failed += 1,
                     }
@@ -631,8 +636,21 @@ impl Writer {
         });
         Writer {
             stop,
+            acks,
             thread: Some(thread),
         }
+    }
+
+    /// Waits until `more` further puts are acknowledged: the cluster took
+    /// writes while whatever the caller did happened.
+    pub fn wait_for_acks(&self, more: u64) {
+        use std::sync::atomic::Ordering;
+        let target = self.acks.load(Ordering::SeqCst) + more;
+        wait_for(
+            &format!("{more} more acknowledged writes"),
+            DEADLINE,
+            || (self.acks.load(Ordering::SeqCst) >= target).then_some(()),
+        );
     }
 
     /// Stops the writer and returns what it saw.

@@ -64,11 +64,11 @@ mod peers;
 mod validate;
 
 pub use error::ConfigError;
-pub use peers::PeerConfig;
+pub use peers::{host_port, PeerConfig};
 
 use error::{invalid, not_in_peers, port_mismatch};
 use keys::{config_keys, non_empty};
-use peers::{host_port, is_wildcard, parse_peers, PEERS_SYNTAX};
+use peers::{is_wildcard, parse_peers, PEERS_SYNTAX};
 
 const MIB: u64 = 1024 * 1024;
 

@@ -116,7 +116,7 @@ fn parse_port(what: &str, text: &str) -> Result<u16, String> {
 }
 
 /// `host:port`, with an IPv6 host in brackets.
-pub(super) fn host_port(host: &str, port: u32) -> String {
+pub fn host_port(host: &str, port: u32) -> String {
     if host.contains(':') && !host.starts_with('[') {
         format!("[{host}]:{port}")
     } else {

@@ -89,13 +89,7 @@ impl Shard {
         if let Some(node) = self.node.joining.iter().find(|n| n.node_id == id) {
             return Some(membership::member_of(node));
         }
-        self.node.config.peer(id).map(|p| Member {
-            id,
-            host: p.host.clone(),
-            client_port: u32::from(p.client_port),
-            peer_port: u32::from(p.peer_port),
-            admin_port: p.admin_port.map_or(0, u32::from),
-        })
+        self.node.config.peer(id).map(membership::member_of_peer)
     }
 
     /// Starts the link to `member`. A host name is resolved on the helper
@@ -233,13 +227,10 @@ impl Shard {
     /// The client address of shard `shard` of node `id`, if known.
     pub(super) fn client_addr_of(&self, id: u64) -> Option<String> {
         let member = self.member_address(id)?;
-        let port = member.client_port + self.local.shard;
-        let host = if member.host.contains(':') && !member.host.starts_with('[') {
-            format!("[{}]", member.host)
-        } else {
-            member.host
-        };
-        Some(format!("{host}:{port}"))
+        Some(crate::config::host_port(
+            &member.host,
+            member.client_port + self.local.shard,
+        ))
     }
 
     pub(super) fn topology(&self) -> TopologyResult {

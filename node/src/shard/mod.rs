@@ -238,13 +238,7 @@ fn bootstrap_voters(config: &crate::config::Config) -> Vec<corekv_proto::log::Me
     config
         .peers
         .iter()
-        .map(|p| corekv_proto::log::Member {
-            id: p.id,
-            host: p.host.clone(),
-            client_port: u32::from(p.client_port),
-            peer_port: u32::from(p.peer_port),
-            admin_port: p.admin_port.map_or(0, u32::from),
-        })
+        .map(crate::membership::member_of_peer)
         .collect()
 }
 
