@@ -68,8 +68,12 @@ pub enum MemberCommand {
     List,
 }
 
-/// How long one shard's change is retried when its outcome is not known.
+/// Pause before asking a shard again about a change whose outcome is not
+/// known.
 const CHANGE_RETRY_PAUSE: Duration = Duration::from_millis(200);
+/// A shard's change is asked again while its outcome is unknown, for up to
+/// this many times --timeout.
+const CHANGE_ATTEMPTS: u32 = 3;
 
 /// Runs `command` against the cluster `client` is connected to.
 pub async fn run(
@@ -142,10 +146,12 @@ pub async fn run(
         return ExitCode::SUCCESS;
     }
     // 2. Shard by shard; an outcome not known in time is asked again (the
-    // change is idempotent: a shard that has it answers "unchanged").
-    let deadline = Instant::now() + timeout;
+    // change is idempotent: a shard that has it answers "unchanged"). One
+    // attempt may spend the whole --timeout following a leadership that is
+    // moving away from a leaving node, so each shard gets a few.
     let mut done = Vec::new();
     for shard in to_change {
+        let deadline = Instant::now() + timeout * CHANGE_ATTEMPTS;
         let result = loop {
             match client.change_membership(request(shard, false)).await {
                 Ok(result) => break result,

@@ -415,6 +415,11 @@ impl Shard {
                     if removed {
                         self.replica
                             .mark_removed(&format!("node {peer} refused us as a removed member"));
+                        // Nobody will take our links again: stop redialling
+                        // (and being refused, logged on both sides) for ever.
+                        for (_, link) in self.links.drain() {
+                            link.shutdown();
+                        }
                     }
                 }
             },
