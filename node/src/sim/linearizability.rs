@@ -657,19 +657,33 @@ fn not_linearizable(
     // answers that showed them: the model refuses an unseen version that
     // another write owns, and a reader must see why. Adding them keeps the
     // excerpt failing too: each came before the excerpt, or after its end,
-    // or is in it, or is a write nothing in it observes, or is a read.
-    let owners = shown
-        .iter()
-        .filter_map(|op| op.action.version_seen())
-        .filter_map(|version| context.owners.get(&version))
-        .flat_map(|(write, evidence)| [*write, *evidence]);
-    let shown: BTreeSet<OpId> = shown
+    // or is in it, or is a write nothing in it observes, or is a read. An
+    // owner shown with its answer names versions of its own (a Cas's
+    // expected one), so their owners are shown too, until none is new.
+    let mut shown: BTreeSet<OpId> = shown
         .iter()
         .map(|op| op.record)
         .chain(writes.iter().copied())
         .map(id)
-        .chain(owners)
         .collect();
+    let named = |record: u32| {
+        whole
+            .ops
+            .iter()
+            .find(|op| op.record == record)
+            .and_then(|op| op.action.version_seen())
+    };
+    let mut unchased: Vec<OpId> = shown.iter().copied().collect();
+    while let Some(op) = unchased.pop() {
+        let owners = named(slot(op))
+            .and_then(|version| context.owners.get(&version))
+            .map(|(write, evidence)| [*write, *evidence]);
+        for owner in owners.into_iter().flatten() {
+            if shown.insert(owner) {
+                unchased.push(owner);
+            }
+        }
+    }
     let earlier = earlier
         .iter()
         .map(|op| id(op.record))
