@@ -20,6 +20,7 @@ mod handshake;
 mod link;
 mod reader;
 mod socket;
+mod tls;
 mod wake;
 mod writer;
 
@@ -31,4 +32,5 @@ pub use handshake::{accept_peer, connect_peer, HandshakeError, Refusal};
 pub use link::{LinkEvent, PeerLink, PeerLinkConfig};
 pub use reader::FrameReader;
 pub use socket::{configure_stream, connect, SocketOptions};
+pub use tls::peer_server_name;
 pub use writer::{spawn_writer, FrameSender, SendError};

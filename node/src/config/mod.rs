@@ -367,6 +367,52 @@ config_keys! {
         flag: u64, "MS", "Warn about an fdatasync slower than this [default: 100]",
         env: "COREKV_SLOW_FSYNC_MS",
     }
+    /// PEM certificate chain this node presents on its client, peer and
+    /// admin ports. Setting it turns TLS on for all three (with
+    /// `tls_key_file` and `tls_ca_file`, both then required). It must name
+    /// `node-<node_id>.cluster-<cluster_id>` (a DNS SAN) for peers to accept
+    /// it, and the hosts clients dial. Default: none, plaintext.
+    tls_cert_file: Option<PathBuf> {
+        default: None,
+        flag: String, "FILE", "PEM certificate chain; turns TLS on [default: none, plaintext]",
+        parse: some_path,
+        env: "COREKV_TLS_CERT_FILE",
+    }
+    /// PEM private key of `tls_cert_file`.
+    tls_key_file: Option<PathBuf> {
+        default: None,
+        flag: String, "FILE", "PEM private key of tls_cert_file [default: none]",
+        parse: some_path,
+        env: "COREKV_TLS_KEY_FILE",
+    }
+    /// PEM certificates of the CA that signs every node's certificate and,
+    /// with `client_auth = "cert"`, every client's.
+    tls_ca_file: Option<PathBuf> {
+        default: None,
+        flag: String, "FILE", "PEM CA certificates for peers and clients [default: none]",
+        parse: some_path,
+        env: "COREKV_TLS_CA_FILE",
+    }
+    /// Mutual TLS between nodes: each side presents its certificate and
+    /// checks that the other's chains to `tls_ca_file` and names the node id
+    /// it claims. Required when TLS is on (so it defaults to whether TLS is
+    /// on): Raft traffic in clear text next to TLS clients would protect
+    /// nothing.
+    peer_tls: bool {
+        default: tls_cert_file.is_some(),
+        flag: String, "BOOL", "Mutual TLS between nodes; required with TLS [default: TLS on]",
+        parse: parse_bool,
+        env: "COREKV_PEER_TLS",
+    }
+    /// `none`: clients need no certificate (they still check the node's);
+    /// `cert`: a client without a certificate signed by `tls_ca_file` is
+    /// refused at the handshake. Default `none`.
+    client_auth: ClientAuth {
+        default: ClientAuth::None,
+        flag: String, "MODE", "none or cert (clients must present a certificate) [default: none]",
+        parse: str::parse,
+        env: "COREKV_CLIENT_AUTH",
+    }
     /// Log filter in `tracing` EnvFilter syntax (`info`,
     /// `corekv_node=debug,info`). Read from `--log-level`, then
     /// `COREKV_LOG_LEVEL`, then `RUST_LOG`, then the file. Default `info`.
@@ -383,6 +429,40 @@ config_keys! {
         flag: String, "FORMAT", "text or json [default: text]",
         parse: str::parse,
         env: "COREKV_LOG_FORMAT",
+    }
+}
+
+/// Whether clients must present a certificate (see `client_auth`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ClientAuth {
+    /// Any client that completes the handshake.
+    None,
+    /// Only clients with a certificate signed by `tls_ca_file`.
+    Cert,
+}
+
+impl FromStr for ClientAuth {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        match text.trim().to_ascii_lowercase().as_str() {
+            "none" => Ok(ClientAuth::None),
+            "cert" => Ok(ClientAuth::Cert),
+            _ => Err("expected `none` or `cert`".to_string()),
+        }
+    }
+}
+
+fn some_path(text: &str) -> Result<Option<PathBuf>, String> {
+    Ok(Some(PathBuf::from(text)))
+}
+
+fn parse_bool(text: &str) -> Result<bool, String> {
+    match text.trim().to_ascii_lowercase().as_str() {
+        "true" | "1" | "yes" | "on" => Ok(true),
+        "false" | "0" | "no" | "off" => Ok(false),
+        _ => Err("expected `true` or `false`".to_string()),
     }
 }
 

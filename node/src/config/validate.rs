@@ -7,7 +7,7 @@ use std::fmt;
 
 use super::error::{invalid, not_in_peers, port_mismatch, ConfigError};
 use super::peers::{host_identity, is_wildcard, PeerConfig};
-use super::{Config, MIB};
+use super::{ClientAuth, Config, MIB};
 
 /// Room a frame needs beyond one key and one value: request id, op, version,
 /// flags and protobuf tags. A frame limit below key + value + this would make
@@ -32,6 +32,7 @@ impl Config {
         self.validate_timing()?;
         self.validate_sizes()?;
         self.validate_logging()?;
+        self.validate_tls()?;
         self.validate_peers()?;
         self.validate_ports()
     }
@@ -176,6 +177,56 @@ impl Config {
             ));
         }
         Ok(())
+    }
+
+    /// TLS is all three files or none; the files are read (and checked)
+    /// when the node starts, by the node's TLS module.
+    fn validate_tls(&self) -> Result<(), ConfigError> {
+        let files = [
+            ("tls_cert_file", &self.tls_cert_file),
+            ("tls_key_file", &self.tls_key_file),
+            ("tls_ca_file", &self.tls_ca_file),
+        ];
+        let set: Vec<&str> = files
+            .iter()
+            .filter(|(_, file)| file.is_some())
+            .map(|(key, _)| *key)
+            .collect();
+        if !set.is_empty() && set.len() < files.len() {
+            let (missing, _) = files
+                .iter()
+                .find(|(_, file)| file.is_none())
+                .expect("some file is missing");
+            return Err(invalid(
+                missing,
+                format!(
+                    "is required with {} (TLS needs a certificate, its key and the CA)",
+                    set.join(" and ")
+                ),
+            ));
+        }
+        let tls = !set.is_empty();
+        if self.peer_tls != tls {
+            let why = if tls {
+                "cannot be false with TLS on: Raft traffic in clear text next to TLS \
+                 clients would protect nothing"
+            } else {
+                "needs tls_cert_file, tls_key_file and tls_ca_file"
+            };
+            return Err(invalid("peer_tls", why));
+        }
+        if self.client_auth == ClientAuth::Cert && !tls {
+            return Err(invalid(
+                "client_auth",
+                "`cert` needs tls_cert_file, tls_key_file and tls_ca_file",
+            ));
+        }
+        Ok(())
+    }
+
+    /// Whether the client, peer and admin ports speak TLS.
+    pub fn tls_enabled(&self) -> bool {
+        self.tls_cert_file.is_some()
     }
 
     fn validate_peers(&self) -> Result<(), ConfigError> {
