@@ -4,6 +4,7 @@
 //! Exit codes of the client commands: 0 success; 1 a get that found nothing
 //! or a VERSION_MISMATCH; 2 any other error (printed on stderr).
 
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -12,7 +13,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use corekv_proto::client::{Consistency, ErrorCode, Role};
 use serde_json::json;
 
-use corekv_client::{block_on, Client, ClientError, ClientOptions};
+use corekv_client::{block_on, Client, ClientError, ClientOptions, ClientTls};
 use corekv_node::config::{Config, LogFormat, RunArgs};
 
 use crate::duration::parse_duration;
@@ -37,8 +38,46 @@ pub struct Cli {
     /// How long a client command may take, retries included.
     #[arg(long, global = true, default_value = "10s", value_parser = parse_duration)]
     timeout: Duration,
+    #[command(flatten)]
+    tls: TlsArgs,
     #[command(subcommand)]
     command: Command,
+}
+
+/// TLS for client commands, as etcdctl takes it.
+#[derive(clap::Args, Debug)]
+struct TlsArgs {
+    /// CA certificate (PEM) that signs the nodes' certificates; connects
+    /// with TLS
+    #[arg(long, global = true, env = "COREKV_CACERT", value_name = "FILE")]
+    cacert: Option<PathBuf>,
+    /// Client certificate (PEM), for a cluster with client_auth = cert
+    #[arg(long = "cert", global = true, env = "COREKV_CERT", value_name = "FILE")]
+    tls_cert: Option<PathBuf>,
+    /// Private key (PEM) of --cert
+    #[arg(long = "key", global = true, env = "COREKV_KEY", value_name = "FILE")]
+    tls_key: Option<PathBuf>,
+}
+
+impl TlsArgs {
+    /// The client's TLS, or `None` without --cacert.
+    fn client_tls(&self) -> anyhow::Result<Option<ClientTls>> {
+        let identity = match (&self.tls_cert, &self.tls_key) {
+            (Some(cert), Some(key)) => Some((cert.as_path(), key.as_path())),
+            (None, None) => None,
+            (Some(_), None) => anyhow::bail!("--cert needs --key (or COREKV_KEY)"),
+            (None, Some(_)) => anyhow::bail!("--key needs --cert (or COREKV_CERT)"),
+        };
+        let Some(ca) = &self.cacert else {
+            if identity.is_some() {
+                anyhow::bail!(
+                    "--cert and --key need --cacert (or COREKV_CACERT): the CA that signs the nodes"
+                );
+            }
+            return Ok(None);
+        };
+        Ok(Some(ClientTls::from_files(ca, identity)?))
+    }
 }
 
 #[derive(Subcommand, Debug)]
@@ -143,6 +182,13 @@ impl From<ConsistencyArg> for Consistency {
 /// Runs the command line and returns the process exit code.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
+    let tls = match cli.tls.client_tls() {
+        Ok(tls) => tls,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return ExitCode::from(2);
+        }
+    };
     match cli.command {
         Command::Run(args) => run_node(&args),
         Command::Bench(args) => {
@@ -150,7 +196,7 @@ pub fn main() -> ExitCode {
                 &std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
                 false,
             );
-            match crate::bench::run(*args, cli.endpoints, cli.json) {
+            match crate::bench::run(*args, cli.endpoints, tls, cli.json) {
                 Ok(code) => code,
                 Err(e) => {
                     eprintln!("error: {e:#}");
@@ -163,7 +209,7 @@ pub fn main() -> ExitCode {
                 &std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
                 false,
             );
-            crate::top::run(args, cli.endpoints, cli.timeout)
+            crate::top::run(args, cli.endpoints, tls, cli.timeout)
         }
         Command::Debug(command) => crate::debug::run(command, cli.json),
         Command::Dev(args) => {
@@ -184,6 +230,7 @@ pub fn main() -> ExitCode {
             let options = ClientOptions {
                 endpoints: cli.endpoints.clone(),
                 request_timeout: cli.timeout,
+                tls,
                 ..Default::default()
             };
             let json = cli.json;

@@ -105,9 +105,15 @@ const HEADERS: [&str; 10] = [
 ];
 
 /// Runs `corekv top` against the cluster behind `endpoints`.
-pub fn run(args: TopArgs, endpoints: Vec<String>, timeout: Duration) -> ExitCode {
+pub fn run(
+    args: TopArgs,
+    endpoints: Vec<String>,
+    tls: Option<corekv_client::ClientTls>,
+    timeout: Duration,
+) -> ExitCode {
     let mut view = View {
         endpoints,
+        tls,
         timeout,
         nodes: Vec::new(),
         previous: HashMap::new(),
@@ -169,6 +175,7 @@ fn plain(view: &mut View, args: &TopArgs) -> anyhow::Result<()> {
 /// What `top` knows between refreshes.
 struct View {
     endpoints: Vec<String>,
+    tls: Option<corekv_client::ClientTls>,
     timeout: Duration,
     nodes: Vec<Watched>,
     /// Counters of the previous refresh by (node, shard), and when.
@@ -182,6 +189,7 @@ impl View {
         let options = ClientOptions {
             endpoints: self.endpoints.clone(),
             request_timeout: self.timeout,
+            tls: self.tls.clone(),
             ..Default::default()
         };
         let topology = block_on(async move {

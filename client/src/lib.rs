@@ -60,7 +60,9 @@
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::Path;
 use std::rc::Rc;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -68,12 +70,13 @@ use corekv_proto::client::{
     request::Op, response, CompareAndSwap, Delete, Get, Put, Request, Response, Scan, Status,
     Topology, TopologyResult,
 };
+use corekv_transport::rustls::ClientConfig;
 use corekv_transport::{
-    connect, decode_message, encode_frame_bytes, spawn_writer, FrameReader, FrameSender,
-    SocketOptions, DEFAULT_MAX_FRAME_BYTES,
+    client_config, connect, decode_message, encode_frame_bytes, plain, server_name, spawn_writer,
+    tls_connect, FrameReader, FrameSender, IdentityFiles, SocketOptions, TlsConfigError,
+    DEFAULT_MAX_FRAME_BYTES,
 };
 use futures_channel::oneshot;
-use monoio::io::Splitable;
 
 pub use corekv_proto::client::{Consistency, ErrorCode, KeyValue, ScanResult, StatusResult};
 
@@ -106,6 +109,40 @@ pub struct ClientOptions {
     /// number the writes, so a retried write is never applied twice.
     /// Costs one Raft write per shard at the first write there.
     pub exactly_once: bool,
+    /// TLS to every node, when the cluster runs it.
+    pub tls: Option<ClientTls>,
+}
+
+/// TLS for a client: the CA that signs the nodes' certificates, and this
+/// client's certificate for a cluster with `client_auth = cert`. A node is
+/// verified by the host name (or IP address) the client dialed, so its
+/// certificate must name it.
+#[derive(Clone)]
+pub struct ClientTls {
+    config: Arc<ClientConfig>,
+}
+
+impl ClientTls {
+    /// Reads the CA and, when both are given, the client certificate and
+    /// its key, from PEM files.
+    pub fn from_files(
+        ca_file: &Path,
+        identity: Option<(&Path, &Path)>,
+    ) -> Result<ClientTls, TlsConfigError> {
+        let identity = identity.map(|(cert, key)| IdentityFiles {
+            cert: cert.to_path_buf(),
+            key: key.to_path_buf(),
+        });
+        Ok(ClientTls {
+            config: client_config(ca_file, identity.as_ref())?,
+        })
+    }
+}
+
+impl std::fmt::Debug for ClientTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ClientTls")
+    }
 }
 
 impl Default for ClientOptions {
@@ -116,6 +153,7 @@ impl Default for ClientOptions {
             socket: SocketOptions::default(),
             max_frame_bytes: DEFAULT_MAX_FRAME_BYTES,
             exactly_once: true,
+            tls: None,
         }
     }
 }
@@ -175,6 +213,8 @@ struct Conn {
     sender: FrameSender,
     pending: Rc<Pending>,
     closed: Rc<Cell<bool>>,
+    /// Why the connection ended, when the reader saw an error.
+    why_closed: Rc<RefCell<Option<String>>>,
 }
 
 /// A shard-aware corekv client. Cheap to clone; not Send (one per thread).
@@ -189,6 +229,9 @@ struct Inner {
     conns: RefCell<HashMap<SocketAddr, Rc<Conn>>>,
     /// Client address of each (node, shard), resolved on first use.
     addrs: RefCell<HashMap<(u64, u32), SocketAddr>>,
+    /// The host name each resolved address came from: TLS verifies a
+    /// node by the name the client dialed, not by its IP address.
+    hosts: RefCell<HashMap<SocketAddr, String>>,
     next_id: Cell<u64>,
     round_robin: Cell<usize>,
     /// This client's exactly-once session on each shard it wrote to.
@@ -226,6 +269,7 @@ impl Client {
                 topology: RefCell::new(TopologyResult::default()),
                 conns: RefCell::new(HashMap::new()),
                 addrs: RefCell::new(HashMap::new()),
+                hosts: RefCell::new(HashMap::new()),
                 next_id: Cell::new(1),
                 round_robin: Cell::new(0),
                 sessions: RefCell::new(HashMap::new()),
@@ -248,7 +292,7 @@ impl Client {
         }
         let mut last = String::from("no endpoints given");
         for endpoint in candidates {
-            let addr = match resolve(&endpoint) {
+            let addr = match self.resolve(&endpoint) {
                 Ok(addr) => addr,
                 Err(e) => {
                     last = e;
@@ -625,7 +669,7 @@ impl Client {
         }
         // Resolved once per (node, shard): no formatting or lookup per request.
         let endpoint = format!("{}:{}", node.host, node.client_port + shard);
-        let addr = resolve(&endpoint).map_err(ClientError::NoEndpoint)?;
+        let addr = self.resolve(&endpoint).map_err(ClientError::NoEndpoint)?;
         self.inner.addrs.borrow_mut().insert(key, addr);
         Ok((addr, knows_leader))
     }
@@ -671,7 +715,10 @@ impl Client {
             Ok(Ok(response)) => response
                 .result
                 .ok_or_else(|| format!("{addr}: empty response")),
-            Ok(Err(_)) => Err(format!("{addr}: connection closed before the answer")),
+            Ok(Err(_)) => Err(match conn.why_closed.borrow().as_ref() {
+                Some(why) => format!("{addr}: connection closed before the answer: {why}"),
+                None => format!("{addr}: connection closed before the answer"),
+            }),
             Err(_) => {
                 conn.pending.borrow_mut().remove(&id);
                 Err(format!("{addr}: no answer within {timeout:?}"))
@@ -685,20 +732,43 @@ impl Client {
                 return Ok(conn.clone());
             }
         }
-        let stream = connect(addr, &self.inner.options.socket)
+        let options = &self.inner.options;
+        let stream = connect(addr, &options.socket)
             .await
             .map_err(|e| format!("{addr}: {e}"))?;
-        let (read_half, write_half) = stream.into_split();
+        let (read_half, write_half) = match &options.tls {
+            None => plain(stream),
+            Some(tls) => {
+                let host = self.inner.hosts.borrow().get(&addr).cloned();
+                let host = host.unwrap_or_else(|| addr.ip().to_string());
+                let name = server_name(&host).map_err(|e| format!("{addr}: {e}"))?;
+                tls_connect(
+                    stream,
+                    tls.config.clone(),
+                    name,
+                    options.socket.connect_timeout,
+                )
+                .await
+                .map_err(|e| format!("{addr}: {e}"))?
+            }
+        };
         let sender = spawn_writer(write_half, 64 << 20);
         let pending: Rc<Pending> = Rc::new(RefCell::new(HashMap::new()));
         let closed = Rc::new(Cell::new(false));
+        let why_closed = Rc::new(RefCell::new(None));
         let conn = Rc::new(Conn {
             sender: sender.clone(),
             pending: pending.clone(),
             closed: closed.clone(),
+            why_closed: why_closed.clone(),
         });
-        let reader = FrameReader::new(read_half, self.inner.options.max_frame_bytes);
-        monoio::spawn(read_responses(reader, pending, closed, sender));
+        let reader = FrameReader::new(read_half, options.max_frame_bytes);
+        monoio::spawn(read_responses(
+            reader,
+            pending,
+            (closed, why_closed),
+            sender,
+        ));
         self.inner.conns.borrow_mut().insert(addr, conn.clone());
         Ok(conn)
     }
@@ -707,12 +777,26 @@ impl Client {
 async fn read_responses<R: monoio::io::AsyncReadRent>(
     mut reader: FrameReader<R>,
     pending: Rc<Pending>,
-    closed: Rc<Cell<bool>>,
+    (closed, why_closed): (Rc<Cell<bool>>, Rc<RefCell<Option<String>>>),
     sender: FrameSender,
 ) {
-    while let Ok(Some(frame)) = reader.next_frame().await {
-        let Ok(response) = decode_message::<Response>(frame) else {
-            break;
+    loop {
+        let frame = match reader.next_frame().await {
+            Ok(Some(frame)) => frame,
+            Ok(None) => break,
+            // A TLS alert (a refused certificate) or a TLS record on a
+            // plaintext connection shows here: the caller is told.
+            Err(e) => {
+                *why_closed.borrow_mut() = Some(e.to_string());
+                break;
+            }
+        };
+        let response = match decode_message::<Response>(frame) {
+            Ok(response) => response,
+            Err(e) => {
+                *why_closed.borrow_mut() = Some(e.to_string());
+                break;
+            }
         };
         if let Some(tx) = pending.borrow_mut().remove(&response.id) {
             let _ = tx.send(response);
@@ -722,6 +806,18 @@ async fn read_responses<R: monoio::io::AsyncReadRent>(
     sender.close();
     // Dropping the senders wakes every waiter with "connection closed".
     pending.borrow_mut().clear();
+}
+
+impl Client {
+    /// Resolves `host:port`, remembering the host the address came from.
+    fn resolve(&self, endpoint: &str) -> Result<SocketAddr, String> {
+        let addr = resolve(endpoint)?;
+        if let Some((host, _)) = endpoint.rsplit_once(':') {
+            let host = host.trim_start_matches('[').trim_end_matches(']');
+            self.inner.hosts.borrow_mut().insert(addr, host.to_string());
+        }
+        Ok(addr)
+    }
 }
 
 fn resolve(endpoint: &str) -> Result<SocketAddr, String> {

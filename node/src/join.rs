@@ -9,9 +9,11 @@
 
 use std::io::{Read, Write};
 use std::net::{TcpStream, ToSocketAddrs};
+use std::sync::Arc;
 use std::time::Duration;
 
 use corekv_proto::client::{request::Op, response, Request, Response, Topology, TopologyResult};
+use corekv_transport::rustls::{ClientConfig, ClientConnection, StreamOwned};
 use corekv_transport::{decode_message, encode_frame_bytes, FRAME_HEADER_LEN};
 
 use crate::config::Config;
@@ -44,6 +46,9 @@ pub enum JoinError {
         /// Ours.
         mine: u64,
     },
+    /// The TLS files cannot be used.
+    #[error("cannot join: {0}")]
+    Tls(#[from] corekv_transport::TlsConfigError),
     /// The cluster has another shard count.
     #[error(
         "cannot join: the cluster at {addr} has {theirs} shards, this node is configured with \
@@ -67,9 +72,10 @@ pub fn check(config: &Config) -> Result<Option<TopologyResult>, JoinError> {
     if config.join.is_empty() || data_dir::holds_shard_data(&config.data_dir).unwrap_or(false) {
         return Ok(None);
     }
+    let tls = crate::tls::NodeTls::load(config)?.map(|tls| tls.current().dial.clone());
     let mut reasons = Vec::new();
     for addr in &config.join {
-        match ask_topology(addr) {
+        match ask_topology(addr, tls.as_ref()) {
             Ok(topology) => {
                 if topology.cluster_id != config.cluster_id {
                     return Err(JoinError::ClusterId {
@@ -95,19 +101,34 @@ pub fn check(config: &Config) -> Result<Option<TopologyResult>, JoinError> {
     })
 }
 
-fn ask_topology(addr: &str) -> Result<TopologyResult, String> {
+fn ask_topology(addr: &str, tls: Option<&Arc<ClientConfig>>) -> Result<TopologyResult, String> {
     let target = addr
         .to_socket_addrs()
         .map_err(|e| format!("cannot resolve: {e}"))?
         .next()
         .ok_or("resolves to no address")?;
-    let mut stream = TcpStream::connect_timeout(&target, JOIN_IO_TIMEOUT)
+    let stream = TcpStream::connect_timeout(&target, JOIN_IO_TIMEOUT)
         .map_err(|e| format!("connect failed: {e}"))?;
     let io = |e: std::io::Error| e.to_string();
     stream.set_read_timeout(Some(JOIN_IO_TIMEOUT)).map_err(io)?;
     stream
         .set_write_timeout(Some(JOIN_IO_TIMEOUT))
         .map_err(io)?;
+    match tls {
+        None => exchange(stream),
+        Some(config) => {
+            // The member is verified by the name we dialed, as clients do.
+            let host = addr.rsplit_once(':').map_or(addr, |(host, _)| host);
+            let name = corekv_transport::server_name(host.trim_matches(['[', ']']))?;
+            let conn = ClientConnection::new(config.clone(), name).map_err(|e| e.to_string())?;
+            exchange(StreamOwned::new(conn, stream))
+        }
+    }
+}
+
+/// One Topology request and its answer over a blocking stream.
+fn exchange(mut stream: impl Read + Write) -> Result<TopologyResult, String> {
+    let io = |e: std::io::Error| e.to_string();
     let request = Request {
         id: 1,
         op: Some(Op::Topology(Topology {})),

@@ -34,5 +34,6 @@ mod snapshot_transfer;
 pub mod state_machine;
 mod storage;
 pub mod supervisor;
+pub mod tls;
 
 pub use supervisor::run;

@@ -138,6 +138,7 @@ pub struct Metrics {
     client_connections: Family<ShardLabel, Gauge>,
     client_rejected: Family<ShardLabel, Counter>,
     client_closed: Family<ClosedLabels, Counter>,
+    client_tls_failed: Family<ShardLabel, Counter>,
 }
 
 /// A shard's client connection metrics; the accept task holds a copy.
@@ -151,6 +152,8 @@ pub struct ConnectionMetrics {
     pub closed_slow_reader: Counter,
     /// client_connections_closed_total{reason="idle"}.
     pub closed_idle: Counter,
+    /// client_tls_handshake_failures_total.
+    pub tls_refused: Counter,
 }
 
 /// One shard's metric handles.
@@ -248,6 +251,7 @@ impl Metrics {
             client_connections: Family::default(),
             client_rejected: Family::default(),
             client_closed: Family::default(),
+            client_tls_failed: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -406,6 +410,11 @@ impl Metrics {
             "Client connections the node closed: slow_reader (answers piled up unread), idle (client_idle_timeout_ms)",
             m.client_closed.clone(),
         );
+        registry.register(
+            "client_tls_handshake_failures",
+            "Client connections whose TLS handshake failed (no or refused certificate, plaintext client, timeout)",
+            m.client_tls_failed.clone(),
+        );
         Arc::new(Metrics { registry, ..m })
     }
 
@@ -489,11 +498,13 @@ impl Metrics {
             .get_or_create(&closed("slow_reader"))
             .clone();
         let closed_idle = self.client_closed.get_or_create(&closed("idle")).clone();
+        let tls_refused = self.client_tls_failed.get_or_create(&l).clone();
         ConnectionMetrics {
             open,
             rejected,
             closed_slow_reader,
             closed_idle,
+            tls_refused,
         }
     }
 

@@ -60,6 +60,8 @@ pub struct NodeShared {
     pub client_connections: AtomicUsize,
     /// The cluster's members when this node joined it (empty otherwise).
     pub joining: Vec<NodeInfo>,
+    /// TLS for every port, when the config turns it on.
+    pub tls: Option<Arc<crate::tls::NodeTls>>,
 }
 
 impl NodeShared {

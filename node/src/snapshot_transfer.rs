@@ -197,6 +197,8 @@ pub struct Outgoing {
     pub socket: SocketOptions,
     /// Frame limit of the link.
     pub max_frame_bytes: usize,
+    /// TLS for the link, when the cluster runs it.
+    pub tls: Option<corekv_transport::PeerTls>,
     /// The snapshot file.
     pub path: PathBuf,
     /// Its metadata.
@@ -214,6 +216,7 @@ pub async fn send(outgoing: Outgoing) -> Result<(), TransferError> {
         &hello,
         &outgoing.socket,
         outgoing.max_frame_bytes,
+        outgoing.tls.as_ref(),
     )
     .await?;
     let path = &outgoing.path;

@@ -34,7 +34,9 @@ pub fn run(config: Config, joining: Vec<corekv_proto::client::NodeInfo>) -> anyh
         senders.push(tx);
         receivers.push(rx);
     }
+    let tls = crate::tls::NodeTls::load(&config).context("cannot load the TLS files")?;
     let node = Arc::new(NodeShared {
+        tls,
         shard_membership: (0..shards)
             .map(|s| {
                 Mutex::new(corekv_proto::client::ShardMembership {
@@ -71,8 +73,9 @@ pub fn run(config: Config, joining: Vec<corekv_proto::client::NodeInfo>) -> anyh
     // SAFETY: setting a signal's disposition to SIG_IGN has no preconditions.
     unsafe { libc::signal(libc::SIGXFSZ, libc::SIG_IGN) };
     let (events_tx, events_rx) = mpsc::channel::<Event>();
-    let mut signals = signal_hook::iterator::Signals::new([libc::SIGTERM, libc::SIGINT])
-        .context("cannot install signal handlers")?;
+    let mut signals =
+        signal_hook::iterator::Signals::new([libc::SIGTERM, libc::SIGINT, libc::SIGHUP])
+            .context("cannot install signal handlers")?;
     let signal_handle = signals.handle();
     {
         let events_tx = events_tx.clone();
@@ -122,6 +125,7 @@ pub fn run(config: Config, joining: Vec<corekv_proto::client::NodeInfo>) -> anyh
     let mut stopping = false;
     while running > 0 {
         match events_rx.recv() {
+            Ok(Event::Signal(libc::SIGHUP)) => reload_tls(&node),
             Ok(Event::Signal(signal)) => {
                 if stopping {
                     continue;
@@ -156,6 +160,22 @@ pub fn run(config: Config, joining: Vec<corekv_proto::client::NodeInfo>) -> anyh
     }
     tracing::info!("corekv node stopped");
     result
+}
+
+/// SIGHUP: read the TLS files again. New connections use them; open ones
+/// keep the certificate they started with. A file that fails to load
+/// leaves the old certificate in use.
+fn reload_tls(node: &NodeShared) {
+    let Some(tls) = &node.tls else {
+        tracing::info!("SIGHUP: TLS is off, nothing to reload");
+        return;
+    };
+    match tls.reload() {
+        Ok(()) => tracing::info!("SIGHUP: TLS certificate, key and CA reloaded"),
+        Err(e) => {
+            tracing::warn!(error = %e, "SIGHUP: TLS reload failed; the previous certificate stays in use")
+        }
+    }
 }
 
 /// The CPUs shard threads are pinned to, in shard order (shard `s` gets

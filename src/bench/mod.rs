@@ -458,8 +458,13 @@ async fn execute(
 }
 
 /// Runs `corekv bench`.
-pub fn run(args: BenchArgs, endpoints: Vec<String>, json: bool) -> anyhow::Result<ExitCode> {
-    let settings = Settings::new(args, endpoints)?;
+pub fn run(
+    args: BenchArgs,
+    endpoints: Vec<String>,
+    tls: Option<corekv_client::ClientTls>,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
+    let settings = Settings::new(args, endpoints, tls)?;
     let files = OutputFiles::create(&settings)?;
     let prefill = if settings.args.prefill {
         Some(run_prefill(&settings)?)

@@ -119,13 +119,19 @@ impl BenchConsistency {
 pub(super) struct Settings {
     pub(super) args: BenchArgs,
     pub(super) endpoints: Vec<String>,
+    /// TLS to the nodes, from --cacert/--cert/--key.
+    pub(super) tls: Option<corekv_client::ClientTls>,
     pub(super) threads: usize,
     pub(super) seed: u64,
     pub(super) duration: Option<Duration>,
 }
 
 impl Settings {
-    pub(super) fn new(args: BenchArgs, endpoints: Vec<String>) -> anyhow::Result<Settings> {
+    pub(super) fn new(
+        args: BenchArgs,
+        endpoints: Vec<String>,
+        tls: Option<corekv_client::ClientTls>,
+    ) -> anyhow::Result<Settings> {
         if args.clients == 0 || args.clients > MAX_CLIENTS {
             bail!(
                 "--clients must be between 1 and {MAX_CLIENTS}, not {}",
@@ -186,6 +192,7 @@ impl Settings {
         Ok(Settings {
             args,
             endpoints,
+            tls,
             threads,
             seed,
             duration,
@@ -196,6 +203,7 @@ impl Settings {
         ClientOptions {
             endpoints: self.endpoints.clone(),
             request_timeout: self.args.request_timeout,
+            tls: self.tls.clone(),
             ..Default::default()
         }
     }

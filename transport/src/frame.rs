@@ -39,6 +39,13 @@ pub enum FrameError {
         /// The receiver's `max_frame_bytes`.
         max: usize,
     },
+    /// The bytes are a TLS record, not a frame (whose length would be over
+    /// any limit): TLS on one side of the connection only.
+    #[error(
+        "got a TLS record where a corekv frame was expected: the other side speaks TLS \
+         and this connection is plaintext"
+    )]
+    TlsRecord,
     /// The connection ended in the middle of a frame.
     #[error("connection ended mid-frame: expected {expected} bytes, got {got}")]
     Truncated {
@@ -178,7 +185,11 @@ impl FrameDecoder {
         let Some(header) = buf.get(..FRAME_HEADER_LEN) else {
             return Ok(None);
         };
-        let len = u32::from_be_bytes(header.try_into().expect("slice of header length")) as usize;
+        let header: [u8; FRAME_HEADER_LEN] = header.try_into().expect("slice of header length");
+        let len = u32::from_be_bytes(header) as usize;
+        if len > self.max_frame_bytes && crate::tls::looks_like_tls_record(header) {
+            return Err(FrameError::TlsRecord);
+        }
         if len > self.max_frame_bytes {
             return Err(FrameError::FrameTooLarge {
                 len,

@@ -3,18 +3,41 @@
 //! Both sides log a rejection with the values that disagree, so an operator
 //! sees the misconfiguration on whichever node they look at.
 
+use std::fmt;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use corekv_proto::peer::{peer_frame::Msg, Hello, HelloAck, HelloReject, PeerFrame};
-use monoio::io::{AsyncWriteRentExt, Splitable};
-use monoio::net::tcp::{TcpOwnedReadHalf, TcpOwnedWriteHalf};
-use monoio::net::TcpStream;
+use monoio::io::AsyncWriteRentExt;
+use rustls::pki_types::ServerName;
+use rustls::ClientConfig;
 
 use crate::frame::{decode_message, encode_frame_bytes, FrameError};
 use crate::reader::FrameReader;
 use crate::socket::{connect, SocketOptions};
+use crate::tls::{plain, tls_connect, ReadHalf, TlsError, WriteHalf};
+
+/// TLS for dialing a peer: the client config, read at every attempt so
+/// that the next connection after a certificate reload uses the new one,
+/// and the name the listener's certificate must carry
+/// ([`crate::peer_server_name`]).
+#[derive(Clone)]
+pub struct PeerTls {
+    /// The current client config (with this node's certificate).
+    pub config: Arc<dyn Fn() -> Arc<ClientConfig> + Send + Sync>,
+    /// The name the peer's certificate must carry.
+    pub server_name: ServerName<'static>,
+}
+
+impl fmt::Debug for PeerTls {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PeerTls")
+            .field("server_name", &self.server_name)
+            .finish_non_exhaustive()
+    }
+}
 
 /// Why a peer handshake failed. Each variant names the remote address.
 #[derive(Debug, thiserror::Error)]
@@ -26,6 +49,14 @@ pub enum HandshakeError {
         peer: SocketAddr,
         /// What the kernel said.
         source: std::io::Error,
+    },
+    /// The TLS handshake failed.
+    #[error("TLS with {peer}: {source}")]
+    Tls {
+        /// The remote address.
+        peer: SocketAddr,
+        /// What went wrong.
+        source: TlsError,
     },
     /// Reading or writing the handshake frames failed.
     #[error("handshake with {peer}: socket error: {source}")]
@@ -131,7 +162,7 @@ async fn within<T>(
 /// Reads the next handshake frame and decodes it as a `PeerFrame`.
 async fn read_peer_frame(
     peer: SocketAddr,
-    reader: &mut FrameReader<TcpOwnedReadHalf>,
+    reader: &mut FrameReader<ReadHalf>,
 ) -> Result<PeerFrame, HandshakeError> {
     let payload = match reader.next_frame().await {
         Ok(Some(payload)) => payload,
@@ -144,7 +175,7 @@ async fn read_peer_frame(
 
 async fn write_frame(
     peer: SocketAddr,
-    writer: &mut TcpOwnedWriteHalf,
+    writer: &mut WriteHalf,
     frame: bytes::Bytes,
 ) -> Result<(), HandshakeError> {
     let (result, _) = writer.write_all(frame).await;
@@ -163,19 +194,17 @@ async fn write_frame(
 ///   Hello is returned with a reader over the rest of the stream and the
 ///   write half.
 ///
-/// The socket options are the caller's business: call
-/// [`crate::configure_stream`] on the accepted stream first.
+/// The socket options and TLS are the caller's business: call
+/// [`crate::configure_stream`] on the accepted stream, then
+/// [`crate::tls_accept`] or [`crate::plain`], first.
 pub async fn accept_peer(
-    stream: TcpStream,
+    peer: SocketAddr,
+    (read_half, mut write_half): (ReadHalf, WriteHalf),
     my_node_id: u64,
     max_frame_bytes: usize,
     handshake_timeout: Duration,
     check: impl FnOnce(&Hello) -> Result<(), Refusal>,
-) -> Result<(Hello, FrameReader<TcpOwnedReadHalf>, TcpOwnedWriteHalf), HandshakeError> {
-    let peer = stream
-        .peer_addr()
-        .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
-    let (read_half, mut write_half) = stream.into_split();
+) -> Result<(Hello, FrameReader<ReadHalf>, WriteHalf), HandshakeError> {
     let mut reader = FrameReader::new(read_half, max_frame_bytes);
     let first = within(peer, handshake_timeout, read_peer_frame(peer, &mut reader)).await?;
     let hello = match first.msg {
@@ -230,22 +259,29 @@ pub async fn accept_peer(
     Ok((hello, reader, write_half))
 }
 
-/// Dialer side: connects to `addr` (configured with `opts`), sends `hello`
-/// and waits for the answer, all within `opts.connect_timeout` per step.
-/// Returns the listener's `HelloAck` with a reader and the write half; a
-/// `HelloReject` is [`HandshakeError::Rejected`] with the listener's reason.
+/// Dialer side: connects to `addr` (configured with `opts`), runs the TLS
+/// handshake when `tls` is set, sends `hello` and waits for the answer, all
+/// within `opts.connect_timeout` per step. Returns the listener's
+/// `HelloAck` with a reader and the write half; a `HelloReject` is
+/// [`HandshakeError::Rejected`] with the listener's reason.
 pub async fn connect_peer(
     addr: SocketAddr,
     hello: &Hello,
     opts: &SocketOptions,
     max_frame_bytes: usize,
-) -> Result<(HelloAck, FrameReader<TcpOwnedReadHalf>, TcpOwnedWriteHalf), HandshakeError> {
+    tls: Option<&PeerTls>,
+) -> Result<(HelloAck, FrameReader<ReadHalf>, WriteHalf), HandshakeError> {
     let stream = connect(addr, opts)
         .await
         .map_err(|source| HandshakeError::Connect { peer: addr, source })?;
-    let (read_half, mut write_half) = stream.into_split();
-    let mut reader = FrameReader::new(read_half, max_frame_bytes);
     let limit = opts.connect_timeout;
+    let (read_half, mut write_half) = match tls {
+        None => plain(stream),
+        Some(tls) => tls_connect(stream, (tls.config)(), tls.server_name.clone(), limit)
+            .await
+            .map_err(|source| HandshakeError::Tls { peer: addr, source })?,
+    };
+    let mut reader = FrameReader::new(read_half, max_frame_bytes);
     let hello_frame = peer_frame(Msg::Hello(*hello));
     within(addr, limit, write_frame(addr, &mut write_half, hello_frame)).await?;
     let answer = within(addr, limit, read_peer_frame(addr, &mut reader)).await?;

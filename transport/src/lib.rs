@@ -28,9 +28,15 @@ pub use frame::{
     decode_message, encode_frame, encode_frame_bytes, FrameDecoder, FrameError,
     DEFAULT_MAX_FRAME_BYTES, FRAME_HEADER_LEN,
 };
-pub use handshake::{accept_peer, connect_peer, HandshakeError, Refusal};
+pub use handshake::{accept_peer, connect_peer, HandshakeError, PeerTls, Refusal};
 pub use link::{LinkEvent, PeerLink, PeerLinkConfig};
 pub use reader::FrameReader;
+/// The TLS library, for callers that hold its configs.
+pub use rustls;
 pub use socket::{configure_stream, connect, SocketOptions};
-pub use tls::peer_server_name;
+pub use tls::{
+    certificate_names, client_config, load_certificates, load_private_key, looks_like_tls_record,
+    peer_server_name, plain, server_config, server_name, tls_accept, tls_connect, Accepted,
+    IdentityFiles, ReadHalf, TlsConfigError, TlsError, TlsReadHalf, TlsWriteHalf, WriteHalf,
+};
 pub use writer::{spawn_writer, FrameSender, SendError};

@@ -29,12 +29,12 @@ use std::time::Duration;
 use bytes::Bytes;
 use corekv_proto::peer::Hello;
 use monoio::io::AsyncReadRent;
-use monoio::net::tcp::TcpOwnedReadHalf;
 use rand::Rng;
 
 use crate::frame::{DEFAULT_MAX_FRAME_BYTES, FRAME_HEADER_LEN};
-use crate::handshake::{connect_peer, HandshakeError};
+use crate::handshake::{connect_peer, HandshakeError, PeerTls};
 use crate::socket::SocketOptions;
+use crate::tls::ReadHalf;
 use crate::wake::{race, wait_until, Either, WakeSlot};
 use crate::writer::{spawn_writer, FrameSender, SendError};
 
@@ -74,6 +74,8 @@ pub struct PeerLinkConfig {
     /// Largest frame payload the link sends or reads (the peer enforces its
     /// own limit; keep them equal).
     pub max_frame_bytes: usize,
+    /// TLS for every connection, when the cluster runs it.
+    pub tls: Option<PeerTls>,
     /// First reconnect delay after a connection is lost.
     pub backoff_initial: Duration,
     /// Longest reconnect delay.
@@ -90,6 +92,7 @@ impl PeerLinkConfig {
             socket: SocketOptions::default(),
             max_queue_bytes: 64 << 20,
             max_frame_bytes: DEFAULT_MAX_FRAME_BYTES,
+            tls: None,
             backoff_initial: Duration::from_millis(10),
             backoff_max: Duration::from_secs(1),
         }
@@ -249,7 +252,13 @@ async fn run_link(shared: Rc<LinkShared>, on_event: Rc<dyn Fn(LinkEvent)>) {
             shared.reconnects.set(shared.reconnects.get() + 1);
         }
         first_attempt = false;
-        let dial = connect_peer(addr, &config.hello, &config.socket, config.max_frame_bytes);
+        let dial = connect_peer(
+            addr,
+            &config.hello,
+            &config.socket,
+            config.max_frame_bytes,
+            config.tls.as_ref(),
+        );
         let attempt = match race(dial, wait_for_shutdown(&shared)).await {
             Either::Left(attempt) => attempt,
             Either::Right(()) => break,
@@ -319,7 +328,7 @@ fn take_down(shared: &LinkShared) {
 /// on shutdown.
 async fn watch_connection(
     shared: &LinkShared,
-    read_half: TcpOwnedReadHalf,
+    read_half: ReadHalf,
     sender: &FrameSender,
 ) -> Option<String> {
     let addr = shared.config.addr;
@@ -341,7 +350,7 @@ async fn watch_connection(
 /// listener side of a link has nothing to say after the handshake, so reading
 /// is only how a closed or reset connection is noticed promptly. Returns the
 /// error, or `None` for a clean EOF.
-async fn read_until_closed(mut read_half: TcpOwnedReadHalf) -> Option<std::io::Error> {
+async fn read_until_closed(mut read_half: ReadHalf) -> Option<std::io::Error> {
     let mut buf = vec![0u8; 4096];
     loop {
         let (result, returned) = read_half.read(buf).await;

@@ -65,6 +65,7 @@ fn error_outcome(error: &FrameError) -> String {
         FrameError::Decode(_) => "Decode",
         FrameError::Io(_) => "Io",
         FrameError::Closed => "Closed",
+        FrameError::TlsRecord => "TlsRecord",
     };
     format!("{variant}: {error}")
 }

@@ -43,6 +43,7 @@ fn link_config(addr: std::net::SocketAddr, cluster_id: u64) -> PeerLinkConfig {
         },
         max_queue_bytes: 1 << 20,
         max_frame_bytes: 1 << 20,
+        tls: None,
         backoff_initial: Duration::from_millis(10),
         backoff_max: Duration::from_millis(200),
     }
@@ -64,7 +65,8 @@ fn recorder() -> (Events, Rc<dyn Fn(LinkEvent)>) {
 async fn serve_once(listener: TcpListener, count: usize) -> Vec<u32> {
     let (stream, _) = listener.accept().await.expect("accept");
     let (hello, mut reader, _write_half) = accept_peer(
-        stream,
+        stream.peer_addr().expect("peer address"),
+        corekv_transport::plain(stream),
         MY_NODE_ID,
         1 << 20,
         Duration::from_secs(10),
@@ -88,7 +90,8 @@ fn wrong_cluster_id_is_rejected_with_the_reason_on_both_sides() {
         let listener_side = monoio::spawn(async move {
             let (stream, _) = listener.accept().await.expect("accept");
             accept_peer(
-                stream,
+                stream.peer_addr().expect("peer address"),
+                corekv_transport::plain(stream),
                 MY_NODE_ID,
                 1 << 20,
                 Duration::from_secs(10),
@@ -96,7 +99,8 @@ fn wrong_cluster_id_is_rejected_with_the_reason_on_both_sides() {
             )
             .await
         });
-        let dialer_side = connect_peer(addr, &hello(8), &SocketOptions::default(), 1 << 20).await;
+        let dialer_side =
+            connect_peer(addr, &hello(8), &SocketOptions::default(), 1 << 20, None).await;
         match dialer_side {
             Err(HandshakeError::Rejected {
                 peer,
@@ -130,7 +134,8 @@ fn matching_hello_is_acknowledged_with_the_listener_node_id() {
         let listener_side = monoio::spawn(async move {
             let (stream, _) = listener.accept().await.expect("accept");
             let (hello, _, _) = accept_peer(
-                stream,
+                stream.peer_addr().expect("peer address"),
+                corekv_transport::plain(stream),
                 MY_NODE_ID,
                 1 << 20,
                 Duration::from_secs(10),
@@ -145,6 +150,7 @@ fn matching_hello_is_acknowledged_with_the_listener_node_id() {
             &hello(MY_CLUSTER_ID),
             &SocketOptions::default(),
             1 << 20,
+            None,
         )
         .await
         .expect("dialer handshake");
@@ -162,7 +168,8 @@ fn a_silent_dialer_times_out_the_handshake() {
             .expect("connect");
         let (stream, _) = listener.accept().await.expect("accept");
         let result = accept_peer(
-            stream,
+            stream.peer_addr().expect("peer address"),
+            corekv_transport::plain(stream),
             MY_NODE_ID,
             1 << 20,
             Duration::from_millis(50),
@@ -189,7 +196,8 @@ fn link_to_a_foreign_cluster_reports_rejected_and_keeps_retrying() {
             loop {
                 let (stream, _) = listener.accept().await.expect("accept");
                 if accept_peer(
-                    stream,
+                    stream.peer_addr().expect("peer address"),
+                    corekv_transport::plain(stream),
                     MY_NODE_ID,
                     1 << 20,
                     Duration::from_secs(10),

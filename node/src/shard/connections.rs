@@ -1,6 +1,7 @@
 //! Connection tasks: listeners, client connections, inbound peer links and
 //! their handshake, and the timer and cross-core tasks that feed the inbox.
 
+use std::cell::RefCell;
 use std::net::SocketAddr;
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
@@ -10,10 +11,9 @@ use std::time::{Duration, Instant};
 use corekv_proto::client::{ErrorCode, Request, Response};
 use corekv_proto::peer::{Hello, LinkKind, PeerFrame};
 use corekv_transport::{
-    accept_peer, configure_stream, decode_message, encode_frame_bytes, spawn_writer, FrameError,
-    FrameReader, FrameSender,
+    accept_peer, configure_stream, decode_message, encode_frame_bytes, plain, spawn_writer,
+    tls_accept, FrameError, FrameReader, FrameSender, ReadHalf, WriteHalf,
 };
-use monoio::io::Splitable;
 use monoio::net::TcpListener;
 
 use crate::data_dir;
@@ -32,7 +32,8 @@ use crate::metrics::ConnectionMetrics;
 const MAX_CONN_QUEUE_EXTRA_BYTES: usize = 4 << 20;
 /// Pause after a failed accept before trying again.
 const ACCEPT_RETRY: Duration = Duration::from_millis(10);
-/// How long an inbound peer gets to send its Hello.
+/// How long an inbound client or peer gets for its TLS handshake, and a
+/// peer for its Hello.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 
 pub(super) async fn tick(local: Rc<Local>, every: Duration) {
@@ -121,40 +122,83 @@ pub(super) async fn accept_clients(
     metrics: ConnectionMetrics,
 ) {
     let mut refused_log = LogLimit::default();
+    let tls_log = Rc::new(RefCell::new(LogLimit::default()));
     loop {
         let (stream, remote) = next_connection(&listener, &local, &node).await;
-        let (read_half, write_half) = stream.into_split();
-        let max_frame_bytes = node.config.max_frame_bytes;
-        let sender = spawn_writer(write_half, conn_queue_bytes(max_frame_bytes));
+        // The slot is taken before any TLS handshake, so handshakes in
+        // progress count against max_client_connections too.
         let Some(slot) = ConnectionSlot::take(&node) else {
             let max = node.config.max_client_connections;
             metrics.rejected.inc();
             if let Some(suppressed) = refused_log.allow(Instant::now()) {
                 tracing::warn!(shard = local.shard, %remote, max, suppressed, "client connection refused: max_client_connections reached");
             }
-            let message = format!("too many client connections (max_client_connections {max}); try another node or later");
-            let response = Response {
-                id: 0,
-                result: Some(state_machine::error(ErrorCode::Unavailable, &message)),
-            };
-            let _ = sender.send(encode_frame_bytes(&response));
-            sender.close();
+            // A TLS client gets no answer it could read before a
+            // handshake, which a refused client is not worth: the
+            // connection just closes.
+            if node.tls.is_none() {
+                let (_, write_half) = plain(stream);
+                let sender =
+                    spawn_writer(write_half, conn_queue_bytes(node.config.max_frame_bytes));
+                let message = format!("too many client connections (max_client_connections {max}); try another node or later");
+                let response = Response {
+                    id: 0,
+                    result: Some(state_machine::error(ErrorCode::Unavailable, &message)),
+                };
+                let _ = sender.send(encode_frame_bytes(&response));
+                sender.close();
+            }
             continue;
         };
-        let conn = local.next_conn.get();
-        local.next_conn.set(conn + 1);
-        let client = Rc::new(ClientConn::new(sender, Instant::now()));
-        local.conns.borrow_mut().insert(conn, client.clone());
-        metrics.open.inc();
-        monoio::spawn(read_client(
-            FrameReader::new(read_half, max_frame_bytes),
-            conn,
-            remote,
-            client,
-            local.clone(),
-            (slot, metrics.clone()),
-        ));
+        let Some(tls) = &node.tls else {
+            start_client(plain(stream), remote, slot, &local, &metrics);
+            continue;
+        };
+        let config = tls.current().clients.clone();
+        let (local, metrics, tls_log) = (local.clone(), metrics.clone(), tls_log.clone());
+        monoio::spawn(async move {
+            match tls_accept(stream, config, HANDSHAKE_TIMEOUT).await {
+                Ok(accepted) => start_client(
+                    (accepted.read, accepted.write),
+                    remote,
+                    slot,
+                    &local,
+                    &metrics,
+                ),
+                Err(e) => {
+                    metrics.tls_refused.inc();
+                    if let Some(suppressed) = tls_log.borrow_mut().allow(Instant::now()) {
+                        tracing::warn!(shard = local.shard, %remote, error = %e, suppressed, "client TLS handshake failed");
+                    }
+                }
+            }
+        });
     }
+}
+
+/// Serves a client connection whose handshake (if any) is done.
+fn start_client(
+    (read_half, write_half): (ReadHalf, WriteHalf),
+    remote: SocketAddr,
+    slot: ConnectionSlot,
+    local: &Rc<Local>,
+    metrics: &ConnectionMetrics,
+) {
+    let max_frame_bytes = slot.node.config.max_frame_bytes;
+    let sender = spawn_writer(write_half, conn_queue_bytes(max_frame_bytes));
+    let conn = local.next_conn.get();
+    local.next_conn.set(conn + 1);
+    let client = Rc::new(ClientConn::new(sender, Instant::now()));
+    local.conns.borrow_mut().insert(conn, client.clone());
+    metrics.open.inc();
+    monoio::spawn(read_client(
+        FrameReader::new(read_half, max_frame_bytes),
+        conn,
+        remote,
+        client,
+        local.clone(),
+        (slot, metrics.clone()),
+    ));
 }
 
 async fn read_client<R: monoio::io::AsyncReadRent>(
@@ -230,18 +274,40 @@ async fn serve_peer(
 ) {
     let config = &node.config;
     let shard = local.shard;
+    let (halves, certificate) = match &node.tls {
+        None => (plain(stream), None),
+        Some(tls) => {
+            let config = tls.current().peers.clone();
+            match tls_accept(stream, config, HANDSHAKE_TIMEOUT).await {
+                Ok(accepted) => ((accepted.read, accepted.write), accepted.peer_certificate),
+                Err(e) => {
+                    // Peers redial at most once a second per shard, so
+                    // this repeats slowly enough to stay unlimited.
+                    tracing::warn!(shard, %remote, error = %e, "peer TLS handshake failed");
+                    return;
+                }
+            }
+        }
+    };
     let check = |hello: &Hello| {
-        check_hello(hello, &node, shard, &local.gate.borrow()).map_err(|e| {
-            corekv_transport::Refusal {
+        let gate = local.gate.borrow();
+        check_hello(hello, &node, shard, &gate)
+            .and_then(|()| match &node.tls {
+                None => Ok(()),
+                Some(tls) => tls
+                    .check_peer_identity(certificate.as_ref(), hello.node_id, &gate.members)
+                    .map_err(|reason| HelloRefusal::Identity { reason }),
+            })
+            .map_err(|e| corekv_transport::Refusal {
                 removed: matches!(e, HelloRefusal::Removed { .. }),
                 reason: e.to_string(),
-            }
-        })
+            })
     };
     // The write half stays alive while we read: dropping it would shut the
     // socket down for writing and the dialer would see a closed link.
     let (hello, mut reader, write_half) = match accept_peer(
-        stream,
+        remote,
+        halves,
         config.node_id,
         config.max_frame_bytes,
         HANDSHAKE_TIMEOUT,
@@ -340,6 +406,8 @@ enum HelloRefusal {
     Removed { id: u64, shard: u32 },
     #[error("node id {id} is this node's own id")]
     OwnId { id: u64 },
+    #[error("certificate refused: {reason}")]
+    Identity { reason: String },
 }
 
 fn check_hello(

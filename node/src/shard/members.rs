@@ -184,6 +184,7 @@ impl Shard {
             socket: self.node.socket_options(),
             max_queue_bytes: link_queue_bytes(config.max_frame_bytes),
             max_frame_bytes: config.max_frame_bytes,
+            tls: self.node.tls.as_ref().map(|tls| tls.peer_tls(peer)),
             backoff_initial: Duration::from_millis(10),
             backoff_max: Duration::from_secs(1),
         };

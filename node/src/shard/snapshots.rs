@@ -57,6 +57,7 @@ impl Shard {
             },
             socket: self.node.socket_options(),
             max_frame_bytes: config.max_frame_bytes,
+            tls: self.node.tls.as_ref().map(|tls| tls.peer_tls(to)),
             path,
             meta,
             message,
