@@ -5,6 +5,10 @@
 //! `base + 100*i + 90`), starts one `corekv run` child per node, waits until
 //! every shard has a leader, and stops the children on Ctrl-C or SIGTERM.
 //! An existing directory is resumed: its configs and data are kept.
+//!
+//! With `--tls`, a throwaway CA and certificates go to `DIR/tls` (see
+//! [`crate::certs`]) and every node serves TLS on all its ports, peers
+//! authenticate each other, and clients need the client certificate.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -17,6 +21,8 @@ use clap::Args;
 
 use corekv_client::{block_on, Client, ClientOptions};
 use corekv_node::config::{Config, PeerConfig};
+
+use crate::certs::{write_dev_pki, DevPki};
 
 /// Client and peer ports of a node are 50 apart, so a dev cluster has at
 /// most 40 shards (the admin port sits at +90).
@@ -40,6 +46,21 @@ pub struct DevArgs {
     /// Only write the config files; start nothing.
     #[arg(long)]
     pub no_start: bool,
+    /// Generate a throwaway CA and certificates in DIR/tls and turn TLS on,
+    /// with client certificates required.
+    #[arg(long)]
+    pub tls: bool,
+}
+
+/// `--dir`, absolute, so that the paths in the configs hold whatever
+/// directory a node is started from.
+fn absolute_dir(args: &DevArgs) -> PathBuf {
+    std::path::absolute(&args.dir).unwrap_or_else(|_| args.dir.clone())
+}
+
+/// Where `--tls` keeps the certificates.
+fn dev_pki(args: &DevArgs) -> DevPki {
+    DevPki::in_dir(&absolute_dir(args).join("tls"))
 }
 
 /// Ports of node `i` (1-based) for a port base.
@@ -79,7 +100,8 @@ pub fn check_ports_free(configs: &[Config]) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The configs of a dev cluster.
+/// The configs of a dev cluster. With `--tls` they name the certificate
+/// files [`write_configs`] writes; this function writes nothing.
 pub fn configs(args: &DevArgs) -> anyhow::Result<Vec<Config>> {
     if args.nodes == 0 {
         bail!("--nodes must be at least 1");
@@ -106,7 +128,8 @@ pub fn configs(args: &DevArgs) -> anyhow::Result<Vec<Config>> {
             admin_port: Some(admin_port),
         });
     }
-    let dir = std::path::absolute(&args.dir).unwrap_or_else(|_| args.dir.clone());
+    let dir = absolute_dir(args);
+    let pki = args.tls.then(|| dev_pki(args));
     let cores: Vec<usize> = core_affinity::get_core_ids()
         .unwrap_or_default()
         .iter()
@@ -132,6 +155,15 @@ pub fn configs(args: &DevArgs) -> anyhow::Result<Vec<Config>> {
                 .collect();
             text.push_str(&format!("cpus = [{}]\n", cpus.join(", ")));
         }
+        if let Some(pki) = &pki {
+            text.push_str(&format!(
+                "tls_cert_file = {cert:?}\ntls_key_file = {key:?}\ntls_ca_file = {ca:?}\n\
+                 peer_tls = true\nclient_auth = \"cert\"\n",
+                cert = pki.node_cert(peer.id).display().to_string(),
+                key = pki.node_key(peer.id).display().to_string(),
+                ca = pki.ca.display().to_string(),
+            ));
+        }
         for p in &peers {
             text.push_str(&format!(
                 "\n[[peers]]\nid = {}\nhost = \"{}\"\nclient_port = {}\npeer_port = {}\nadmin_port = {}\n",
@@ -155,21 +187,58 @@ fn config_path(dir: &Path, id: u64) -> PathBuf {
     dir.join(format!("node{id}")).join("corekv.toml")
 }
 
-/// Writes the config files (keeping existing ones) and returns their paths.
+/// Writes the config files (keeping existing ones) and, with `--tls`, the
+/// certificates (keeping them if all are there, see [`write_dev_pki`]), and
+/// returns the configs' paths.
 pub fn write_configs(args: &DevArgs) -> anyhow::Result<Vec<PathBuf>> {
-    let mut paths = Vec::new();
-    for config in configs(args)? {
-        let path = config_path(&args.dir, config.node_id);
-        if path.exists() {
-            // Resume: the cluster's identity and ports live in these files.
-            Config::from_toml_str(&std::fs::read_to_string(&path)?)
-                .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
-        } else {
+    let configs = configs(args)?;
+    let paths: Vec<PathBuf> = configs
+        .iter()
+        .map(|config| config_path(&args.dir, config.node_id))
+        .collect();
+    // Every kept file is checked before anything is written, so a refused
+    // resume leaves the directory as it was.
+    for path in paths.iter().filter(|path| path.exists()) {
+        // Resume: the cluster's identity and ports live in these files.
+        let kept = Config::from_toml_str(&std::fs::read_to_string(path)?)
+            .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        // The kept file, not the flag, decides, so a flag that disagrees
+        // would otherwise be ignored without a word.
+        if kept.tls_enabled() != args.tls {
+            let was = if kept.tls_enabled() {
+                "with"
+            } else {
+                "without"
+            };
+            bail!(
+                "{} was written {was} --tls and a restart keeps it: run {was} --tls, \
+                 or use a new --dir",
+                path.display()
+            );
+        }
+    }
+    if args.tls {
+        // A node is named by the host of its peers entry, which clients get
+        // in topology and leader hints, and by localhost, which people type.
+        let nodes: Vec<(u64, Vec<String>)> = configs
+            .iter()
+            .map(|c| {
+                (
+                    c.node_id,
+                    vec![c.advertise_host.clone(), "localhost".to_string()],
+                )
+            })
+            .collect();
+        let pki = dev_pki(args);
+        write_dev_pki(&pki.dir, configs[0].cluster_id, &nodes)
+            .with_context(|| format!("cannot write the certificates in {}", pki.dir.display()))?;
+    }
+    for (config, path) in configs.iter().zip(&paths) {
+        if !path.exists() {
             std::fs::create_dir_all(path.parent().expect("config path has a parent"))?;
-            std::fs::write(&path, config.to_toml_string())
+            std::fs::write(path, config.to_toml_string())
                 .with_context(|| format!("cannot write {}", path.display()))?;
         }
-        paths.push(path);
     }
     Ok(paths)
 }
@@ -207,6 +276,20 @@ pub fn run(args: DevArgs) -> anyhow::Result<()> {
         for path in &paths {
             println!("{}", path.display());
         }
+    }
+    let tls_flags = args.tls.then(|| {
+        let pki = dev_pki(&args);
+        format!(
+            "--cacert {} --cert {} --key {}",
+            pki.ca.display(),
+            pki.client_cert.display(),
+            pki.client_key.display()
+        )
+    });
+    if let Some(flags) = &tls_flags {
+        println!("TLS on: pass {flags} (or COREKV_CACERT, COREKV_CERT, COREKV_KEY)");
+    }
+    if args.no_start {
         return Ok(());
     }
     let stop = Arc::new(AtomicBool::new(false));
@@ -280,7 +363,10 @@ pub fn run(args: DevArgs) -> anyhow::Result<()> {
             c.node_id, c.client_port, c.admin_port
         );
     }
-    let flag = format!("--endpoints {}", endpoints.join(","));
+    let mut flag = format!("--endpoints {}", endpoints.join(","));
+    if let Some(flags) = &tls_flags {
+        flag = format!("{flag} {flags}");
+    }
     println!();
     println!("try:");
     println!("  corekv {flag} put a 1");
@@ -361,6 +447,8 @@ pub async fn wait_for_leaders(
 
 #[cfg(test)]
 mod tests {
+    use corekv_node::config::ClientAuth;
+
     use super::*;
 
     fn args(shards: u32) -> DevArgs {
@@ -370,6 +458,7 @@ mod tests {
             dir: PathBuf::from("corekv-dev-test"),
             port_base: 7000,
             no_start: true,
+            tls: false,
         }
     }
 
@@ -416,6 +505,117 @@ mod tests {
         for config in &configs {
             assert_eq!(config.max_memory_bytes, one.max_memory_bytes / 3);
         }
+    }
+
+    fn tls_args(dir: &Path) -> DevArgs {
+        DevArgs {
+            dir: dir.join("dev"),
+            tls: true,
+            ..args(1)
+        }
+    }
+
+    #[test]
+    fn tls_configs_name_absolute_certificate_files_that_exist() {
+        use rustls_pki_types::pem::PemObject as _;
+        use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+
+        let dir = tempfile::tempdir().unwrap();
+        let args = tls_args(dir.path());
+        let paths = write_configs(&args).unwrap();
+        assert_eq!(paths.len(), 3);
+        let ca = std::fs::read(dev_pki(&args).ca).unwrap();
+        let ca = CertificateDer::from_pem_slice(&ca).unwrap();
+        let anchors = [webpki::anchor_from_trusted_cert(&ca).unwrap()];
+        for (path, expected) in paths.iter().zip(configs(&args).unwrap()) {
+            let config = Config::from_toml_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+            // Read back whole: the TLS keys survive to_toml_string.
+            assert_eq!(config, expected);
+            assert!(config.peer_tls);
+            assert_eq!(config.client_auth, ClientAuth::Cert);
+            let files = [
+                &config.tls_cert_file,
+                &config.tls_key_file,
+                &config.tls_ca_file,
+            ];
+            for file in files {
+                let file = file.as_ref().expect("every TLS file is set");
+                assert!(file.is_absolute(), "{}", file.display());
+                assert!(file.exists(), "{}", file.display());
+            }
+            let cert = std::fs::read(config.tls_cert_file.unwrap()).unwrap();
+            let cert = CertificateDer::from_pem_slice(&cert).unwrap();
+            let key = std::fs::read(config.tls_key_file.unwrap()).unwrap();
+            PrivateKeyDer::from_pem_slice(&key).unwrap();
+            let cert = webpki::EndEntityCert::try_from(&cert).unwrap();
+            cert.verify_for_usage(
+                &[webpki::ring::ECDSA_P256_SHA256],
+                &anchors,
+                &[],
+                rustls_pki_types::UnixTime::now(),
+                webpki::KeyUsage::server_auth(),
+                None,
+                None,
+            )
+            .unwrap();
+            let own = corekv_transport::peer_server_name(config.cluster_id, config.node_id);
+            for name in [own.as_str(), "127.0.0.1", "localhost"] {
+                let name = ServerName::try_from(name).unwrap();
+                cert.verify_is_valid_for_subject_name(&name)
+                    .unwrap_or_else(|e| panic!("node {}: {name:?}: {e}", config.node_id));
+            }
+        }
+    }
+
+    #[test]
+    fn a_restarted_tls_cluster_keeps_its_ca() {
+        let dir = tempfile::tempdir().unwrap();
+        let args = tls_args(dir.path());
+        write_configs(&args).unwrap();
+        let ca = std::fs::read_to_string(dev_pki(&args).ca).unwrap();
+        write_configs(&args).unwrap();
+        assert_eq!(std::fs::read_to_string(dev_pki(&args).ca).unwrap(), ca);
+    }
+
+    #[test]
+    fn plaintext_configs_round_trip_without_tls_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        let args = DevArgs {
+            tls: false,
+            ..tls_args(dir.path())
+        };
+        for config in configs(&args).unwrap() {
+            let text = config.to_toml_string();
+            assert!(!text.contains("tls_"), "{text}");
+            assert_eq!(Config::from_toml_str(&text).unwrap(), config);
+        }
+    }
+
+    #[test]
+    fn tls_cannot_be_switched_on_a_resumed_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let plain = DevArgs {
+            tls: false,
+            ..tls_args(dir.path())
+        };
+        write_configs(&plain).unwrap();
+        let error = write_configs(&tls_args(dir.path()))
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("without --tls"), "{error}");
+        assert!(
+            !dev_pki(&plain).dir.exists(),
+            "a refused resume writes nothing"
+        );
+
+        let dir = tempfile::tempdir().unwrap();
+        write_configs(&tls_args(dir.path())).unwrap();
+        let plain = DevArgs {
+            tls: false,
+            ..tls_args(dir.path())
+        };
+        let error = write_configs(&plain).unwrap_err().to_string();
+        assert!(error.contains("with --tls"), "{error}");
     }
 
     #[test]
