@@ -25,6 +25,9 @@
 #   RUNS        runs per scenario (default 1); the table shows, per scenario,
 #               the run with the median ops/s (RUNS=3 for the README table)
 #   SHARDS      shards per node (default: corekv dev's default, the cores)
+#   TLS         1: the cluster runs TLS on every connection (`corekv dev
+#               --tls`: mutual TLS between nodes, client certificates
+#               required), and every client command connects with it
 #
 # Needs jq for the summary. The cluster (and its data) lives in a temp dir
 # that is removed on exit; the cluster is stopped on exit, by the pid this
@@ -91,7 +94,13 @@ ENDPOINTS="127.0.0.1:$((PORT_BASE + 100)),127.0.0.1:$((PORT_BASE + 200)),127.0.0
 ADMIN="127.0.0.1:$((PORT_BASE + 190)),127.0.0.1:$((PORT_BASE + 290)),127.0.0.1:$((PORT_BASE + 390))"
 
 echo "starting a 3-node dev cluster in $WORK/cluster (port base $PORT_BASE)" >&2
-"$COREKV" dev --nodes 3 --dir "$WORK/cluster" --port-base "$PORT_BASE" ${SHARDS:+--shards "$SHARDS"} >"$WORK/dev.log" 2>&1 &
+TLS_FLAGS=()
+if [[ "${TLS:-0}" == 1 ]]; then
+    TLS_FLAGS=(--cacert "$WORK/cluster/tls/ca.pem" --cert "$WORK/cluster/tls/client.pem"
+        --key "$WORK/cluster/tls/client-key.pem")
+fi
+"$COREKV" dev --nodes 3 --dir "$WORK/cluster" --port-base "$PORT_BASE" ${SHARDS:+--shards "$SHARDS"} \
+    ${TLS_FLAGS[0]:+--tls} >"$WORK/dev.log" 2>&1 &
 DEV_PID=$!
 
 # Ready when `corekv status` reaches every node and every shard has a leader.
@@ -101,7 +110,7 @@ for _ in $(seq 1 600); do
         echo "corekv dev exited during start-up" >&2
         exit 1
     fi
-    if out=$("$COREKV" --endpoints "$ENDPOINTS" --timeout 1s status 2>/dev/null) &&
+    if out=$("$COREKV" --endpoints "$ENDPOINTS" ${TLS_FLAGS[@]+"${TLS_FLAGS[@]}"} --timeout 1s status 2>/dev/null) &&
         ! grep -q "NO LEADER" <<<"$out"; then
         ready=yes
         break
@@ -114,7 +123,7 @@ done
 }
 echo "cluster ready" >&2
 
-COMMON=(--endpoints "$ENDPOINTS" --json bench
+COMMON=(--endpoints "$ENDPOINTS" ${TLS_FLAGS[@]+"${TLS_FLAGS[@]}"} --json bench
     --key-size 16 --warmup "$WARMUP" --seed 1 --admin "$ADMIN")
 SMALL=(--value-size 256 --keyspace 100000 --duration "$DURATION")
 

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context as _};
 use clap::Args;
 
-use corekv_client::{block_on, Client, ClientOptions};
+use corekv_client::{block_on, Client, ClientOptions, ClientTls};
 use corekv_node::config::{Config, PeerConfig};
 
 use crate::certs::{write_dev_pki, DevPki};
@@ -340,8 +340,19 @@ pub fn run(args: DevArgs) -> anyhow::Result<()> {
                 _ => None,
             })
     };
+    let client_tls = match args.tls {
+        false => None,
+        true => {
+            let pki = dev_pki(&args);
+            Some(ClientTls::from_files(
+                &pki.ca,
+                Some((&pki.client_cert, &pki.client_key)),
+            )?)
+        }
+    };
     block_on(wait_for_leaders(
         &endpoints,
+        client_tls,
         configs[0].shards,
         Duration::from_secs(60),
         &stop,
@@ -395,6 +406,7 @@ pub fn run(args: DevArgs) -> anyhow::Result<()> {
 /// node process that has exited, which fails the wait at once.
 pub async fn wait_for_leaders(
     endpoints: &[String],
+    tls: Option<ClientTls>,
     shards: u32,
     within: Duration,
     stop: &AtomicBool,
@@ -411,6 +423,7 @@ pub async fn wait_for_leaders(
         let options = ClientOptions {
             endpoints: endpoints.to_vec(),
             request_timeout: Duration::from_secs(1),
+            tls: tls.clone(),
             ..Default::default()
         };
         match Client::connect(options).await {

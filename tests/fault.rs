@@ -863,6 +863,7 @@ fn options(endpoints: &str, timeout: Duration) -> ClientOptions {
     ClientOptions {
         endpoints: endpoints.split(',').map(String::from).collect(),
         request_timeout: timeout,
+        tls: common::client_tls(),
         ..Default::default()
     }
 }

@@ -202,7 +202,7 @@ fn a_client_that_stops_reading_is_cut_off_once_and_others_are_served() {
 
     let mut greedy = RawClient::connect(cluster.nodes[0].client_port).unwrap();
     greedy
-        .stream
+        .tcp
         .set_write_timeout(Some(Duration::from_millis(200)))
         .unwrap();
     // Write until the node stops taking requests (back-pressure or the cut).
@@ -230,7 +230,7 @@ fn a_client_that_stops_reading_is_cut_off_once_and_others_are_served() {
     assert_eq!(lines, 1, "one line for the connection");
     // What was queued for it is gone: the connection ends for the client too.
     greedy
-        .stream
+        .tcp
         .set_read_timeout(Some(Duration::from_secs(20)))
         .unwrap();
     let mut sink = vec![0u8; 1 << 20];
@@ -323,7 +323,7 @@ fn back_pressure_on_in_flight_requests_loses_nothing() {
     cluster.wait_for_leaders();
     let mut client = RawClient::connect(cluster.nodes[0].client_port).unwrap();
     let total = 2_000u64;
-    let writer_stream = client.stream.try_clone().unwrap();
+    let writer_stream = client.tcp.try_clone().unwrap();
     let writer = std::thread::spawn(move || {
         let mut c = RawClient::from_stream(writer_stream);
         for id in 1..=total {

@@ -243,7 +243,7 @@ mod tests {
     }
 
     fn settings(extra: &[&str]) -> anyhow::Result<Settings> {
-        Settings::new(args(extra), vec!["127.0.0.1:7100".to_string()])
+        Settings::new(args(extra), vec!["127.0.0.1:7100".to_string()], None)
     }
 
     #[test]

@@ -13,9 +13,92 @@ use std::time::{Duration, Instant};
 use bytes::{Buf, BytesMut};
 use corekv_proto::client::{Request, Response, StatusResult};
 use prost::Message;
+use rustls::pki_types::pem::PemObject as _;
 
 /// Path of the binary under test.
 pub const COREKV: &str = env!("CARGO_BIN_EXE_corekv");
+
+/// TLS for every cluster of this test process: one CA, a client
+/// certificate, and node certificates issued per cluster. On when a test
+/// asks ([`enable_tls`]) or `COREKV_TEST_TLS=1` (how CI runs the kill -9
+/// chaos test a second time, over TLS).
+pub struct TestPki {
+    pub authority: corekv::certs::Authority,
+    pub client: corekv::certs::Issued,
+    /// The client library's TLS (CA and client certificate).
+    pub client_tls: corekv_client::ClientTls,
+    /// The same, for [`RawClient`]'s blocking rustls.
+    pub raw: std::sync::Arc<rustls::ClientConfig>,
+}
+
+static TLS: std::sync::OnceLock<TestPki> = std::sync::OnceLock::new();
+
+/// This process's TLS, if on.
+pub fn tls() -> Option<&'static TestPki> {
+    if std::env::var("COREKV_TEST_TLS").is_ok_and(|v| v == "1") {
+        return Some(enable_tls());
+    }
+    TLS.get()
+}
+
+/// Turns TLS on for every cluster this process configures from now on.
+pub fn enable_tls() -> &'static TestPki {
+    TLS.get_or_init(|| {
+        let authority = corekv::certs::Authority::new("corekv test CA").expect("test CA");
+        let client = authority.client("test client").expect("client certificate");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (ca, cert, key) = write_client_pem(dir.path(), &authority, &client);
+        let client_tls = corekv_client::ClientTls::from_files(&ca, Some((&cert, &key)))
+            .expect("client TLS from the test PEMs");
+        let mut roots = rustls::RootCertStore::empty();
+        for der in
+            rustls::pki_types::CertificateDer::pem_slice_iter(authority.cert_pem().as_bytes())
+        {
+            roots.add(der.expect("CA PEM")).expect("CA certificate");
+        }
+        let chain = rustls::pki_types::CertificateDer::pem_slice_iter(client.cert_pem.as_bytes())
+            .collect::<Result<Vec<_>, _>>()
+            .expect("client PEM");
+        let key = rustls::pki_types::PrivateKeyDer::from_pem_slice(client.key_pem.as_bytes())
+            .expect("client key PEM");
+        let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+        let raw = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .expect("protocol versions")
+            .with_root_certificates(roots)
+            .with_client_auth_cert(chain, key)
+            .expect("client certificate and key");
+        TestPki {
+            authority,
+            client,
+            client_tls,
+            raw: std::sync::Arc::new(raw),
+        }
+    })
+}
+
+/// Writes the CA and the client certificate under `dir`: (CA, cert, key).
+pub fn write_client_pem(
+    dir: &Path,
+    authority: &corekv::certs::Authority,
+    client: &corekv::certs::Issued,
+) -> (PathBuf, PathBuf, PathBuf) {
+    std::fs::create_dir_all(dir).expect("create TLS dir");
+    let paths = (
+        dir.join("ca.pem"),
+        dir.join("client.pem"),
+        dir.join("client-key.pem"),
+    );
+    std::fs::write(&paths.0, authority.cert_pem()).expect("write CA");
+    std::fs::write(&paths.1, &client.cert_pem).expect("write client certificate");
+    std::fs::write(&paths.2, &client.key_pem).expect("write client key");
+    paths
+}
+
+/// The client library's TLS for this process's clusters.
+pub fn client_tls() -> Option<corekv_client::ClientTls> {
+    tls().map(|pki| pki.client_tls.clone())
+}
 
 /// A generous deadline for anything a cluster has to do on a noisy 2-core box.
 pub const DEADLINE: Duration = Duration::from_secs(60);
@@ -285,10 +368,18 @@ impl Cluster {
             "wal_segment_bytes = 4194304\n"
         };
         let mut list = Vec::new();
+        let tls_dir = dir.path().join("tls");
+        if let Some(pki) = tls() {
+            write_client_pem(&tls_dir, &pki.authority, &pki.client);
+        }
         for (i, (c, p, a)) in ports.iter().enumerate() {
             let id = i as u64 + 1;
             let node_dir = dir.path().join(format!("node{id}"));
             std::fs::create_dir_all(&node_dir).unwrap();
+            let tls_lines = match tls() {
+                Some(pki) => node_tls_lines(pki, &tls_dir, id),
+                None => String::new(),
+            };
             let data_dir = node_dir.join("data");
             let config_path = node_dir.join("corekv.toml");
             let members = if id <= nodes {
@@ -297,7 +388,7 @@ impl Cluster {
                 join.as_str()
             };
             let text = format!(
-                "node_id = {id}\ncluster_id = 7\ndata_dir = {:?}\nclient_port = {c}\npeer_port = {p}\nadmin_port = {a}\nshards = {shards}\n{segment}{extra}\n{members}",
+                "node_id = {id}\ncluster_id = 7\ndata_dir = {:?}\nclient_port = {c}\npeer_port = {p}\nadmin_port = {a}\nshards = {shards}\n{segment}{tls_lines}{extra}\n{members}",
                 data_dir.display().to_string()
             );
             std::fs::write(&config_path, text).unwrap();
@@ -319,6 +410,23 @@ impl Cluster {
             shards,
             _ports: ports_held,
         }
+    }
+
+    /// The CLI flags for this cluster's TLS (none without TLS).
+    pub fn tls_flags(&self) -> Vec<String> {
+        if tls().is_none() {
+            return Vec::new();
+        }
+        let dir = self.dir.path().join("tls");
+        let path = |name: &str| dir.join(name).display().to_string();
+        vec![
+            "--cacert".into(),
+            path("ca.pem"),
+            "--cert".into(),
+            path("client.pem"),
+            "--key".into(),
+            path("client-key.pem"),
+        ]
     }
 
     /// Comma-separated client endpoints of every node.
@@ -402,6 +510,7 @@ impl Cluster {
         let output = Command::new(COREKV)
             .arg("--endpoints")
             .arg(self.endpoints())
+            .args(self.tls_flags())
             .args(args)
             .output()
             .expect("run corekv cli");
@@ -438,29 +547,48 @@ impl Drop for Cluster {
     }
 }
 
+/// A byte stream a [`RawClient`] speaks over: TCP, or TLS over TCP.
+pub trait Stream: Read + Write + Send {}
+impl<T: Read + Write + Send> Stream for T {}
+
 /// A blocking client speaking the raw wire protocol, for tests that need
 /// exact control over frames.
 pub struct RawClient {
-    pub stream: TcpStream,
+    pub stream: Box<dyn Stream>,
+    /// The socket under `stream`, for socket options and clones.
+    pub tcp: TcpStream,
     buf: BytesMut,
 }
 
 impl RawClient {
-    /// Connects to 127.0.0.1:port.
+    /// Connects to 127.0.0.1:port, with TLS when this process runs TLS
+    /// clusters (see [`tls`]).
     pub fn connect(port: u16) -> std::io::Result<RawClient> {
         let stream = TcpStream::connect(("127.0.0.1", port))?;
         stream.set_read_timeout(Some(Duration::from_secs(20)))?;
         stream.set_nodelay(true)?;
+        let tcp = stream.try_clone()?;
+        let stream: Box<dyn Stream> = match tls() {
+            None => Box::new(stream),
+            Some(pki) => {
+                let name = rustls::pki_types::ServerName::try_from("127.0.0.1").expect("IP");
+                let conn = rustls::ClientConnection::new(pki.raw.clone(), name)
+                    .map_err(std::io::Error::other)?;
+                Box::new(rustls::StreamOwned::new(conn, stream))
+            }
+        };
         Ok(RawClient {
             stream,
+            tcp,
             buf: BytesMut::new(),
         })
     }
 
-    /// Wraps an open stream (say, a clone for a writer thread).
+    /// Wraps an open plaintext stream (say, a clone for a writer thread).
     pub fn from_stream(stream: TcpStream) -> RawClient {
         RawClient {
-            stream,
+            tcp: stream.try_clone().expect("clone the socket"),
+            stream: Box::new(stream),
             buf: BytesMut::new(),
         }
     }
@@ -502,6 +630,25 @@ impl RawClient {
         self.send(&request)?;
         self.recv()
     }
+}
+
+/// A node's TLS settings: its certificate (naming it and 127.0.0.1),
+/// issued now under `dir`, and client certificates required.
+pub fn node_tls_lines(pki: &TestPki, dir: &Path, id: u64) -> String {
+    let issued = pki
+        .authority
+        .node(7, id, &["127.0.0.1".to_string(), "localhost".to_string()])
+        .expect("node certificate");
+    let cert = dir.join(format!("node{id}.pem"));
+    let key = dir.join(format!("node{id}-key.pem"));
+    std::fs::write(&cert, &issued.cert_pem).expect("write node certificate");
+    std::fs::write(&key, &issued.key_pem).expect("write node key");
+    format!(
+        "tls_cert_file = {:?}\ntls_key_file = {:?}\ntls_ca_file = {:?}\nclient_auth = \"cert\"\n",
+        cert.display().to_string(),
+        key.display().to_string(),
+        dir.join("ca.pem").display().to_string()
+    )
 }
 
 /// The node a shard's leadership settles on when every node is up: the
@@ -599,6 +746,7 @@ impl Writer {
                 let options = corekv_client::ClientOptions {
                     endpoints: endpoints.split(',').map(str::to_string).collect(),
                     request_timeout: Duration::from_secs(5),
+                    tls: client_tls(),
                     ..Default::default()
                 };
                 let client = corekv_client::Client::connect(options)

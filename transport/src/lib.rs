@@ -14,6 +14,10 @@
 //! - [`connect`] / [`configure_stream`]: `TCP_NODELAY`, keepalive, timeouts.
 //! - [`PeerLink`]: an outbound peer connection that handshakes and reconnects;
 //!   [`accept_peer`] / [`connect_peer`]: the two sides of the handshake.
+//! - [`tls_accept`] / [`tls_connect`]: TLS (rustls) under any of the above,
+//!   as [`ReadHalf`] / [`WriteHalf`] that are plain or TLS alike; the
+//!   configs are built from PEM files ([`server_config`], [`client_config`]).
+//!   It never decides who may connect: the node checks a peer's identity.
 
 mod frame;
 mod handshake;

@@ -310,6 +310,11 @@ impl TlsReadHalf {
                 match conn.reader().read(dst) {
                     Ok(n) => return Ok(n),
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    // A close without close_notify (a client process that
+                    // exits) is an ordinary end here: frames carry their
+                    // length, so a cut inside one is still caught as a
+                    // truncated frame.
+                    Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(0),
                     Err(e) => return Err(e),
                 }
                 if self.pos < self.cipher.len() {
