@@ -189,6 +189,10 @@ pub fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if let Some(tls) = &tls {
+        // `corekv top` and `bench --admin` read the admin ports over HTTPS.
+        crate::scrape::use_tls(tls.rustls_config());
+    }
     match cli.command {
         Command::Run(args) => run_node(&args),
         Command::Bench(args) => {

@@ -368,9 +368,10 @@ pub fn run(args: DevArgs) -> anyhow::Result<()> {
         "corekv dev cluster is up: {} nodes, {} shards each",
         args.nodes, configs[0].shards
     );
+    let scheme = if args.tls { "https" } else { "http" };
     for c in &configs {
         println!(
-            "  node {}: client 127.0.0.1:{}  admin http://127.0.0.1:{}",
+            "  node {}: client 127.0.0.1:{}  admin {scheme}://127.0.0.1:{}",
             c.node_id, c.client_port, c.admin_port
         );
     }

@@ -4,7 +4,10 @@
 //! tests.
 
 use std::io::{self, Read};
+use std::sync::Arc;
 use std::time::Duration;
+
+use corekv_transport::rustls::ClientConfig;
 
 /// Connect, read and write timeout of one admin request.
 pub const TIMEOUT: Duration = Duration::from_secs(5);
@@ -285,14 +288,31 @@ struct Answer {
     body: String,
 }
 
+/// TLS for every admin request of this process, once [`use_tls`] set it.
+static TLS: std::sync::OnceLock<Arc<ClientConfig>> = std::sync::OnceLock::new();
+
+/// Makes every later admin request of this process HTTPS, verifying the
+/// node with `config` (the cluster's CA) and presenting its client
+/// certificate, if any, for `admin_client_auth = cert`. Call it before the
+/// first request; a second call changes nothing.
+pub fn use_tls(config: Arc<ClientConfig>) {
+    let _ = TLS.set(config);
+}
+
 thread_local! {
     /// Keeps connections alive between the requests of one thread (`corekv
     /// top` and bench scrape every node again and again).
-    static AGENT: ureq::Agent = ureq::AgentBuilder::new()
-        .timeout_connect(TIMEOUT)
-        .timeout_read(TIMEOUT)
-        .timeout_write(TIMEOUT)
-        .build();
+    static AGENT: ureq::Agent = {
+        let builder = ureq::AgentBuilder::new()
+            .timeout_connect(TIMEOUT)
+            .timeout_read(TIMEOUT)
+            .timeout_write(TIMEOUT);
+        match TLS.get() {
+            Some(config) => builder.tls_config(config.clone()),
+            None => builder,
+        }
+        .build()
+    };
 }
 
 /// Sends one request and reads the answer to its end, at most
@@ -303,7 +323,8 @@ fn exchange(
     path: &str,
     max_response_bytes: u64,
 ) -> Result<Answer, ScrapeError> {
-    let url = format!("http://{addr}{path}");
+    let scheme = if TLS.get().is_some() { "https" } else { "http" };
+    let url = format!("{scheme}://{addr}{path}");
     let call = AGENT.with(|agent| agent.request(method, &url).call().map_err(Box::new));
     let response = match call {
         Ok(response) => response,

@@ -141,3 +141,35 @@ fn errors_name_the_problem() {
     assert!(matches!(error, ClientError::NoEndpoint(_)), "{error:?}");
     assert!(error.to_string().contains(&dead), "{error}");
 }
+
+#[test]
+fn a_tls_client_against_a_plaintext_cluster_is_told_tls_is_off() {
+    let mut cluster = Cluster::start(1, 1);
+    cluster.wait_for_leaders();
+    let ca = corekv::certs::Authority::new("some CA").expect("CA");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ca_file = dir.path().join("ca.pem");
+    std::fs::write(&ca_file, ca.cert_pem()).expect("write CA");
+    let tls = corekv_client::ClientTls::from_files(&ca_file, None).expect("client TLS");
+    let error = block_on(Client::connect(ClientOptions {
+        request_timeout: Duration::from_secs(5),
+        tls: Some(tls),
+        ..options(&cluster)
+    }))
+    .err()
+    .expect("TLS against a plaintext port must fail");
+    let text = error.to_string();
+    assert!(
+        text.contains("is TLS off on that port") || text.contains("during the TLS handshake"),
+        "the client names the cause: {text}"
+    );
+    // The node saw a TLS hello where a frame belongs, said so, and serves on.
+    common::wait_for("the node to name the TLS hello", common::DEADLINE, || {
+        cluster.nodes[0]
+            .log()
+            .contains("got a TLS record where a corekv frame was expected")
+            .then_some(())
+    });
+    let (code, _, err) = cluster.cli(&["put", "k", "v"]);
+    assert_eq!(code, 0, "{err}");
+}

@@ -10,63 +10,66 @@ use std::time::Duration;
 
 use common::{wait_for, COREKV, DEADLINE};
 
-fn free_base() -> u16 {
-    // Node i uses base+100i .. base+100i+90. Bases sit above Linux's
-    // ephemeral range (up to 60999) and above the harness's clusters
-    // (below 32000), so no other test or outgoing connection takes them.
-    let seed = std::process::id() as u16 % 18;
-    (0..18)
-        .map(|i| 61_000 + ((seed + i) % 18) * 200)
-        .find(|&base| {
-            (1..=3u16).all(|i| {
-                [0u16, 1, 50, 51, 90]
-                    .iter()
-                    .all(|off| TcpListener::bind(("127.0.0.1", base + 100 * i + off)).is_ok())
-            })
-        })
-        .expect("free ports")
+/// A port base for `corekv dev` (node i on base + 100 i), reserved
+/// against the other tests' clusters for as long as the reservation lives.
+fn free_base() -> (u16, common::PortReservation) {
+    let (first_node, reservation) = common::free_port_base(3, 2);
+    (first_node - 100, reservation)
 }
 
-#[test]
-fn dev_starts_a_cluster_that_serves_and_stops_on_sigterm() {
-    let dir = tempfile::tempdir().unwrap();
-    let base = free_base();
-    let mut dev = Command::new(COREKV)
-        .args([
-            "dev",
-            "--shards",
-            "2",
-            "--port-base",
-            &base.to_string(),
-            "--dir",
-        ])
-        .arg(dir.path())
-        .stdout(Stdio::piped())
-        .stderr(std::fs::File::create(dir.path().join("dev.err")).unwrap())
-        .spawn()
-        .unwrap();
-    let pid = dev.id();
-    struct Guard(u32, std::path::PathBuf);
-    impl Drop for Guard {
-        fn drop(&mut self) {
-            // SAFETY: kill(2) on the pid of our own child.
-            unsafe { libc::kill(self.0 as i32, libc::SIGKILL) };
-            if std::thread::panicking() {
-                let err = std::fs::read_to_string(self.1.join("dev.err")).unwrap_or_default();
-                eprintln!("---- corekv dev stderr ----\n{err}");
-                for i in 1..=3 {
-                    let log = self.1.join(format!("node{i}/corekv.log"));
-                    let log = std::fs::read_to_string(log).unwrap_or_default();
-                    let tail: Vec<&str> = log.lines().rev().take(15).collect();
-                    eprintln!("---- node {i} log (tail) ----");
-                    for line in tail.iter().rev() {
-                        eprintln!("{line}");
-                    }
+/// Kills `corekv dev` (and so its nodes) by pid when dropped; on a panic,
+/// prints its stderr and the tail of every node's log.
+struct Guard(u32, std::path::PathBuf);
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        // SIGTERM first: `corekv dev` stops its nodes on it, while a SIGKILL
+        // would leave them running. SIGKILL only if it does not exit.
+        let pid = self.0 as i32;
+        // SAFETY: kill(2) and waitpid(2) on the pid of our own child.
+        unsafe { libc::kill(pid, libc::SIGTERM) };
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        let mut status = 0;
+        while unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) } == 0
+            && std::time::Instant::now() < deadline
+        {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+        if std::thread::panicking() {
+            let err = std::fs::read_to_string(self.1.join("dev.err")).unwrap_or_default();
+            eprintln!("---- corekv dev stderr ----\n{err}");
+            for i in 1..=3 {
+                let log = self.1.join(format!("node{i}/corekv.log"));
+                let log = std::fs::read_to_string(log).unwrap_or_default();
+                let tail: Vec<&str> = log.lines().rev().take(15).collect();
+                eprintln!("---- node {i} log (tail) ----");
+                for line in tail.iter().rev() {
+                    eprintln!("{line}");
                 }
             }
         }
     }
-    let _guard = Guard(pid, dir.path().to_path_buf());
+}
+
+/// Starts `corekv dev` with 2 shards on `base` in `dir` (plus `extra`
+/// flags) and waits until it reports the cluster up; returns it, its
+/// guard and every line it printed.
+fn start_dev(
+    dir: &std::path::Path,
+    base: u16,
+    extra: &[&str],
+) -> (std::process::Child, Guard, Vec<String>) {
+    let mut dev = Command::new(COREKV)
+        .args(["dev", "--shards", "2", "--port-base", &base.to_string()])
+        .args(extra)
+        .arg("--dir")
+        .arg(dir)
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(dir.join("dev.err")).unwrap())
+        .spawn()
+        .unwrap();
+    let guard = Guard(dev.id(), dir.to_path_buf());
     let (tx, rx) = mpsc::channel();
     let stdout = dev.stdout.take().unwrap();
     std::thread::spawn(move || {
@@ -84,6 +87,15 @@ fn dev_starts_a_cluster_that_serves_and_stops_on_sigterm() {
             .any(|l| l.contains("cluster is up"))
             .then_some(())
     });
+    (dev, guard, printed)
+}
+
+#[test]
+fn dev_starts_a_cluster_that_serves_and_stops_on_sigterm() {
+    let dir = tempfile::tempdir().unwrap();
+    let (base, _ports) = free_base();
+    let (mut dev, _guard, printed) = start_dev(dir.path(), base, &[]);
+    let pid = dev.id();
     let endpoint = format!("127.0.0.1:{}", base + 100);
     assert!(printed.iter().any(|l| l.contains(&endpoint)), "{printed:?}");
     assert!(printed.iter().any(|l| l.contains("put a 1")), "{printed:?}");
@@ -151,4 +163,41 @@ fn dev_starts_a_cluster_that_serves_and_stops_on_sigterm() {
         again.try_wait().unwrap()
     });
     assert!(status.success());
+}
+
+#[test]
+fn dev_tls_runs_a_tls_cluster_and_prints_the_client_flags() {
+    let dir = tempfile::tempdir().unwrap();
+    let (base, _ports) = free_base();
+    let (_dev, _guard, printed) = start_dev(dir.path(), base, &["--tls"]);
+    let flags: Vec<String> = printed
+        .iter()
+        .find_map(|l| l.strip_prefix("TLS on: pass "))
+        .and_then(|rest| rest.split(" (or").next())
+        .expect("the TLS client flags are printed")
+        .split_whitespace()
+        .map(str::to_string)
+        .collect();
+    assert_eq!(flags.len(), 6, "{flags:?}");
+    assert!(
+        printed.iter().any(|l| l.contains("admin https://")),
+        "{printed:?}"
+    );
+    let endpoint = format!("127.0.0.1:{}", base + 100);
+    let cli = |tls: &[String], args: &[&str]| {
+        let out = Command::new(COREKV)
+            .args(["--endpoints", &endpoint, "--timeout", "5s"])
+            .args(tls)
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    };
+    assert_eq!(cli(&flags, &["put", "a", "1"]).0, Some(0));
+    assert_eq!(cli(&flags, &["get", "a"]), (Some(0), "1\n".to_string()));
+    // Without the flags the same command is refused.
+    assert_ne!(cli(&[], &["get", "a"]).0, Some(0));
 }

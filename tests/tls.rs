@@ -86,6 +86,21 @@ fn a_tls_cluster_serves_and_names_why_it_refuses_a_client() {
         failures.is_some_and(|n| n >= 2.0),
         "both refusals are counted: {failures:?}"
     );
+    // The admin port speaks HTTPS (the scrape above), and nothing else.
+    let mut plain = TcpStream::connect(cluster.nodes[0].admin_addr()).expect("connect admin");
+    plain
+        .set_read_timeout(Some(std::time::Duration::from_secs(20)))
+        .expect("timeout");
+    plain
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        .expect("send");
+    let mut answer = Vec::new();
+    let _ = std::io::Read::read_to_end(&mut plain, &mut answer);
+    assert!(
+        !answer.starts_with(b"HTTP/"),
+        "plain HTTP must not be served on a TLS admin port: {:?}",
+        String::from_utf8_lossy(&answer)
+    );
     // The node kept serving through all of that.
     let (code, out, err) = cluster.cli(&["get", &keys[1]]);
     assert_eq!((code, out.trim()), (0, keys[1].as_str()), "{err}");

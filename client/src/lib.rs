@@ -137,6 +137,12 @@ impl ClientTls {
             config: client_config(ca_file, identity.as_ref())?,
         })
     }
+
+    /// The rustls config, for other connections of the same client (the
+    /// admin port's HTTPS).
+    pub fn rustls_config(&self) -> Arc<ClientConfig> {
+        self.config.clone()
+    }
 }
 
 impl std::fmt::Debug for ClientTls {

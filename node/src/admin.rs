@@ -16,6 +16,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
+use corekv_transport::rustls::{ServerConnection, StreamOwned};
 use serde_json::json;
 
 use corekv_proto::client::ShardStatus;
@@ -101,11 +102,33 @@ enum Next {
     Refused(&'static str, String),
 }
 
-/// Serves the requests of one connection until it closes, asks to close,
-/// errs or times out.
-fn serve(mut stream: TcpStream, node: &NodeShared) -> std::io::Result<()> {
+/// Serves one connection, over TLS when the node runs it (the handshake
+/// happens on the first read, under the same timeouts).
+fn serve(stream: TcpStream, node: &NodeShared) -> std::io::Result<()> {
     stream.set_read_timeout(Some(ADMIN_IO_TIMEOUT))?;
     stream.set_write_timeout(Some(ADMIN_IO_TIMEOUT))?;
+    let socket = stream.try_clone()?;
+    let Some(tls) = &node.tls else {
+        return serve_http(&socket, stream, node);
+    };
+    let conn = ServerConnection::new(tls.current().admin.clone()).map_err(std::io::Error::other)?;
+    let mut stream = StreamOwned::new(conn, stream);
+    let result = serve_http(&socket, &mut stream, node);
+    if result.is_ok() {
+        stream.conn.send_close_notify();
+        let _ = stream.flush();
+    }
+    result
+}
+
+/// Serves the requests of one connection until it closes, asks to close,
+/// errs or times out. `socket` is the TCP socket under `stream`, for its
+/// timeouts.
+fn serve_http(
+    socket: &TcpStream,
+    mut stream: impl Read + Write,
+    node: &NodeShared,
+) -> std::io::Result<()> {
     let mut buffer = Vec::with_capacity(1024);
     for served in 0..MAX_REQUESTS_PER_CONNECTION {
         let idle = if served == 0 {
@@ -113,7 +136,7 @@ fn serve(mut stream: TcpStream, node: &NodeShared) -> std::io::Result<()> {
         } else {
             KEEP_ALIVE_IDLE
         };
-        let head = match next_request(&mut stream, &mut buffer, idle)? {
+        let head = match next_request(socket, &mut stream, &mut buffer, idle)? {
             Next::Request(head) => head,
             Next::Closed => return Ok(()),
             Next::Refused(status, reason) => {
@@ -142,12 +165,13 @@ fn serve(mut stream: TcpStream, node: &NodeShared) -> std::io::Result<()> {
 /// Reads until `buffer` holds a whole request head, waiting at most `idle`
 /// for its first byte.
 fn next_request(
-    stream: &mut TcpStream,
+    socket: &TcpStream,
+    stream: &mut impl Read,
     buffer: &mut Vec<u8>,
     idle: Duration,
 ) -> std::io::Result<Next> {
     let mut chunk = [0u8; 1024];
-    stream.set_read_timeout(Some(if buffer.is_empty() {
+    socket.set_read_timeout(Some(if buffer.is_empty() {
         idle
     } else {
         ADMIN_IO_TIMEOUT
@@ -218,7 +242,7 @@ fn next_request(
             };
         }
         if buffer.is_empty() {
-            stream.set_read_timeout(Some(ADMIN_IO_TIMEOUT))?;
+            socket.set_read_timeout(Some(ADMIN_IO_TIMEOUT))?;
         }
         buffer.extend_from_slice(&chunk[..n]);
     }
@@ -232,7 +256,7 @@ fn is_timeout(error: &std::io::Error) -> bool {
 }
 
 fn respond(
-    stream: &mut TcpStream,
+    stream: &mut impl Write,
     status: &str,
     content_type: &str,
     body: &str,

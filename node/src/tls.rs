@@ -22,13 +22,23 @@ pub struct TlsConfigs {
     /// Dialing peers (and the members a joining node asks), presenting
     /// this node's certificate.
     pub dial: Arc<ClientConfig>,
+    /// The admin HTTPS port: a client certificate is required with
+    /// `admin_client_auth = cert`, else optional.
+    pub admin: Arc<ServerConfig>,
+}
+
+/// Which clients must present a certificate.
+#[derive(Clone, Copy)]
+struct Required {
+    clients: bool,
+    admin: bool,
 }
 
 /// This node's TLS files and the configs last read from them.
 pub struct NodeTls {
     identity: IdentityFiles,
     ca_file: std::path::PathBuf,
-    require_client_cert: bool,
+    required: Required,
     cluster_id: u64,
     current: RwLock<Arc<TlsConfigs>>,
 }
@@ -48,12 +58,15 @@ impl NodeTls {
             cert: cert.clone(),
             key: key.clone(),
         };
-        let require_client_cert = config.client_auth == ClientAuth::Cert;
-        let configs = read_files(&identity, ca_file, require_client_cert)?;
+        let required = Required {
+            clients: config.client_auth == ClientAuth::Cert,
+            admin: config.admin_client_auth == ClientAuth::Cert,
+        };
+        let configs = read_files(&identity, ca_file, required)?;
         Ok(Some(Arc::new(NodeTls {
             identity,
             ca_file: ca_file.clone(),
-            require_client_cert,
+            required,
             cluster_id: config.cluster_id,
             current: RwLock::new(Arc::new(configs)),
         })))
@@ -69,11 +82,7 @@ impl NodeTls {
 
     /// Reads the files again; on failure the configs in use stay.
     pub fn reload(&self) -> Result<(), TlsConfigError> {
-        let fresh = Arc::new(read_files(
-            &self.identity,
-            &self.ca_file,
-            self.require_client_cert,
-        )?);
+        let fresh = Arc::new(read_files(&self.identity, &self.ca_file, self.required)?);
         *self
             .current
             .write()
@@ -123,11 +132,12 @@ impl NodeTls {
 fn read_files(
     identity: &IdentityFiles,
     ca_file: &std::path::Path,
-    require_client_cert: bool,
+    required: Required,
 ) -> Result<TlsConfigs, TlsConfigError> {
     Ok(TlsConfigs {
-        clients: server_config(ca_file, identity, require_client_cert)?,
+        clients: server_config(ca_file, identity, required.clients)?,
         peers: server_config(ca_file, identity, true)?,
         dial: client_config(ca_file, Some(identity))?,
+        admin: server_config(ca_file, identity, required.admin)?,
     })
 }

@@ -68,11 +68,14 @@ pub fn enable_tls() -> &'static TestPki {
             .with_root_certificates(roots)
             .with_client_auth_cert(chain, key)
             .expect("client certificate and key");
+        let raw = std::sync::Arc::new(raw);
+        // Admin ports speak HTTPS on a TLS node.
+        corekv::scrape::use_tls(raw.clone());
         TestPki {
             authority,
             client,
             client_tls,
-            raw: std::sync::Arc::new(raw),
+            raw,
         }
     })
 }
@@ -146,7 +149,7 @@ fn try_lock_block(block: u64) -> Option<std::fs::File> {
 /// Bases are spread by pid and time so parallel test processes rarely
 /// collide, and stay below Linux's ephemeral range (32768 and up), where an
 /// outgoing connection could take a port before a node binds it.
-fn free_port_base(nodes: u64, shards: u32) -> (u16, PortReservation) {
+pub fn free_port_base(nodes: u64, shards: u32) -> (u16, PortReservation) {
     const LOW: u64 = 10_000;
     const HIGH: u64 = 32_000;
     let span = nodes * 100;

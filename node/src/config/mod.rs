@@ -413,6 +413,15 @@ config_keys! {
         parse: str::parse,
         env: "COREKV_CLIENT_AUTH",
     }
+    /// The admin HTTP port (HTTPS with TLS on): `none` serves anyone who
+    /// trusts the CA; `cert` asks Prometheus and `corekv top` for a client
+    /// certificate signed by `tls_ca_file` too. Default `none`.
+    admin_client_auth: ClientAuth {
+        default: ClientAuth::None,
+        flag: String, "MODE", "none or cert (admin HTTPS clients must present a certificate) [default: none]",
+        parse: str::parse,
+        env: "COREKV_ADMIN_CLIENT_AUTH",
+    }
     /// Log filter in `tracing` EnvFilter syntax (`info`,
     /// `corekv_node=debug,info`). Read from `--log-level`, then
     /// `COREKV_LOG_LEVEL`, then `RUST_LOG`, then the file. Default `info`.

@@ -215,11 +215,16 @@ impl Config {
             };
             return Err(invalid("peer_tls", why));
         }
-        if self.client_auth == ClientAuth::Cert && !tls {
-            return Err(invalid(
-                "client_auth",
-                "`cert` needs tls_cert_file, tls_key_file and tls_ca_file",
-            ));
+        for (key, mode) in [
+            ("client_auth", self.client_auth),
+            ("admin_client_auth", self.admin_client_auth),
+        ] {
+            if mode == ClientAuth::Cert && !tls {
+                return Err(invalid(
+                    key,
+                    "`cert` needs tls_cert_file, tls_key_file and tls_ca_file",
+                ));
+            }
         }
         Ok(())
     }
