@@ -36,7 +36,6 @@ set -euo pipefail
 
 cd "$(dirname "$0")/.."
 
-PORT_BASE=${PORT_BASE:-7000}
 DURATION=${DURATION:-20s}
 BIG_DURATION=${BIG_DURATION:-30s}
 WARMUP=${WARMUP:-2s}
@@ -55,27 +54,12 @@ source benches/corekv_binary.sh
 WORK=$(mktemp -d -t corekv-scenarios.XXXXXX)
 OUT_DIR=${OUT_DIR:-$WORK/results}
 mkdir -p "$OUT_DIR"
-DEV_PID=""
+# shellcheck source=benches/dev_cluster.sh
+source benches/dev_cluster.sh
 
 stop_cluster() {
     local status=$?
-    if [[ -n "$DEV_PID" ]] && kill -0 "$DEV_PID" 2>/dev/null; then
-        # `corekv dev` stops its nodes on SIGTERM and waits for them.
-        kill -TERM "$DEV_PID" 2>/dev/null || true
-        for _ in $(seq 1 200); do
-            kill -0 "$DEV_PID" 2>/dev/null || break
-            sleep 0.1
-        done
-        if kill -0 "$DEV_PID" 2>/dev/null; then
-            echo "corekv dev (pid $DEV_PID) did not stop; killing it and its nodes" >&2
-            # The node pids are the ones dev printed when it started them.
-            for pid in $(sed -n 's/^started node [0-9]* (pid \([0-9]*\)).*/\1/p' "$WORK/dev.log"); do
-                kill -KILL "$pid" 2>/dev/null || true
-            done
-            kill -KILL "$DEV_PID" 2>/dev/null || true
-        fi
-        wait "$DEV_PID" 2>/dev/null || true
-    fi
+    stop_dev_cluster
     if [[ $status -ne 0 && -f "$WORK/dev.log" ]]; then
         echo "--- last lines of the dev cluster's output ($WORK/dev.log) ---" >&2
         tail -n 20 "$WORK/dev.log" >&2 || true
@@ -90,38 +74,7 @@ stop_cluster() {
 trap stop_cluster EXIT
 trap 'exit 130' INT TERM
 
-ENDPOINTS="127.0.0.1:$((PORT_BASE + 100)),127.0.0.1:$((PORT_BASE + 200)),127.0.0.1:$((PORT_BASE + 300))"
-ADMIN="127.0.0.1:$((PORT_BASE + 190)),127.0.0.1:$((PORT_BASE + 290)),127.0.0.1:$((PORT_BASE + 390))"
-
-echo "starting a 3-node dev cluster in $WORK/cluster (port base $PORT_BASE)" >&2
-TLS_FLAGS=()
-if [[ "${TLS:-0}" == 1 ]]; then
-    TLS_FLAGS=(--cacert "$WORK/cluster/tls/ca.pem" --cert "$WORK/cluster/tls/client.pem"
-        --key "$WORK/cluster/tls/client-key.pem")
-fi
-"$COREKV" dev --nodes 3 --dir "$WORK/cluster" --port-base "$PORT_BASE" ${SHARDS:+--shards "$SHARDS"} \
-    ${TLS_FLAGS[0]:+--tls} >"$WORK/dev.log" 2>&1 &
-DEV_PID=$!
-
-# Ready when `corekv status` reaches every node and every shard has a leader.
-ready=""
-for _ in $(seq 1 600); do
-    if ! kill -0 "$DEV_PID" 2>/dev/null; then
-        echo "corekv dev exited during start-up" >&2
-        exit 1
-    fi
-    if out=$("$COREKV" --endpoints "$ENDPOINTS" ${TLS_FLAGS[@]+"${TLS_FLAGS[@]}"} --timeout 1s status 2>/dev/null) &&
-        ! grep -q "NO LEADER" <<<"$out"; then
-        ready=yes
-        break
-    fi
-    sleep 0.1
-done
-[[ -n "$ready" ]] || {
-    echo "the dev cluster did not become ready within 60 s" >&2
-    exit 1
-}
-echo "cluster ready" >&2
+start_dev_cluster
 
 COMMON=(--endpoints "$ENDPOINTS" ${TLS_FLAGS[@]+"${TLS_FLAGS[@]}"} --json bench
     --key-size 16 --warmup "$WARMUP" --seed 1 --admin "$ADMIN")

@@ -77,14 +77,8 @@ fn voters(cluster: &Cluster) -> Vec<Vec<u64>> {
 fn wait_ready(cluster: &Cluster, id: u64) {
     let admin = cluster.nodes[id as usize - 1].admin_addr();
     wait_for(&format!("node {id} ready"), DEADLINE, || {
-        let mut stream = std::net::TcpStream::connect(&admin).ok()?;
-        use std::io::{Read, Write};
-        stream
-            .write_all(b"GET /health/ready HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-            .ok()?;
-        let mut text = String::new();
-        stream.read_to_string(&mut text).ok()?;
-        text.starts_with("HTTP/1.1 200").then_some(())
+        let (status, _) = corekv::scrape::request("GET", &admin, "/health/ready").ok()?;
+        (status == 200).then_some(())
     });
 }
 
@@ -94,6 +88,7 @@ fn prefill(cluster: &Cluster, count: usize) -> Vec<String> {
     corekv_client::block_on(async move {
         let client = corekv_client::Client::connect(corekv_client::ClientOptions {
             endpoints,
+            tls: common::client_tls(),
             ..Default::default()
         })
         .await
