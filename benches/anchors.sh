@@ -136,8 +136,8 @@ run_corekv RP --pipeline 16 --mix get=100 --consistency linearizable
 printf '\n%-34s %12s %12s %7s %9s %13s\n' workload redis_ops/s corekv_ops/s ratio p99_us cpu_us_per_op
 row() {
     local label=$1 redis=$2 name=$3
-    jq -r --arg label "$label" --argjson redis "$redis" '
-        [$label, ($redis | floor), (.total.ops_per_s | floor),
+    jq -r --arg workload "$label" --argjson redis "$redis" '
+        [$workload, ($redis | floor), (.total.ops_per_s | floor),
          (.total.ops_per_s / $redis * 100 | round / 100),
          .total.latency_us.p99,
          (if .cpu.cpu_us_per_op == null then "-" else (.cpu.cpu_us_per_op * 10 | round / 10) end)]

@@ -6,10 +6,12 @@
 mod common;
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use common::{listen, run};
+use corekv_transport::rustls::{ClientConfig, ServerConfig};
 use corekv_transport::{
     certificate_names, client_config, encode_frame_bytes, peer_server_name, plain, server_config,
     server_name, spawn_writer, tls_accept, tls_connect, FrameError, FrameReader, IdentityFiles,
@@ -162,14 +164,12 @@ fn frames_cross_a_mutual_tls_connection_both_ways() {
     });
 }
 
-#[test]
-fn a_server_signed_by_another_ca_is_refused_on_both_sides() {
-    let ours = ca("our CA");
-    let theirs = ca("their CA");
-    let ours_files = files(&ours, -1);
-    let theirs_files = files(&theirs, -1);
-    let server = server_config(&theirs_files.ca, &theirs_files.node1, true).expect("server");
-    let client = client_config(&ours_files.ca, Some(&ours_files.node2)).expect("client");
+/// A handshake that must fail: the client's error and the server's.
+fn failed_handshake(
+    server: Arc<ServerConfig>,
+    client: Arc<ClientConfig>,
+    node: u64,
+) -> (TlsError, Option<TlsError>) {
     run(async move {
         let (listener, addr) = listen();
         let server_side = monoio::spawn(async move {
@@ -179,17 +179,28 @@ fn a_server_signed_by_another_ca_is_refused_on_both_sides() {
         let stream = corekv_transport::connect(addr, &Default::default())
             .await
             .expect("connect");
-        let name = server_name(&peer_server_name(CLUSTER, 1)).expect("name");
-        let error = tls_connect(stream, client, name, TIMEOUT)
+        let name = server_name(&peer_server_name(CLUSTER, node)).expect("name");
+        let client_error = tls_connect(stream, client, name, TIMEOUT)
             .await
             .err()
-            .expect("an unknown CA must fail the handshake");
-        let text = error.to_string();
-        assert!(text.contains("UnknownIssuer"), "client error: {text}");
-        let server_error = server_side.await.expect("the server sees the failure too");
-        let text = server_error.to_string();
-        assert!(text.contains("UnknownCA"), "server error: {text}");
-    });
+            .expect("the handshake must fail");
+        (client_error, server_side.await)
+    })
+}
+
+#[test]
+fn a_server_signed_by_another_ca_is_refused_on_both_sides() {
+    let ours = ca("our CA");
+    let theirs = ca("their CA");
+    let ours_files = files(&ours, -1);
+    let theirs_files = files(&theirs, -1);
+    let server = server_config(&theirs_files.ca, &theirs_files.node1, true).expect("server");
+    let client = client_config(&ours_files.ca, Some(&ours_files.node2)).expect("client");
+    let (client_error, server_error) = failed_handshake(server, client, 1);
+    let text = client_error.to_string();
+    assert!(text.contains("UnknownIssuer"), "client error: {text}");
+    let text = server_error.expect("the server sees the failure too").to_string();
+    assert!(text.contains("UnknownCA"), "server error: {text}");
 }
 
 #[test]
@@ -199,26 +210,12 @@ fn an_expired_certificate_is_named_as_expired() {
     let files = files(&authority, -375);
     let server = server_config(&files.ca, &files.node2, true).expect("server");
     let client = client_config(&files.ca, Some(&files.node1)).expect("client");
-    run(async move {
-        let (listener, addr) = listen();
-        let server_side = monoio::spawn(async move {
-            let (stream, _) = listener.accept().await.expect("accept");
-            tls_accept(stream, server, TIMEOUT).await.err()
-        });
-        let stream = corekv_transport::connect(addr, &Default::default())
-            .await
-            .expect("connect");
-        let name = server_name(&peer_server_name(CLUSTER, 2)).expect("name");
-        let error = tls_connect(stream, client, name, TIMEOUT)
-            .await
-            .err()
-            .expect("an expired certificate must fail the handshake");
-        assert!(
-            error.to_string().to_lowercase().contains("expired"),
-            "client error: {error}"
-        );
-        assert!(server_side.await.is_some(), "the server fails too");
-    });
+    let (client_error, server_error) = failed_handshake(server, client, 2);
+    assert!(
+        client_error.to_string().to_lowercase().contains("expired"),
+        "client error: {client_error}"
+    );
+    assert!(server_error.is_some(), "the server fails too");
 }
 
 #[test]
