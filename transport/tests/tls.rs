@@ -199,7 +199,9 @@ fn a_server_signed_by_another_ca_is_refused_on_both_sides() {
     let (client_error, server_error) = failed_handshake(server, client, 1);
     let text = client_error.to_string();
     assert!(text.contains("UnknownIssuer"), "client error: {text}");
-    let text = server_error.expect("the server sees the failure too").to_string();
+    let text = server_error
+        .expect("the server sees the failure too")
+        .to_string();
     assert!(text.contains("UnknownCA"), "server error: {text}");
 }
 
