@@ -269,16 +269,6 @@ pub fn plain(stream: TcpStream) -> (ReadHalf, WriteHalf) {
     (ReadHalf::Plain(read), WriteHalf::Plain(write))
 }
 
-impl ReadHalf {
-    /// The TCP read half underneath, for socket-level queries.
-    pub fn tcp(&self) -> &TcpOwnedReadHalf {
-        match self {
-            ReadHalf::Plain(tcp) => tcp,
-            ReadHalf::Tls(tls) => &tls.tcp,
-        }
-    }
-}
-
 /// The read side of a TLS connection.
 pub struct TlsReadHalf {
     conn: Rc<RefCell<Connection>>,
