@@ -6,8 +6,7 @@ use std::sync::{Arc, RwLock};
 
 use corekv_transport::rustls::{ClientConfig, ServerConfig};
 use corekv_transport::{
-    certificate_names, client_config, peer_server_name, server_config, IdentityFiles, PeerTls,
-    TlsConfigError,
+    certificate_names, peer_server_name, IdentityFiles, PeerTls, TlsConfigError, TlsMaterial,
 };
 
 use crate::config::{ClientAuth, Config};
@@ -134,10 +133,11 @@ fn read_files(
     ca_file: &std::path::Path,
     required: Required,
 ) -> Result<TlsConfigs, TlsConfigError> {
+    let material = TlsMaterial::load(ca_file, Some(identity))?;
     Ok(TlsConfigs {
-        clients: server_config(ca_file, identity, required.clients)?,
-        peers: server_config(ca_file, identity, true)?,
-        dial: client_config(ca_file, Some(identity))?,
-        admin: server_config(ca_file, identity, required.admin)?,
+        clients: material.server_config(required.clients)?,
+        peers: material.server_config(true)?,
+        dial: material.client_config()?,
+        admin: material.server_config(required.admin)?,
     })
 }

@@ -41,6 +41,7 @@ pub use socket::{configure_stream, connect, SocketOptions};
 pub use tls::{
     certificate_names, client_config, load_certificates, load_private_key, looks_like_tls_record,
     peer_server_name, plain, server_config, server_name, tls_accept, tls_connect, Accepted,
-    IdentityFiles, ReadHalf, TlsConfigError, TlsError, TlsReadHalf, TlsWriteHalf, WriteHalf,
+    IdentityFiles, ReadHalf, TlsConfigError, TlsError, TlsMaterial, TlsReadHalf, TlsWriteHalf,
+    WriteHalf,
 };
 pub use writer::{spawn_writer, FrameSender, SendError};

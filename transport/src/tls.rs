@@ -162,15 +162,6 @@ pub struct IdentityFiles {
 }
 
 impl IdentityFiles {
-    fn load(
-        &self,
-    ) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), TlsConfigError> {
-        Ok((
-            load_certificates("certificate", &self.cert)?,
-            load_private_key(&self.key)?,
-        ))
-    }
-
     fn mismatch(&self, error: rustls::Error) -> TlsConfigError {
         TlsConfigError {
             what: "certificate",
@@ -180,59 +171,110 @@ impl IdentityFiles {
     }
 }
 
-/// The client side of TLS: trust `ca_file` (the node's CA) and present
-/// `identity` when the server asks for a certificate.
+/// The PEM files of one TLS setup, read once: the CA, and the certificate
+/// chain and key presented, if any. Every rustls config of a node is built
+/// from one of these, so a start or a reload reads each file once.
+pub struct TlsMaterial {
+    ca_file: PathBuf,
+    roots: Arc<RootCertStore>,
+    identity: Option<(
+        IdentityFiles,
+        Vec<CertificateDer<'static>>,
+        PrivateKeyDer<'static>,
+    )>,
+}
+
+impl TlsMaterial {
+    /// Reads `ca_file` and, when given, the identity's certificate and key.
+    pub fn load(
+        ca_file: &Path,
+        identity: Option<&IdentityFiles>,
+    ) -> Result<TlsMaterial, TlsConfigError> {
+        let identity = match identity {
+            None => None,
+            Some(files) => Some((
+                files.clone(),
+                load_certificates("certificate", &files.cert)?,
+                load_private_key(&files.key)?,
+            )),
+        };
+        Ok(TlsMaterial {
+            ca_file: ca_file.to_path_buf(),
+            roots: root_store(ca_file)?,
+            identity,
+        })
+    }
+
+    /// The client side of TLS: trust the CA and present the identity, if
+    /// any, when the server asks for a certificate.
+    pub fn client_config(&self) -> Result<Arc<ClientConfig>, TlsConfigError> {
+        let builder = ClientConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .expect("ring supports the default protocol versions")
+            .with_root_certificates(self.roots.clone());
+        let mut config = match &self.identity {
+            None => builder.with_no_client_auth(),
+            Some((files, chain, key)) => builder
+                .with_client_auth_cert(chain.clone(), key.clone_key())
+                .map_err(|e| files.mismatch(e))?,
+        };
+        config.resumption = rustls::client::Resumption::disabled();
+        Ok(Arc::new(config))
+    }
+
+    /// The server side of TLS: present the identity (required here), and
+    /// ask for a client certificate that chains to the CA, refusing a
+    /// client without one when `require_client_cert`.
+    pub fn server_config(
+        &self,
+        require_client_cert: bool,
+    ) -> Result<Arc<ServerConfig>, TlsConfigError> {
+        let Some((files, chain, key)) = &self.identity else {
+            return Err(TlsConfigError {
+                what: "CA certificate",
+                path: self.ca_file.clone(),
+                reason: "a server needs a certificate and key besides the CA".into(),
+            });
+        };
+        let verifier = WebPkiClientVerifier::builder_with_provider(self.roots.clone(), provider());
+        let verifier = if require_client_cert {
+            verifier
+        } else {
+            verifier.allow_unauthenticated()
+        };
+        let verifier = verifier.build().map_err(|e| TlsConfigError {
+            what: "CA certificate",
+            path: self.ca_file.clone(),
+            reason: e.to_string(),
+        })?;
+        let mut config = ServerConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .expect("ring supports the default protocol versions")
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(chain.clone(), key.clone_key())
+            .map_err(|e| files.mismatch(e))?;
+        // Connections are long-lived and nothing resumes them: tickets would
+        // only cost a write after every handshake.
+        config.send_tls13_tickets = 0;
+        Ok(Arc::new(config))
+    }
+}
+
+/// [`TlsMaterial::client_config`] straight from the files.
 pub fn client_config(
     ca_file: &Path,
     identity: Option<&IdentityFiles>,
 ) -> Result<Arc<ClientConfig>, TlsConfigError> {
-    let builder = ClientConfig::builder_with_provider(provider())
-        .with_safe_default_protocol_versions()
-        .expect("ring supports the default protocol versions")
-        .with_root_certificates(root_store(ca_file)?);
-    let mut config = match identity {
-        None => builder.with_no_client_auth(),
-        Some(identity) => {
-            let (chain, key) = identity.load()?;
-            builder
-                .with_client_auth_cert(chain, key)
-                .map_err(|e| identity.mismatch(e))?
-        }
-    };
-    config.resumption = rustls::client::Resumption::disabled();
-    Ok(Arc::new(config))
+    TlsMaterial::load(ca_file, identity)?.client_config()
 }
 
-/// The server side of TLS: present `identity`, and ask for a client
-/// certificate that chains to `ca_file`, refusing a client without one when
-/// `require_client_cert`.
+/// [`TlsMaterial::server_config`] straight from the files.
 pub fn server_config(
     ca_file: &Path,
     identity: &IdentityFiles,
     require_client_cert: bool,
 ) -> Result<Arc<ServerConfig>, TlsConfigError> {
-    let verifier = WebPkiClientVerifier::builder_with_provider(root_store(ca_file)?, provider());
-    let verifier = if require_client_cert {
-        verifier
-    } else {
-        verifier.allow_unauthenticated()
-    };
-    let verifier = verifier.build().map_err(|e| TlsConfigError {
-        what: "CA certificate",
-        path: ca_file.to_path_buf(),
-        reason: e.to_string(),
-    })?;
-    let (chain, key) = identity.load()?;
-    let mut config = ServerConfig::builder_with_provider(provider())
-        .with_safe_default_protocol_versions()
-        .expect("ring supports the default protocol versions")
-        .with_client_cert_verifier(verifier)
-        .with_single_cert(chain, key)
-        .map_err(|e| identity.mismatch(e))?;
-    // Connections are long-lived and nothing resumes them: tickets would
-    // only cost a write after every handshake.
-    config.send_tls13_tickets = 0;
-    Ok(Arc::new(config))
+    TlsMaterial::load(ca_file, Some(identity))?.server_config(require_client_cert)
 }
 
 /// Whether `certificate` (already verified to chain to the CA) names `name`
