@@ -377,7 +377,10 @@ impl TlsReadHalf {
 impl TlsWriteHalf {
     /// Encrypts as much of `slices` as one chunk allows and writes it out;
     /// returns the plaintext bytes taken.
-    async fn write_plain(&mut self, slices: &[&[u8]]) -> io::Result<usize> {
+    async fn write_plain<'a>(
+        &mut self,
+        slices: impl IntoIterator<Item = &'a [u8]>,
+    ) -> io::Result<usize> {
         let taken = {
             let mut conn = self.conn.borrow_mut();
             let mut taken = 0;
@@ -388,27 +391,31 @@ impl TlsWriteHalf {
                     break;
                 }
             }
-            self.out.clear();
-            while conn.wants_write() {
-                conn.write_tls(&mut self.out)?;
-            }
+            take_output(&mut conn, &mut self.out)?;
             taken
         };
-        self.send_out().await?;
+        send(&mut self.tcp, &mut self.out).await?;
         Ok(taken)
     }
+}
 
-    async fn send_out(&mut self) -> io::Result<()> {
-        if self.out.is_empty() {
-            return Ok(());
-        }
-        let buf = std::mem::take(&mut self.out);
-        let (result, mut buf) = self.tcp.write_all(buf).await;
-        result?;
-        buf.clear();
-        self.out = buf;
-        Ok(())
+/// Moves the ciphertext rustls has queued into `out` (cleared first).
+fn take_output(conn: &mut Connection, out: &mut Vec<u8>) -> io::Result<()> {
+    out.clear();
+    while conn.wants_write() {
+        conn.write_tls(out)?;
     }
+    Ok(())
+}
+
+/// Writes all of `out`, keeping the buffer for the next call.
+async fn send(tcp: &mut TcpOwnedWriteHalf, out: &mut Vec<u8>) -> io::Result<()> {
+    if out.is_empty() {
+        return Ok(());
+    }
+    let (result, buf) = tcp.write_all(std::mem::take(out)).await;
+    *out = buf;
+    result.map(|_| ())
 }
 
 // SAFETY of the slices below: monoio's buffer traits promise that
@@ -418,14 +425,11 @@ fn io_slice<T: IoBuf>(buf: &T) -> &[u8] {
     unsafe { std::slice::from_raw_parts(buf.read_ptr(), buf.bytes_init()) }
 }
 
-fn io_slices<T: IoVecBuf>(buf: &T) -> Vec<&[u8]> {
+fn io_slices<T: IoVecBuf>(buf: &T) -> impl Iterator<Item = &[u8]> {
     let iovecs = unsafe { std::slice::from_raw_parts(buf.read_iovec_ptr(), buf.read_iovec_len()) };
-    iovecs
-        .iter()
-        .map(|iovec| unsafe {
-            std::slice::from_raw_parts(iovec.iov_base as *const u8, iovec.iov_len)
-        })
-        .collect()
+    iovecs.iter().map(|iovec| unsafe {
+        std::slice::from_raw_parts(iovec.iov_base as *const u8, iovec.iov_len)
+    })
 }
 
 impl AsyncReadRent for TlsReadHalf {
@@ -464,12 +468,12 @@ impl AsyncReadRent for TlsReadHalf {
 
 impl AsyncWriteRent for TlsWriteHalf {
     async fn write<T: IoBuf>(&mut self, buf: T) -> BufResult<usize, T> {
-        let result = self.write_plain(&[io_slice(&buf)]).await;
+        let result = self.write_plain([io_slice(&buf)]).await;
         (result, buf)
     }
 
     async fn writev<T: IoVecBuf>(&mut self, buf: T) -> BufResult<usize, T> {
-        let result = self.write_plain(&io_slices(&buf)).await;
+        let result = self.write_plain(io_slices(&buf)).await;
         (result, buf)
     }
 
@@ -481,12 +485,9 @@ impl AsyncWriteRent for TlsWriteHalf {
         {
             let mut conn = self.conn.borrow_mut();
             conn.send_close_notify();
-            self.out.clear();
-            while conn.wants_write() {
-                conn.write_tls(&mut self.out)?;
-            }
+            take_output(&mut conn, &mut self.out)?;
         }
-        self.send_out().await?;
+        send(&mut self.tcp, &mut self.out).await?;
         self.tcp.shutdown().await
     }
 }
@@ -665,15 +666,6 @@ async fn flush(
     tcp: &mut TcpOwnedWriteHalf,
     out: &mut Vec<u8>,
 ) -> io::Result<()> {
-    out.clear();
-    while conn.wants_write() {
-        conn.write_tls(out)?;
-    }
-    if out.is_empty() {
-        return Ok(());
-    }
-    let buf = std::mem::take(out);
-    let (result, buf) = tcp.write_all(buf).await;
-    *out = buf;
-    result.map(|_| ())
+    take_output(conn, out)?;
+    send(tcp, out).await
 }
