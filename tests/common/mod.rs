@@ -13,7 +13,6 @@ use std::time::{Duration, Instant};
 use bytes::{Buf, BytesMut};
 use corekv_proto::client::{Request, Response, StatusResult};
 use prost::Message;
-use rustls::pki_types::pem::PemObject as _;
 
 /// Path of the binary under test.
 pub const COREKV: &str = env!("CARGO_BIN_EXE_corekv");
@@ -50,25 +49,7 @@ pub fn enable_tls() -> &'static TestPki {
         let (ca, cert, key) = write_client_pem(dir.path(), &authority, &client);
         let client_tls = corekv_client::ClientTls::from_files(&ca, Some((&cert, &key)))
             .expect("client TLS from the test PEMs");
-        let mut roots = rustls::RootCertStore::empty();
-        for der in
-            rustls::pki_types::CertificateDer::pem_slice_iter(authority.cert_pem().as_bytes())
-        {
-            roots.add(der.expect("CA PEM")).expect("CA certificate");
-        }
-        let chain = rustls::pki_types::CertificateDer::pem_slice_iter(client.cert_pem.as_bytes())
-            .collect::<Result<Vec<_>, _>>()
-            .expect("client PEM");
-        let key = rustls::pki_types::PrivateKeyDer::from_pem_slice(client.key_pem.as_bytes())
-            .expect("client key PEM");
-        let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
-        let raw = rustls::ClientConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .expect("protocol versions")
-            .with_root_certificates(roots)
-            .with_client_auth_cert(chain, key)
-            .expect("client certificate and key");
-        let raw = std::sync::Arc::new(raw);
+        let raw = client_tls.rustls_config();
         // Admin ports speak HTTPS on a TLS node.
         corekv::scrape::use_tls(raw.clone());
         TestPki {
