@@ -164,6 +164,26 @@ fn frames_cross_a_mutual_tls_connection_both_ways() {
     });
 }
 
+/// A client stream connected to a fresh listener, whose one accepted
+/// stream `serve` handles on a task of its own.
+async fn connect_to<F, T>(
+    serve: impl FnOnce(monoio::net::TcpStream) -> F + 'static,
+) -> (monoio::net::TcpStream, monoio::task::JoinHandle<T>)
+where
+    F: std::future::Future<Output = T> + 'static,
+    T: 'static,
+{
+    let (listener, addr) = listen();
+    let server_side = monoio::spawn(async move {
+        let (stream, _) = listener.accept().await.expect("accept");
+        serve(stream).await
+    });
+    let stream = corekv_transport::connect(addr, &Default::default())
+        .await
+        .expect("connect");
+    (stream, server_side)
+}
+
 /// A handshake that must fail: the client's error and the server's.
 fn failed_handshake(
     server: Arc<ServerConfig>,
@@ -171,14 +191,9 @@ fn failed_handshake(
     node: u64,
 ) -> (TlsError, Option<TlsError>) {
     run(async move {
-        let (listener, addr) = listen();
-        let server_side = monoio::spawn(async move {
-            let (stream, _) = listener.accept().await.expect("accept");
-            tls_accept(stream, server, TIMEOUT).await.err()
-        });
-        let stream = corekv_transport::connect(addr, &Default::default())
-            .await
-            .expect("connect");
+        let (stream, server_side) =
+            connect_to(|stream| async move { tls_accept(stream, server, TIMEOUT).await.err() })
+                .await;
         let name = server_name(&peer_server_name(CLUSTER, node)).expect("name");
         let client_error = tls_connect(stream, client, name, TIMEOUT)
             .await
@@ -226,14 +241,9 @@ fn a_plaintext_client_on_a_tls_port_is_told_on_both_sides() {
     let files = files(&authority, -1);
     let server = server_config(&files.ca, &files.node1, false).expect("server");
     run(async move {
-        let (listener, addr) = listen();
-        let server_side = monoio::spawn(async move {
-            let (stream, _) = listener.accept().await.expect("accept");
-            tls_accept(stream, server, TIMEOUT).await.err()
-        });
-        let stream = corekv_transport::connect(addr, &Default::default())
-            .await
-            .expect("connect");
+        let (stream, server_side) =
+            connect_to(|stream| async move { tls_accept(stream, server, TIMEOUT).await.err() })
+                .await;
         let (read, write) = plain(stream);
         let sender = spawn_writer(write, 1 << 20);
         sender
@@ -259,15 +269,11 @@ fn a_tls_client_on_a_plaintext_port_is_told_on_both_sides() {
     let files = files(&authority, -1);
     let client = client_config(&files.ca, None).expect("client");
     run(async move {
-        let (listener, addr) = listen();
-        let server_side = monoio::spawn(async move {
-            let (stream, _) = listener.accept().await.expect("accept");
+        let (stream, server_side) = connect_to(|stream| async move {
             let (read, _write) = plain(stream);
             FrameReader::new(read, 1 << 20).next_frame().await.err()
-        });
-        let stream = corekv_transport::connect(addr, &Default::default())
-            .await
-            .expect("connect");
+        })
+        .await;
         let name = server_name("127.0.0.1").expect("name");
         let client_side =
             monoio::spawn(async move { tls_connect(stream, client, name, TIMEOUT).await.err() });
