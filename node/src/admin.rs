@@ -1,44 +1,51 @@
 //! The admin HTTP server: `/metrics`, `/status`, `/health/live`,
 //! `/health/ready`.
 //!
-//! It runs on threads of its own with blocking std sockets, far from the
-//! shard threads: a slow scraper can never delay a request. A fixed pool of
-//! [`ADMIN_WORKERS`] threads accepts connections, each serving one
-//! connection at a time with keep-alive (for [`KEEP_ALIVE_IDLE`] between
-//! requests); a client that is slow to send or read holds one worker for at
-//! most [`ADMIN_IO_TIMEOUT`] per step, and further connections wait in the
-//! listen backlog, so the port's threads and memory are bounded whatever
-//! clients do. Requests are parsed with httparse; nothing here takes a body.
+//! hyper (HTTP/1.1 with keep-alive) on a tokio current-thread runtime, on
+//! one thread of its own: never on a shard thread, whose I/O is monoio, so a
+//! slow scraper can never delay a request. Each connection is a task, so
+//! concurrent scrapes do not wait for each other. At most
+//! [`MAX_ADMIN_CONNECTIONS`] are served at once (more wait in the listen
+//! backlog); a client that is slow to send its request head is cut off after
+//! [`ADMIN_IO_TIMEOUT`], and any connection is closed after
+//! [`ADMIN_CONNECTION_LIFETIME`], so one that never reads its answer holds
+//! its slot for a bounded time. Nothing here takes a body.
 
-use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::convert::Infallible;
+use std::net::TcpListener;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
-use corekv_transport::rustls::{ServerConnection, StreamOwned};
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::header::{HeaderValue, CONNECTION, CONTENT_LENGTH, CONTENT_TYPE, TRANSFER_ENCODING};
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use serde_json::json;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::Semaphore;
 
 use corekv_proto::client::ShardStatus;
 
+use crate::log_limit::{LogLimit, WARN_INTERVAL};
 use crate::shared::NodeShared;
 
 /// Connections the admin port serves at once; more wait to be accepted.
-pub const ADMIN_WORKERS: usize = 4;
-/// A connection that sends nothing (between requests or within one) or
-/// does not take the answer for this long is closed.
+pub const MAX_ADMIN_CONNECTIONS: usize = 64;
+/// A client that takes longer than this to send a request head (or to
+/// finish the TLS handshake) is cut off; so is a kept-alive connection idle
+/// that long between requests.
 pub const ADMIN_IO_TIMEOUT: Duration = Duration::from_secs(5);
-/// How long a kept-alive connection may wait for its next request: short,
-/// so idle keep-alive clients do not hold the workers (Prometheus, which
-/// scrapes every 15 s or so, simply reconnects).
-pub const KEEP_ALIVE_IDLE: Duration = Duration::from_secs(1);
-/// Largest request head (request line and headers) read.
+/// The longest a connection is served: then it is closed once the answer in
+/// flight is sent (or after [`ADMIN_IO_TIMEOUT`] more, if its client does not
+/// read it). Prometheus and `corekv top` simply reconnect.
+pub const ADMIN_CONNECTION_LIFETIME: Duration = Duration::from_secs(60);
+/// Largest request head (request line and headers) read; hyper's minimum.
 const MAX_REQUEST_HEAD_BYTES: usize = 8 << 10;
 /// Headers of one request looked at (more: 431).
 const MAX_REQUEST_HEADERS: usize = 32;
-/// Requests served on one connection before it is closed, so one client
-/// cannot keep a worker for ever.
-const MAX_REQUESTS_PER_CONNECTION: usize = 10_000;
 /// Pause after a failed accept (out of descriptors) before the next.
 const ACCEPT_RETRY: Duration = Duration::from_millis(10);
 
@@ -53,256 +60,168 @@ pub const READY_MAX_APPLY_LAG: u64 = 1000;
 /// fsync, thousands of entries when the disk is slow for a moment.
 pub const READY_MAX_LEADER_LAG: u64 = 10_000;
 
-/// Binds the admin port and serves it on [`ADMIN_WORKERS`] new threads.
+/// Binds the admin port and serves it on a new thread.
 pub fn start(node: Arc<NodeShared>) -> anyhow::Result<()> {
     let addr = format!("{}:{}", node.config.listen_host, node.config.admin_port);
     let listener = TcpListener::bind(&addr)
         .with_context(|| format!("cannot listen for admin HTTP on {addr}"))?;
+    listener
+        .set_nonblocking(true)
+        .context("cannot make the admin listener non-blocking")?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .enable_time()
+        .build()
+        .context("cannot start the admin HTTP runtime")?;
     tracing::info!(%addr, "admin HTTP listening");
-    for worker in 0..ADMIN_WORKERS {
-        let listener = listener
-            .try_clone()
-            .context("cannot share the admin listener")?;
-        let node = node.clone();
-        std::thread::Builder::new()
-            .name(format!("corekv-admin-{worker}"))
-            .spawn(move || loop {
-                match listener.accept() {
-                    Ok((stream, _)) => {
-                        if let Err(e) = serve(stream, &node) {
-                            tracing::debug!(error = %e, "admin connection ended");
-                        }
-                    }
-                    Err(e) => {
-                        tracing::warn!(error = %e, "admin accept failed");
-                        std::thread::sleep(ACCEPT_RETRY);
-                    }
-                }
-            })
-            .context("cannot start an admin thread")?;
-    }
+    std::thread::Builder::new()
+        .name("corekv-admin".into())
+        .spawn(move || runtime.block_on(serve_port(listener, node)))
+        .context("cannot start the admin thread")?;
     Ok(())
 }
 
-/// One request as far as routing needs it.
-struct Head {
-    method: String,
-    path: String,
-    keep_alive: bool,
-    /// Bytes of the head in the read buffer.
-    len: usize,
-}
-
-/// What reading the next request found.
-enum Next {
-    Request(Head),
-    /// The client closed the connection between requests.
-    Closed,
-    /// A malformed or oversized request: answered, then the connection closes.
-    Refused(&'static str, String),
-}
-
-/// Serves one connection, over TLS when the node runs it (the handshake
-/// happens on the first read, under the same timeouts).
-fn serve(stream: TcpStream, node: &NodeShared) -> std::io::Result<()> {
-    stream.set_read_timeout(Some(ADMIN_IO_TIMEOUT))?;
-    stream.set_write_timeout(Some(ADMIN_IO_TIMEOUT))?;
-    let socket = stream.try_clone()?;
-    let Some(tls) = &node.tls else {
-        return serve_http(&socket, stream, node);
+/// Accepts connections for ever, each served by a task of its own while a
+/// slot is free.
+async fn serve_port(listener: TcpListener, node: Arc<NodeShared>) {
+    let listener = match tokio::net::TcpListener::from_std(listener) {
+        Ok(listener) => listener,
+        Err(e) => {
+            tracing::error!(error = %e, "admin HTTP cannot serve its listener");
+            return;
+        }
     };
-    let conn = ServerConnection::new(tls.current().admin.clone()).map_err(std::io::Error::other)?;
-    let mut stream = StreamOwned::new(conn, stream);
-    let result = serve_http(&socket, &mut stream, node);
-    if result.is_ok() {
-        stream.conn.send_close_notify();
-        let _ = stream.flush();
-    }
-    result
-}
-
-/// Serves the requests of one connection until it closes, asks to close,
-/// errs or times out. `socket` is the TCP socket under `stream`, for its
-/// timeouts.
-fn serve_http(
-    socket: &TcpStream,
-    mut stream: impl Read + Write,
-    node: &NodeShared,
-) -> std::io::Result<()> {
-    let mut buffer = Vec::with_capacity(1024);
-    for served in 0..MAX_REQUESTS_PER_CONNECTION {
-        let idle = if served == 0 {
-            ADMIN_IO_TIMEOUT
-        } else {
-            KEEP_ALIVE_IDLE
-        };
-        let head = match next_request(socket, &mut stream, &mut buffer, idle)? {
-            Next::Request(head) => head,
-            Next::Closed => return Ok(()),
-            Next::Refused(status, reason) => {
-                return respond(&mut stream, status, TEXT, &reason, false, true);
-            }
-        };
-        buffer.drain(..head.len);
-        let path = head.path.split('?').next().unwrap_or("");
-        let (status, content_type, body) = route(&head.method, path, node);
-        let with_body = head.method != "HEAD";
-        respond(
-            &mut stream,
-            status,
-            content_type,
-            &body,
-            with_body,
-            !head.keep_alive,
-        )?;
-        if !head.keep_alive {
-            return Ok(());
-        }
-    }
-    Ok(())
-}
-
-/// Reads until `buffer` holds a whole request head, waiting at most `idle`
-/// for its first byte.
-fn next_request(
-    socket: &TcpStream,
-    stream: &mut impl Read,
-    buffer: &mut Vec<u8>,
-    idle: Duration,
-) -> std::io::Result<Next> {
-    let mut chunk = [0u8; 1024];
-    socket.set_read_timeout(Some(if buffer.is_empty() {
-        idle
-    } else {
-        ADMIN_IO_TIMEOUT
-    }))?;
+    let slots = Arc::new(Semaphore::new(MAX_ADMIN_CONNECTIONS));
+    let mut accept_warnings = LogLimit::new(WARN_INTERVAL);
     loop {
-        let mut headers = [httparse::EMPTY_HEADER; MAX_REQUEST_HEADERS];
-        let mut request = httparse::Request::new(&mut headers);
-        match request.parse(buffer) {
-            Ok(httparse::Status::Complete(len)) => {
-                let header = |name: &str| {
-                    request
-                        .headers
-                        .iter()
-                        .find(|h| h.name.eq_ignore_ascii_case(name))
-                        .map(|h| String::from_utf8_lossy(h.value).to_ascii_lowercase())
-                };
-                if header("content-length").is_some_and(|l| l.trim() != "0")
-                    || header("transfer-encoding").is_some()
-                {
-                    return Ok(Next::Refused(
-                        "400 Bad Request",
-                        "requests to the admin port take no body\n".into(),
-                    ));
-                }
-                let connection = header("connection").unwrap_or_default();
-                // HTTP/1.1 keeps the connection unless told; 1.0 only if asked.
-                let keep_alive = match request.version {
-                    Some(1) => !connection.contains("close"),
-                    _ => connection.contains("keep-alive"),
-                };
-                return Ok(Next::Request(Head {
-                    method: request.method.unwrap_or("").to_string(),
-                    path: request.path.unwrap_or("").to_string(),
-                    keep_alive,
-                    len,
-                }));
-            }
-            Ok(httparse::Status::Partial) if buffer.len() >= MAX_REQUEST_HEAD_BYTES => {
-                return Ok(Next::Refused(
-                    "431 Request Header Fields Too Large",
-                    format!("request head longer than {MAX_REQUEST_HEAD_BYTES} bytes\n"),
-                ));
-            }
-            Ok(httparse::Status::Partial) => {}
-            Err(httparse::Error::TooManyHeaders) => {
-                return Ok(Next::Refused(
-                    "431 Request Header Fields Too Large",
-                    format!("more than {MAX_REQUEST_HEADERS} headers\n"),
-                ));
-            }
-            Err(e) => {
-                return Ok(Next::Refused(
-                    "400 Bad Request",
-                    format!("malformed request: {e}\n"),
-                ));
-            }
-        }
-        let n = match stream.read(&mut chunk) {
-            // Nothing more asked within the idle time: done with this client.
-            Err(e) if buffer.is_empty() && is_timeout(&e) => return Ok(Next::Closed),
-            other => other?,
+        // Never closed, so acquiring only ever waits for a slot.
+        let Ok(slot) = slots.clone().acquire_owned().await else {
+            return;
         };
-        if n == 0 {
-            return if buffer.is_empty() {
-                Ok(Next::Closed)
-            } else {
-                Err(std::io::ErrorKind::UnexpectedEof.into())
-            };
-        }
-        if buffer.is_empty() {
-            socket.set_read_timeout(Some(ADMIN_IO_TIMEOUT))?;
-        }
-        buffer.extend_from_slice(&chunk[..n]);
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                if let Some(suppressed) = accept_warnings.allow(Instant::now()) {
+                    tracing::warn!(error = %e, suppressed, "admin accept failed");
+                }
+                tokio::time::sleep(ACCEPT_RETRY).await;
+                continue;
+            }
+        };
+        let node = node.clone();
+        tokio::spawn(async move {
+            let _slot = slot;
+            if let Err(e) = serve_connection(stream, node).await {
+                tracing::debug!(error = %e, "admin connection ended");
+            }
+        });
     }
 }
 
-fn is_timeout(error: &std::io::Error) -> bool {
-    matches!(
-        error.kind(),
-        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-    )
+/// Serves one connection, over TLS when the node runs it.
+async fn serve_connection(
+    stream: tokio::net::TcpStream,
+    node: Arc<NodeShared>,
+) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    let Some(tls) = &node.tls else {
+        return serve_http(stream, node).await;
+    };
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls.current().admin.clone());
+    let stream = tokio::time::timeout(ADMIN_IO_TIMEOUT, acceptor.accept(stream))
+        .await
+        .map_err(|_| "TLS handshake timed out")??;
+    serve_http(stream, node).await
 }
 
-fn respond(
-    stream: &mut impl Write,
-    status: &str,
-    content_type: &str,
-    body: &str,
-    with_body: bool,
-    close: bool,
-) -> std::io::Result<()> {
-    let connection = if close { "close" } else { "keep-alive" };
-    let head = format!(
-        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: {connection}\r\n\r\n",
-        body.len()
-    );
-    let mut answer = head.into_bytes();
-    if with_body {
-        answer.extend_from_slice(body.as_bytes());
+/// Serves the requests of one connection until it closes, errs, idles or
+/// reaches [`ADMIN_CONNECTION_LIFETIME`].
+async fn serve_http(
+    io: impl AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    node: Arc<NodeShared>,
+) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    let service = hyper::service::service_fn(move |request| {
+        let answer = answer(&request, &node);
+        async move { Ok::<_, Infallible>(answer) }
+    });
+    let connection = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(ADMIN_IO_TIMEOUT)
+        .max_buf_size(MAX_REQUEST_HEAD_BYTES)
+        .max_headers(MAX_REQUEST_HEADERS)
+        .serve_connection(TokioIo::new(io), service);
+    let mut connection = std::pin::pin!(connection);
+    if let Ok(served) = tokio::time::timeout(ADMIN_CONNECTION_LIFETIME, connection.as_mut()).await {
+        return Ok(served?);
     }
-    stream.write_all(&answer)?;
-    stream.flush()
+    connection.as_mut().graceful_shutdown();
+    // A client that does not take the answer in flight is dropped.
+    match tokio::time::timeout(ADMIN_IO_TIMEOUT, connection).await {
+        Ok(served) => Ok(served?),
+        Err(_) => Err("closed at the end of its lifetime with an answer unread".into()),
+    }
+}
+
+/// The answer to one request.
+fn answer(request: &Request<Incoming>, node: &NodeShared) -> Response<Full<Bytes>> {
+    let headers = request.headers();
+    let has_body = headers
+        .get(CONTENT_LENGTH)
+        .is_some_and(|length| length.as_bytes().trim_ascii() != b"0")
+        || headers.contains_key(TRANSFER_ENCODING);
+    let (status, content_type, body) = if has_body {
+        (
+            StatusCode::BAD_REQUEST,
+            TEXT,
+            "requests to the admin port take no body\n".to_string(),
+        )
+    } else {
+        route(request.method(), request.uri().path(), node)
+    };
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    *response.status_mut() = status;
+    response
+        .headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+    if has_body {
+        // The body is not read, so the connection cannot go on.
+        response
+            .headers_mut()
+            .insert(CONNECTION, HeaderValue::from_static("close"));
+    }
+    response
 }
 
 const JSON: &str = "application/json";
 const TEXT: &str = "text/plain; charset=utf-8";
 
-fn route(method: &str, path: &str, node: &NodeShared) -> (&'static str, &'static str, String) {
+fn route(method: &Method, path: &str, node: &NodeShared) -> (StatusCode, &'static str, String) {
     let known = ["/metrics", "/status", "/health/live", "/health/ready"];
     if !known.contains(&path) {
-        return ("404 Not Found", TEXT, format!("no such path: {path}\n"));
-    }
-    if method != "GET" && method != "HEAD" {
         return (
-            "405 Method Not Allowed",
+            StatusCode::NOT_FOUND,
+            TEXT,
+            format!("no such path: {path}\n"),
+        );
+    }
+    if method != Method::GET && method != Method::HEAD {
+        return (
+            StatusCode::METHOD_NOT_ALLOWED,
             TEXT,
             format!("{method} is not allowed on {path}; use GET\n"),
         );
     }
     match path {
         "/metrics" => (
-            "200 OK",
+            StatusCode::OK,
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
             node.metrics.encode(),
         ),
-        "/status" => ("200 OK", JSON, status_json(node).to_string()),
-        "/health/live" => ("200 OK", JSON, json!({ "live": true }).to_string()),
+        "/status" => (StatusCode::OK, JSON, status_json(node).to_string()),
+        "/health/live" => (StatusCode::OK, JSON, json!({ "live": true }).to_string()),
         _ => match not_ready_reason(node) {
-            None => ("200 OK", JSON, json!({ "ready": true }).to_string()),
+            None => (StatusCode::OK, JSON, json!({ "ready": true }).to_string()),
             Some(reason) => (
-                "503 Service Unavailable",
+                StatusCode::SERVICE_UNAVAILABLE,
                 JSON,
                 json!({ "ready": false, "reason": reason }).to_string(),
             ),
