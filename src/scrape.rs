@@ -1,6 +1,7 @@
 //! Reading a node's admin port from outside: HTTP through ureq (one agent
 //! per thread, so repeated scrapes reuse their connection), and the
-//! Prometheus text helpers that pick samples out of `/metrics`. Shared by `corekv bench`, `corekv top` and the integration
+//! Prometheus text helpers, on prometheus-parse, that pick samples out of
+//! `/metrics`. Shared by `corekv bench`, `corekv top` and the integration
 //! tests.
 
 use std::io::{self, Read};
@@ -113,141 +114,98 @@ pub fn request(method: &str, addr: &str, path: &str) -> Result<(u16, String), Sc
     Ok((answer.status, answer.body))
 }
 
-/// Sum over all label sets of metric `name` in Prometheus/OpenMetrics text;
-/// None when no sample of it is there.
-pub fn metric_sum(text: &str, name: &str) -> Option<f64> {
-    let mut sum = None;
-    for line in text.lines() {
-        let Some(rest) = line.strip_prefix(name) else {
-            continue;
-        };
-        // `name_other` is another metric; only labels or the value may follow.
-        if !(rest.starts_with(' ') || rest.starts_with('{')) {
-            continue;
-        }
-        let after_labels = match rest.rfind('}') {
-            Some(i) => &rest[i + 1..],
-            None => rest,
-        };
-        if let Some(value) = sample_value(after_labels) {
-            *sum.get_or_insert(0.0) += value;
-        }
-    }
-    sum
+/// A sample of `/metrics` as prometheus-parse reads it: a histogram's
+/// buckets come as one sample named after the family, with
+/// [`Value::Histogram`]; its `_sum` and `_count`, and a counter's `_total`,
+/// come as written (untyped, since OpenMetrics declares a counter by its
+/// family name).
+pub use prometheus_parse::{Sample, SampleType, Value};
+
+/// Every sample of Prometheus or OpenMetrics text; comments, blank and
+/// malformed lines are skipped. Label values are read as corekv writes
+/// them: without commas, quotes or escapes.
+pub fn samples(text: &str) -> Vec<Sample> {
+    let lines = text.lines().map(|line| Ok(line.to_owned()));
+    // Only reading a line can fail, and these lines are in memory.
+    prometheus_parse::Scrape::parse(lines)
+        .map(|scrape| scrape.samples)
+        .unwrap_or_default()
 }
 
-/// The value of the one sample written exactly `name_and_labels` (labels
-/// as the server prints them, e.g. `raft_current_term{shard="0"}`); None
-/// when there is no such sample.
+/// The number a plain sample holds; None for a histogram or a summary.
+pub fn number(value: &Value) -> Option<f64> {
+    match value {
+        Value::Counter(v) | Value::Gauge(v) | Value::Untyped(v) => Some(*v),
+        Value::Histogram(_) | Value::Summary(_) => None,
+    }
+}
+
+/// A histogram sample's cumulative buckets as `(upper bound, count)`, the
+/// shape [`histogram_quantile`] takes; empty for any other sample.
+pub fn buckets(value: &Value) -> Vec<(f64, f64)> {
+    match value {
+        Value::Histogram(counts) => counts.iter().map(|c| (c.less_than, c.count)).collect(),
+        _ => Vec::new(),
+    }
+}
+
+/// Sum over all label sets of the plain samples named `name` in
+/// Prometheus/OpenMetrics text; None when there is no such sample.
+pub fn metric_sum(text: &str, name: &str) -> Option<f64> {
+    samples(text)
+        .iter()
+        .filter(|sample| sample.metric == name)
+        .filter_map(|sample| number(&sample.value))
+        .reduce(|a, b| a + b)
+}
+
+/// The value of the one sample named and labelled as `name_and_labels`
+/// (e.g. `raft_current_term{shard="0"}`, labels in any order); None when
+/// there is no such sample.
 pub fn metric_value(text: &str, name_and_labels: &str) -> Option<f64> {
-    let line = text.lines().find(|line| {
-        line.strip_prefix(name_and_labels)
-            .is_some_and(|rest| rest.starts_with(' '))
-    })?;
-    sample_value(&line[name_and_labels.len()..])
+    // The selector read as a sample line, so its labels compare as a set.
+    let wanted = samples(&format!("{name_and_labels} 0")).pop()?;
+    samples(text)
+        .iter()
+        .find(|sample| sample.metric == wanted.metric && *sample.labels == *wanted.labels)
+        .and_then(|sample| number(&sample.value))
 }
 
 /// The metric families `text` declares in its `# TYPE` lines, as (family
-/// name, type) in the order given, e.g. `("wal_fsync_seconds", "histogram")`.
-pub fn metric_families(text: &str) -> Vec<(&str, &str)> {
+/// name, type) in the order given, e.g. `("wal_fsync_seconds", Histogram)`.
+pub fn metric_families(text: &str) -> Vec<(String, SampleType)> {
     text.lines()
-        .filter_map(|line| {
-            let mut fields = line.strip_prefix("# TYPE ")?.split_whitespace();
-            Some((fields.next()?, fields.next()?))
+        .filter_map(|line| match prometheus_parse::LineInfo::parse(line) {
+            prometheus_parse::LineInfo::Type {
+                metric_name,
+                metric_alias,
+                sample_type,
+            } => Some((metric_alias.unwrap_or(metric_name), sample_type)),
+            _ => None,
         })
         .collect()
 }
 
-/// True when Prometheus stores series named `name` from `text`: a sample of
-/// that name is there, or a declared family is exposed under it (a counter
-/// `f` as `f_total`, a histogram `f` as `f_bucket`, `f_sum` and `f_count`, a
-/// summary as `f`, `f_sum`, `f_count`, anything else as `f`). The families
-/// count because a label set created on first use (a peer, a refusal
-/// reason) has no sample until then, yet a query of it is right.
+/// True when Prometheus stores series named `name` from `text`: a plain
+/// sample of that name is there, or a declared family is exposed under it
+/// (a counter `f` as `f_total`, a histogram `f` as `f_bucket`, `f_sum` and
+/// `f_count`, a summary as `f`, `f_sum`, `f_count`, anything else as `f`).
+/// The families count because a label set created on first use (a peer, a
+/// refusal reason) has no sample until then, yet a query of it is right.
 pub fn exposes(text: &str, name: &str) -> bool {
-    metric_sum(text, name).is_some()
-        || metric_families(text).iter().any(|&(family, kind)| {
+    samples(text)
+        .iter()
+        .any(|sample| sample.metric == name && !matches!(sample.value, Value::Histogram(_)))
+        || metric_families(text).iter().any(|(family, kind)| {
             let suffixes: &[&str] = match kind {
-                "counter" => &["_total"],
-                "histogram" => &["_bucket", "_sum", "_count"],
-                "summary" => &["", "_sum", "_count"],
+                SampleType::Counter => &["_total"],
+                SampleType::Histogram => &["_bucket", "_sum", "_count"],
+                SampleType::Summary => &["", "_sum", "_count"],
                 _ => &[""],
             };
-            name.strip_prefix(family)
+            name.strip_prefix(family.as_str())
                 .is_some_and(|suffix| suffixes.contains(&suffix))
         })
-}
-
-/// The value in what follows a sample's name and labels: the first field,
-/// since a timestamp may come after it.
-fn sample_value(after_labels: &str) -> Option<f64> {
-    after_labels.split_whitespace().next()?.parse().ok()
-}
-
-/// One sample of Prometheus / OpenMetrics text: `name{labels} value`.
-#[derive(Clone, Debug, PartialEq)]
-pub struct Sample<'a> {
-    /// The sample's name (with `_total`, `_bucket`... as written).
-    pub name: &'a str,
-    /// Its labels as written (values unescaped only of `\"`; corekv's
-    /// label values need no escapes).
-    pub labels: Vec<(&'a str, &'a str)>,
-    /// Its value.
-    pub value: f64,
-}
-
-impl Sample<'_> {
-    /// The value of label `key`, if the sample has it.
-    pub fn label(&self, key: &str) -> Option<&str> {
-        self.labels.iter().find(|(k, _)| *k == key).map(|(_, v)| *v)
-    }
-}
-
-/// Every sample in `text`; comments, blank and malformed lines are skipped.
-pub fn samples(text: &str) -> impl Iterator<Item = Sample<'_>> {
-    text.lines().filter_map(parse_sample)
-}
-
-fn parse_sample(line: &str) -> Option<Sample<'_>> {
-    if line.starts_with('#') || line.trim().is_empty() {
-        return None;
-    }
-    let name_end = line.find(['{', ' '])?;
-    let name = &line[..name_end];
-    let mut labels = Vec::new();
-    let mut rest = &line[name_end..];
-    if let Some(inner) = rest.strip_prefix('{') {
-        let mut cursor = inner;
-        loop {
-            cursor = cursor.trim_start_matches([',', ' ']);
-            if let Some(after) = cursor.strip_prefix('}') {
-                rest = after;
-                break;
-            }
-            let (key, after_key) = cursor.split_once("=\"")?;
-            // The value ends at the first quote not escaped by a backslash.
-            let mut end = None;
-            let mut escaped = false;
-            for (i, c) in after_key.char_indices() {
-                match c {
-                    '\\' if !escaped => escaped = true,
-                    '"' if !escaped => {
-                        end = Some(i);
-                        break;
-                    }
-                    _ => escaped = false,
-                }
-            }
-            let end = end?;
-            labels.push((key.trim(), &after_key[..end]));
-            cursor = &after_key[end + 1..];
-        }
-    }
-    Some(Sample {
-        name,
-        labels,
-        value: sample_value(rest)?,
-    })
 }
 
 /// The `q` quantile (0..=1) of a histogram given as its cumulative buckets
@@ -475,23 +433,33 @@ mod tests {
     }
 
     #[test]
-    fn samples_parse_names_labels_and_values() {
+    fn samples_parse_names_labels_values_and_histograms() {
         let text = "# TYPE x counter\n\
                     up 1\n\
                     x_total{shard=\"0\",op=\"put\"} 12 1700000000\n\
-                    h_bucket{le=\"+Inf\",shard=\"1\"} 3.5\n\
-                    odd{note=\"a \\\"quoted\\\" }, word\"} 2\n\
+                    # TYPE h histogram\n\
+                    h_bucket{shard=\"1\",le=\"0.5\"} 1\n\
+                    h_bucket{shard=\"1\",le=\"+Inf\"} 3.5\n\
+                    h_sum{shard=\"1\"} 2\n\
                     broken{shard=\"0\" 1\n\
                     # EOF\n";
-        let all: Vec<Sample> = samples(text).collect();
+        let all = samples(text);
         assert_eq!(all.len(), 4, "{all:?}");
-        assert_eq!((all[0].name, all[0].value), ("up", 1.0));
-        assert_eq!(all[1].name, "x_total");
-        assert_eq!(all[1].label("op"), Some("put"));
-        assert_eq!(all[1].value, 12.0);
-        assert_eq!(all[2].label("le"), Some("+Inf"));
-        assert_eq!(all[3].label("note"), Some("a \\\"quoted\\\" }, word"));
-        assert_eq!(all[3].value, 2.0);
+        assert_eq!(
+            (all[0].metric.as_str(), number(&all[0].value)),
+            ("up", Some(1.0))
+        );
+        assert_eq!(all[1].metric, "x_total");
+        assert_eq!(all[1].labels.get("op"), Some("put"));
+        assert_eq!(number(&all[1].value), Some(12.0));
+        assert_eq!(
+            (all[2].metric.as_str(), number(&all[2].value)),
+            ("h_sum", Some(2.0))
+        );
+        assert_eq!(all[3].metric, "h");
+        assert_eq!(all[3].labels.get("shard"), Some("1"));
+        assert_eq!(buckets(&all[3].value), [(0.5, 1.0), (f64::INFINITY, 3.5)]);
+        assert_eq!(number(&all[3].value), None);
     }
 
     #[test]
@@ -546,11 +514,11 @@ mod tests {
         assert_eq!(
             metric_families(text),
             [
-                ("raft_leader_changes", "counter"),
-                ("peer_messages_refused", "counter"),
-                ("wal_fsync_seconds", "histogram"),
-                ("wal_segments", "gauge"),
-                ("process_cpu_seconds_total", "counter"),
+                ("raft_leader_changes".to_string(), SampleType::Counter),
+                ("peer_messages_refused".to_string(), SampleType::Counter),
+                ("wal_fsync_seconds".to_string(), SampleType::Histogram),
+                ("wal_segments".to_string(), SampleType::Gauge),
+                ("process_cpu_seconds_total".to_string(), SampleType::Counter),
             ]
         );
         for name in [
@@ -602,5 +570,14 @@ mod tests {
             "labels differ"
         );
         assert_eq!(metric_value(text, "raft_current_term{shard=\"2\"}"), None);
+        let text = "client_requests_total{shard=\"0\",op=\"put\",status=\"ok\"} 7\n";
+        assert_eq!(
+            metric_value(
+                text,
+                "client_requests_total{status=\"ok\",op=\"put\",shard=\"0\"}"
+            ),
+            Some(7.0),
+            "labels in another order"
+        );
     }
 }

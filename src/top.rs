@@ -293,20 +293,25 @@ fn read_node(id: u64, admin: &str) -> Result<Vec<(Row, Counters)>, String> {
         serde_json::from_str(&status).map_err(|e| format!("admin {admin}/status: {e}"))?;
     let mut counters: HashMap<u64, Counters> = HashMap::new();
     for sample in scrape::samples(&metrics) {
-        let Some(shard) = sample.label("shard").and_then(|s| s.parse::<u64>().ok()) else {
+        let Some(shard) = sample
+            .labels
+            .get("shard")
+            .and_then(|s| s.parse::<u64>().ok())
+        else {
             continue;
         };
         let entry = counters.entry(shard).or_default();
-        match sample.name {
+        match sample.metric.as_str() {
             "client_requests_total" => {
-                entry.requests += sample.value;
-                let status = sample.label("status").unwrap_or("ok");
+                let count = scrape::number(&sample.value).unwrap_or(0.0);
+                entry.requests += count;
+                let status = sample.labels.get("status").unwrap_or("ok");
                 if status != "ok" && status != "not_leader" {
-                    entry.errors += sample.value;
+                    entry.errors += count;
                 }
             }
-            "client_request_seconds_bucket" => add_bucket(&mut entry.request_buckets, &sample),
-            "wal_fsync_seconds_bucket" => add_bucket(&mut entry.fsync_buckets, &sample),
+            "client_request_seconds" => add_buckets(&mut entry.request_buckets, &sample.value),
+            "wal_fsync_seconds" => add_buckets(&mut entry.fsync_buckets, &sample.value),
             _ => {}
         }
     }
@@ -342,17 +347,14 @@ fn read_node(id: u64, admin: &str) -> Result<Vec<(Row, Counters)>, String> {
         .collect())
 }
 
-/// Adds one bucket sample (summed over ops) to `buckets`.
-fn add_bucket(buckets: &mut Vec<(f64, f64)>, sample: &scrape::Sample<'_>) {
-    let Some(bound) = sample.label("le").and_then(|le| match le {
-        "+Inf" => Some(f64::INFINITY),
-        other => other.parse().ok(),
-    }) else {
-        return;
-    };
-    match buckets.iter_mut().find(|(b, _)| *b == bound) {
-        Some((_, count)) => *count += sample.value,
-        None => buckets.push((bound, sample.value)),
+/// Adds a histogram's buckets (one label set of it: summed over ops) to
+/// `buckets`.
+fn add_buckets(buckets: &mut Vec<(f64, f64)>, histogram: &scrape::Value) {
+    for (bound, count) in scrape::buckets(histogram) {
+        match buckets.iter_mut().find(|(b, _)| *b == bound) {
+            Some((_, sum)) => *sum += count,
+            None => buckets.push((bound, count)),
+        }
     }
 }
 

@@ -114,7 +114,7 @@ fn readme_alerts_are_rules(metrics: &str, rules: &[AlertRule]) {
         .iter()
         .flat_map(|rule| names_in(ALERTS, &rule.alert, &rule.expr))
         .collect();
-    let families: Vec<&str> = scrape::metric_families(metrics)
+    let families: Vec<String> = scrape::metric_families(metrics)
         .into_iter()
         .map(|(family, _)| family)
         .collect();
@@ -127,7 +127,7 @@ fn readme_alerts_are_rules(metrics: &str, rules: &[AlertRule]) {
             continue;
         }
         for name in names_in(README, "\"Alert on:\"", span) {
-            if !scrape::exposes(metrics, &name) && !families.contains(&name.as_str()) {
+            if !scrape::exposes(metrics, &name) && !families.contains(&name) {
                 continue;
             }
             let queried = ruled.iter().any(|used| {
