@@ -101,6 +101,26 @@ fn a_tls_cluster_serves_and_names_why_it_refuses_a_client() {
         "plain HTTP must not be served on a TLS admin port: {:?}",
         String::from_utf8_lossy(&answer)
     );
+    // With admin_client_auth = cert, HTTPS without a client certificate is
+    // refused (the scrapes above present the test client's).
+    let ca_only = corekv_client::ClientTls::from_files(std::path::Path::new(&ca), None)
+        .expect("TLS with the CA only")
+        .rustls_config();
+    let name = "127.0.0.1".try_into().expect("server name");
+    let tls = rustls::ClientConnection::new(ca_only, name).expect("TLS client");
+    let tcp = TcpStream::connect(cluster.nodes[0].admin_addr()).expect("connect admin");
+    tcp.set_read_timeout(Some(std::time::Duration::from_secs(20)))
+        .expect("timeout");
+    let mut https = rustls::StreamOwned::new(tls, tcp);
+    let _ = https.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n");
+    let mut answer = Vec::new();
+    let read = std::io::Read::read_to_end(&mut https, &mut answer);
+    assert!(
+        read.as_ref()
+            .is_err_and(|e| e.to_string().contains("CertificateRequired")),
+        "the admin port must refuse a client without a certificate: {read:?} {:?}",
+        String::from_utf8_lossy(&answer)
+    );
     // The node kept serving through all of that.
     let (code, out, err) = cluster.cli(&["get", &keys[1]]);
     assert_eq!((code, out.trim()), (0, keys[1].as_str()), "{err}");

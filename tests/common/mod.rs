@@ -628,7 +628,7 @@ pub fn node_tls_lines(pki: &TestPki, dir: &Path, id: u64) -> String {
     std::fs::write(&cert, &issued.cert_pem).expect("write node certificate");
     std::fs::write(&key, &issued.key_pem).expect("write node key");
     format!(
-        "tls_cert_file = {:?}\ntls_key_file = {:?}\ntls_ca_file = {:?}\nclient_auth = \"cert\"\n",
+        "tls_cert_file = {:?}\ntls_key_file = {:?}\ntls_ca_file = {:?}\nclient_auth = \"cert\"\nadmin_client_auth = \"cert\"\n",
         cert.display().to_string(),
         key.display().to_string(),
         dir.join("ca.pem").display().to_string()
