@@ -5,6 +5,8 @@
 #   L     1 client, puts            W64   64 clients, puts
 #   W256  256 clients, puts         R64   64 clients, linearizable gets (prefilled)
 #   S64   64 clients, stale gets    M64   64 clients, 50 % puts / 50 % gets
+#   WP    64 clients x 16 pipelined puts
+#   SP    64 clients x 16 pipelined stale gets (reads the keys R64 or WP wrote)
 #   BIG   1M keys x 1 KiB prefilled (about 1 GB a node), then 4 clients x 64
 #         pipelined puts for BIG_DURATION (default 30s); not in the default set
 #   BIGREF  the same load on 100k keys x 256 B (prefilled), BIG's yardstick;
@@ -18,8 +20,8 @@
 #               7200, 7300; admin on 7190, 7290, 7390)
 #   DURATION    measured window per scenario (default 20s)
 #   WARMUP      warm-up per scenario (default 2s)
-#   SCENARIOS   which to run, space-separated (default: all six, in order;
-#               S64 reads the keys that R64 prefilled)
+#   SCENARIOS   which to run, space-separated (default: all but BIG and
+#               BIGREF, in order; S64 and SP read the keys that R64 prefilled)
 #   COREKV      a corekv binary to use instead of building one in release mode
 #   OUT_DIR     where the JSON of each scenario is kept (default: a temp dir)
 #   RUNS        runs per scenario (default 1); the table shows, per scenario,
@@ -39,7 +41,7 @@ cd "$(dirname "$0")/.."
 DURATION=${DURATION:-20s}
 BIG_DURATION=${BIG_DURATION:-30s}
 WARMUP=${WARMUP:-2s}
-SCENARIOS=${SCENARIOS:-"L W64 W256 R64 S64 M64"}
+SCENARIOS=${SCENARIOS:-"L W64 W256 R64 S64 M64 WP SP"}
 RUNS=${RUNS:-1}
 SHARDS=${SHARDS:-}
 
@@ -88,12 +90,15 @@ scenario_flags() {
     R64) echo "${SMALL[*]} --clients 64 --mix get=100 --consistency linearizable --prefill" ;;
     S64) echo "${SMALL[*]} --clients 64 --mix get=100 --consistency stale" ;;
     M64) echo "${SMALL[*]} --clients 64 --mix put=50,get=50" ;;
+    # The fast path (issue 15): 16 requests in flight per connection.
+    WP) echo "${SMALL[*]} --clients 64 --pipeline 16 --mix put=100" ;;
+    SP) echo "${SMALL[*]} --clients 64 --pipeline 16 --mix get=100 --consistency stale" ;;
     # State that grows (issue 13): 1M keys x 1 KiB prefilled (about 1 GB
     # per node), then pipelined puts over them.
     BIG) echo "--value-size 1024 --keyspace 1000000 --duration $BIG_DURATION --clients 4 --pipeline 64 --mix put=100 --prefill" ;;
     BIGREF) echo "--value-size 256 --keyspace 100000 --duration $BIG_DURATION --clients 4 --pipeline 64 --mix put=100 --prefill" ;;
     *)
-        echo "unknown scenario $1 (known: L W64 W256 R64 S64 M64 BIG BIGREF)" >&2
+        echo "unknown scenario $1 (known: L W64 W256 R64 S64 M64 WP SP BIG BIGREF)" >&2
         return 1
         ;;
     esac
