@@ -13,7 +13,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use corekv_proto::client::{Consistency, ErrorCode, Role};
 use serde_json::json;
 
-use corekv_client::{block_on, Client, ClientError, ClientOptions, ClientTls};
+use corekv_client::{block_on, Client, ClientError, ClientOptions, ClientTls, ReadFrom};
 use corekv_node::config::{Config, LogFormat, RunArgs};
 
 use crate::duration::parse_duration;
@@ -100,6 +100,11 @@ enum Command {
         /// How fresh the answer must be.
         #[arg(long, value_enum, default_value_t = ConsistencyArg::Linearizable)]
         consistency: ConsistencyArg,
+        /// Which replica serves it: the leader, a follower (linearizable
+        /// reads still ask the leader for its commit index), or the first
+        /// of --endpoints that is a member.
+        #[arg(long, value_enum, default_value_t = ReadFromArg::Leader)]
+        read_from: ReadFromArg,
     },
     /// Delete a key.
     Del {
@@ -137,6 +142,11 @@ enum Command {
         /// How fresh the answer must be.
         #[arg(long, value_enum, default_value_t = ConsistencyArg::Linearizable)]
         consistency: ConsistencyArg,
+        /// Which replica serves it: the leader, a follower (linearizable
+        /// reads still ask the leader for its commit index), or the first
+        /// of --endpoints that is a member.
+        #[arg(long, value_enum, default_value_t = ReadFromArg::Leader)]
+        read_from: ReadFromArg,
     },
     /// Raft status of every shard of every node.
     Status,
@@ -167,6 +177,38 @@ enum ConsistencyArg {
     Linearizable,
     Lease,
     Stale,
+}
+
+/// `--read-from` of get, scan and bench.
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum ReadFromArg {
+    /// The shard's leader.
+    Leader,
+    /// The shard's followers in turn.
+    Follower,
+    /// The first of --endpoints that is a member.
+    Nearest,
+}
+
+impl ReadFromArg {
+    /// As on the command line.
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            ReadFromArg::Leader => "leader",
+            ReadFromArg::Follower => "follower",
+            ReadFromArg::Nearest => "nearest",
+        }
+    }
+}
+
+impl From<ReadFromArg> for ReadFrom {
+    fn from(r: ReadFromArg) -> Self {
+        match r {
+            ReadFromArg::Leader => ReadFrom::Leader,
+            ReadFromArg::Follower => ReadFrom::Follower,
+            ReadFromArg::Nearest => ReadFrom::Nearest,
+        }
+    }
 }
 
 impl From<ConsistencyArg> for Consistency {
@@ -231,10 +273,17 @@ pub fn main() -> ExitCode {
                 &std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
                 false,
             );
+            let read_from = match &command {
+                Command::Get { read_from, .. } | Command::Scan { read_from, .. } => {
+                    (*read_from).into()
+                }
+                _ => ReadFrom::Leader,
+            };
             let options = ClientOptions {
                 endpoints: cli.endpoints.clone(),
                 request_timeout: cli.timeout,
                 tls,
+                read_from,
                 ..Default::default()
             };
             let json = cli.json;
@@ -336,27 +385,27 @@ async fn client_command(
             }
             Err(e) => fail(&e),
         },
-        Command::Get { key, consistency } => {
-            match client.get(bytes(key.clone()), consistency.into()).await {
-                Ok(Some((value, version))) => {
-                    let text = String::from_utf8_lossy(&value).into_owned();
-                    print(
-                        json,
-                        json!({ "key": key, "value": text, "version": version, "found": true }),
-                        &text,
-                    );
-                    ExitCode::SUCCESS
-                }
-                Ok(None) => {
-                    if json {
-                        println!("{}", json!({ "key": key, "found": false }));
-                    }
-                    eprintln!("not found: {key}");
-                    ExitCode::from(1)
-                }
-                Err(e) => fail(&e),
+        Command::Get {
+            key, consistency, ..
+        } => match client.get(bytes(key.clone()), consistency.into()).await {
+            Ok(Some((value, version))) => {
+                let text = String::from_utf8_lossy(&value).into_owned();
+                print(
+                    json,
+                    json!({ "key": key, "value": text, "version": version, "found": true }),
+                    &text,
+                );
+                ExitCode::SUCCESS
             }
-        }
+            Ok(None) => {
+                if json {
+                    println!("{}", json!({ "key": key, "found": false }));
+                }
+                eprintln!("not found: {key}");
+                ExitCode::from(1)
+            }
+            Err(e) => fail(&e),
+        },
         Command::Del {
             key,
             expect_version,
@@ -407,6 +456,7 @@ async fn client_command(
             to,
             limit,
             consistency,
+            ..
         } => {
             let (start, end) = match prefix {
                 Some(prefix) => {

@@ -7,7 +7,9 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use common::{key_on_shard, Cluster};
-use corekv_client::{block_on, Client, ClientError, ClientOptions, Consistency, ErrorCode};
+use corekv_client::{
+    block_on, Client, ClientError, ClientOptions, Consistency, ErrorCode, ReadFrom,
+};
 
 fn options(cluster: &Cluster) -> ClientOptions {
     ClientOptions {
@@ -172,4 +174,94 @@ fn a_tls_client_against_a_plaintext_cluster_is_told_tls_is_off() {
     });
     let (code, _, err) = cluster.cli(&["put", "k", "v"]);
     assert_eq!(code, 0, "{err}");
+}
+
+/// `client_follower_reads_total` of shard 0 on every node, by node id.
+fn follower_reads(cluster: &Cluster) -> Vec<(u64, f64)> {
+    cluster
+        .nodes
+        .iter()
+        .map(|node| {
+            let text = corekv::scrape::get(&node.admin_addr(), "/metrics").expect("scrape");
+            let reads =
+                corekv::scrape::metric_value(&text, "client_follower_reads_total{shard=\"0\"}");
+            (node.id, reads.unwrap_or(0.0))
+        })
+        .collect()
+}
+
+#[test]
+fn follower_reads_are_served_by_followers_and_stay_linearizable() {
+    let mut cluster = Cluster::start(3, 1);
+    let leader = cluster.wait_for_leaders()[0];
+    let writer_options = options(&cluster);
+    let follower_options = ClientOptions {
+        read_from: ReadFrom::Follower,
+        ..options(&cluster)
+    };
+    // Nearest: the first endpoint is a follower's.
+    let nearest = cluster.nodes.iter().find(|n| n.id != leader).unwrap().id;
+    let mut endpoints = vec![cluster.nodes[nearest as usize - 1].endpoint()];
+    endpoints.extend(cluster.nodes.iter().map(|n| n.endpoint()));
+    let nearest_options = ClientOptions {
+        read_from: ReadFrom::Nearest,
+        endpoints,
+        ..options(&cluster)
+    };
+    let rounds = 60;
+    block_on(async move {
+        let writer = Client::connect(writer_options).await.expect("connect");
+        let reader = Client::connect(follower_options).await.expect("connect");
+        for i in 0..rounds {
+            let value = b(&format!("v{i}"));
+            let version = writer.put(b("counter"), value.clone()).await.unwrap();
+            // A read that starts after the write's answer sees it, although
+            // a follower (which may not have applied it yet) serves it.
+            let consistency = if i % 2 == 0 {
+                Consistency::Linearizable
+            } else {
+                Consistency::Lease
+            };
+            let got = reader.get(b("counter"), consistency).await.unwrap();
+            assert_eq!(got, Some((value, version)), "read {i} ({consistency:?})");
+        }
+        let scanned = reader
+            .scan(b("counter"), b("counter0"), 10, Consistency::Linearizable)
+            .await
+            .unwrap();
+        assert_eq!(scanned.pairs.len(), 1);
+        assert_eq!(scanned.pairs[0].value, b(&format!("v{}", rounds - 1)));
+    });
+    let after_follower = follower_reads(&cluster);
+    let on = |reads: &[(u64, f64)], id: u64| reads.iter().find(|(n, _)| *n == id).unwrap().1;
+    assert_eq!(on(&after_follower, leader), 0.0, "{after_follower:?}");
+    let by_followers: f64 = after_follower.iter().map(|(_, r)| r).sum();
+    assert!(by_followers >= f64::from(rounds + 1), "{after_follower:?}");
+
+    block_on(async move {
+        let reader = Client::connect(nearest_options).await.expect("connect");
+        for _ in 0..20 {
+            let got = reader
+                .get(b("counter"), Consistency::Linearizable)
+                .await
+                .unwrap();
+            assert!(got.is_some());
+        }
+    });
+    let after_nearest = follower_reads(&cluster);
+    assert!(
+        on(&after_nearest, nearest) >= on(&after_follower, nearest) + 20.0,
+        "the nearest node serves them: {after_follower:?} then {after_nearest:?}"
+    );
+    assert_eq!(on(&after_nearest, leader), 0.0, "{after_nearest:?}");
+
+    // The CLI's --read-from.
+    let (code, out, err) = cluster.cli(&["get", "--read-from", "follower", "counter"]);
+    assert_eq!(
+        (code, out.trim()),
+        (0, format!("v{}", rounds - 1).as_str()),
+        "{err}"
+    );
+    let (code, _, err) = cluster.cli(&["get", "--read-from", "sideways", "counter"]);
+    assert_eq!(code, 2, "{err}");
 }

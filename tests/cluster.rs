@@ -29,6 +29,7 @@ fn get_request(id: u64, key: &str, consistency: Consistency) -> Request {
         op: Some(Op::Get(Get {
             key: Bytes::copy_from_slice(key.as_bytes()),
             consistency: consistency as i32,
+            local: false,
         })),
         ..Default::default()
     }

@@ -790,6 +790,7 @@ fn get_request(id: u64, key: &str, no_forward: bool) -> Request {
         op: Some(Op::Get(Get {
             key: Bytes::copy_from_slice(key.as_bytes()),
             consistency: Consistency::Linearizable as i32,
+            local: false,
         })),
         ..Default::default()
     }
@@ -839,6 +840,7 @@ fn stale_read_all(
             op: Some(Op::Get(Get {
                 key: Bytes::copy_from_slice(key.as_bytes()),
                 consistency: Consistency::Stale as i32,
+                local: false,
             })),
             ..Default::default()
         };

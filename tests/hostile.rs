@@ -164,6 +164,7 @@ fn get_request(id: u64, key: &str) -> Request {
         op: Some(Op::Get(Get {
             key: Bytes::copy_from_slice(key.as_bytes()),
             consistency: Consistency::Stale as i32,
+            local: false,
         })),
         ..Default::default()
     }

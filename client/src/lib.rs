@@ -111,6 +111,41 @@ pub struct ClientOptions {
     pub exactly_once: bool,
     /// TLS to every node, when the cluster runs it.
     pub tls: Option<ClientTls>,
+    /// Which replica of a shard serves gets and scans.
+    pub read_from: ReadFrom,
+}
+
+/// Which replica of a shard serves a read. Writes always go to the leader.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ReadFrom {
+    /// The shard's leader: every read costs the leader.
+    #[default]
+    Leader,
+    /// The shard's followers in turn (the leader when it has none), so read
+    /// capacity grows with the nodes. A linearizable read still asks the
+    /// leader for its commit index (Raft ReadIndex, one small message) and
+    /// is served by the follower once it has applied that far; a stale
+    /// read may be as old as that follower's state.
+    Follower,
+    /// The node of the first of `endpoints` that is a member, whatever its
+    /// role (list the closest node first); the others in turn while it
+    /// fails.
+    Nearest,
+}
+
+impl std::str::FromStr for ReadFrom {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "leader" => Ok(ReadFrom::Leader),
+            "follower" => Ok(ReadFrom::Follower),
+            "nearest" => Ok(ReadFrom::Nearest),
+            other => Err(format!(
+                "unknown read-from `{other}`: use leader, follower or nearest"
+            )),
+        }
+    }
 }
 
 /// TLS for a client: the CA that signs the nodes' certificates, and this
@@ -160,6 +195,7 @@ impl Default for ClientOptions {
             max_frame_bytes: DEFAULT_MAX_FRAME_BYTES,
             exactly_once: true,
             tls: None,
+            read_from: ReadFrom::Leader,
         }
     }
 }
@@ -240,6 +276,9 @@ struct Inner {
     hosts: RefCell<HashMap<SocketAddr, String>>,
     next_id: Cell<u64>,
     round_robin: Cell<usize>,
+    /// Node ids in the order `ReadFrom::Nearest` tries them, worked out once
+    /// per topology.
+    nearest: RefCell<Option<Vec<u64>>>,
     /// This client's exactly-once session on each shard it wrote to.
     sessions: RefCell<HashMap<u32, ShardSession>>,
 }
@@ -278,6 +317,7 @@ impl Client {
                 hosts: RefCell::new(HashMap::new()),
                 next_id: Cell::new(1),
                 round_robin: Cell::new(0),
+                nearest: RefCell::new(None),
                 sessions: RefCell::new(HashMap::new()),
             }),
         };
@@ -312,6 +352,7 @@ impl Client {
                 Ok(response::Result::Topology(topology)) => {
                     *self.inner.topology.borrow_mut() = topology.clone();
                     self.inner.addrs.borrow_mut().clear();
+                    *self.inner.nearest.borrow_mut() = None;
                     return Ok(topology);
                 }
                 Ok(other) => last = format!("{endpoint}: unexpected answer {other:?}"),
@@ -338,8 +379,10 @@ impl Client {
         let op = Op::Get(Get {
             key: key.clone(),
             consistency: consistency as i32,
+            local: self.inner.options.read_from != ReadFrom::Leader,
         });
-        match self.keyed(key, op).await? {
+        let shard = self.shard_of(&key);
+        match self.routed_read(shard, op).await? {
             response::Result::Get(g) if g.found => Ok(Some((g.value, g.version))),
             response::Result::Get(_) => Ok(None),
             other => Err(unexpected(other)),
@@ -398,8 +441,9 @@ impl Client {
                 limit,
                 consistency: consistency as i32,
                 shard: Some(shard),
+                local: self.inner.options.read_from != ReadFrom::Leader,
             });
-            match self.routed(shard, op).await? {
+            match self.routed_read(shard, op).await? {
                 response::Result::Scan(result) => {
                     more |= result.more;
                     pairs.extend(result.pairs);
@@ -460,11 +504,6 @@ impl Client {
             .iter()
             .map(|n| (n.node_id, format!("{}:{}", n.host, n.client_port)))
             .collect()
-    }
-
-    async fn keyed(&self, key: Bytes, op: Op) -> Result<response::Result, ClientError> {
-        let shard = self.shard_of(&key);
-        self.routed(shard, op).await
     }
 
     fn shard_of(&self, key: &[u8]) -> u32 {
@@ -573,6 +612,13 @@ impl Client {
             .await
     }
 
+    /// A get or scan of `shard`, sent where [`ClientOptions::read_from`] says.
+    async fn routed_read(&self, shard: u32, op: Op) -> Result<response::Result, ClientError> {
+        let read_from = self.inner.options.read_from;
+        self.retried(shard, op, WriteTag::default(), Instant::now(), read_from)
+            .await
+    }
+
     async fn routed_tagged(
         &self,
         shard: u32,
@@ -580,11 +626,26 @@ impl Client {
         tag: WriteTag,
         started: Instant,
     ) -> Result<response::Result, ClientError> {
+        self.retried(shard, op, tag, started, ReadFrom::Leader)
+            .await
+    }
+
+    async fn retried(
+        &self,
+        shard: u32,
+        op: Op,
+        tag: WriteTag,
+        started: Instant,
+        read_from: ReadFrom,
+    ) -> Result<response::Result, ClientError> {
         let deadline = started + self.inner.options.request_timeout;
         let mut backoff = Duration::from_millis(5);
         let mut attempts = 0u32;
         loop {
-            let attempt = match self.attempt(shard, op.clone(), tag).await {
+            let attempt = match self
+                .attempt(shard, op.clone(), tag, read_from, attempts)
+                .await
+            {
                 Ok(attempt) => attempt,
                 // After an attempt went out, giving up is a timeout: a write
                 // sent before may have been applied.
@@ -616,8 +677,18 @@ impl Client {
         }
     }
 
-    async fn attempt(&self, shard: u32, op: Op, tag: WriteTag) -> Result<Attempt, ClientError> {
-        let (addr, knows_leader) = self.target(shard)?;
+    async fn attempt(
+        &self,
+        shard: u32,
+        op: Op,
+        tag: WriteTag,
+        read_from: ReadFrom,
+        attempts: u32,
+    ) -> Result<Attempt, ClientError> {
+        let (addr, knows_leader) = match read_from {
+            ReadFrom::Leader => self.target(shard)?,
+            _ => self.read_target(shard, read_from, attempts)?,
+        };
         match self.call_at(addr, op.clone(), knows_leader, tag).await {
             Ok(response::Result::Error(error)) => {
                 let code = ErrorCode::try_from(error.code).unwrap_or(ErrorCode::Internal);
@@ -669,15 +740,115 @@ impl Client {
             }
         };
         let knows_leader = leader != 0 && node.node_id == leader;
-        let key = (node.node_id, shard);
-        if let Some(addr) = self.inner.addrs.borrow().get(&key) {
-            return Ok((*addr, knows_leader));
+        let id = node.node_id;
+        drop(topology);
+        Ok((self.shard_addr(id, shard)?, knows_leader))
+    }
+
+    /// The client address of `shard` on node `id`, resolved once per
+    /// (node, shard): no formatting or lookup per request.
+    fn shard_addr(&self, id: u64, shard: u32) -> Result<SocketAddr, ClientError> {
+        if let Some(addr) = self.inner.addrs.borrow().get(&(id, shard)) {
+            return Ok(*addr);
         }
-        // Resolved once per (node, shard): no formatting or lookup per request.
-        let endpoint = format!("{}:{}", node.host, node.client_port + shard);
+        let endpoint = {
+            let topology = self.inner.topology.borrow();
+            let node = topology
+                .nodes
+                .iter()
+                .find(|n| n.node_id == id)
+                .ok_or_else(|| {
+                    ClientError::NoEndpoint(format!("node {id} is not in the topology"))
+                })?;
+            format!("{}:{}", node.host, node.client_port + shard)
+        };
         let addr = self.resolve(&endpoint).map_err(ClientError::NoEndpoint)?;
-        self.inner.addrs.borrow_mut().insert(key, addr);
-        Ok((addr, knows_leader))
+        self.inner.addrs.borrow_mut().insert((id, shard), addr);
+        Ok(addr)
+    }
+
+    /// Where a follower or nearest read of `shard` goes on its
+    /// `attempts`-th retry; never "knows the leader" (the node serves it
+    /// itself, or answers why not).
+    fn read_target(
+        &self,
+        shard: u32,
+        read_from: ReadFrom,
+        attempts: u32,
+    ) -> Result<(SocketAddr, bool), ClientError> {
+        let node = {
+            let topology = self.inner.topology.borrow();
+            if topology.nodes.is_empty() {
+                return Err(ClientError::NoEndpoint("empty topology".into()));
+            }
+            let leader = topology.leaders.get(shard as usize).copied().unwrap_or(0);
+            let candidates: Vec<u64> = match read_from {
+                ReadFrom::Nearest => {
+                    drop(topology);
+                    self.nearest_order()
+                }
+                _ => {
+                    let followers: Vec<u64> = topology
+                        .nodes
+                        .iter()
+                        .map(|n| n.node_id)
+                        .filter(|id| *id != leader)
+                        .collect();
+                    if followers.is_empty() {
+                        topology.nodes.iter().map(|n| n.node_id).collect()
+                    } else {
+                        followers
+                    }
+                }
+            };
+            let i = match read_from {
+                ReadFrom::Nearest => attempts as usize,
+                _ => {
+                    let i = self.inner.round_robin.get();
+                    self.inner.round_robin.set(i.wrapping_add(1));
+                    i
+                }
+            };
+            candidates[i % candidates.len()]
+        };
+        Ok((self.shard_addr(node, shard)?, false))
+    }
+
+    /// The topology's node ids, those named by `endpoints` first in that
+    /// order, then the rest.
+    fn nearest_order(&self) -> Vec<u64> {
+        if let Some(order) = self.inner.nearest.borrow().as_ref() {
+            return order.clone();
+        }
+        let nodes: Vec<(u64, Option<SocketAddr>)> = self
+            .inner
+            .topology
+            .borrow()
+            .nodes
+            .iter()
+            .map(|n| {
+                let addr = self.resolve(&format!("{}:{}", n.host, n.client_port)).ok();
+                (n.node_id, addr)
+            })
+            .collect();
+        let mut order = Vec::with_capacity(nodes.len());
+        for endpoint in &self.inner.options.endpoints {
+            let Ok(addr) = self.resolve(endpoint) else {
+                continue;
+            };
+            for (id, node_addr) in &nodes {
+                if *node_addr == Some(addr) && !order.contains(id) {
+                    order.push(*id);
+                }
+            }
+        }
+        for (id, _) in &nodes {
+            if !order.contains(id) {
+                order.push(*id);
+            }
+        }
+        *self.inner.nearest.borrow_mut() = Some(order.clone());
+        order
     }
 
     fn set_leader(&self, shard: u32, leader: u64) {

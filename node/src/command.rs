@@ -121,6 +121,7 @@ mod tests {
         let get = Op::Get(Get {
             key: Bytes::from_static(b"k"),
             consistency: 0,
+            local: false,
         });
         assert!(encode(&get, SessionTag::default()).is_none());
         let tag = SessionTag {

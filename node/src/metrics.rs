@@ -114,6 +114,7 @@ pub struct Metrics {
     leader_changes: Family<ShardLabel, Counter>,
     proposals: Family<ShardLabel, Counter>,
     proposals_dropped: Family<ShardLabel, Counter>,
+    follower_reads: Family<ShardLabel, Counter>,
     snapshots_sent: Family<ShardLabel, Counter>,
     snapshots_received: Family<ShardLabel, Counter>,
     snapshots_written: Family<ShardLabel, Counter>,
@@ -174,6 +175,8 @@ pub struct ShardMetrics {
     pub proposals: Counter,
     /// raft_proposals_dropped_total.
     pub proposals_dropped: Counter,
+    /// client_follower_reads_total.
+    pub follower_reads: Counter,
     /// raft_snapshots_sent_total.
     pub snapshots_sent: Counter,
     /// raft_snapshots_received_total.
@@ -227,6 +230,7 @@ impl Metrics {
             leader_changes: Family::default(),
             proposals: Family::default(),
             proposals_dropped: Family::default(),
+            follower_reads: Family::default(),
             snapshots_sent: Family::default(),
             snapshots_received: Family::default(),
             snapshots_written: Family::default(),
@@ -289,6 +293,11 @@ impl Metrics {
             "raft_proposals_dropped",
             "Proposals Raft refused (leadership changing)",
             m.proposals_dropped.clone(),
+        );
+        registry.register(
+            "client_follower_reads",
+            "Gets and scans this replica took as a follower (read_from follower or nearest)",
+            m.follower_reads.clone(),
         );
         registry.register(
             "raft_rpc_call",
@@ -443,6 +452,7 @@ impl Metrics {
             leader_changes: self.leader_changes.get_or_create(&l).clone(),
             proposals: self.proposals.get_or_create(&l).clone(),
             proposals_dropped: self.proposals_dropped.get_or_create(&l).clone(),
+            follower_reads: self.follower_reads.get_or_create(&l).clone(),
             snapshots_sent: self.snapshots_sent.get_or_create(&l).clone(),
             snapshots_received: self.snapshots_received.get_or_create(&l).clone(),
             snapshots_written: self.snapshots_written.get_or_create(&l).clone(),

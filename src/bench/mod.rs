@@ -40,7 +40,7 @@
 //!               "duration_s": 20.0 | null, "ops": null | 100000, "warmup_s": 2.0,
 //!               "key_size": 16, "value_size": 256, "keyspace": 100000,
 //!               "mix": { "put": 50, "get": 50, "cas": 0 },
-//!               "consistency": "linearizable", "seed": 1, "prefill": false,
+//!               "consistency": "linearizable", "read_from": "leader", "seed": 1, "prefill": false,
 //!               "plot": null | "FILE.svg", "hdr": null | "FILE" },
 //!   "prefill": null | { "keys": 100000, "seconds": 3.2, "errors": { "CODE": n } },
 //!   "elapsed_s": 20.0,

@@ -351,6 +351,7 @@ impl Report {
                     "cas": args.mix.weight(OpKind::Cas),
                 },
                 "consistency": args.consistency.name(),
+                "read_from": args.read_from.name(),
                 "seed": self.settings.seed,
                 "prefill": args.prefill,
                 "plot": args.plot.as_ref().map(|p| p.display().to_string()),
@@ -391,7 +392,11 @@ impl Report {
             args.keyspace,
             args.mix,
             if args.mix.weight(OpKind::Get) > 0 {
-                format!(", {} gets", args.consistency.name())
+                format!(
+                    ", {} gets from the {}",
+                    args.consistency.name(),
+                    args.read_from.name()
+                )
             } else {
                 String::new()
             },

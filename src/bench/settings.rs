@@ -50,6 +50,10 @@ pub struct BenchArgs {
     /// Consistency of the gets.
     #[arg(long, value_enum, default_value_t = BenchConsistency::Linearizable)]
     pub consistency: BenchConsistency,
+    /// Which replica serves the gets: leader, follower (each client's gets
+    /// go to the followers in turn) or nearest (the first of --endpoints).
+    #[arg(long, value_enum, default_value_t = crate::cli::ReadFromArg::Leader)]
+    pub read_from: crate::cli::ReadFromArg,
     /// Requests in flight per client.
     #[arg(long, default_value_t = 1)]
     pub pipeline: usize,
@@ -204,6 +208,7 @@ impl Settings {
             endpoints: self.endpoints.clone(),
             request_timeout: self.args.request_timeout,
             tls: self.tls.clone(),
+            read_from: self.args.read_from.into(),
             ..Default::default()
         }
     }

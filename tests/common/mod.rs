@@ -684,6 +684,7 @@ pub fn stale_get(port: u16, key: &str) -> Option<Option<bytes::Bytes>> {
             op: Some(Op::Get(Get {
                 key: bytes::Bytes::copy_from_slice(key.as_bytes()),
                 consistency: Consistency::Stale as i32,
+                local: true,
             })),
             ..Default::default()
         })

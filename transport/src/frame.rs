@@ -331,8 +331,13 @@ mod tests {
         let op = prop_oneof![
             (bytes_strategy(64), bytes_strategy(512))
                 .prop_map(|(key, value)| Op::Put(client::Put { key, value })),
-            (bytes_strategy(64), any::<i32>())
-                .prop_map(|(key, consistency)| Op::Get(client::Get { key, consistency })),
+            (bytes_strategy(64), any::<i32>(), any::<bool>()).prop_map(
+                |(key, consistency, local)| Op::Get(client::Get {
+                    key,
+                    consistency,
+                    local
+                })
+            ),
             (bytes_strategy(64), any::<Option<u64>>()).prop_map(|(key, expected_version)| {
                 Op::Delete(client::Delete {
                     key,
@@ -351,15 +356,17 @@ mod tests {
                 bytes_strategy(64),
                 any::<u32>(),
                 any::<i32>(),
-                any::<Option<u32>>()
+                any::<Option<u32>>(),
+                any::<bool>()
             )
-                .prop_map(|(start, end, limit, consistency, shard)| {
+                .prop_map(|(start, end, limit, consistency, shard, local)| {
                     Op::Scan(client::Scan {
                         start,
                         end,
                         limit,
                         consistency,
                         shard,
+                        local,
                     })
                 }),
             Just(Op::Topology(client::Topology {})),

@@ -32,6 +32,7 @@ use crate::storage::RaftStorage;
 use backlog::Backlog;
 pub use backlog::MAX_LOG_BACKLOG_BYTES;
 use ready::Unpersisted;
+pub use requests::READ_CONTEXT_BYTES;
 use requests::{PendingRead, PendingWrite};
 
 /// Requests a replica holds at once (writes waiting to commit and apply,

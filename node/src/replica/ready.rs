@@ -226,6 +226,7 @@ impl<L: LogStore> Replica<L> {
 
     fn on_role(&mut self, role: StateRole, leader_id: u64, out: &mut Output<L::SyncJob>) {
         let was_leader = self.role == StateRole::Leader;
+        let old_leader = self.leader_id;
         self.role = role;
         self.leader_id = leader_id;
         out.role_changes.push(RoleChange {
@@ -235,6 +236,13 @@ impl<L: LogStore> Replica<L> {
         });
         if was_leader && role != StateRole::Leader {
             self.fail_all_pending(out, "leadership changed while the request was pending");
+        } else if role != StateRole::Leader && leader_id != old_leader {
+            // Follower reads asked the old leader, whose answer may never
+            // come: the client retries at once instead of at the deadline.
+            self.fail_all_pending(
+                out,
+                "the shard's leader changed while the read waited for it",
+            );
         }
     }
 

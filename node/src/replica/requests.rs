@@ -50,7 +50,11 @@ impl<L: LogStore> Replica<L> {
     }
 
     /// Serves a read: STALE at once from the local state machine; otherwise
-    /// it waits for this turn's ReadIndex round (or lease check).
+    /// it waits for this turn's ReadIndex round (or lease check). A follower
+    /// refuses with [`NotLeader`] unless the read asks to be served locally
+    /// (`local`, follower reads): then its round goes through the leader and
+    /// the read is served once this replica has applied the leader's commit
+    /// index.
     pub fn read(
         &mut self,
         token: Token,
@@ -64,7 +68,12 @@ impl<L: LogStore> Replica<L> {
             out.replies.push(Reply { token, result });
             return Ok(());
         }
-        if !self.is_leader() {
+        let local = match &op {
+            Op::Get(get) => get.local,
+            Op::Scan(scan) => scan.local,
+            _ => false,
+        };
+        if !self.is_leader() && (!local || self.leader_id() == 0) {
             return Err(NotLeader {
                 leader_id: self.leader_id(),
             });
@@ -79,7 +88,8 @@ impl<L: LogStore> Replica<L> {
             op,
             deadline_tick: self.ticks + self.options.request_timeout_ticks,
         };
-        if consistency == Consistency::Lease {
+        // A lease is the leader's: a follower asks the leader either way.
+        if consistency == Consistency::Lease && self.is_leader() {
             if crate::sim_bugs::planted(crate::sim_bugs::Bug::LeaseWithoutCheck) {
                 let result = self.serve_read(&read.op);
                 out.replies.push(Reply { token, result });
@@ -237,9 +247,19 @@ impl<L: LogStore> Replica<L> {
     }
 
     fn flush_reads(&mut self) {
+        if !self.is_leader() {
+            // Follower reads: raft-rs forwards the round to the leader, which
+            // answers with its commit index once a quorum confirmed it still
+            // leads. Without a leader they wait (until their deadline).
+            if self.leader_id() != 0 && !self.queued_reads.is_empty() {
+                let reads = std::mem::take(&mut self.queued_reads);
+                self.start_read_round(reads, ReadOnlyOption::Safe);
+            }
+            return;
+        }
         // raft-rs silently drops a ReadIndex on a leader that has not yet
         // committed an entry of its term; keep those reads queued until it has.
-        if !self.is_leader() || !self.raw.raft.commit_to_current_term() {
+        if !self.raw.raft.commit_to_current_term() {
             return;
         }
         if !self.queued_reads.is_empty() {
@@ -265,7 +285,7 @@ impl<L: LogStore> Replica<L> {
         // The read-only option is a raft-wide setting; switching it for one
         // round is how a lease read is asked of raft-rs per request.
         self.raw.raft.read_only.option = option;
-        self.raw.read_index(ctx.to_be_bytes().to_vec());
+        self.raw.read_index(read_context(self.raw.raft.id, ctx));
         self.raw.raft.read_only.option = ReadOnlyOption::Safe;
     }
 
@@ -301,10 +321,13 @@ impl<L: LogStore> Replica<L> {
     }
 
     pub(super) fn on_read_state(&mut self, index: u64, ctx: &[u8]) {
-        let Ok(ctx) = <[u8; 8]>::try_from(ctx) else {
+        let Some((node, round)) = parse_read_context(ctx) else {
             return;
         };
-        if let Some(reads) = self.read_rounds.remove(&u64::from_be_bytes(ctx)) {
+        if node != self.raw.raft.id {
+            return;
+        }
+        if let Some(reads) = self.read_rounds.remove(&round) {
             self.reads_awaiting_apply.push_back((index, reads));
         }
     }
@@ -443,4 +466,26 @@ fn answer_before_commit(index: u64, data: &Bytes) -> response::Result {
         Ok((LogOp::Delete(_), _)) => response::Result::Delete(DeleteResult { deleted: true }),
         _ => response::Result::Write(WriteResult { version: index }),
     }
+}
+
+/// Bytes of a ReadIndex round's context: the node that started it, then
+/// the round's number. The leader keys its pending rounds by context, so
+/// rounds that followers forward must not collide with its own or with
+/// each other's.
+pub const READ_CONTEXT_BYTES: usize = 16;
+
+fn read_context(node: u64, round: u64) -> Vec<u8> {
+    let mut ctx = Vec::with_capacity(READ_CONTEXT_BYTES);
+    ctx.extend_from_slice(&node.to_be_bytes());
+    ctx.extend_from_slice(&round.to_be_bytes());
+    ctx
+}
+
+fn parse_read_context(ctx: &[u8]) -> Option<(u64, u64)> {
+    let ctx = <[u8; READ_CONTEXT_BYTES]>::try_from(ctx).ok()?;
+    let (node, round) = ctx.split_at(8);
+    Some((
+        u64::from_be_bytes(node.try_into().ok()?),
+        u64::from_be_bytes(round.try_into().ok()?),
+    ))
 }

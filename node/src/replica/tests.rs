@@ -340,6 +340,7 @@ fn isolated_leader_steps_down_and_fails_pending_writes() {
     let get = Op::Get(Get {
         key: Bytes::from_static(b"lost"),
         consistency: Consistency::Linearizable as i32,
+        local: false,
     });
     sim.replica(new)
         .read(8, get, Consistency::Linearizable, &mut out)
@@ -864,6 +865,7 @@ mod disk_full_tests {
         let read = Op::Get(Get {
             key: Bytes::from_static(b"k1"),
             consistency: Consistency::Linearizable as i32,
+            local: false,
         });
         r.read(12, read, Consistency::Linearizable, &mut out)
             .unwrap();

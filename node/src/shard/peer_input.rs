@@ -60,14 +60,14 @@ pub(super) struct LinkEnds {
     pub(super) me: u64,
 }
 
-/// The kinds of raft message our nodes send each other on a RAFT link, all
-/// of them stamped with the sender's term. `MsgSnapshot` comes only through
-/// the snapshot path with its verified file. MsgHup, MsgBeat, MsgPropose,
-/// MsgUnreachable, MsgSnapStatus and MsgCheckQuorum are raft-rs's local
-/// inputs. MsgTransferLeader and MsgReadIndex travel only when a follower
-/// forwards them to its leader, which ours never do (a transfer or a
-/// ReadIndex is only asked of a leader), and raft-rs aborts when it forwards
-/// one that carries a term: a peer sending them could stop the node.
+/// The kinds of raft message our nodes send each other on a RAFT link. All
+/// but MsgReadIndex are stamped with the sender's term. `MsgSnapshot` comes
+/// only through the snapshot path with its verified file. MsgHup, MsgBeat,
+/// MsgPropose, MsgUnreachable, MsgSnapStatus and MsgCheckQuorum are raft-rs's
+/// local inputs. MsgTransferLeader travels only when a follower forwards it
+/// to its leader, which ours never do (a transfer is only asked of a leader),
+/// and raft-rs aborts when it forwards one that carries a term: a peer
+/// sending it could stop the node.
 fn travels_on_a_raft_link(kind: MessageType) -> bool {
     matches!(
         kind,
@@ -80,6 +80,8 @@ fn travels_on_a_raft_link(kind: MessageType) -> bool {
             | MessageType::MsgHeartbeat
             | MessageType::MsgHeartbeatResponse
             | MessageType::MsgTimeoutNow
+            | MessageType::MsgReadIndex
+            | MessageType::MsgReadIndexResp
     )
 }
 
@@ -93,6 +95,27 @@ pub(super) fn check_raft_message(message: &Message, link: LinkEnds) -> Result<()
     }
     if !travels_on_a_raft_link(message.get_msg_type()) {
         return Err(Refusal::WrongType);
+    }
+    match message.get_msg_type() {
+        // A follower's read round forwarded to its leader: raft-rs sends it
+        // without a term, and aborts if it has to forward one with a term
+        // again (when this node no longer leads); a leader indexes its one
+        // entry, the round's context, without looking.
+        MessageType::MsgReadIndex => {
+            if message.term != 0 {
+                return Err(Refusal::Malformed);
+            }
+            if message.entries.len() != 1
+                || message.entries[0].data.len() != crate::replica::READ_CONTEXT_BYTES
+            {
+                return Err(Refusal::Malformed);
+            }
+            return Ok(());
+        }
+        MessageType::MsgReadIndexResp if message.entries.len() != 1 => {
+            return Err(Refusal::Malformed);
+        }
+        _ => {}
     }
     if message.term == 0 {
         return Err(Refusal::NoTerm);
@@ -192,6 +215,16 @@ mod tests {
         m
     }
 
+    /// `m` with `count` entries of `data_len` bytes each.
+    fn with_entries(mut m: Message, count: usize, data_len: usize) -> Message {
+        let entry = Entry {
+            data: vec![7; data_len].into(),
+            ..Default::default()
+        };
+        m.set_entries(vec![entry; count].into());
+        m
+    }
+
     fn frame_of(messages: Vec<Message>) -> PeerFrame {
         let messages = messages
             .iter()
@@ -213,7 +246,12 @@ mod tests {
         let mut ok = message(MessageType::MsgHeartbeat, 2, 1);
         ok.term = 1;
         assert_eq!(refusals(frame_of(vec![ok])), (1, vec![]));
+        let round = with_entries(message(MessageType::MsgReadIndex, 2, 1), 1, 16);
+        assert_eq!(refusals(frame_of(vec![round.clone()])), (1, vec![]));
+        let mut with_term = round;
+        with_term.term = 1;
         let cases = [
+            (with_term, Refusal::Malformed),
             (message(MessageType::MsgHeartbeat, 3, 1), Refusal::WrongFrom),
             (message(MessageType::MsgAppend, 2, 3), Refusal::WrongTo),
             (message(MessageType::MsgSnapshot, 2, 1), Refusal::WrongType),
@@ -227,8 +265,17 @@ mod tests {
                 message(MessageType::MsgTransferLeader, 2, 1),
                 Refusal::WrongType,
             ),
-            (message(MessageType::MsgReadIndex, 2, 1), Refusal::WrongType),
             (message(MessageType::MsgHeartbeat, 2, 1), Refusal::NoTerm),
+            // A forwarded read round: no term, exactly one context entry.
+            (message(MessageType::MsgReadIndex, 2, 1), Refusal::Malformed),
+            (
+                with_entries(message(MessageType::MsgReadIndex, 2, 1), 1, 8),
+                Refusal::Malformed,
+            ),
+            (
+                with_entries(message(MessageType::MsgReadIndexResp, 2, 1), 2, 16),
+                Refusal::Malformed,
+            ),
         ];
         for (m, why) in cases {
             assert_eq!(refusals(frame_of(vec![m])), (0, vec![why]));

@@ -185,9 +185,13 @@ impl Shard {
         out: &mut Output,
     ) {
         let token = self.token(route.clone());
+        let local =
+            matches!(&op, Op::Get(get) if get.local) || matches!(&op, Op::Scan(scan) if scan.local);
         if let Err(not_leader) = self.replica.read(token, op.clone(), consistency, out) {
             self.routes.remove(&token);
             self.not_leader(route, op, not_leader, no_forward);
+        } else if local && !self.replica.is_leader() {
+            self.metrics.follower_reads.inc();
         }
     }
 

@@ -742,7 +742,8 @@ impl Sim {
             Op::Get { key, consistency }
         };
         // Stale reads to its own node; the rest mostly to the node it
-        // believes leads, sometimes to any node.
+        // believes leads, sometimes to any node (a read there is a follower
+        // read).
         let stale = matches!(
             op,
             Op::Get {
@@ -1117,9 +1118,13 @@ fn wire_op(op: &Op) -> (request::Op, Option<WireConsistency>) {
                 Consistency::Stale => WireConsistency::Stale,
             };
             (
+                // Follower reads: a read sent to a follower is served
+                // there, through the leader's ReadIndex, and checked like
+                // any other.
                 request::Op::Get(Get {
                     key,
                     consistency: consistency as i32,
+                    local: true,
                 }),
                 Some(consistency),
             )
