@@ -7,6 +7,8 @@
 #   S64   64 clients, stale gets    M64   64 clients, 50 % puts / 50 % gets
 #   WP    64 clients x 16 pipelined puts
 #   SP    64 clients x 16 pipelined stale gets (reads the keys R64 or WP wrote)
+#   RF64  R64 served by the followers (--read-from follower); not in the
+#         default set: SCENARIOS="R64 RF64" compares them
 #   BIG   1M keys x 1 KiB prefilled (about 1 GB a node), then 4 clients x 64
 #         pipelined puts for BIG_DURATION (default 30s); not in the default set
 #   BIGREF  the same load on 100k keys x 256 B (prefilled), BIG's yardstick;
@@ -93,12 +95,13 @@ scenario_flags() {
     # The fast path (issue 15): 16 requests in flight per connection.
     WP) echo "${SMALL[*]} --clients 64 --pipeline 16 --mix put=100" ;;
     SP) echo "${SMALL[*]} --clients 64 --pipeline 16 --mix get=100 --consistency stale" ;;
+    RF64) echo "${SMALL[*]} --clients 64 --mix get=100 --consistency linearizable --prefill --read-from follower" ;;
     # State that grows (issue 13): 1M keys x 1 KiB prefilled (about 1 GB
     # per node), then pipelined puts over them.
     BIG) echo "--value-size 1024 --keyspace 1000000 --duration $BIG_DURATION --clients 4 --pipeline 64 --mix put=100 --prefill" ;;
     BIGREF) echo "--value-size 256 --keyspace 100000 --duration $BIG_DURATION --clients 4 --pipeline 64 --mix put=100 --prefill" ;;
     *)
-        echo "unknown scenario $1 (known: L W64 W256 R64 S64 M64 WP SP BIG BIGREF)" >&2
+        echo "unknown scenario $1 (known: L W64 W256 R64 S64 M64 WP SP RF64 BIG BIGREF)" >&2
         return 1
         ;;
     esac
