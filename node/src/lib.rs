@@ -15,6 +15,7 @@ pub mod data_dir;
 mod helper;
 mod inbox;
 pub mod join;
+pub mod layered_map;
 mod log_limit;
 pub mod log_store;
 pub mod membership;

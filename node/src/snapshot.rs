@@ -1,7 +1,7 @@
 //! State-machine snapshot files.
 //!
 //! A snapshot is written off the shard thread from an immutable view of the
-//! map (an `imbl::OrdMap` clone is O(1) and shares structure), fsynced, and
+//! map (a `layered_map::Map` clone is O(1) and shares its base), fsynced, and
 //! renamed into place; only then may the WAL drop the entries it covers.
 //!
 //! File `snap/{index:020}-{term:020}.snap`, all integers little-endian:

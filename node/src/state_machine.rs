@@ -25,10 +25,9 @@ pub struct Versioned {
     pub version: u64,
 }
 
-/// The ordered map of a shard. Persistent (structure-sharing): a clone is
-/// O(1), which is how a snapshot gets an immutable view without stalling
-/// the shard; while no clone is alive, updates happen in place.
-pub type Map = imbl::OrdMap<Key, Versioned>;
+/// The ordered map of a shard: a clone is O(1), which is how a snapshot
+/// gets an immutable view without stalling the shard (see `layered_map`).
+pub use crate::layered_map::Map;
 
 /// Keys up to this long are stored inside the map's nodes.
 pub const INLINE_KEY_BYTES: usize = 30;
@@ -316,7 +315,7 @@ impl StateMachine {
         }
         let mut pairs = Vec::new();
         let mut more = false;
-        for (key, v) in self.map.range::<_, [u8]>((Bound::Included(start), upper)) {
+        for (key, v) in self.map.range(Bound::Included(start), upper) {
             if pairs.len() == limit {
                 more = true;
                 break;

@@ -1,0 +1,317 @@
+//! The ordered map of a shard's state machine: a `BTreeMap` shared behind
+//! an `Arc` (the base), and a small `BTreeMap` of the writes made while the
+//! base is shared (the delta; a deleted key is a tombstone in it).
+//!
+//! A clone (a snapshot's view) shares the base and copies the delta, which
+//! is empty in the steady state: O(1). While a clone holds the base, writes
+//! go to the delta; once the clone is dropped, every write moves a few
+//! delta entries into the base, so the delta drains faster than it fills
+//! and the shard thread never merges it in one go. Reads look in the delta
+//! first. Against a persistent B-tree (imbl), whose every write after a
+//! clone copies the nodes on its path, this halves the cost of a write
+//! while a snapshot is written and lowers it otherwise (std's B-tree).
+
+use std::collections::btree_map;
+use std::collections::BTreeMap;
+use std::iter::Peekable;
+use std::ops::Bound;
+use std::sync::Arc;
+
+use crate::state_machine::{Key, Versioned};
+
+/// Delta entries moved into the base per write once the base is no longer
+/// shared: more than one, so the delta shrinks while writes go on.
+const MERGE_PER_WRITE: usize = 8;
+
+/// See the module documentation.
+#[derive(Clone, Default)]
+pub struct Map {
+    base: Arc<BTreeMap<Key, Versioned>>,
+    /// Writes since the base was shared: `None` deletes a key of the base.
+    delta: BTreeMap<Key, Option<Versioned>>,
+    len: usize,
+}
+
+impl std::fmt::Debug for Map {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Map")
+            .field("len", &self.len)
+            .field("delta", &self.delta.len())
+            .finish()
+    }
+}
+
+/// Equal when they hold the same pairs, however they are layered.
+impl PartialEq for Map {
+    fn eq(&self, other: &Self) -> bool {
+        self.len == other.len && self.iter().eq(other.iter())
+    }
+}
+
+impl Map {
+    /// An empty map.
+    pub fn new() -> Map {
+        Map::default()
+    }
+
+    /// Number of keys.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// True when no key is stored.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The value at `key`.
+    pub fn get(&self, key: &[u8]) -> Option<&Versioned> {
+        match self.delta.get(key) {
+            Some(entry) => entry.as_ref(),
+            None => self.base.get(key),
+        }
+    }
+
+    /// Stores `value` at `key`; returns the value it replaced.
+    pub fn insert(&mut self, key: Key, value: Versioned) -> Option<Versioned> {
+        let old = if self.delta.is_empty() {
+            match Arc::get_mut(&mut self.base) {
+                Some(base) => base.insert(key, value),
+                None => self.insert_in_delta(key, value),
+            }
+        } else {
+            let old = self.insert_in_delta(key, value);
+            self.merge_some();
+            old
+        };
+        if old.is_none() {
+            self.len += 1;
+        }
+        old
+    }
+
+    /// Removes `key`; returns its value.
+    pub fn remove(&mut self, key: &[u8]) -> Option<Versioned> {
+        let old = if self.delta.is_empty() {
+            match Arc::get_mut(&mut self.base) {
+                Some(base) => base.remove(key),
+                None => self.remove_in_delta(key),
+            }
+        } else {
+            let old = self.remove_in_delta(key);
+            self.merge_some();
+            old
+        };
+        if old.is_some() {
+            self.len -= 1;
+        }
+        old
+    }
+
+    /// The pairs with keys in `(start, end)`, in key order.
+    pub fn range<'a>(
+        &'a self,
+        start: Bound<&'a [u8]>,
+        end: Bound<&'a [u8]>,
+    ) -> impl Iterator<Item = (&'a Key, &'a Versioned)> + 'a {
+        Merged {
+            base: self.base.range::<[u8], _>((start, end)).peekable(),
+            delta: self.delta.range::<[u8], _>((start, end)).peekable(),
+        }
+    }
+
+    /// Every pair, in key order.
+    pub fn iter(&self) -> impl Iterator<Item = (&Key, &Versioned)> + '_ {
+        self.range(Bound::Unbounded, Bound::Unbounded)
+    }
+
+    fn insert_in_delta(&mut self, key: Key, value: Versioned) -> Option<Versioned> {
+        let in_base = self.base.get(key.as_slice()).cloned();
+        match self.delta.insert(key, Some(value)) {
+            Some(replaced) => replaced,
+            None => in_base,
+        }
+    }
+
+    fn remove_in_delta(&mut self, key: &[u8]) -> Option<Versioned> {
+        if self.base.contains_key(key) {
+            match self.delta.get_mut(key) {
+                Some(entry) => entry.take(),
+                None => {
+                    let old = self.base.get(key).cloned();
+                    self.delta.insert(Key::from_slice(key), None);
+                    old
+                }
+            }
+        } else {
+            self.delta.remove(key).flatten()
+        }
+    }
+
+    /// Moves up to [`MERGE_PER_WRITE`] delta entries into the base, if no
+    /// clone shares it any more.
+    fn merge_some(&mut self) {
+        let Some(base) = Arc::get_mut(&mut self.base) else {
+            return;
+        };
+        for _ in 0..MERGE_PER_WRITE {
+            let Some((key, entry)) = self.delta.pop_first() else {
+                return;
+            };
+            match entry {
+                Some(value) => {
+                    base.insert(key, value);
+                }
+                None => {
+                    base.remove(key.as_slice());
+                }
+            }
+        }
+    }
+}
+
+/// The base and the delta merged: the delta's entry wins where both have a
+/// key, and a tombstone hides the base's.
+struct Merged<'a> {
+    base: Peekable<btree_map::Range<'a, Key, Versioned>>,
+    delta: Peekable<btree_map::Range<'a, Key, Option<Versioned>>>,
+}
+
+impl<'a> Iterator for Merged<'a> {
+    type Item = (&'a Key, &'a Versioned);
+
+    fn next(&mut self) -> Option<Self::Item> {
+        loop {
+            let order = match (self.base.peek(), self.delta.peek()) {
+                (None, None) => return None,
+                (Some(_), None) => std::cmp::Ordering::Less,
+                (None, Some(_)) => std::cmp::Ordering::Greater,
+                (Some((b, _)), Some((d, _))) => b.cmp(d),
+            };
+            match order {
+                std::cmp::Ordering::Less => return self.base.next(),
+                std::cmp::Ordering::Equal => {
+                    self.base.next();
+                }
+                std::cmp::Ordering::Greater => {}
+            }
+            let (key, entry) = self.delta.next()?;
+            if let Some(value) = entry {
+                return Some((key, value));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+    use proptest::prelude::*;
+
+    #[derive(Clone, Debug)]
+    enum Step {
+        Put(u8, u8),
+        Delete(u8),
+        /// Take a view (a snapshot's clone) and keep it.
+        Freeze,
+        /// Drop the oldest view kept.
+        Release,
+        Range(u8, u8),
+    }
+
+    fn step() -> impl Strategy<Value = Step> {
+        prop_oneof![
+            6 => (0u8..40, any::<u8>()).prop_map(|(k, v)| Step::Put(k, v)),
+            3 => (0u8..40).prop_map(Step::Delete),
+            1 => Just(Step::Freeze),
+            1 => Just(Step::Release),
+            1 => (0u8..40, 0u8..40).prop_map(|(a, b)| Step::Range(a, b)),
+        ]
+    }
+
+    fn key(k: u8) -> Vec<u8> {
+        format!("k{k:02}").into_bytes()
+    }
+
+    fn pairs<'a>(it: impl Iterator<Item = (&'a Key, &'a Versioned)>) -> Vec<(Vec<u8>, u64)> {
+        it.map(|(k, v)| (k.as_slice().to_vec(), v.version))
+            .collect()
+    }
+
+    proptest! {
+        /// Whatever the writes, views and releases, the map reads like a
+        /// plain ordered map, and every view keeps reading like the map did
+        /// when it was taken.
+        #[test]
+        fn reads_like_a_btree_map_and_views_stay_frozen(steps in proptest::collection::vec(step(), 0..300)) {
+            let mut map = Map::new();
+            let mut model: BTreeMap<Vec<u8>, u64> = BTreeMap::new();
+            let mut views: Vec<(Map, BTreeMap<Vec<u8>, u64>)> = Vec::new();
+            for (i, step) in steps.into_iter().enumerate() {
+                let version = i as u64 + 1;
+                match step {
+                    Step::Put(k, v) => {
+                        let old = map.insert(
+                            Key::from_slice(&key(k)),
+                            Versioned { value: Bytes::from(vec![v]), version },
+                        );
+                        prop_assert_eq!(old.map(|o| o.version), model.insert(key(k), version));
+                    }
+                    Step::Delete(k) => {
+                        let old = map.remove(&key(k));
+                        prop_assert_eq!(old.map(|o| o.version), model.remove(&key(k)));
+                    }
+                    Step::Freeze => views.push((map.clone(), model.clone())),
+                    Step::Release => {
+                        if !views.is_empty() {
+                            views.remove(0);
+                        }
+                    }
+                    Step::Range(a, b) => {
+                        let (a, b) = (key(a), key(b));
+                        if a <= b {
+                            let got = pairs(map.range(Bound::Included(&a), Bound::Excluded(&b)));
+                            let want: Vec<_> = model.range(a.clone()..b.clone()).map(|(k, v)| (k.clone(), *v)).collect();
+                            prop_assert_eq!(got, want);
+                        }
+                    }
+                }
+                prop_assert_eq!(map.len(), model.len());
+                for k in 0..40u8 {
+                    prop_assert_eq!(map.get(&key(k)).map(|v| v.version), model.get(&key(k)).copied());
+                }
+            }
+            let want: Vec<_> = model.iter().map(|(k, v)| (k.clone(), *v)).collect();
+            prop_assert_eq!(pairs(map.iter()), want);
+            for (view, frozen) in &views {
+                let want: Vec<_> = frozen.iter().map(|(k, v)| (k.clone(), *v)).collect();
+                prop_assert_eq!(pairs(view.iter()), want);
+                prop_assert_eq!(view.len(), frozen.len());
+            }
+        }
+    }
+
+    #[test]
+    fn the_delta_drains_once_no_view_holds_the_base() {
+        let mut map = Map::new();
+        let value = |version| Versioned {
+            value: Bytes::from_static(b"v"),
+            version,
+        };
+        for k in 0..100u8 {
+            map.insert(Key::from_slice(&key(k)), value(1));
+        }
+        let view = map.clone();
+        for k in 0..100u8 {
+            map.insert(Key::from_slice(&key(k)), value(2));
+        }
+        assert_eq!(map.delta.len(), 100);
+        drop(view);
+        for round in 0..20u64 {
+            map.insert(Key::from_slice(&key(0)), value(3 + round));
+        }
+        assert!(map.delta.is_empty(), "{} left", map.delta.len());
+        assert!(map.iter().skip(1).all(|(_, v)| v.version == 2));
+    }
+}
