@@ -316,7 +316,7 @@ fn a_change_on_the_minority_side_of_a_partition_does_not_commit() {
         ),
         other => panic!("a change on the minority side was answered {other:?}"),
     }
-    // The majority goes on, and takes a change of its own.
+    // The majority goes on under a leader of its own.
     let others: Vec<u64> = (1..=3).filter(|id| *id != leader).collect();
     wait_for("a leader on the majority side", DEADLINE, || {
         others
