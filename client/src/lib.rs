@@ -776,49 +776,48 @@ impl Client {
         read_from: ReadFrom,
         attempts: u32,
     ) -> Result<(SocketAddr, bool), ClientError> {
-        let node = {
-            let topology = self.inner.topology.borrow();
-            if topology.nodes.is_empty() {
-                return Err(ClientError::NoEndpoint("empty topology".into()));
+        let empty = || ClientError::NoEndpoint("empty topology".into());
+        let node = if read_from == ReadFrom::Nearest {
+            self.work_out_nearest_order();
+            let order = self.inner.nearest.borrow();
+            let order = order.as_deref().unwrap_or_default();
+            if order.is_empty() {
+                return Err(empty());
             }
+            order[attempts as usize % order.len()]
+        } else {
+            let topology = self.inner.topology.borrow();
             let leader = topology.leaders.get(shard as usize).copied().unwrap_or(0);
-            let candidates: Vec<u64> = match read_from {
-                ReadFrom::Nearest => {
-                    drop(topology);
-                    self.nearest_order()
-                }
-                _ => {
-                    let followers: Vec<u64> = topology
+            let followers = || {
+                topology
+                    .nodes
+                    .iter()
+                    .map(|n| n.node_id)
+                    .filter(move |id| *id != leader)
+            };
+            let i = self.inner.round_robin.get();
+            self.inner.round_robin.set(i.wrapping_add(1));
+            match followers().count() {
+                // No follower known: whichever node there is.
+                0 => {
+                    topology
                         .nodes
-                        .iter()
-                        .map(|n| n.node_id)
-                        .filter(|id| *id != leader)
-                        .collect();
-                    if followers.is_empty() {
-                        topology.nodes.iter().map(|n| n.node_id).collect()
-                    } else {
-                        followers
-                    }
+                        .get(i % topology.nodes.len().max(1))
+                        .ok_or_else(empty)?
+                        .node_id
                 }
-            };
-            let i = match read_from {
-                ReadFrom::Nearest => attempts as usize,
-                _ => {
-                    let i = self.inner.round_robin.get();
-                    self.inner.round_robin.set(i.wrapping_add(1));
-                    i
-                }
-            };
-            candidates[i % candidates.len()]
+                count => followers().nth(i % count).expect("counted"),
+            }
         };
         Ok((self.shard_addr(node, shard)?, false))
     }
 
-    /// The topology's node ids, those named by `endpoints` first in that
-    /// order, then the rest.
-    fn nearest_order(&self) -> Vec<u64> {
-        if let Some(order) = self.inner.nearest.borrow().as_ref() {
-            return order.clone();
+    /// Works out, once per topology, the order `ReadFrom::Nearest` tries
+    /// nodes in: those named by `endpoints` first in that order, then the
+    /// rest.
+    fn work_out_nearest_order(&self) {
+        if self.inner.nearest.borrow().is_some() {
+            return;
         }
         let nodes: Vec<(u64, Option<SocketAddr>)> = self
             .inner
@@ -847,8 +846,7 @@ impl Client {
                 order.push(*id);
             }
         }
-        *self.inner.nearest.borrow_mut() = Some(order.clone());
-        order
+        *self.inner.nearest.borrow_mut() = Some(order);
     }
 
     fn set_leader(&self, shard: u32, leader: u64) {
