@@ -704,6 +704,11 @@ impl Client {
                     // The server gave up waiting for the write to commit; it
                     // may still. In a session the retry cannot apply twice.
                     ErrorCode::Timeout if tag.session_id != 0 => Ok(Attempt::Retry(error.message)),
+                    // A follower that trails far behind its leader did not
+                    // apply the read's index in time: another replica may.
+                    ErrorCode::Timeout if read_from != ReadFrom::Leader => {
+                        Ok(Attempt::Retry(error.message))
+                    }
                     _ => Err(ClientError::Server {
                         code,
                         message: error.message,
