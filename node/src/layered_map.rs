@@ -126,11 +126,14 @@ impl Map {
     }
 
     fn insert_in_delta(&mut self, key: Key, value: Versioned) -> Option<Versioned> {
-        let in_base = self.base.get(key.as_slice()).cloned();
-        match self.delta.insert(key, Some(value)) {
-            Some(replaced) => replaced,
-            None => in_base,
+        // The small delta first: a key written twice while a view lives
+        // costs no second lookup in the large base.
+        if let Some(entry) = self.delta.get_mut(key.as_slice()) {
+            return entry.replace(value);
         }
+        let in_base = self.base.get(key.as_slice()).cloned();
+        self.delta.insert(key, Some(value));
+        in_base
     }
 
     fn remove_in_delta(&mut self, key: &[u8]) -> Option<Versioned> {
