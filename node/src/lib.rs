@@ -4,9 +4,10 @@
 //! the shards (event loop, routing, connections, snapshots), the sans-IO Raft
 //! replica, the state machine, snapshots, the admin server and metrics. It
 //! never blocks a shard thread (no std fsync, no sleep, no DNS on a shard):
-//! blocking work happens at start-up or on helper threads. It holds no client
-//! library and no command line: those are corekv-client and the `corekv`
-//! binary.
+//! blocking work happens at start-up or on helper threads. Shard threads run
+//! monoio only; tokio exists solely on the admin server's own thread (hyper).
+//! It holds no client library and no command line: those are corekv-client
+//! and the `corekv` binary.
 
 pub mod admin;
 pub mod command;
