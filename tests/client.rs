@@ -265,3 +265,31 @@ fn follower_reads_are_served_by_followers_and_stay_linearizable() {
     let (code, _, err) = cluster.cli(&["get", "--read-from", "sideways", "counter"]);
     assert_eq!(code, 2, "{err}");
 }
+
+#[test]
+fn a_read_moves_on_from_a_paused_node_within_its_deadline() {
+    let mut cluster = Cluster::start(3, 1);
+    let leader = cluster.wait_for_leaders()[0];
+    let paused = cluster.nodes.iter().find(|n| n.id != leader).unwrap();
+    let pid = paused.pid().expect("running") as i32;
+    let options = ClientOptions {
+        read_from: ReadFrom::Follower,
+        request_timeout: Duration::from_secs(4),
+        ..options(&cluster)
+    };
+    block_on(async move {
+        let client = Client::connect(options).await.expect("connect");
+        let version = client.put(b("k"), b("v")).await.unwrap();
+        // A paused process: its kernel still accepts connections, nothing
+        // answers. Reads sent to it must move on to the other follower
+        // (after a quarter of the 4 s deadline), not wait for all of it.
+        // SAFETY: a signal to a child process this test started.
+        assert_eq!(unsafe { libc::kill(pid, libc::SIGSTOP) }, 0);
+        for i in 0..6 {
+            let got = client.get(b("k"), Consistency::Linearizable).await;
+            assert_eq!(got.unwrap(), Some((b("v"), version)), "read {i}");
+        }
+        // SAFETY: as above.
+        assert_eq!(unsafe { libc::kill(pid, libc::SIGCONT) }, 0);
+    });
+}

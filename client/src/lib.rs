@@ -5,7 +5,9 @@
 //! shard-aware: it fetches the topology, sends each key to
 //! `client_port + shard(key)` on the shard's leader, pipelines any number of
 //! requests per connection, follows NOT_LEADER hints, retries NOT_LEADER and
-//! UNAVAILABLE within its deadline, and fans scans out to every shard.
+//! UNAVAILABLE within its deadline, sends a read that got no answer within a
+//! quarter of the deadline to another node, and fans scans out to every
+//! shard.
 //! It depends only on the wire contract (corekv-proto) and the transport;
 //! it never links Raft, the WAL or the server.
 //!
@@ -79,6 +81,11 @@ use corekv_transport::{
 use futures_channel::oneshot;
 
 pub use corekv_proto::client::{Consistency, ErrorCode, KeyValue, ScanResult, StatusResult};
+
+/// The shortest time one attempt of a read waits for its answer (see
+/// `Client::attempt_timeout`), so that even a short request timeout leaves
+/// a slow answer its chance.
+pub const MIN_ATTEMPT_TIMEOUT: Duration = Duration::from_millis(250);
 
 /// Runs `future` to completion on a new monoio runtime on this thread: the
 /// way a synchronous program (a CLI, a test) uses the async client.
@@ -346,7 +353,13 @@ impl Client {
                 }
             };
             match self
-                .call_at(addr, Op::Topology(Topology {}), false, WriteTag::default())
+                .call_at(
+                    addr,
+                    Op::Topology(Topology {}),
+                    false,
+                    WriteTag::default(),
+                    self.attempt_timeout(),
+                )
                 .await
             {
                 Ok(response::Result::Topology(topology)) => {
@@ -487,7 +500,13 @@ impl Client {
     /// Status of the node at `addr` (a client port).
     pub async fn status_at(&self, addr: SocketAddr) -> Result<StatusResult, ClientError> {
         let answer = self
-            .call_at(addr, Op::Status(Status {}), false, WriteTag::default())
+            .call_at(
+                addr,
+                Op::Status(Status {}),
+                false,
+                WriteTag::default(),
+                self.inner.options.request_timeout,
+            )
             .await;
         match answer.map_err(ClientError::NoEndpoint)? {
             response::Result::Status(s) => Ok(s),
@@ -643,7 +662,7 @@ impl Client {
         let mut attempts = 0u32;
         loop {
             let attempt = match self
-                .attempt(shard, op.clone(), tag, read_from, attempts)
+                .attempt(shard, op.clone(), tag, read_from, attempts, deadline)
                 .await
             {
                 Ok(attempt) => attempt,
@@ -684,12 +703,26 @@ impl Client {
         tag: WriteTag,
         read_from: ReadFrom,
         attempts: u32,
+        deadline: Instant,
     ) -> Result<Attempt, ClientError> {
         let (addr, knows_leader) = match read_from {
             ReadFrom::Leader => self.target(shard)?,
             _ => self.read_target(shard, read_from, attempts)?,
         };
-        match self.call_at(addr, op.clone(), knows_leader, tag).await {
+        // A read may be sent again at no risk: one that a paused or cut-off
+        // node does not answer moves on to another node within the
+        // deadline. Any other request waits for its answer until the
+        // deadline.
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        let timeout = if matches!(op, Op::Get(_) | Op::Scan(_)) {
+            self.attempt_timeout().min(remaining)
+        } else {
+            remaining
+        };
+        match self
+            .call_at(addr, op.clone(), knows_leader, tag, timeout)
+            .await
+        {
             Ok(response::Result::Error(error)) => {
                 let code = ErrorCode::try_from(error.code).unwrap_or(ErrorCode::Internal);
                 match code {
@@ -770,6 +803,13 @@ impl Client {
         let addr = self.resolve(&endpoint).map_err(ClientError::NoEndpoint)?;
         self.inner.addrs.borrow_mut().insert((id, shard), addr);
         Ok(addr)
+    }
+
+    /// How long one attempt of a read (or a topology request) waits for
+    /// its answer before the next node is tried: a quarter of the request
+    /// timeout, at least [`MIN_ATTEMPT_TIMEOUT`].
+    fn attempt_timeout(&self) -> Duration {
+        (self.inner.options.request_timeout / 4).max(MIN_ATTEMPT_TIMEOUT)
     }
 
     /// Where a follower or nearest read of `shard` goes on its
@@ -872,6 +912,7 @@ impl Client {
         op: Op,
         no_forward: bool,
         tag: WriteTag,
+        timeout: Duration,
     ) -> Result<response::Result, String> {
         let conn = self.conn(addr).await?;
         let id = self.inner.next_id.get();
@@ -890,7 +931,6 @@ impl Client {
             conn.pending.borrow_mut().remove(&id);
             return Err(format!("{addr}: cannot send: {e:?}"));
         }
-        let timeout = self.inner.options.request_timeout;
         match monoio::time::timeout(timeout, rx).await {
             Ok(Ok(response)) => response
                 .result
