@@ -23,7 +23,9 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use corekv_node::snapshot::{self, Pacing, SnapshotMeta};
 use corekv_node::state_machine::{Image, Key, Map, Versioned};
-use corekv_wal::{remove_segments, EntryRef, SnapshotMarker, Wal, WalOptions};
+use corekv_wal::{
+    remove_segments, EntryRef, SnapshotMarker, Wal, WalOptions, DEFAULT_RECYCLE_BYTES,
+};
 use hdrhistogram::Histogram;
 
 fn image(mib: u64) -> Image {
@@ -70,7 +72,7 @@ fn sync_loop(wal: &mut Wal, done: &AtomicBool, for_at_least: Duration) -> Histog
             wal.apply_snapshot_marker(SnapshotMarker { index, term: 1 })
                 .expect("marker");
             wal.sync().expect("sync");
-            remove_segments(wal.take_obsolete_segments()).expect("remove");
+            remove_segments(wal.take_obsolete_segments(), DEFAULT_RECYCLE_BYTES).expect("remove");
         }
     }
     latencies

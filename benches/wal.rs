@@ -11,6 +11,10 @@
 //! baseline alternately, op by op, and prints the ratio of their medians:
 //! on a shared machine the disk's speed drifts between criterion's
 //! sequential benchmarks, and alternating cancels that drift out.
+//! `reuse_ratios` does the same for a WAL whose new segments are reused
+//! retired files against one that creates every segment (fallocate), and
+//! then gives each the same appends alone to compare the CPU the process
+//! spends (the segment preparer's page zeroing included).
 //!
 //! Files go to a temporary directory under `COREKV_BENCH_DIR` if set, else
 //! the system temporary directory. Compaction (snapshot marker, deleting old
@@ -24,7 +28,8 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use corekv_wal::{
-    remove_segments, EntryRef, SnapshotMarker, Wal, WalOptions, DEFAULT_SEGMENT_BYTES,
+    remove_segments, EntryRef, SnapshotMarker, Wal, WalOptions, DEFAULT_RECYCLE_BYTES,
+    DEFAULT_SEGMENT_BYTES,
 };
 use criterion::{criterion_group, BenchmarkId, Criterion, Throughput};
 
@@ -67,7 +72,7 @@ fn compact(wal: &mut Wal) {
     wal.apply_snapshot_marker(SnapshotMarker { index, term: 1 })
         .expect("marker");
     wal.sync().expect("sync");
-    remove_segments(wal.take_obsolete_segments()).expect("remove segments");
+    remove_segments(wal.take_obsolete_segments(), DEFAULT_RECYCLE_BYTES).expect("remove segments");
 }
 
 /// A preallocated file written with pwrite + fdatasync, the way a WAL
@@ -218,10 +223,101 @@ fn interleaved_ratios() {
     }
 }
 
+/// CPU seconds (user + system) of the whole process: the WAL's preparer
+/// thread included.
+fn process_cpu_seconds() -> f64 {
+    // SAFETY: getrusage fills the struct it is given.
+    let usage = unsafe {
+        let mut usage = std::mem::zeroed::<libc::rusage>();
+        libc::getrusage(libc::RUSAGE_SELF, &mut usage);
+        usage
+    };
+    let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    secs(usage.ru_utime) + secs(usage.ru_stime)
+}
+
+/// New segments from retired files (`recycle_bytes`) against new files
+/// (`recycle_bytes` 0): append+sync latency alternately (batches of 16, a
+/// rotation every ~1,000 ops), then CPU per op of each alone (batches of
+/// 256, 70 KB: a rotation every ~60 ops, so segment creation weighs as it
+/// does under a heavy write load). 4 MiB segments; both logs are compacted
+/// every 512 ops, outside the timing, as snapshots would.
+fn reuse_ratios() {
+    const ROUNDS: usize = 4096;
+    const SEGMENT_BYTES: u64 = 4 << 20;
+    const BATCH: usize = 16;
+    const CPU_BATCH: usize = 256;
+    let dir = bench_dir();
+    let data = vec![0xa5u8; ENTRY_BYTES];
+    let open = |name: &str, recycle_bytes: u64| {
+        let options = WalOptions {
+            segment_bytes: SEGMENT_BYTES,
+            recycle_bytes,
+            ..WalOptions::default()
+        };
+        Wal::open(&dir.path().join(name), options).expect("open")
+    };
+    let mut fresh = open("fresh", 0);
+    let mut reused = open("reused", 64 * SEGMENT_BYTES);
+    // Give the reusing log its free files, as a node has after its first
+    // snapshots.
+    for _ in 0..2048 {
+        append(&mut reused, BATCH, &data);
+    }
+    compact(&mut reused);
+    let op = |wal: &mut Wal, batch: usize| {
+        let start = Instant::now();
+        append(wal, batch, &data);
+        wal.sync().expect("sync");
+        start.elapsed()
+    };
+    let (mut fresh_times, mut reused_times) = (Vec::new(), Vec::new());
+    for round in 0..ROUNDS {
+        fresh_times.push(op(&mut fresh, BATCH));
+        reused_times.push(op(&mut reused, BATCH));
+        if round % 512 == 511 {
+            compact(&mut fresh);
+            compact(&mut reused);
+        }
+    }
+    let p99_us = |mut samples: Vec<Duration>| {
+        samples.sort();
+        samples[samples.len() * 99 / 100].as_secs_f64() * 1e6
+    };
+    let (fresh_p99, reused_p99) = (p99_us(fresh_times.clone()), p99_us(reused_times.clone()));
+    let (fresh_us, reused_us) = (median_us(fresh_times), median_us(reused_times));
+    println!(
+        "\nsegment reuse, interleaved over {ROUNDS} rounds of {BATCH} x {ENTRY_BYTES} B append+sync:\n  \
+         new files: median {fresh_us:.1} us, p99 {fresh_p99:.1} us\n  \
+         reused files: median {reused_us:.1} us, p99 {reused_p99:.1} us\n  \
+         new / reused: median {:.2}, p99 {:.2}",
+        fresh_us / reused_us,
+        fresh_p99 / reused_p99
+    );
+    let cpu_per_op = |wal: &mut Wal| {
+        let start = process_cpu_seconds();
+        for round in 0..ROUNDS {
+            op(wal, CPU_BATCH);
+            if round % 512 == 511 {
+                compact(wal);
+            }
+        }
+        // The next segment is prepared ahead: count the work it did too.
+        wal.wait_for_next_segment();
+        (process_cpu_seconds() - start) * 1e6 / ROUNDS as f64
+    };
+    let (fresh_cpu, reused_cpu) = (cpu_per_op(&mut fresh), cpu_per_op(&mut reused));
+    println!(
+        "  process CPU per {CPU_BATCH} x {ENTRY_BYTES} B append+sync, each alone: new files {fresh_cpu:.1} us, reused files {reused_cpu:.1} us, ratio {:.2}",
+        fresh_cpu / reused_cpu
+    );
+}
+
 criterion_group!(benches, append_sync, append_only);
 
 fn main() {
     benches();
     interleaved_ratios();
+    reuse_ratios();
     Criterion::default().configure_from_args().final_summary();
 }

@@ -101,7 +101,8 @@ fn debug_commands_read_a_stopped_nodes_wal_and_snapshot() {
     let records = lines
         .iter()
         .filter(|l| {
-            ["hard_state", "conf_state", "snapshot_marker"].contains(&l["kind"].as_str().unwrap())
+            ["hard_state", "conf_state", "snapshot_marker", "seal"]
+                .contains(&l["kind"].as_str().unwrap())
         })
         .count() as u64;
     let entry_records: std::collections::BTreeSet<(String, u64)> = entries

@@ -364,7 +364,20 @@ fn read_segment(
     let mut records = Records::new(&segment.bytes);
     loop {
         match records.next() {
-            None => return Ok(Next::Continue),
+            None => {
+                let Some(offset) = records.unsealed_end().filter(|_| !segment.newest) else {
+                    return Ok(Next::Continue);
+                };
+                let reason = format!(
+                    "the records end at offset {offset} without the seal record that closes a segment the log moved on from"
+                );
+                corrupt(segment, &BadRecord { offset, reason }, out, counts)?;
+                return Ok(if args.skip_corrupt {
+                    Next::Continue
+                } else {
+                    Next::Stop
+                });
+            }
             Some(Ok(record)) => {
                 counts.add_record(&record);
                 if !args.summary {
@@ -508,6 +521,10 @@ fn print_record(name: &str, record: &Record<'_>, out: &mut Out) -> anyhow::Resul
                     marker.index, marker.term
                 )
             },
+        ),
+        Content::Seal => out.line(
+            json!({ "kind": "seal", "segment": name, "offset": offset }),
+            || format!("{name}:{offset} seal"),
         ),
     }
 }

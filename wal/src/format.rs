@@ -10,13 +10,14 @@
 //!
 //! # Segment
 //!
-//! Every segment is preallocated to `segment_bytes` (fallocate), so it reads
-//! as zeros where nothing was written. It starts with a header:
+//! A segment file is `segment_bytes` long. A new one is either preallocated
+//! (fallocate: it reads as zeros) or a recycled old segment (see "Recycling"):
+//! past the last record it may hold anything. It starts with a header:
 //!
 //! ```text
 //! offset size field
 //!  0     8    SEGMENT_MAGIC  b"corekvWL"
-//!  8     4    format version, u32 LE (FORMAT_VERSION)
+//!  8     4    format version, u32 LE (FORMAT_VERSION, or 1: see "Versions")
 //! 12     4    shard id, u32 LE
 //! 16     8    sequence number, u64 LE (equal to the one in the file name)
 //! 24     4    reserved, zero
@@ -42,10 +43,20 @@
 //! ```text
 //! offset size field
 //!  0     4    len: bytes of kind + payload (>= 1); 0 = no more records here
-//!  4     4    crc32 (crc32fast, IEEE) of kind + payload
+//!  4     4    crc32 (crc32fast, IEEE): see below
 //!  8     1    kind
 //!  9     ...  payload (len - 1 bytes), then zeros up to the next multiple of 8
 //! ```
+//!
+//! The checksums of a segment form a chain: a record's crc is the crc32 of
+//! its kind + payload continued from the crc of the record before it (from
+//! `chain_seed(sequence)` for the first), i.e. the crc of every body so far.
+//! Eight zero bytes (a `len` of 0) follow the last record whenever there is
+//! room; the next record overwrites them. So the records end at a zero
+//! `len`; a record that fails its crc is a torn tail in the newest segment
+//! and corruption elsewhere; and bytes left over from an earlier life of a
+//! recycled file, or from a tail that recovery cut, can never pass for
+//! records: their crcs continue another chain.
 //!
 //! Payloads by kind:
 //!
@@ -55,7 +66,15 @@
 //! KIND_HARD_STATE (2)       term u64 | vote u64 | commit u64
 //! KIND_CONF_STATE (3)       voter count u32 | learner count u32 | voters u64.. | learners u64..
 //! KIND_SNAPSHOT_MARKER (4)  index u64 | term u64 | discard log u8 (0 or 1)
+//! KIND_SEAL (5)             empty (version 2)
 //! ```
+//!
+//! A version 2 segment ends with a seal record, written when the log moves
+//! on to the next segment (its `SEAL_RECORD_LEN` bytes are kept free for
+//! it). Bytes after the last record are not zeros there, so the seal is what
+//! tells a complete segment from one whose records end early because a
+//! length was damaged: a segment other than the newest that ends without its
+//! seal is corruption.
 //!
 //! Replay applies records in order. An entries record with first index `i`
 //! drops whatever the log held at `>= i` (raft log conflict). A snapshot
@@ -63,13 +82,32 @@
 //! = 1 the whole log is dropped (a snapshot from the leader replaced it),
 //! otherwise only entries `<= index`. Recording the decision makes replay
 //! independent of segments that compaction already deleted.
+//!
+//! # Recycling
+//!
+//! A segment that compaction retires may be renamed `{sequence:016}.free`
+//! instead of deleted, and later taken for a new segment: its first
+//! `HEADER_LEN + 8` bytes are zeroed and synced, then it is renamed (never
+//! over an existing file) to the new segment's name. Its blocks are already
+//! written, so appends neither zero-fill page cache pages nor convert
+//! unwritten extents, and an fdatasync writes data only. `.free` files are
+//! never read by recovery.
+//!
+//! # Versions
+//!
+//! Version 1 (before recycling) had unchained crcs (of kind + payload alone)
+//! and relied on zeros after the last record. Its segments are still read,
+//! and appended to the same way when one is the newest at start-up; every
+//! segment created since is version 2.
 
 use crate::types::{ConfState, HardState, SnapshotMarker};
 
 /// First bytes of every segment file.
 pub(crate) const SEGMENT_MAGIC: [u8; 8] = *b"corekvWL";
 /// Version of this layout; bumped on any incompatible change.
-pub(crate) const FORMAT_VERSION: u32 = 1;
+pub(crate) const FORMAT_VERSION: u32 = 2;
+/// The version before checksum chains; still read (see "Versions").
+pub(crate) const UNCHAINED_FORMAT_VERSION: u32 = 1;
 
 pub(crate) const HEADER_MAGIC_OFFSET: usize = 0;
 pub(crate) const HEADER_VERSION_OFFSET: usize = HEADER_MAGIC_OFFSET + SEGMENT_MAGIC.len();
@@ -91,6 +129,10 @@ pub(crate) const KIND_ENTRIES: u8 = 1;
 pub(crate) const KIND_HARD_STATE: u8 = 2;
 pub(crate) const KIND_CONF_STATE: u8 = 3;
 pub(crate) const KIND_SNAPSHOT_MARKER: u8 = 4;
+pub(crate) const KIND_SEAL: u8 = 5;
+
+/// Bytes of a seal record, kept free at the end of every version 2 segment.
+pub(crate) const SEAL_RECORD_LEN: usize = record_len(KIND_LEN);
 
 /// `first index u64 | count u32` at the start of an entries payload.
 pub(crate) const ENTRIES_PREFIX_LEN: usize = 8 + 4;
@@ -110,9 +152,22 @@ pub(crate) fn segment_file_name(sequence: u64) -> String {
     format!("{sequence:016}.wal")
 }
 
+/// `{seq:016}.free`: a retired segment kept for reuse.
+pub(crate) fn free_file_name(sequence: u64) -> String {
+    format!("{sequence:016}.free")
+}
+
+/// The sequence a free file was retired with, or None for any other file.
+pub(crate) fn parse_free_file_name(name: &str) -> Option<u64> {
+    parse_sequence(name.strip_suffix(".free")?)
+}
+
 /// The sequence number of a segment file name, or None for any other file.
 pub(crate) fn parse_segment_file_name(name: &str) -> Option<u64> {
-    let digits = name.strip_suffix(".wal")?;
+    parse_sequence(name.strip_suffix(".wal")?)
+}
+
+fn parse_sequence(digits: &str) -> Option<u64> {
     if digits.len() != 16 || !digits.bytes().all(|b| b.is_ascii_digit()) {
         return None;
     }
@@ -139,6 +194,38 @@ pub(crate) const fn entry_len(data_len: usize) -> usize {
 pub(crate) struct SegmentHeader {
     pub(crate) shard_id: u32,
     pub(crate) sequence: u64,
+    /// `FORMAT_VERSION` or `UNCHAINED_FORMAT_VERSION`; headers are always
+    /// written with `FORMAT_VERSION`.
+    pub(crate) version: u32,
+}
+
+impl SegmentHeader {
+    /// The checksum chain its first record continues (None: version 1).
+    pub(crate) fn chain(&self) -> Option<u32> {
+        (self.version != UNCHAINED_FORMAT_VERSION).then(|| chain_seed(self.sequence))
+    }
+}
+
+/// Where the checksum chain of segment `sequence` starts: distinct per
+/// sequence, so a recycled file's old records fail in their new place.
+pub(crate) fn chain_seed(sequence: u64) -> u32 {
+    let mut hasher = crc32fast::Hasher::new();
+    hasher.update(&SEGMENT_MAGIC);
+    hasher.update(&sequence.to_le_bytes());
+    hasher.finalize()
+}
+
+/// A record body's crc: continued from `chain` (version 2), or alone
+/// (version 1, `None`).
+pub(crate) fn record_crc(chain: Option<u32>, body: &[u8]) -> u32 {
+    match chain {
+        Some(previous) => {
+            let mut hasher = crc32fast::Hasher::new_with_initial(previous);
+            hasher.update(body);
+            hasher.finalize()
+        }
+        None => crc32fast::hash(body),
+    }
 }
 
 /// Why a header is not valid.
@@ -155,7 +242,7 @@ pub(crate) fn encode_header(header: SegmentHeader) -> [u8; HEADER_LEN] {
     let mut bytes = [0u8; HEADER_LEN];
     bytes[HEADER_MAGIC_OFFSET..HEADER_VERSION_OFFSET].copy_from_slice(&SEGMENT_MAGIC);
     bytes[HEADER_VERSION_OFFSET..HEADER_SHARD_OFFSET]
-        .copy_from_slice(&FORMAT_VERSION.to_le_bytes());
+        .copy_from_slice(&header.version.to_le_bytes());
     bytes[HEADER_SHARD_OFFSET..HEADER_SEQUENCE_OFFSET]
         .copy_from_slice(&header.shard_id.to_le_bytes());
     bytes[HEADER_SEQUENCE_OFFSET..HEADER_RESERVED_OFFSET]
@@ -184,14 +271,15 @@ pub(crate) fn decode_header(bytes: &[u8]) -> Result<SegmentHeader, HeaderProblem
         )));
     }
     let version = read_u32(bytes, HEADER_VERSION_OFFSET);
-    if version != FORMAT_VERSION {
+    if !(UNCHAINED_FORMAT_VERSION..=FORMAT_VERSION).contains(&version) {
         return Err(HeaderProblem::Invalid(format!(
-            "format version expected {FORMAT_VERSION} but got {version}"
+            "format version expected {UNCHAINED_FORMAT_VERSION} to {FORMAT_VERSION} but got {version}"
         )));
     }
     Ok(SegmentHeader {
         shard_id: read_u32(bytes, HEADER_SHARD_OFFSET),
         sequence: read_u64(bytes, HEADER_SEQUENCE_OFFSET),
+        version,
     })
 }
 
@@ -204,23 +292,38 @@ pub(crate) fn read_u64(bytes: &[u8], offset: usize) -> u64 {
 }
 
 /// Writes a record of `kind` with `payload` at the start of `out`, which must
-/// be exactly `record_len(KIND_LEN + payload.len())` bytes of zeros (fresh
-/// segment space, so the padding is already zero).
-pub(crate) fn write_record(out: &mut [u8], kind: u8, payload: &[u8]) {
+/// be exactly `record_len(KIND_LEN + payload.len())` bytes, continuing the
+/// segment's checksum `chain`.
+pub(crate) fn write_record(out: &mut [u8], kind: u8, payload: &[u8], chain: &mut Option<u32>) {
     let body_len = KIND_LEN + payload.len();
     debug_assert_eq!(out.len(), record_len(body_len));
     out[RECORD_HEADER_LEN] = kind;
     out[RECORD_HEADER_LEN + KIND_LEN..RECORD_HEADER_LEN + body_len].copy_from_slice(payload);
-    seal_record(out, body_len);
+    seal_record(out, body_len, chain);
 }
 
-/// Fills in `len` and `crc` once kind and payload are in place.
-pub(crate) fn seal_record(out: &mut [u8], body_len: usize) {
+/// Fills in `len`, `crc` and the padding once kind and payload are in place,
+/// and moves the segment's checksum `chain` on to this record.
+pub(crate) fn seal_record(out: &mut [u8], body_len: usize, chain: &mut Option<u32>) {
+    // Recycled space is not zero: the padding is written, not assumed.
+    out[RECORD_HEADER_LEN + body_len..].fill(0);
     let body = &out[RECORD_HEADER_LEN..RECORD_HEADER_LEN + body_len];
-    let crc = crc32fast::hash(body);
+    let crc = record_crc(*chain, body);
+    if chain.is_some() {
+        *chain = Some(crc);
+    }
     let len = u32::try_from(body_len).expect("record body fits in u32 (segments are < 4 GiB)");
     out[0..4].copy_from_slice(&len.to_le_bytes());
     out[4..8].copy_from_slice(&crc.to_le_bytes());
+}
+
+/// Zeroes the `len` after the record that ends at `offset`, if there is room
+/// for one: the end of the records in a segment whose bytes past it are not
+/// zeros.
+pub(crate) fn terminate(segment: &mut [u8], offset: usize) {
+    if let Some(len) = segment.get_mut(offset..offset + RECORD_HEADER_LEN) {
+        len.fill(0);
+    }
 }
 
 /// What `read_record` found at an offset.
@@ -230,6 +333,8 @@ pub(crate) enum ReadRecord<'a> {
     End,
     /// A record that passed its checks.
     Record {
+        /// Its crc: the chain the next record continues.
+        crc: u32,
         kind: u8,
         payload: &'a [u8],
         /// Offset of the payload inside the segment.
@@ -242,8 +347,9 @@ pub(crate) enum ReadRecord<'a> {
 }
 
 /// Reads the record at `offset` of a segment's bytes, checking its length and
-/// crc before trusting a byte of it.
-pub(crate) fn read_record(segment: &[u8], offset: usize) -> ReadRecord<'_> {
+/// its crc (continued from `chain`, see `record_crc`) before trusting a byte
+/// of it.
+pub(crate) fn read_record(segment: &[u8], offset: usize, chain: Option<u32>) -> ReadRecord<'_> {
     debug_assert_eq!(offset % RECORD_ALIGN, 0);
     if offset + RECORD_HEADER_LEN > segment.len() {
         return ReadRecord::End;
@@ -260,13 +366,14 @@ pub(crate) fn read_record(segment: &[u8], offset: usize) -> ReadRecord<'_> {
     }
     let body = &segment[offset + RECORD_HEADER_LEN..offset + RECORD_HEADER_LEN + body_len];
     let expected_crc = read_u32(segment, offset + 4);
-    let actual_crc = crc32fast::hash(body);
+    let actual_crc = record_crc(chain, body);
     if expected_crc != actual_crc {
         return ReadRecord::Invalid(format!(
             "checksum expected {expected_crc:#010x} but got {actual_crc:#010x}"
         ));
     }
     ReadRecord::Record {
+        crc: actual_crc,
         kind: body[0],
         payload: &body[KIND_LEN..],
         payload_offset: offset + RECORD_HEADER_LEN + KIND_LEN,
@@ -445,19 +552,22 @@ pub(crate) fn decode_entries(
 mod tests {
     use super::*;
 
+    const SEQUENCE: u64 = 5;
+
     fn record(kind: u8, payload: &[u8]) -> Vec<u8> {
         let mut out = vec![0u8; record_len(KIND_LEN + payload.len())];
-        write_record(&mut out, kind, payload);
+        write_record(&mut out, kind, payload, &mut Some(chain_seed(SEQUENCE)));
         out
     }
 
     fn read_back(bytes: &[u8]) -> (u8, Vec<u8>) {
-        match read_record(bytes, 0) {
+        match read_record(bytes, 0, Some(chain_seed(SEQUENCE))) {
             ReadRecord::Record {
                 kind,
                 payload,
                 payload_offset,
                 next_offset,
+                ..
             } => {
                 assert_eq!(payload_offset, RECORD_HEADER_LEN + KIND_LEN);
                 assert_eq!(next_offset, bytes.len());
@@ -469,6 +579,9 @@ mod tests {
 
     #[test]
     fn file_names_are_fixed_width_and_round_trip() {
+        assert_eq!(free_file_name(3), "0000000000000003.free");
+        assert_eq!(parse_free_file_name("0000000000000003.free"), Some(3));
+        assert_eq!(parse_free_file_name("0000000000000003.wal"), None);
         assert_eq!(segment_file_name(3), "0000000000000003.wal");
         assert_eq!(parse_segment_file_name("0000000000000003.wal"), Some(3));
         assert_eq!(parse_segment_file_name("3.wal"), None);
@@ -482,6 +595,7 @@ mod tests {
         let header = SegmentHeader {
             shard_id: 7,
             sequence: 42,
+            version: FORMAT_VERSION,
         };
         let bytes = encode_header(header);
         assert_eq!(&bytes[..8], b"corekvWL");
@@ -509,13 +623,17 @@ mod tests {
         let mut bytes = encode_header(SegmentHeader {
             shard_id: 1,
             sequence: 1,
+            version: FORMAT_VERSION,
         });
-        bytes[HEADER_VERSION_OFFSET..HEADER_SHARD_OFFSET].copy_from_slice(&2u32.to_le_bytes());
+        bytes[HEADER_VERSION_OFFSET..HEADER_SHARD_OFFSET].copy_from_slice(&3u32.to_le_bytes());
         let crc = crc32fast::hash(&bytes[..HEADER_CRC_OFFSET]);
         bytes[HEADER_CRC_OFFSET..].copy_from_slice(&crc.to_le_bytes());
         match decode_header(&bytes) {
             Err(HeaderProblem::Invalid(reason)) => {
-                assert!(reason.contains("version expected 1 but got 2"), "{reason}")
+                assert!(
+                    reason.contains("version expected 1 to 2 but got 3"),
+                    "{reason}"
+                )
             }
             other => panic!("expected a version error, got {other:?}"),
         }
@@ -644,15 +762,99 @@ mod tests {
     }
 
     #[test]
+    fn a_record_passes_only_where_its_chain_continues() {
+        let payload = encode_hard_state(HardState::default());
+        let mut chain = Some(chain_seed(SEQUENCE));
+        let mut bytes = vec![0u8; 2 * record_len(KIND_LEN + payload.len())];
+        let (first, second) = bytes.split_at_mut(record_len(KIND_LEN + payload.len()));
+        write_record(first, KIND_HARD_STATE, &payload, &mut chain);
+        let after_first = chain;
+        write_record(second, KIND_HARD_STATE, &payload, &mut chain);
+        let seed = Some(chain_seed(SEQUENCE));
+        let ReadRecord::Record {
+            crc, next_offset, ..
+        } = read_record(&bytes, 0, seed)
+        else {
+            panic!("the first record reads back");
+        };
+        assert_eq!(Some(crc), after_first);
+        assert!(matches!(
+            read_record(&bytes, next_offset, Some(crc)),
+            ReadRecord::Record { .. }
+        ));
+        // The same bytes, in another segment or after another record: refused.
+        assert!(matches!(
+            read_record(&bytes, 0, Some(chain_seed(SEQUENCE + 1))),
+            ReadRecord::Invalid(_)
+        ));
+        assert!(matches!(
+            read_record(&bytes, next_offset, seed),
+            ReadRecord::Invalid(_)
+        ));
+        assert!(matches!(
+            read_record(&bytes, 0, None),
+            ReadRecord::Invalid(_)
+        ));
+    }
+
+    #[test]
+    fn version_1_records_are_unchained_and_still_read() {
+        let payload = encode_hard_state(HardState::default());
+        let mut bytes = vec![0u8; record_len(KIND_LEN + payload.len())];
+        let mut chain = None;
+        write_record(&mut bytes, KIND_HARD_STATE, &payload, &mut chain);
+        assert_eq!(chain, None);
+        assert_eq!(
+            read_u32(&bytes, 4),
+            crc32fast::hash(&bytes[8..8 + 1 + payload.len()])
+        );
+        assert!(matches!(
+            read_record(&bytes, 0, None),
+            ReadRecord::Record { .. }
+        ));
+        let header = SegmentHeader {
+            shard_id: 1,
+            sequence: 9,
+            version: UNCHAINED_FORMAT_VERSION,
+        };
+        assert_eq!(decode_header(&encode_header(header)), Ok(header));
+        assert_eq!(header.chain(), None);
+    }
+
+    #[test]
+    fn padding_is_written_and_the_end_is_marked_over_stale_bytes() {
+        let mut bytes = vec![0xAB; 64];
+        write_record(&mut bytes[..16], KIND_HARD_STATE, &[1, 2, 3], &mut None);
+        assert_eq!(&bytes[12..16], &[0, 0, 0, 0]);
+        terminate(&mut bytes, 16);
+        assert_eq!(read_record(&bytes, 16, None), ReadRecord::End);
+        assert_eq!(
+            &bytes[24..26],
+            &[0xAB, 0xAB],
+            "only the length slot is zeroed"
+        );
+        terminate(&mut bytes, 60);
+        assert_eq!(
+            &bytes[60..],
+            &[0xAB; 4],
+            "no room for a length: nothing written"
+        );
+    }
+
+    #[test]
     fn read_record_rejects_bad_crc_and_impossible_length() {
         let mut bytes = record(KIND_HARD_STATE, &encode_hard_state(HardState::default()));
         bytes.extend_from_slice(&[0u8; 8]);
-        assert!(matches!(read_record(&bytes, 0), ReadRecord::Record { .. }));
-        assert_eq!(read_record(&bytes, 40), ReadRecord::End);
-        assert_eq!(read_record(&bytes, 48), ReadRecord::End);
+        let chain = Some(chain_seed(SEQUENCE));
+        assert!(matches!(
+            read_record(&bytes, 0, chain),
+            ReadRecord::Record { .. }
+        ));
+        assert_eq!(read_record(&bytes, 40, chain), ReadRecord::End);
+        assert_eq!(read_record(&bytes, 48, chain), ReadRecord::End);
         let mut flipped = bytes.clone();
         flipped[12] ^= 1;
-        match read_record(&flipped, 0) {
+        match read_record(&flipped, 0, chain) {
             ReadRecord::Invalid(reason) => {
                 assert!(reason.contains("checksum expected"), "{reason}")
             }
@@ -660,7 +862,7 @@ mod tests {
         }
         let mut too_long = bytes.clone();
         too_long[0..4].copy_from_slice(&1000u32.to_le_bytes());
-        match read_record(&too_long, 0) {
+        match read_record(&too_long, 0, chain) {
             ReadRecord::Invalid(reason) => assert!(reason.contains("exceeds"), "{reason}"),
             other => panic!("expected a length error, got {other:?}"),
         }

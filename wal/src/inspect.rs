@@ -104,6 +104,8 @@ pub enum Content<'a> {
         /// True if the whole log was dropped (a snapshot from the leader).
         discard_log: bool,
     },
+    /// The end of a segment the log moved on from (version 2).
+    Seal,
 }
 
 /// A record that fails its length, checksum or payload checks, or non-zero
@@ -118,29 +120,60 @@ pub struct BadRecord {
 
 /// The records of one segment, in order, from [`FIRST_RECORD_OFFSET`].
 ///
-/// Yields each record, then stops at the end of the records (a zero length)
-/// unless non-zero bytes follow, which it yields as a [`BadRecord`]. After a
-/// `BadRecord` it yields nothing more until [`Records::resync`] finds a
-/// record further on. The header is not checked here: see [`header`].
+/// Yields each record, then stops at the end of the records (a zero length);
+/// in a version 1 segment, non-zero bytes after it are yielded as a
+/// [`BadRecord`] (a version 2 segment may hold stale bytes there, see the
+/// `format` module). After a `BadRecord` it yields nothing more until
+/// [`Records::resync`] finds a record further on. The header is read only
+/// for the format version and the checksum chain: see [`header`].
 #[derive(Clone, Debug)]
 pub struct Records<'a> {
     segment: &'a [u8],
     /// Where the next record starts; after a bad record, where it started.
     offset: usize,
+    /// The checksum the next record continues (None: version 1).
+    chain: Option<u32>,
     /// Where scanning for the next good record begins after a bad one.
     bad_at: Option<usize>,
+    /// The last record read was a seal.
+    sealed: bool,
+    /// After a resync in a chained segment: the record at `offset` is taken
+    /// without its crc checked (the chain before it is lost), and the chain
+    /// goes on from the crc it carries.
+    resumed_unchecked: bool,
     done: bool,
 }
 
 impl<'a> Records<'a> {
-    /// The records of `segment`, a whole segment file's bytes.
+    /// The records of `segment`, a whole segment file's bytes. Without a
+    /// valid header, read as the current version with the sequence the
+    /// header bytes name.
     pub fn new(segment: &'a [u8]) -> Records<'a> {
+        let chain = match format::decode_header(segment) {
+            Ok(header) => header.chain(),
+            Err(_) if segment.len() >= HEADER_LEN => Some(format::chain_seed(format::read_u64(
+                segment,
+                format::HEADER_SEQUENCE_OFFSET,
+            ))),
+            Err(_) => None,
+        };
         Records {
             segment,
             offset: HEADER_LEN,
+            chain,
             bad_at: None,
+            sealed: false,
+            resumed_unchecked: false,
             done: false,
         }
+    }
+
+    /// Once the records ended cleanly: where, if the segment is a chained
+    /// (version 2) one without its seal record. Recovery calls that
+    /// corruption in any segment but the newest (see the `format` module).
+    pub fn unsealed_end(&self) -> Option<u64> {
+        (self.done && self.bad_at.is_none() && self.chain.is_some() && !self.sealed)
+            .then_some(self.offset as u64)
     }
 
     /// End of the good records read so far: after the iterator ends, where
@@ -153,18 +186,27 @@ impl<'a> Records<'a> {
     /// After a [`BadRecord`], scans forward from it, 8-byte aligned, for the
     /// next position holding a record whose length, checksum and payload
     /// check out, and resumes there. Returns that offset, or None if no such
-    /// record follows (the iterator then stays ended). A crc32 can match
-    /// garbage by chance (about 1 in 4 billion positions), which is why
-    /// recovery never does this: it is for reading past damage, not for
-    /// trusting what lies beyond it.
+    /// record follows (the iterator then stays ended). In a chained (version
+    /// 2) segment the chain is lost at the damage, so a candidate's own crc
+    /// cannot be checked: it must decode, and the record after it must
+    /// continue its crc (or be the end). A crc32 can match garbage by chance
+    /// (about 1 in 4 billion positions), which is why recovery never does
+    /// this: it is for reading past damage, not for trusting what lies
+    /// beyond it.
     pub fn resync(&mut self) -> Option<u64> {
         let bad_at = self.bad_at.take()?;
-        // From the bad offset itself: stray bytes may start with a whole
-        // record (one whose length alone was zeroed ends the records early).
+        // Version 1: from the bad offset itself, since stray bytes may start
+        // with a whole record (one whose length alone was zeroed ends the
+        // records early). Version 2: after it, the bad record's own stored
+        // crc being no proof of its payload.
         let mut position = bad_at - bad_at % RECORD_ALIGN;
+        if self.chain.is_some() {
+            position += RECORD_ALIGN;
+        }
         while position + format::RECORD_HEADER_LEN <= self.segment.len() {
-            if let Ok(Some(_)) = decode_at(self.segment, position) {
+            if self.resumes_at(position) {
                 self.offset = position;
+                self.resumed_unchecked = self.chain.is_some();
                 self.done = false;
                 return Some(position as u64);
             }
@@ -172,6 +214,20 @@ impl<'a> Records<'a> {
         }
         self.done = true;
         None
+    }
+
+    /// Whether reading can resume at `position`.
+    fn resumes_at(&self, position: usize) -> bool {
+        if self.chain.is_none() {
+            return matches!(decode_at(self.segment, position, None), Ok(Some(_)));
+        }
+        let Some((_, next_offset, stored)) = decode_at_unchecked(self.segment, position) else {
+            return false;
+        };
+        matches!(
+            format::read_record(self.segment, next_offset, Some(stored)),
+            ReadRecord::Record { .. } | ReadRecord::End
+        )
     }
 
     /// Stops after a bad record at `offset`, to be resumed by `resync`.
@@ -192,10 +248,25 @@ impl<'a> Iterator for Records<'a> {
         if self.done {
             return None;
         }
-        match decode_at(self.segment, self.offset) {
-            Ok(Some(record)) => {
+        let read = if std::mem::take(&mut self.resumed_unchecked) {
+            decode_at_unchecked(self.segment, self.offset)
+                .map(|(record, _, stored)| Some((record, stored)))
+                .ok_or_else(|| "the record resync found no longer decodes".to_string())
+        } else {
+            decode_at(self.segment, self.offset, self.chain)
+        };
+        match read {
+            Ok(Some((record, crc))) => {
                 self.offset += record.len as usize;
+                self.sealed = record.content == Content::Seal;
+                if self.chain.is_some() {
+                    self.chain = Some(crc);
+                }
                 Some(Ok(record))
+            }
+            Ok(None) if self.chain.is_some() => {
+                self.done = true;
+                None
             }
             Ok(None) => {
                 let end = self.offset.min(self.segment.len());
@@ -213,19 +284,51 @@ impl<'a> Iterator for Records<'a> {
     }
 }
 
-/// The record at `offset`: Some if it checks out, None at the end of the
-/// records, Err with the reason if it is bad.
-fn decode_at(segment: &[u8], offset: usize) -> Result<Option<Record<'_>>, String> {
-    let (kind, payload, next_offset) = match format::read_record(segment, offset) {
+/// The record at `offset` and its crc: Some if it checks out (its crc
+/// continuing `chain`), None at the end of the records, Err with the reason if
+/// it is bad.
+fn decode_at(
+    segment: &[u8],
+    offset: usize,
+    chain: Option<u32>,
+) -> Result<Option<(Record<'_>, u32)>, String> {
+    let (crc, kind, payload, next_offset) = match format::read_record(segment, offset, chain) {
         ReadRecord::End => return Ok(None),
         ReadRecord::Invalid(reason) => return Err(reason),
         ReadRecord::Record {
+            crc,
             kind,
             payload,
             next_offset,
             ..
-        } => (kind, payload, next_offset),
+        } => (crc, kind, payload, next_offset),
     };
+    Ok(Some((
+        decode_body(offset, kind, payload, next_offset)?,
+        crc,
+    )))
+}
+
+/// The record at `offset` if its length and payload check out (its crc is
+/// not checked), where the next one starts, and the crc it carries.
+fn decode_at_unchecked(segment: &[u8], offset: usize) -> Option<(Record<'_>, usize, u32)> {
+    let header = segment.get(offset..offset + format::RECORD_HEADER_LEN)?;
+    let body_len = format::read_u32(header, 0) as usize;
+    let stored = format::read_u32(header, 4);
+    let start = offset + format::RECORD_HEADER_LEN;
+    let body = segment.get(start..start.checked_add(body_len)?)?;
+    let (&kind, payload) = body.split_first()?;
+    let next_offset = offset + format::record_len(body_len);
+    let record = decode_body(offset, kind, payload, next_offset).ok()?;
+    Some((record, next_offset, stored))
+}
+
+fn decode_body(
+    offset: usize,
+    kind: u8,
+    payload: &[u8],
+    next_offset: usize,
+) -> Result<Record<'_>, String> {
     let content = match kind {
         format::KIND_ENTRIES => {
             let mut entries = Vec::new();
@@ -248,14 +351,21 @@ fn decode_at(segment: &[u8], offset: usize) -> Result<Option<Record<'_>>, String
                 discard_log,
             }
         }
+        format::KIND_SEAL if payload.is_empty() => Content::Seal,
+        format::KIND_SEAL => {
+            return Err(format!(
+                "seal record expected an empty payload but got {} bytes",
+                payload.len()
+            ))
+        }
         other => return Err(format!("unknown record kind {other}")),
     };
-    Ok(Some(Record {
+    Ok(Record {
         offset: offset as u64,
         len: (next_offset - offset) as u64,
         body_len: (format::KIND_LEN + payload.len()) as u64,
         content,
-    }))
+    })
 }
 
 #[cfg(test)]
@@ -273,6 +383,7 @@ mod tests {
         let options = WalOptions {
             segment_bytes: SEGMENT_BYTES,
             shard_id: 3,
+            recycle_bytes: crate::types::DEFAULT_RECYCLE_BYTES,
         };
         let mut wal = Wal::open(dir, options).unwrap();
         wal.set_hard_state(HardState {
@@ -403,17 +514,45 @@ mod tests {
     }
 
     #[test]
-    fn stray_bytes_after_the_last_record_are_reported_where_they_start() {
+    fn stray_bytes_after_the_last_record_of_a_version_1_segment_are_reported() {
         let dir = tempfile::tempdir().unwrap();
         let paths = write_log(dir.path(), 3);
-        let mut bytes = std::fs::read(&paths[0]).unwrap();
-        let end = {
-            let mut records = Records::new(&bytes);
-            records.by_ref().for_each(|r| {
-                r.unwrap();
-            });
-            records.offset() as usize
+        let bytes = std::fs::read(&paths[0]).unwrap();
+        // The same records as version 1 wrote them: unchained, zeros after.
+        let records: Vec<(u8, Vec<u8>)> = {
+            let mut chain = Some(format::chain_seed(1));
+            let mut offset = HEADER_LEN;
+            let mut found = Vec::new();
+            while let ReadRecord::Record {
+                crc,
+                kind,
+                payload,
+                next_offset,
+                ..
+            } = format::read_record(&bytes, offset, chain)
+            {
+                found.push((kind, payload.to_vec()));
+                chain = Some(crc);
+                offset = next_offset;
+            }
+            found
         };
+        let mut bytes = vec![0u8; bytes.len()];
+        bytes[..HEADER_LEN].copy_from_slice(&format::encode_header(format::SegmentHeader {
+            shard_id: 3,
+            sequence: 1,
+            version: format::UNCHAINED_FORMAT_VERSION,
+        }));
+        let mut end = HEADER_LEN;
+        for (kind, payload) in &records {
+            let length = format::record_len(format::KIND_LEN + payload.len());
+            format::write_record(&mut bytes[end..end + length], *kind, payload, &mut None);
+            end += length;
+        }
+        assert_eq!(
+            Records::new(&bytes).map(Result::unwrap).count(),
+            records.len()
+        );
         bytes[end + 900] = 0xee;
         let mut records = Records::new(&bytes);
         let bad = records.find_map(Result::err).unwrap();
@@ -431,24 +570,53 @@ mod tests {
     }
 
     #[test]
-    fn a_zeroed_length_hides_no_records() {
+    fn stale_records_after_the_end_of_a_chained_segment_are_not_read() {
         let dir = tempfile::tempdir().unwrap();
-        let paths = write_log(dir.path(), 20);
+        let paths = write_log(dir.path(), 3);
         let mut bytes = std::fs::read(&paths[0]).unwrap();
-        let (at, after) = {
-            let all: Vec<Record<'_>> = Records::new(&bytes).map(Result::unwrap).collect();
-            (all[3].offset as usize, entry_indexes(&all[4..]))
+        let all: Vec<(u64, u64)> = Records::new(&bytes)
+            .map(|r| r.map(|r| (r.offset, r.len)).unwrap())
+            .collect();
+        let end = all.last().map(|(offset, len)| offset + len).unwrap() as usize;
+        // A well-formed old record right after the end, as a recycled file
+        // or a cut tail leaves them: its crc continues another chain.
+        let (offset, len) = all[all.len() - 1];
+        let copy = bytes[offset as usize..(offset + len) as usize].to_vec();
+        bytes[end..end + copy.len()].copy_from_slice(&copy);
+        let mut records = Records::new(&bytes);
+        let bad = records.by_ref().find_map(Result::err).unwrap();
+        assert_eq!(bad.offset, end as u64);
+        assert!(bad.reason.contains("checksum expected"), "{}", bad.reason);
+        // With the end marked (as every append does), nothing is left to read.
+        bytes[end..end + 8].fill(0);
+        let mut records = Records::new(&bytes);
+        assert_eq!(records.by_ref().map(Result::unwrap).count(), all.len());
+        assert_eq!(
+            records.unsealed_end(),
+            Some(end as u64),
+            "the newest has no seal"
+        );
+    }
+
+    #[test]
+    fn a_zeroed_length_in_a_sealed_segment_shows_as_a_missing_seal() {
+        let dir = tempfile::tempdir().unwrap();
+        let paths = write_log(dir.path(), 120);
+        assert!(paths.len() >= 2);
+        let mut bytes = std::fs::read(&paths[0]).unwrap();
+        let (at, count) = {
+            let mut records = Records::new(&bytes);
+            let all: Vec<Record<'_>> = records.by_ref().map(Result::unwrap).collect();
+            assert_eq!(all.last().unwrap().content, Content::Seal);
+            assert_eq!(records.unsealed_end(), None);
+            (all[3].offset as usize, all.len())
         };
-        assert!(!after.is_empty());
+        assert!(count > 4);
         bytes[at..at + 4].fill(0);
         let mut records = Records::new(&bytes);
-        let read: Vec<_> = records.by_ref().map_while(Result::ok).collect();
+        let read: Vec<_> = records.by_ref().map(Result::unwrap).collect();
         assert_eq!(read.len(), 3);
-        // The records after it are stray bytes to the iterator, and resync
-        // finds them.
-        assert!(records.resync().is_some());
-        let rest: Vec<Record<'_>> = records.map(Result::unwrap).collect();
-        assert_eq!(entry_indexes(&rest), after);
+        assert_eq!(records.unsealed_end(), Some(at as u64));
     }
 
     #[test]
@@ -457,11 +625,13 @@ mod tests {
         bytes[..HEADER_LEN].copy_from_slice(&format::encode_header(format::SegmentHeader {
             shard_id: 0,
             sequence: 1,
+            version: format::FORMAT_VERSION,
         }));
+        let mut chain = Some(format::chain_seed(1));
         let first = format::record_len(format::KIND_LEN + 3);
         let second = format::record_len(format::KIND_LEN + format::HARD_STATE_LEN);
         let at = HEADER_LEN;
-        format::write_record(&mut bytes[at..at + first], 9, b"abc");
+        format::write_record(&mut bytes[at..at + first], 9, b"abc", &mut chain);
         let hard_state = format::encode_hard_state(HardState {
             term: 4,
             vote: 0,
@@ -472,6 +642,7 @@ mod tests {
             &mut bytes[next..next + second],
             format::KIND_HARD_STATE,
             &hard_state,
+            &mut chain,
         );
         let mut records = Records::new(&bytes);
         let bad = records.next().unwrap().unwrap_err();

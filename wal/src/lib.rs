@@ -65,6 +65,6 @@ pub use error::WalError;
 pub use sync::{remove_segments, SyncJob, SyncOutcome};
 pub use types::{
     ConfState, EntryRef, HardState, RecoveryReport, SnapshotMarker, WalOptions,
-    DEFAULT_SEGMENT_BYTES, MAX_SEGMENT_BYTES, MIN_SEGMENT_BYTES,
+    DEFAULT_RECYCLE_BYTES, DEFAULT_SEGMENT_BYTES, MAX_SEGMENT_BYTES, MIN_SEGMENT_BYTES,
 };
 pub use wal::Wal;

@@ -82,8 +82,9 @@ pub(crate) fn recover(dir: &Path, options: &WalOptions) -> Result<Recovered, Wal
     let mut replay = Replay::default();
     let mut segments = VecDeque::with_capacity(valid.len());
     let newest = valid.len().saturating_sub(1);
-    for (position, (sequence, path)) in valid.into_iter().enumerate() {
+    for (position, (sequence, path, chain)) in valid.into_iter().enumerate() {
         let mut segment = Segment::open_existing(path, sequence)?;
+        segment.chain = chain;
         replay.scan(&mut segment, position == newest, &mut report)?;
         segments.push_back(segment);
     }
@@ -121,7 +122,7 @@ fn validate_options(options: &WalOptions) -> Result<(), WalError> {
     Ok(())
 }
 
-type Classified = (Vec<(u64, PathBuf)>, Vec<PathBuf>, u64);
+type Classified = (Vec<(u64, PathBuf, Option<u32>)>, Vec<PathBuf>, u64);
 
 /// Splits the segment files into valid ones (contiguous sequences) and
 /// never-synced ones after them; returns the highest sequence seen too.
@@ -141,7 +142,7 @@ fn classify_segments(dir: &Path, shard_id: u32) -> Result<Classified, WalError> 
     listed.sort();
     let last_sequence = listed.last().map_or(0, |(sequence, _)| *sequence);
 
-    let mut valid: Vec<(u64, PathBuf)> = Vec::new();
+    let mut valid: Vec<(u64, PathBuf, Option<u32>)> = Vec::new();
     let mut unsynced: Vec<PathBuf> = Vec::new();
     for (sequence, path) in listed {
         match read_header(&path)? {
@@ -167,13 +168,13 @@ fn classify_segments(dir: &Path, shard_id: u32) -> Result<Classified, WalError> 
                     );
                     return Err(WalError::corrupt(hole, 0, reason));
                 }
-                if let Some((previous, _)) = valid.last() {
+                if let Some((previous, _, _)) = valid.last() {
                     if sequence != previous + 1 {
                         let reason = format!("segment sequence jumps from {previous} to {sequence}: segments are missing");
                         return Err(WalError::corrupt(&path, 0, reason));
                     }
                 }
-                valid.push((sequence, path));
+                valid.push((sequence, path, header.chain()));
             }
             Err(HeaderProblem::NeverWritten) => unsynced.push(path),
             Err(HeaderProblem::Invalid(reason)) => return Err(WalError::corrupt(&path, 0, reason)),
@@ -242,9 +243,9 @@ impl Default for Replay {
 
 impl Replay {
     /// Replays one segment's records and sets its write offset to the end of
-    /// the valid ones. In the newest segment a bad record or stray bytes
-    /// after the last record are a torn tail: zeroed and synced. Elsewhere
-    /// they are corruption.
+    /// the valid ones. In the newest segment a bad record is a torn tail (and
+    /// in a version 1 segment, so are stray bytes after the last record):
+    /// cut off durably. Elsewhere they are corruption.
     fn scan(
         &mut self,
         segment: &mut Segment,
@@ -253,18 +254,23 @@ impl Replay {
     ) -> Result<(), WalError> {
         let mut offset = HEADER_LEN;
         let mut max_entry_index = 0;
+        let mut chain = segment.chain;
+        let mut torn = false;
+        let mut sealed = false;
         let file = Arc::clone(&segment.file);
         loop {
-            match format::read_record(&segment.map, offset) {
+            match format::read_record(&segment.map, offset, chain) {
                 ReadRecord::End => break,
                 ReadRecord::Invalid(reason) if newest => {
                     tracing::warn!(segment = %segment.path().display(), offset, %reason, "cutting torn WAL tail");
+                    torn = true;
                     break;
                 }
                 ReadRecord::Invalid(reason) => {
                     return Err(WalError::corrupt(segment.path(), offset as u64, reason))
                 }
                 ReadRecord::Record {
+                    crc,
                     kind,
                     payload,
                     payload_offset,
@@ -278,12 +284,37 @@ impl Replay {
                     let last_index = applied
                         .map_err(|reason| WalError::corrupt(&file.path, offset as u64, reason))?;
                     max_entry_index = max_entry_index.max(last_index.unwrap_or(0));
+                    if chain.is_some() {
+                        chain = Some(crc);
+                    }
+                    sealed = kind == format::KIND_SEAL;
                     offset = next_offset;
                 }
             }
         }
         segment.write_offset = offset;
         segment.max_entry_index = max_entry_index;
+        segment.chain = chain;
+        segment.sealed = sealed;
+        if chain.is_some() {
+            if !newest && !sealed {
+                let reason = format!(
+                    "the records end at offset {offset} without the seal record that closes a segment the log moved on from"
+                );
+                return Err(WalError::corrupt(segment.path(), offset as u64, reason));
+            }
+            // Version 2: what follows the end may be stale bytes of a recycled
+            // file or of a cut tail; no record of them continues this chain.
+            // A torn tail only needs the end marked before anything new is
+            // appended (appends mark it too, but not durably until a sync).
+            if torn {
+                segment.terminate();
+                segment.file.sync_data()?;
+                tracing::warn!(segment = %segment.path().display(), offset, "WAL torn tail cut");
+                report.torn_tail = Some((segment.path().to_path_buf(), offset as u64));
+            }
+            return Ok(());
+        }
         let Some((first_dirty, last_dirty)) = nonzero_span(&segment.map[offset..]) else {
             return Ok(());
         };
@@ -332,6 +363,11 @@ impl Replay {
                 let (marker, discard_log) = format::decode_snapshot_marker(payload)?;
                 self.apply_marker(marker, discard_log, end).map(|()| None)
             }
+            format::KIND_SEAL if payload.is_empty() => Ok(None),
+            format::KIND_SEAL => Err(format!(
+                "seal record expected an empty payload but got {} bytes",
+                payload.len()
+            )),
             other => Err(format!("unknown record kind {other}")),
         }
     }
@@ -455,6 +491,7 @@ mod tests {
         WalOptions {
             segment_bytes: SEGMENT_BYTES,
             shard_id: 1,
+            recycle_bytes: crate::types::DEFAULT_RECYCLE_BYTES,
         }
     }
 
@@ -508,7 +545,7 @@ mod tests {
     }
 
     #[test]
-    fn torn_tail_of_newest_segment_is_cut_zeroed_and_reported() {
+    fn torn_tail_of_newest_segment_is_cut_and_reported_and_stale_bytes_stay_out() {
         let dir = tempfile::tempdir().unwrap();
         let paths = write_log(dir.path(), 10);
         assert_eq!(paths.len(), 1);
@@ -523,9 +560,14 @@ mod tests {
         assert_eq!(wal.recovery().torn_tail, Some((paths[0].clone(), end)));
         assert_eq!(wal.last_index(), 10);
         let on_disk = std::fs::read(&paths[0]).unwrap();
-        assert!(
-            on_disk[end as usize..].iter().all(|&b| b == 0),
-            "torn tail zeroed on disk"
+        assert_eq!(
+            &on_disk[end as usize..end as usize + 8],
+            &[0u8; 8],
+            "the end is marked on disk"
+        );
+        assert_eq!(
+            &on_disk[end as usize + 900..end as usize + 910],
+            b"stray page"
         );
         let data = [1u8; 3];
         let entry = EntryRef {
@@ -619,16 +661,12 @@ mod tests {
     fn zeroed_record_in_older_segment_is_corruption_not_an_early_end() {
         let dir = tempfile::tempdir().unwrap();
         let paths = write_log(dir.path(), 120);
-        // Zeroing a record's length makes the records after it look like
-        // stray bytes after the end: still caught.
+        // Zeroing a record's length ends the records early: the missing seal
+        // record gives it away.
         patch(&paths[0], FIRST_RECORD_OFFSET, &[0u8; 8]);
         let (segment, offset, reason) = expect_corrupt(open_wal(dir.path()));
-        assert_eq!(segment, paths[0]);
-        assert!(offset > FIRST_RECORD_OFFSET, "{offset}");
-        assert!(
-            reason.contains("non-zero bytes after the last record"),
-            "{reason}"
-        );
+        assert_eq!((segment, offset), (paths[0].clone(), FIRST_RECORD_OFFSET));
+        assert!(reason.contains("without the seal record"), "{reason}");
     }
 
     #[test]
@@ -676,6 +714,7 @@ mod tests {
         let options = WalOptions {
             segment_bytes: SEGMENT_BYTES,
             shard_id: 2,
+            recycle_bytes: crate::types::DEFAULT_RECYCLE_BYTES,
         };
         match Wal::open(dir.path(), options) {
             Err(WalError::WrongShard {
@@ -712,6 +751,154 @@ mod tests {
         );
     }
 
+    /// Rewrites a (synced, closed) segment as version 1 wrote it: unchained
+    /// crcs, no seal record, zeros after the last record.
+    fn rewrite_as_version_1(path: &Path) {
+        let mut bytes = std::fs::read(path).unwrap();
+        let header = format::decode_header(&bytes).unwrap();
+        let mut chain = header.chain();
+        let mut offset = HEADER_LEN;
+        let mut records = Vec::new();
+        while let ReadRecord::Record {
+            crc,
+            kind,
+            payload,
+            next_offset,
+            ..
+        } = format::read_record(&bytes, offset, chain)
+        {
+            if kind != format::KIND_SEAL {
+                records.push((kind, payload.to_vec()));
+            }
+            chain = Some(crc);
+            offset = next_offset;
+        }
+        bytes[HEADER_LEN..].fill(0);
+        let mut offset = HEADER_LEN;
+        for (kind, payload) in records {
+            let length = format::record_len(format::KIND_LEN + payload.len());
+            format::write_record(
+                &mut bytes[offset..offset + length],
+                kind,
+                &payload,
+                &mut None,
+            );
+            offset += length;
+        }
+        bytes[..HEADER_LEN].copy_from_slice(&format::encode_header(format::SegmentHeader {
+            version: format::UNCHAINED_FORMAT_VERSION,
+            ..header
+        }));
+        std::fs::write(path, bytes).unwrap();
+    }
+
+    #[test]
+    fn a_version_1_log_is_read_appended_to_and_continued_in_version_2() {
+        let dir = tempfile::tempdir().unwrap();
+        let paths = write_log(dir.path(), 120);
+        assert!(paths.len() >= 3);
+        for path in &paths {
+            rewrite_as_version_1(path);
+        }
+        let mut wal = open_wal(dir.path()).unwrap();
+        assert_eq!((wal.first_index(), wal.last_index()), (1, 120));
+        assert_eq!(wal.recovery().torn_tail, None);
+        let data = [3u8; 100];
+        for index in 121..=200 {
+            let entry = EntryRef {
+                index,
+                term: 1,
+                entry_type: 0,
+                data: &data,
+            };
+            wal.append_entries_waiting(&[entry]).unwrap();
+        }
+        wal.sync().unwrap();
+        drop(wal);
+        let recovered = recover_ok(dir.path());
+        assert_eq!(recovered.index.len(), 200);
+        let versions: Vec<u32> = segment_paths(&recovered)
+            .iter()
+            .map(|path| read_header(path).unwrap().unwrap().version)
+            .collect();
+        assert_eq!(versions[..paths.len()], vec![1; paths.len()][..]);
+        assert!(versions[paths.len()..]
+            .iter()
+            .all(|&v| v == format::FORMAT_VERSION));
+        assert!(versions.len() > paths.len());
+    }
+
+    #[test]
+    fn stray_bytes_after_a_version_1_segment_are_still_corruption() {
+        let dir = tempfile::tempdir().unwrap();
+        let paths = write_log(dir.path(), 120);
+        rewrite_as_version_1(&paths[0]);
+        patch(&paths[0], 4095, b"x");
+        let (segment, offset, reason) = expect_corrupt(open_wal(dir.path()));
+        assert!(
+            reason.contains("non-zero bytes after the last record"),
+            "{reason}"
+        );
+        assert_eq!((segment, offset), (paths[0].clone(), 4095));
+    }
+
+    #[test]
+    fn a_recycled_segment_full_of_old_records_yields_only_its_new_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let options = WalOptions {
+            recycle_bytes: 4 * 4096,
+            ..options()
+        };
+        let mut wal = Wal::open(dir.path(), options.clone()).unwrap();
+        let data = [7u8; 100];
+        let append = |wal: &mut Wal, range: std::ops::RangeInclusive<u64>| {
+            for index in range {
+                let entry = EntryRef {
+                    index,
+                    term: 1,
+                    entry_type: 0,
+                    data: &data,
+                };
+                wal.append_entries_waiting(&[entry]).unwrap();
+            }
+        };
+        append(&mut wal, 1..=150);
+        wal.sync().unwrap();
+        wal.compact(150).unwrap();
+        wal.sync().unwrap();
+        let retired = wal.take_obsolete_segments();
+        assert!(retired.len() >= 3, "{retired:?}");
+        crate::remove_segments(retired, options.recycle_bytes).unwrap();
+        let free = crate::segment::free_files(dir.path()).unwrap();
+        assert_eq!(free.len(), 4);
+        // Every new segment is an old file (same inode), and what it held
+        // before is not read back: only 151..=400 of this log.
+        let inodes: Vec<u64> = free
+            .iter()
+            .map(|(_, p)| std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(p).unwrap()))
+            .collect();
+        // The segment after the active one was prepared before any file was
+        // free: enough entries for several more.
+        append(&mut wal, 151..=400);
+        wal.wait_for_next_segment();
+        wal.sync().unwrap();
+        drop(wal);
+        let wal = Wal::open(dir.path(), options).unwrap();
+        assert_eq!(wal.recovery().torn_tail, None);
+        assert_eq!((wal.first_index(), wal.last_index()), (151, 400));
+        let reused = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.extension().is_some_and(|e| e == "wal"))
+            .filter(|p| {
+                inodes.contains(&std::os::unix::fs::MetadataExt::ino(
+                    &std::fs::metadata(p).unwrap(),
+                ))
+            })
+            .count();
+        assert!(reused >= 1, "a new segment reused a retired file");
+    }
+
     #[test]
     fn nonzero_span_finds_both_ends() {
         let mut bytes = vec![0u8; 3 * 4096 + 100];
@@ -729,6 +916,7 @@ mod tests {
             let options = WalOptions {
                 segment_bytes,
                 shard_id: 0,
+                recycle_bytes: crate::types::DEFAULT_RECYCLE_BYTES,
             };
             assert!(
                 matches!(

@@ -56,8 +56,14 @@ pub(crate) struct Segment {
     /// The whole file, mapped shared: its pages are the page cache's, so an
     /// fdatasync of `file` makes what was copied into them durable.
     pub(crate) map: MmapMut,
-    /// End of the records written so far; everything after it is zero.
+    /// End of the records written so far. After it: zeros in a new file,
+    /// anything in a recycled one (see the format doc's "Recycling").
     pub(crate) write_offset: usize,
+    /// The crc of the last record (the chain seed before the first): what
+    /// the next record's crc continues. None in a version 1 segment.
+    pub(crate) chain: Option<u32>,
+    /// Its seal record is written: no more records go here.
+    pub(crate) sealed: bool,
     /// Whether the header is on disk. False from rotation until the sync job
     /// that wrote it finishes (see the format doc: the header of `k + 1`
     /// becomes valid only after `k` is durable).
@@ -83,6 +89,13 @@ impl Segment {
         segment_bytes: u64,
     ) -> Result<Segment, WalError> {
         let path = dir.join(format::segment_file_name(sequence));
+        match Self::recycle(dir, &path, sequence, segment_bytes) {
+            Ok(Some(segment)) => return Ok(segment),
+            Ok(None) => {}
+            // A new file instead; the free file that failed is gone or stays
+            // for the next try.
+            Err(error) => tracing::warn!(%error, "cannot reuse a retired WAL segment"),
+        }
         // create_new: an existing file of that name is never clobbered.
         let file = OpenOptions::new()
             .read(true)
@@ -126,6 +139,42 @@ impl Segment {
         // folios either (see `small_pages`). Only a hint: errors are ignored.
         let _ = segment.map.advise(memmap2::Advice::Random);
         Ok(segment)
+    }
+
+    /// Makes segment `sequence` out of a free file (a retired segment of the
+    /// same size), if there is one. Its header and first record length are
+    /// zeroed and synced before it takes the new name, so a crash leaves
+    /// either a free file or a segment whose header was never written, never
+    /// an old header under a new name. Old records after that are stale
+    /// chains (see the format doc).
+    fn recycle(
+        dir: &Path,
+        path: &Path,
+        sequence: u64,
+        segment_bytes: u64,
+    ) -> Result<Option<Segment>, WalError> {
+        let Some(free) = take_free_file(dir, segment_bytes)? else {
+            return Ok(None);
+        };
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&free)
+            .map_err(|e| WalError::io(&free, "open free segment", e))?;
+        let file = SegmentFile { file, path: free };
+        file.file
+            .write_all_at(&[0u8; HEADER_LEN + format::RECORD_HEADER_LEN], 0)
+            .map_err(|e| WalError::io(&file.path, "zero free segment header", e))?;
+        file.sync_data()?;
+        rename_no_replace(&file.path, path)?;
+        let file = SegmentFile {
+            file: file.file,
+            path: path.to_path_buf(),
+        };
+        prefill_page_cache(&file.file, path, segment_bytes)?;
+        let segment = Self::map(file, sequence, false)?;
+        let _ = segment.map.advise(memmap2::Advice::Random);
+        Ok(Some(segment))
     }
 
     /// Readies a recovered segment for appends: its cached pages may be
@@ -215,6 +264,8 @@ impl Segment {
             file: Arc::new(file),
             map,
             write_offset: HEADER_LEN,
+            chain: Some(format::chain_seed(sequence)),
+            sealed: false,
             header_durable,
             pages_released: false,
             max_entry_index: 0,
@@ -222,19 +273,61 @@ impl Segment {
     }
 
     pub(crate) fn header(&self, shard_id: u32) -> [u8; HEADER_LEN] {
+        let version = match self.chain {
+            Some(_) => format::FORMAT_VERSION,
+            None => format::UNCHAINED_FORMAT_VERSION,
+        };
         format::encode_header(SegmentHeader {
             shard_id,
             sequence: self.sequence,
+            version,
         })
+    }
+
+    /// Marks the end of the records after one was written (version 2: the
+    /// bytes after it may be stale; version 1 relies on zeros).
+    pub(crate) fn terminate(&mut self) {
+        if self.chain.is_some() {
+            format::terminate(&mut self.map, self.write_offset);
+        }
     }
 
     pub(crate) fn path(&self) -> &Path {
         &self.file.path
     }
 
-    /// Bytes left for records.
+    /// Bytes left for records (a version 2 segment keeps room for its seal).
     pub(crate) fn remaining(&self) -> usize {
-        self.map.len() - self.write_offset
+        if self.sealed {
+            return 0;
+        }
+        let reserved = if self.chain.is_some() {
+            format::SEAL_RECORD_LEN
+        } else {
+            0
+        };
+        (self.map.len() - self.write_offset).saturating_sub(reserved)
+    }
+
+    /// Closes a version 2 segment with its seal record, in the room kept for
+    /// it; returns the bytes written (none for version 1).
+    pub(crate) fn seal(&mut self) -> usize {
+        if self.sealed || self.chain.is_none() {
+            self.sealed = true;
+            return 0;
+        }
+        let start = self.write_offset;
+        let length = format::SEAL_RECORD_LEN;
+        format::write_record(
+            &mut self.map[start..start + length],
+            format::KIND_SEAL,
+            &[],
+            &mut self.chain,
+        );
+        self.write_offset += length;
+        self.terminate();
+        self.sealed = true;
+        length
     }
 }
 
@@ -263,6 +356,67 @@ fn prefill_page_cache(file: &File, path: &Path, segment_bytes: u64) -> Result<()
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
             Err(e) => return Err(WalError::io(path, "read new segment", e)),
         }
+    }
+    Ok(())
+}
+
+/// The oldest free file in `dir` of `segment_bytes` (removing those of another
+/// size: `segment_bytes` changed since they were retired).
+fn take_free_file(dir: &Path, segment_bytes: u64) -> Result<Option<PathBuf>, WalError> {
+    for (_, path) in free_files(dir)? {
+        let length = std::fs::metadata(&path)
+            .map_err(|e| WalError::io(&path, "stat free segment", e))?
+            .len();
+        if length == segment_bytes {
+            return Ok(Some(path));
+        }
+        std::fs::remove_file(&path).map_err(|e| WalError::io(&path, "remove free segment", e))?;
+    }
+    Ok(None)
+}
+
+/// The free files in `dir`, oldest first, as (sequence retired with, path).
+pub(crate) fn free_files(dir: &Path) -> Result<Vec<(u64, PathBuf)>, WalError> {
+    let mut found = Vec::new();
+    let entries = std::fs::read_dir(dir).map_err(|e| WalError::io(dir, "list directory", e))?;
+    for entry in entries {
+        let entry = entry.map_err(|e| WalError::io(dir, "list directory", e))?;
+        if let Some(sequence) = entry
+            .file_name()
+            .to_str()
+            .and_then(format::parse_free_file_name)
+        {
+            found.push((sequence, entry.path()));
+        }
+    }
+    found.sort();
+    Ok(found)
+}
+
+/// rename(2) that fails rather than replace an existing `to`.
+fn rename_no_replace(from: &Path, to: &Path) -> Result<(), WalError> {
+    use std::os::unix::ffi::OsStrExt;
+    let c_path = |path: &Path| {
+        std::ffi::CString::new(path.as_os_str().as_bytes())
+            .map_err(|e| WalError::io(path, "rename segment", std::io::Error::other(e.to_string())))
+    };
+    let (from_c, to_c) = (c_path(from)?, c_path(to)?);
+    // SAFETY: two NUL-terminated paths that outlive the call.
+    let rc = unsafe {
+        libc::renameat2(
+            libc::AT_FDCWD,
+            from_c.as_ptr(),
+            libc::AT_FDCWD,
+            to_c.as_ptr(),
+            libc::RENAME_NOREPLACE,
+        )
+    };
+    if rc != 0 {
+        return Err(WalError::io(
+            to,
+            "rename free segment",
+            std::io::Error::last_os_error(),
+        ));
     }
     Ok(())
 }
@@ -302,7 +456,10 @@ mod tests {
         assert_eq!(segment.path(), dir.path().join("0000000000000007.wal"));
         assert_eq!(std::fs::metadata(segment.path()).unwrap().len(), 8192);
         assert!(segment.map.iter().all(|&b| b == 0));
-        assert_eq!(segment.remaining(), 8192 - HEADER_LEN);
+        assert_eq!(
+            segment.remaining(),
+            8192 - HEADER_LEN - format::SEAL_RECORD_LEN
+        );
         assert!(!segment.header_durable);
     }
 

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use crate::error::WalError;
-use crate::format::HEADER_LEN;
+use crate::format::{self, HEADER_LEN};
 use crate::segment::SegmentFile;
 
 /// A position in the log: a segment and a byte offset in it. Ordered like the
@@ -153,26 +153,58 @@ fn uring_handle(segment: &Arc<SegmentFile>) -> Result<std::rc::Rc<monoio::fs::Fi
     })
 }
 
-/// Deletes segment files that `Wal::take_obsolete_segments` handed out, oldest
-/// first (so a crash midway leaves a contiguous suffix), then fsyncs their
-/// directories. Blocking: unlinking a large file can take milliseconds, so
+/// Retires segment files that `Wal::take_obsolete_segments` handed out,
+/// oldest first (so a crash midway leaves a contiguous suffix), then fsyncs
+/// their directories. Each is renamed to a free file for a later segment to
+/// reuse while the free files of its directory hold at most
+/// `keep_free_bytes`, and deleted past that (see the format doc's
+/// "Recycling"). Blocking: unlinking a large file can take milliseconds, so
 /// run it off the shard thread. Files already gone are not an error.
-pub fn remove_segments(mut paths: Vec<PathBuf>) -> Result<(), WalError> {
+pub fn remove_segments(mut paths: Vec<PathBuf>, keep_free_bytes: u64) -> Result<(), WalError> {
     paths.sort();
-    let mut dirs: Vec<PathBuf> = Vec::new();
+    // Per directory: bytes its free files hold.
+    let mut dirs: Vec<(PathBuf, u64)> = Vec::new();
     for path in &paths {
+        let Some(dir) = path.parent() else { continue };
+        let at = match dirs.iter().position(|(d, _)| d == dir) {
+            Some(at) => at,
+            None => {
+                let mut held = 0;
+                for (_, free) in crate::segment::free_files(dir)? {
+                    held += std::fs::metadata(&free).map_or(0, |m| m.len());
+                }
+                dirs.push((dir.to_path_buf(), held));
+                dirs.len() - 1
+            }
+        };
+        let length = match std::fs::metadata(path) {
+            Ok(metadata) => metadata.len(),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(WalError::io(path, "stat segment", e)),
+        };
+        let sequence = path
+            .file_name()
+            .and_then(|name| name.to_str())
+            .and_then(format::parse_segment_file_name);
+        let held = &mut dirs[at].1;
+        if let (Some(sequence), true) = (sequence, *held + length <= keep_free_bytes) {
+            let free = dir.join(format::free_file_name(sequence));
+            match std::fs::rename(path, &free) {
+                Ok(()) => {
+                    *held += length;
+                    continue;
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(WalError::io(path, "retire segment", e)),
+            }
+        }
         match std::fs::remove_file(path) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(WalError::io(path, "remove segment", e)),
         }
-        if let Some(dir) = path.parent() {
-            if !dirs.iter().any(|d| d == dir) {
-                dirs.push(dir.to_path_buf());
-            }
-        }
     }
-    for dir in dirs {
+    for (dir, _) in dirs {
         SegmentFile::open_dir(&dir)?.sync_all()?;
     }
     Ok(())
@@ -215,13 +247,46 @@ mod tests {
         let b = dir.path().join("0000000000000002.wal");
         std::fs::write(&a, b"a").unwrap();
         std::fs::write(&b, b"b").unwrap();
-        remove_segments(vec![
-            b.clone(),
-            a.clone(),
-            dir.path().join("0000000000000009.wal"),
-        ])
+        remove_segments(
+            vec![
+                b.clone(),
+                a.clone(),
+                dir.path().join("0000000000000009.wal"),
+            ],
+            0,
+        )
         .unwrap();
         assert!(!a.exists() && !b.exists());
+    }
+
+    #[test]
+    fn remove_segments_keeps_the_oldest_as_free_files_up_to_the_bound() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = |sequence: u64| dir.path().join(format::segment_file_name(sequence));
+        std::fs::write(dir.path().join(format::free_file_name(1)), [0u8; 100]).unwrap();
+        for sequence in 2..=5 {
+            std::fs::write(path(sequence), [sequence as u8; 100]).unwrap();
+        }
+        remove_segments((2..=5).map(path).collect(), 300).unwrap();
+        let mut names: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        names.sort();
+        assert_eq!(
+            names,
+            [
+                format::free_file_name(1),
+                format::free_file_name(2),
+                format::free_file_name(3)
+            ],
+            "the bound counts free files already there"
+        );
+        assert_eq!(
+            std::fs::read(dir.path().join(format::free_file_name(3))).unwrap(),
+            [3u8; 100],
+            "renamed, not rewritten"
+        );
     }
 
     #[test]
@@ -230,7 +295,7 @@ mod tests {
         let not_a_file = dir.path().join("0000000000000001.wal");
         std::fs::create_dir(&not_a_file).unwrap();
         std::fs::write(not_a_file.join("x"), b"x").unwrap();
-        let error = remove_segments(vec![not_a_file.clone()]).unwrap_err();
+        let error = remove_segments(vec![not_a_file.clone()], 0).unwrap_err();
         assert!(
             error.to_string().contains("0000000000000001.wal"),
             "{error}"

@@ -14,7 +14,20 @@ pub struct WalOptions {
     /// The shard this log belongs to, written into every segment header so a
     /// directory mix-up is caught at open instead of replaying another shard.
     pub shard_id: u32,
+    /// Bytes of retired segments kept as free files for new segments to
+    /// reuse instead of creating files (see the `format` module's
+    /// "Recycling"): writes into a reused file zero no page cache pages and
+    /// convert no unwritten extents, so syncs write data only. 0 deletes
+    /// every retired segment.
+    pub recycle_bytes: u64,
 }
+
+/// Default `recycle_bytes`: 1 GiB, the log a 1 GB state writes between two
+/// snapshots (at the node's default `snapshot_log_percent`), so that at that
+/// size nearly every new segment is a reused one. The WAL directory holds at
+/// most this much more than its live log, and usually less: a free file is
+/// only there because the live log was that much longer before.
+pub const DEFAULT_RECYCLE_BYTES: u64 = 1 << 30;
 
 /// Smallest accepted `segment_bytes`: room for the header, the metadata copies
 /// and some entries (tests use small segments to exercise rotation).
@@ -30,6 +43,7 @@ impl Default for WalOptions {
         WalOptions {
             segment_bytes: DEFAULT_SEGMENT_BYTES,
             shard_id: 0,
+            recycle_bytes: DEFAULT_RECYCLE_BYTES,
         }
     }
 }

@@ -119,7 +119,7 @@ impl Wal {
         // (open is blocking anyway).
         wal.collect_obsolete();
         let obsolete = wal.take_obsolete_segments();
-        sync::remove_segments(obsolete.clone())?;
+        sync::remove_segments(obsolete.clone(), wal.options.recycle_bytes)?;
         wal.recovery.obsolete_segments_removed = obsolete;
         wal.recovery.segments = wal.segments.len();
         wal.recovery.entries = wal.index.len() as u64;
@@ -546,7 +546,10 @@ impl Wal {
     /// The largest entry data an empty segment (header and metadata copies
     /// written) holds in one entries record.
     fn max_entry_data_len(&self) -> u64 {
-        let room = self.options.segment_bytes as usize - HEADER_LEN - self.metadata_len();
+        let room = self.options.segment_bytes as usize
+            - HEADER_LEN
+            - self.metadata_len()
+            - format::SEAL_RECORD_LEN;
         (room - ENTRIES_RECORD_OVERHEAD - ENTRY_HEADER_LEN).min(u32::MAX as usize) as u64
     }
 
@@ -620,8 +623,9 @@ impl Wal {
             offset += ENTRY_HEADER_LEN + data_len;
         }
         debug_assert_eq!(offset, RECORD_HEADER_LEN + body_len);
-        format::seal_record(record, body_len);
+        format::seal_record(record, body_len, &mut segment.chain);
         segment.write_offset += length;
+        segment.terminate();
         segment.max_entry_index = segment
             .max_entry_index
             .max(first_index + entries.len() as u64 - 1);
@@ -651,8 +655,14 @@ impl Wal {
             segment.remaining(),
             segment.path().display()
         );
-        format::write_record(&mut segment.map[start..start + length], kind, payload);
+        format::write_record(
+            &mut segment.map[start..start + length],
+            kind,
+            payload,
+            &mut segment.chain,
+        );
         segment.write_offset += length;
+        segment.terminate();
         self.bytes_written += length as u64;
         Position {
             sequence: segment.sequence,
@@ -673,6 +683,12 @@ impl Wal {
             self.active().sequence + 1,
             "the prepared segment must follow the active one"
         );
+        let sealed = self
+            .segments
+            .back_mut()
+            .expect("a WAL always has an active segment")
+            .seal();
+        self.bytes_written += sealed as u64;
         self.segments.push_back(segment);
         self.created_segments += 1;
         self.write_metadata_copies();
@@ -735,6 +751,7 @@ mod tests {
         WalOptions {
             segment_bytes,
             shard_id: 3,
+            recycle_bytes: crate::types::DEFAULT_RECYCLE_BYTES,
         }
     }
 
@@ -970,7 +987,7 @@ mod tests {
     fn remove_segments_now(wal: &mut Wal) -> usize {
         let obsolete = wal.take_obsolete_segments();
         let count = obsolete.len();
-        crate::remove_segments(obsolete).unwrap();
+        crate::remove_segments(obsolete, wal.options.recycle_bytes).unwrap();
         count
     }
 

@@ -5,6 +5,10 @@
 //! pages, optionally with garbage where the rest was), then the WAL is
 //! reopened and must return everything synced, and nothing that was never
 //! written.
+//!
+//! Retired segments are kept as free files and reused (a small
+//! `recycle_bytes`), so new segments start full of old records; a crash may
+//! leave a reused file under its new name or put it back under its free name.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -175,28 +179,52 @@ struct Harness {
     synced: State,
     since_sync: Vec<State>,
     destructive_since_sync: bool,
-    /// Segment file name -> bytes, as of the last successful sync.
+    /// Segment and free file name -> bytes, as of the last successful sync.
     durable: BTreeMap<String, Vec<u8>>,
+    /// Their inodes then: a new segment with a free file's inode reused it.
+    durable_inodes: BTreeMap<String, u64>,
     data_counter: u64,
 }
+
+/// Bytes the preparer zeroes (and syncs) in a free file before reusing it:
+/// the header and the first record's length.
+const ZEROED_ON_REUSE: usize = 32 + 8;
 
 fn options() -> WalOptions {
     WalOptions {
         segment_bytes: SEGMENT_BYTES,
         shard_id: 9,
+        recycle_bytes: 4 * SEGMENT_BYTES,
     }
+}
+
+fn is_log_file(name: &str) -> bool {
+    name.ends_with(".wal") || name.ends_with(".free")
 }
 
 fn segment_files(dir: &Path) -> BTreeMap<String, Vec<u8>> {
     std::fs::read_dir(dir)
         .unwrap()
         .map(|e| e.unwrap())
-        .filter(|e| e.file_name().to_string_lossy().ends_with(".wal"))
+        .filter(|e| is_log_file(&e.file_name().to_string_lossy()))
         .map(|e| {
             (
                 e.file_name().to_string_lossy().into_owned(),
                 std::fs::read(e.path()).unwrap(),
             )
+        })
+        .collect()
+}
+
+fn inodes(dir: &Path) -> BTreeMap<String, u64> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap())
+        .filter(|e| is_log_file(&e.file_name().to_string_lossy()))
+        .map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            (name, e.metadata().unwrap().ino())
         })
         .collect()
 }
@@ -211,9 +239,13 @@ fn next_random(seed: &mut u64) -> u64 {
 
 impl Harness {
     fn open(dir: PathBuf) -> Harness {
-        let wal = Wal::open(&dir, options()).expect("open");
+        let mut wal = Wal::open(&dir, options()).expect("open");
+        // The preparer may be renaming a free file: let it finish before
+        // the files are read.
+        wal.wait_for_next_segment();
         let state = State::read(&wal);
         let durable = segment_files(&dir);
+        let durable_inodes = inodes(&dir);
         Harness {
             dir,
             current_term: state
@@ -227,6 +259,7 @@ impl Harness {
             wal: Some(wal),
             destructive_since_sync: false,
             durable,
+            durable_inodes,
             data_counter: 0,
         }
     }
@@ -346,8 +379,10 @@ impl Harness {
     fn sync(&mut self) {
         let wal = self.wal();
         wal.sync().unwrap();
-        corekv_wal::remove_segments(wal.take_obsolete_segments()).unwrap();
+        let retired = wal.take_obsolete_segments();
+        corekv_wal::remove_segments(retired, options().recycle_bytes).unwrap();
         self.durable = segment_files(&self.dir);
+        self.durable_inodes = inodes(&self.dir);
         self.synced = self.state.clone();
         self.since_sync = vec![self.state.clone()];
         self.destructive_since_sync = false;
@@ -359,18 +394,40 @@ impl Harness {
     fn crash(&mut self, crash: &Crash) -> (bool, bool) {
         drop(self.wal.take());
         let current = segment_files(&self.dir);
+        let current_inodes = inodes(&self.dir);
+        // Free files taken for new segments since the last sync, by inode:
+        // their durable bytes (header zeroed, synced) are the new file's
+        // starting point, and a crash that loses the rename puts them back.
+        let reused_from = |name: &str| -> Option<&String> {
+            let inode = current_inodes.get(name)?;
+            self.durable_inodes
+                .iter()
+                .find(|(free, i)| *i == inode && free.ends_with(".free"))
+                .map(|(free, _)| free)
+        };
+        let reused_base = |free: &String| {
+            let mut bytes = self.durable[free].clone();
+            bytes[..ZEROED_ON_REUSE].fill(0);
+            bytes
+        };
         // Bytes written since the last sync, in append order: segment files in
         // sequence order (the names sort that way), offsets ascending.
         let mut image: BTreeMap<String, Vec<u8>> = BTreeMap::new();
+        let mut restored: BTreeMap<String, Vec<u8>> = BTreeMap::new();
         let mut changed: Vec<(String, usize)> = Vec::new();
         for (name, bytes) in &current {
-            let base = match self.durable.get(name) {
-                Some(durable) if durable.len() == bytes.len() => durable.clone(),
+            let base = match (self.durable.get(name), reused_from(name)) {
+                (Some(durable), _) if durable.len() == bytes.len() => durable.clone(),
                 // Seen while the WAL's helper thread was still creating it
                 // (fallocate not done): it had no content yet.
-                Some(_) => vec![0u8; bytes.len()],
-                None if crash.new_files_survive => vec![0u8; bytes.len()],
-                None => continue,
+                (Some(_), _) => vec![0u8; bytes.len()],
+                (None, Some(free)) if crash.new_files_survive => reused_base(free),
+                (None, Some(free)) => {
+                    restored.insert(free.clone(), reused_base(free));
+                    continue;
+                }
+                (None, None) if crash.new_files_survive => vec![0u8; bytes.len()],
+                (None, None) => continue,
             };
             changed.extend(
                 (0..bytes.len())
@@ -428,6 +485,9 @@ impl Harness {
                 None => std::fs::remove_file(&path).unwrap(),
             }
         }
+        for (name, bytes) in &restored {
+            std::fs::write(self.dir.join(name), bytes).unwrap();
+        }
         let nothing_kept = kept.iter().all(|k| !k) && !garbage_written;
         let everything_kept = kept.iter().all(|k| *k) && no_new_files;
         (nothing_kept, everything_kept)
@@ -440,7 +500,10 @@ impl Harness {
         exactly_current: bool,
     ) -> Result<(), TestCaseError> {
         let wal = match Wal::open(&self.dir, options()) {
-            Ok(wal) => wal,
+            Ok(mut wal) => {
+                wal.wait_for_next_segment();
+                wal
+            }
             Err(error) => {
                 return Err(TestCaseError::fail(format!(
                     "reopen after a crash failed: {error}"
@@ -509,6 +572,7 @@ impl Harness {
         self.since_sync = vec![recovered];
         self.destructive_since_sync = false;
         self.durable = segment_files(&self.dir);
+        self.durable_inodes = inodes(&self.dir);
         Ok(())
     }
 }

@@ -80,6 +80,7 @@ fn enospc_from_preallocation_names_the_file_and_appends_resume_when_space_return
     let options = WalOptions {
         segment_bytes: SEGMENT_BYTES,
         shard_id: 0,
+        recycle_bytes: corekv_wal::DEFAULT_RECYCLE_BYTES,
     };
     let data = [0x5au8; 1000];
     let mut wal = Wal::open(&dir, options.clone()).unwrap();
@@ -165,6 +166,7 @@ fn enospc_when_creating_the_first_segment_is_an_error_naming_it() {
     let options = WalOptions {
         segment_bytes: SEGMENT_BYTES,
         shard_id: 0,
+        recycle_bytes: corekv_wal::DEFAULT_RECYCLE_BYTES,
     };
     match Wal::open(&dir, options) {
         Err(WalError::Io { path, op, error }) => {

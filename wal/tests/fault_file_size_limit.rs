@@ -11,6 +11,7 @@ fn preallocation_failure_names_the_file_and_appends_resume_once_files_may_grow()
     let options = WalOptions {
         segment_bytes: 64 * 1024,
         shard_id: 0,
+        recycle_bytes: corekv_wal::DEFAULT_RECYCLE_BYTES,
     };
     let mut wal = Wal::open(dir.path(), options.clone()).unwrap();
     let data = [7u8; 100];

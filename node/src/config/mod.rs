@@ -270,6 +270,17 @@ config_keys! {
         flag: u64, "BYTES", "WAL segment size in bytes, >= 1 MiB [default: 67108864]",
         env: "COREKV_WAL_SEGMENT_BYTES",
     }
+    /// Bytes of retired WAL segments a shard keeps for new segments to reuse
+    /// (0: delete them). Writing into an old segment's blocks zero-fills no
+    /// page cache and converts no unwritten extents, so each fdatasync
+    /// writes data only. Default 1 GiB, the log written between snapshots
+    /// of a 1 GB state. A shard's WAL directory holds at most this much
+    /// beyond its live log.
+    wal_recycle_bytes: u64 {
+        default: 1024 * MIB,
+        flag: u64, "BYTES", "Retired WAL segment bytes kept for reuse per shard [default: 1073741824]",
+        env: "COREKV_WAL_RECYCLE_BYTES",
+    }
     /// A shard snapshots its state machine when the log since the last
     /// snapshot passes this many entries (or `snapshot_bytes`). Default 100000.
     snapshot_entries: u64 {

@@ -424,6 +424,7 @@ fn single_voter_leader(dir: &std::path::Path) -> (Replica, Output) {
     let options = corekv_wal::WalOptions {
         segment_bytes: 1 << 20,
         shard_id: 0,
+        recycle_bytes: corekv_wal::DEFAULT_RECYCLE_BYTES,
     };
     let wal = Wal::open(dir, options).unwrap();
     let mut r = Replica::open(wal, single_voter_options(), None).unwrap();
@@ -578,6 +579,7 @@ mod snapshot_marker_tests {
             WalOptions {
                 segment_bytes: 1 << 20,
                 shard_id: 0,
+                recycle_bytes: corekv_wal::DEFAULT_RECYCLE_BYTES,
             },
         )
         .unwrap();

@@ -124,6 +124,7 @@ pub async fn run(
         WalOptions {
             segment_bytes: config.wal_segment_bytes,
             shard_id: shard,
+            recycle_bytes: config.wal_recycle_bytes,
         },
     )?;
     if let Some((file, offset)) = &wal.recovery().torn_tail {

@@ -112,9 +112,10 @@ impl Shard {
             let kept = obsolete.clone();
             let dir = self.snap_dir.clone();
             let shard = self.local.shard;
+            let keep_free_bytes = self.node.config.wal_recycle_bytes;
             let submitted = self.local.helper.submit(move || {
                 let count = obsolete.len();
-                match corekv_wal::remove_segments(obsolete) {
+                match corekv_wal::remove_segments(obsolete, keep_free_bytes) {
                     Ok(()) => tracing::info!(shard, segments = count, "WAL compacted"),
                     Err(e) => tracing::warn!(shard, error = %e, "cannot delete WAL segments"),
                 }
