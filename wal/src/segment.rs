@@ -464,6 +464,37 @@ mod tests {
     }
 
     #[test]
+    fn create_reuses_a_free_file_of_its_size_and_drops_others() {
+        let dir = tempfile::tempdir().unwrap();
+        let free = |sequence: u64| dir.path().join(format::free_file_name(sequence));
+        std::fs::write(free(1), vec![0xAB; 4096]).unwrap();
+        std::fs::write(free(2), vec![0xCD; 8192]).unwrap();
+        std::fs::write(free(3), vec![0xEF; 8192]).unwrap();
+        let segment = Segment::create(dir.path(), 9, 8192).unwrap();
+        assert!(!free(1).exists(), "a free file of another size is removed");
+        assert!(!free(2).exists(), "the oldest of the right size is taken");
+        assert!(free(3).exists());
+        let bytes = std::fs::read(segment.path()).unwrap();
+        assert_eq!(bytes.len(), 8192);
+        assert!(bytes[..HEADER_LEN + format::RECORD_HEADER_LEN]
+            .iter()
+            .all(|&b| b == 0));
+        assert!(bytes[HEADER_LEN + format::RECORD_HEADER_LEN..]
+            .iter()
+            .all(|&b| b == 0xCD));
+        assert_eq!(segment.chain, Some(format::chain_seed(9)));
+        assert!(!segment.header_durable);
+        // A name already taken is never overwritten: a new file instead.
+        drop(segment);
+        let error = Segment::create(dir.path(), 9, 8192).unwrap_err();
+        assert!(
+            error.to_string().contains("0000000000000009.wal"),
+            "{error}"
+        );
+        assert!(free(3).exists(), "the free file stays free");
+    }
+
+    #[test]
     fn create_refuses_existing_file() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("0000000000000001.wal");
