@@ -92,16 +92,7 @@ impl Row {
 }
 
 const HEADERS: [&str; 10] = [
-    "node",
-    "shard",
-    "role",
-    "term",
-    "leader",
-    "lag",
-    "req/s",
-    "err/s",
-    "p99 ms",
-    "fsync p99",
+    "node", "shard", "role", "term", "leader", "lag", "req/s", "err/s", "p99 ms", "fsync ms",
 ];
 
 /// Runs `corekv top` against the cluster behind `endpoints`.
