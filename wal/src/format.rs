@@ -548,6 +548,40 @@ pub(crate) fn decode_entries(
     Ok((first_index, count))
 }
 
+/// A version 2 segment's bytes as version 1 wrote them: the same records
+/// (seal dropped) with unchained crcs, zeros after the last, a version 1
+/// header. Returns them and where the records end. For tests of the
+/// version 1 reader.
+#[cfg(test)]
+pub(crate) fn as_version_1(segment: &[u8]) -> (Vec<u8>, usize) {
+    let header = decode_header(segment).expect("a valid header");
+    let mut chain = header.chain();
+    let mut offset = HEADER_LEN;
+    let mut out = vec![0u8; segment.len()];
+    let mut end = HEADER_LEN;
+    while let ReadRecord::Record {
+        crc,
+        kind,
+        payload,
+        next_offset,
+        ..
+    } = read_record(segment, offset, chain)
+    {
+        if kind != KIND_SEAL {
+            let length = record_len(KIND_LEN + payload.len());
+            write_record(&mut out[end..end + length], kind, payload, &mut None);
+            end += length;
+        }
+        chain = Some(crc);
+        offset = next_offset;
+    }
+    out[..HEADER_LEN].copy_from_slice(&encode_header(SegmentHeader {
+        version: UNCHAINED_FORMAT_VERSION,
+        ..header
+    }));
+    (out, end)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -25,17 +25,7 @@ pub const FIRST_RECORD_OFFSET: u64 = HEADER_LEN as u64;
 /// The segment files of a WAL directory, oldest first, as (sequence, path).
 /// Other files (the lock file, strays) are left out.
 pub fn segment_files(dir: &Path) -> Result<Vec<(u64, PathBuf)>, WalError> {
-    let mut found = Vec::new();
-    let entries = std::fs::read_dir(dir).map_err(|e| WalError::io(dir, "list directory", e))?;
-    for entry in entries {
-        let entry = entry.map_err(|e| WalError::io(dir, "list directory", e))?;
-        let name = entry.file_name();
-        if let Some(sequence) = name.to_str().and_then(format::parse_segment_file_name) {
-            found.push((sequence, entry.path()));
-        }
-    }
-    found.sort();
-    Ok(found)
+    crate::segment::files_named(dir, format::parse_segment_file_name)
 }
 
 /// The sequence number a segment's file name carries, or None for a file
@@ -517,42 +507,11 @@ mod tests {
     fn stray_bytes_after_the_last_record_of_a_version_1_segment_are_reported() {
         let dir = tempfile::tempdir().unwrap();
         let paths = write_log(dir.path(), 3);
-        let bytes = std::fs::read(&paths[0]).unwrap();
         // The same records as version 1 wrote them: unchained, zeros after.
-        let records: Vec<(u8, Vec<u8>)> = {
-            let mut chain = Some(format::chain_seed(1));
-            let mut offset = HEADER_LEN;
-            let mut found = Vec::new();
-            while let ReadRecord::Record {
-                crc,
-                kind,
-                payload,
-                next_offset,
-                ..
-            } = format::read_record(&bytes, offset, chain)
-            {
-                found.push((kind, payload.to_vec()));
-                chain = Some(crc);
-                offset = next_offset;
-            }
-            found
-        };
-        let mut bytes = vec![0u8; bytes.len()];
-        bytes[..HEADER_LEN].copy_from_slice(&format::encode_header(format::SegmentHeader {
-            shard_id: 3,
-            sequence: 1,
-            version: format::UNCHAINED_FORMAT_VERSION,
-        }));
-        let mut end = HEADER_LEN;
-        for (kind, payload) in &records {
-            let length = format::record_len(format::KIND_LEN + payload.len());
-            format::write_record(&mut bytes[end..end + length], *kind, payload, &mut None);
-            end += length;
-        }
-        assert_eq!(
-            Records::new(&bytes).map(Result::unwrap).count(),
-            records.len()
-        );
+        let (mut bytes, end) = format::as_version_1(&std::fs::read(&paths[0]).unwrap());
+        let count = Records::new(&bytes).map(Result::unwrap).count();
+        assert!(count >= 3);
+
         bytes[end + 900] = 0xee;
         let mut records = Records::new(&bytes);
         let bad = records.find_map(Result::err).unwrap();

@@ -127,19 +127,7 @@ type Classified = (Vec<(u64, PathBuf, Option<u32>)>, Vec<PathBuf>, u64);
 /// Splits the segment files into valid ones (contiguous sequences) and
 /// never-synced ones after them; returns the highest sequence seen too.
 fn classify_segments(dir: &Path, shard_id: u32) -> Result<Classified, WalError> {
-    let mut listed = Vec::new();
-    let entries = std::fs::read_dir(dir).map_err(|e| WalError::io(dir, "list directory", e))?;
-    for entry in entries {
-        let entry = entry.map_err(|e| WalError::io(dir, "list directory", e))?;
-        if let Some(sequence) = entry
-            .file_name()
-            .to_str()
-            .and_then(format::parse_segment_file_name)
-        {
-            listed.push((sequence, entry.path()));
-        }
-    }
-    listed.sort();
+    let listed = crate::segment::files_named(dir, format::parse_segment_file_name)?;
     let last_sequence = listed.last().map_or(0, |(sequence, _)| *sequence);
 
     let mut valid: Vec<(u64, PathBuf, Option<u32>)> = Vec::new();
@@ -505,11 +493,11 @@ mod tests {
         recover(dir, &options()).unwrap()
     }
 
-    /// A synced WAL of `count` entries of 100 bytes (about 35 per segment).
-    fn write_log(dir: &Path, count: u64) -> Vec<PathBuf> {
-        let mut wal = open_wal(dir).unwrap();
-        let data = [7u8; 100];
-        for index in 1..=count {
+    /// Appends entries `indexes` of term 1, 100 bytes of `byte` each, one
+    /// record per entry.
+    fn append(wal: &mut Wal, indexes: std::ops::RangeInclusive<u64>, byte: u8) {
+        let data = [byte; 100];
+        for index in indexes {
             let entry = EntryRef {
                 index,
                 term: 1,
@@ -518,6 +506,12 @@ mod tests {
             };
             wal.append_entries_waiting(&[entry]).unwrap();
         }
+    }
+
+    /// A synced WAL of `count` entries of 100 bytes (about 35 per segment).
+    fn write_log(dir: &Path, count: u64) -> Vec<PathBuf> {
+        let mut wal = open_wal(dir).unwrap();
+        append(&mut wal, 1..=count, 7);
         wal.sync().unwrap();
         drop(wal);
         segment_paths(&recover_ok(dir))
@@ -751,44 +745,9 @@ mod tests {
         );
     }
 
-    /// Rewrites a (synced, closed) segment as version 1 wrote it: unchained
-    /// crcs, no seal record, zeros after the last record.
+    /// Rewrites a (synced, closed) segment as version 1 wrote it.
     fn rewrite_as_version_1(path: &Path) {
-        let mut bytes = std::fs::read(path).unwrap();
-        let header = format::decode_header(&bytes).unwrap();
-        let mut chain = header.chain();
-        let mut offset = HEADER_LEN;
-        let mut records = Vec::new();
-        while let ReadRecord::Record {
-            crc,
-            kind,
-            payload,
-            next_offset,
-            ..
-        } = format::read_record(&bytes, offset, chain)
-        {
-            if kind != format::KIND_SEAL {
-                records.push((kind, payload.to_vec()));
-            }
-            chain = Some(crc);
-            offset = next_offset;
-        }
-        bytes[HEADER_LEN..].fill(0);
-        let mut offset = HEADER_LEN;
-        for (kind, payload) in records {
-            let length = format::record_len(format::KIND_LEN + payload.len());
-            format::write_record(
-                &mut bytes[offset..offset + length],
-                kind,
-                &payload,
-                &mut None,
-            );
-            offset += length;
-        }
-        bytes[..HEADER_LEN].copy_from_slice(&format::encode_header(format::SegmentHeader {
-            version: format::UNCHAINED_FORMAT_VERSION,
-            ..header
-        }));
+        let (bytes, _) = format::as_version_1(&std::fs::read(path).unwrap());
         std::fs::write(path, bytes).unwrap();
     }
 
@@ -803,16 +762,7 @@ mod tests {
         let mut wal = open_wal(dir.path()).unwrap();
         assert_eq!((wal.first_index(), wal.last_index()), (1, 120));
         assert_eq!(wal.recovery().torn_tail, None);
-        let data = [3u8; 100];
-        for index in 121..=200 {
-            let entry = EntryRef {
-                index,
-                term: 1,
-                entry_type: 0,
-                data: &data,
-            };
-            wal.append_entries_waiting(&[entry]).unwrap();
-        }
+        append(&mut wal, 121..=200, 3);
         wal.sync().unwrap();
         drop(wal);
         let recovered = recover_ok(dir.path());
@@ -850,19 +800,7 @@ mod tests {
             ..options()
         };
         let mut wal = Wal::open(dir.path(), options.clone()).unwrap();
-        let data = [7u8; 100];
-        let append = |wal: &mut Wal, range: std::ops::RangeInclusive<u64>| {
-            for index in range {
-                let entry = EntryRef {
-                    index,
-                    term: 1,
-                    entry_type: 0,
-                    data: &data,
-                };
-                wal.append_entries_waiting(&[entry]).unwrap();
-            }
-        };
-        append(&mut wal, 1..=150);
+        append(&mut wal, 1..=150, 7);
         wal.sync().unwrap();
         wal.compact(150).unwrap();
         wal.sync().unwrap();
@@ -879,7 +817,7 @@ mod tests {
             .collect();
         // The segment after the active one was prepared before any file was
         // free: enough entries for several more.
-        append(&mut wal, 151..=400);
+        append(&mut wal, 151..=400, 8);
         wal.wait_for_next_segment();
         wal.sync().unwrap();
         drop(wal);

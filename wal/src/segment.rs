@@ -377,15 +377,20 @@ fn take_free_file(dir: &Path, segment_bytes: u64) -> Result<Option<PathBuf>, Wal
 
 /// The free files in `dir`, oldest first, as (sequence retired with, path).
 pub(crate) fn free_files(dir: &Path) -> Result<Vec<(u64, PathBuf)>, WalError> {
+    files_named(dir, format::parse_free_file_name)
+}
+
+/// The files in `dir` whose names `parse` reads a sequence from, as
+/// (sequence, path), sorted; other files are left out.
+pub(crate) fn files_named(
+    dir: &Path,
+    parse: fn(&str) -> Option<u64>,
+) -> Result<Vec<(u64, PathBuf)>, WalError> {
     let mut found = Vec::new();
     let entries = std::fs::read_dir(dir).map_err(|e| WalError::io(dir, "list directory", e))?;
     for entry in entries {
         let entry = entry.map_err(|e| WalError::io(dir, "list directory", e))?;
-        if let Some(sequence) = entry
-            .file_name()
-            .to_str()
-            .and_then(format::parse_free_file_name)
-        {
+        if let Some(sequence) = entry.file_name().to_str().and_then(parse) {
             found.push((sequence, entry.path()));
         }
     }
