@@ -17,7 +17,7 @@ use std::iter::Peekable;
 use std::ops::Bound;
 use std::sync::Arc;
 
-use crate::state_machine::{Key, Versioned};
+use crate::stored::{Key, Versioned};
 
 /// Delta entries moved into the base per write once the base is no longer
 /// shared: more than one, so the delta shrinks while writes go on.

@@ -35,6 +35,7 @@ pub mod snapshot;
 mod snapshot_transfer;
 pub mod state_machine;
 mod storage;
+pub mod stored;
 pub mod supervisor;
 pub mod tls;
 

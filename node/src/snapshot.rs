@@ -457,7 +457,7 @@ pub fn write(dir: &Path, meta: &SnapshotMeta, image: &Image) -> Result<PathBuf, 
     write_paced(dir, meta, image, Pacing::default())
 }
 
-/// [`write`] with a chosen [`Pacing`].
+/// [`write`](fn@write) with a chosen [`Pacing`].
 pub fn write_paced(
     dir: &Path,
     meta: &SnapshotMeta,

@@ -1,0 +1,108 @@
+//! What the state machine's map stores: keys (short ones inline) and values
+//! with the log index that wrote them. A module of its own so the map
+//! (`layered_map`) and the state machine both use it without depending on
+//! each other.
+
+use bytes::Bytes;
+
+/// A stored value and the log index that wrote it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Versioned {
+    /// The value.
+    pub value: Bytes,
+    /// Raft index of the write that produced it.
+    pub version: u64,
+}
+
+/// Keys up to this long are stored inside the map's nodes.
+pub const INLINE_KEY_BYTES: usize = 30;
+
+/// A key of the map. Short keys (the common case) live inline, so the
+/// binary search in a map node compares bytes that sit in the node itself
+/// instead of following a heap pointer per comparison (a cache miss each on
+/// a big map). Ordered, and compared, as its bytes.
+#[derive(Clone)]
+pub enum Key {
+    /// At most `INLINE_KEY_BYTES` bytes: `bytes[..len]`.
+    Inline {
+        /// Length in bytes.
+        len: u8,
+        /// The key, zero padded.
+        bytes: [u8; INLINE_KEY_BYTES],
+    },
+    /// A longer key.
+    Heap(Bytes),
+}
+
+impl Key {
+    /// The key for `bytes` (copied when short, shared otherwise).
+    pub fn new(key: &Bytes) -> Key {
+        if key.len() <= INLINE_KEY_BYTES {
+            Key::from_slice(key)
+        } else {
+            Key::Heap(key.clone())
+        }
+    }
+
+    /// The key for `bytes`, copied.
+    pub fn from_slice(key: &[u8]) -> Key {
+        if key.len() <= INLINE_KEY_BYTES {
+            let mut bytes = [0u8; INLINE_KEY_BYTES];
+            bytes[..key.len()].copy_from_slice(key);
+            Key::Inline {
+                len: key.len() as u8,
+                bytes,
+            }
+        } else {
+            Key::Heap(Bytes::copy_from_slice(key))
+        }
+    }
+
+    /// The key's bytes.
+    pub fn as_slice(&self) -> &[u8] {
+        match self {
+            Key::Inline { len, bytes } => &bytes[..*len as usize],
+            Key::Heap(bytes) => bytes,
+        }
+    }
+
+    /// The key as `Bytes` (a copy for an inline key).
+    pub fn to_bytes(&self) -> Bytes {
+        match self {
+            Key::Inline { .. } => Bytes::copy_from_slice(self.as_slice()),
+            Key::Heap(bytes) => bytes.clone(),
+        }
+    }
+}
+
+impl std::borrow::Borrow<[u8]> for Key {
+    fn borrow(&self) -> &[u8] {
+        self.as_slice()
+    }
+}
+
+impl PartialEq for Key {
+    fn eq(&self, other: &Self) -> bool {
+        self.as_slice() == other.as_slice()
+    }
+}
+
+impl Eq for Key {}
+
+impl PartialOrd for Key {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for Key {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.as_slice().cmp(other.as_slice())
+    }
+}
+
+impl std::fmt::Debug for Key {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:?}", Bytes::copy_from_slice(self.as_slice()))
+    }
+}
