@@ -337,17 +337,25 @@ fn torn_tail_scenario(tear: Tear, restart: Restart) {
             .rfind(|p| has_header(p))
             .expect("a WAL segment with a header");
         let offset = tear_tail(&newest, &mut rng, tear);
+        // A tear that leaves a clean end at a record boundary (the bytes
+        // after it zeroed, or garbage behind a zero length) reads as a
+        // shorter log in a version 2 segment, whose bytes past the end may
+        // be a reused file's old ones: nothing to repair, nothing reported.
+        let torn = inspect::Records::new(&std::fs::read(&newest).unwrap()).any(|r| r.is_err());
         println!(
-            "shard {shard}: tore {} at offset {offset}",
-            newest.display()
+            "shard {shard}: tore {} at offset {offset} ({})",
+            newest.display(),
+            if torn { "a torn record" } else { "a clean end" }
         );
-        damaged.push(newest);
+        if torn {
+            damaged.push(newest);
+        }
     }
 
     for &id in &down {
         cluster.node(id).start();
     }
-    let repaired = wait_for("the follower to report both repairs", DEADLINE, || {
+    let repaired = wait_for("the follower to report its repairs", DEADLINE, || {
         let log = cluster.nodes[follower as usize - 1].log();
         let lines: Vec<String> = log
             .lines()
