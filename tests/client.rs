@@ -267,6 +267,38 @@ fn follower_reads_are_served_by_followers_and_stay_linearizable() {
 }
 
 #[test]
+fn a_write_moves_on_from_a_paused_leader_to_the_next_one_within_its_deadline() {
+    let mut cluster = Cluster::start(3, 1);
+    let leader = cluster.wait_for_leaders()[0];
+    let paused = cluster.nodes.iter().find(|n| n.id == leader).unwrap();
+    let pid = paused.pid().expect("running") as i32;
+    let options = ClientOptions {
+        request_timeout: Duration::from_secs(4),
+        ..options(&cluster)
+    };
+    assert!(options.exactly_once, "the default");
+    block_on(async move {
+        let client = Client::connect(options).await.expect("connect");
+        client.put(b("k"), b("v0")).await.unwrap();
+        // The leader stops answering; the others elect a new one within
+        // about half a second. A write in the session must reach it (after
+        // a quarter of its 4 s deadline), not wait for all of it.
+        // SAFETY: a signal to a child process this test started.
+        assert_eq!(unsafe { libc::kill(pid, libc::SIGSTOP) }, 0);
+        let mut last = 0;
+        for i in 1..=4 {
+            let value = format!("v{i}");
+            let version = client.put(b("k"), Bytes::from(value)).await;
+            last = version.unwrap_or_else(|e| panic!("write {i}: {e}"));
+        }
+        // SAFETY: as above.
+        assert_eq!(unsafe { libc::kill(pid, libc::SIGCONT) }, 0);
+        let got = client.get(b("k"), Consistency::Linearizable).await.unwrap();
+        assert_eq!(got, Some((b("v4"), last)));
+    });
+}
+
+#[test]
 fn a_read_moves_on_from_a_paused_node_within_its_deadline() {
     let mut cluster = Cluster::start(3, 1);
     let leader = cluster.wait_for_leaders()[0];

@@ -82,9 +82,9 @@ use futures_channel::oneshot;
 
 pub use corekv_proto::client::{Consistency, ErrorCode, KeyValue, ScanResult, StatusResult};
 
-/// The shortest time one attempt of a read waits for its answer (see
-/// `Client::attempt_timeout`), so that even a short request timeout leaves
-/// a slow answer its chance.
+/// The shortest time one attempt of a read or a session write waits for its
+/// answer (see `Client::attempt_timeout`), so that even a short request
+/// timeout leaves a slow answer its chance.
 pub const MIN_ATTEMPT_TIMEOUT: Duration = Duration::from_millis(250);
 
 /// Runs `future` to completion on a new monoio runtime on this thread: the
@@ -709,15 +709,14 @@ impl Client {
             ReadFrom::Leader => self.target(shard)?,
             _ => self.read_target(shard, read_from, attempts)?,
         };
-        // A read may be sent again at no risk: one that a paused or cut-off
-        // node does not answer moves on to another node within the
+        // A read, and a write in an exactly-once session (the node applies
+        // a numbered write at most once), may be sent again at no risk: one
+        // that a paused or cut-off node does not answer moves on to another
+        // node (for a write, the leader elected meanwhile) within the
         // deadline. Any other request waits for its answer until the
-        // deadline. (Not writes in a session either: a shard forgets a
-        // write's result once the client acknowledges it, and a copy of
-        // the write still in the log then applies again; see
-        // `Sessions::admit`.)
+        // deadline: sent twice, it could apply twice.
         let remaining = deadline.saturating_duration_since(Instant::now());
-        let resendable = matches!(op, Op::Get(_) | Op::Scan(_));
+        let resendable = matches!(op, Op::Get(_) | Op::Scan(_)) || tag.session_id != 0;
         let timeout = if resendable {
             self.attempt_timeout().min(remaining)
         } else {

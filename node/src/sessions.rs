@@ -7,7 +7,10 @@
 //! number; a later entry with a number it has a result for is answered with
 //! that result and not applied again. Each write also says below which
 //! number the client has every answer, so results are forgotten as soon as
-//! the client no longer needs them.
+//! the client no longer needs them; the shard keeps the highest such mark,
+//! and a write numbered below it is a copy the client already has the
+//! answer to (a resent write whose first attempt committed later): refused,
+//! never applied again.
 //!
 //! Everything here changes only by applying log entries, in log order, so
 //! every replica holds the same sessions; they travel in snapshots.
@@ -44,6 +47,9 @@ pub struct Session {
     pub results: OrdMap<u64, response::Result>,
     /// Index of the last entry that used the session.
     pub last_used: u64,
+    /// The highest `acked_below` its writes carried: every write numbered
+    /// below it was answered, so one arriving now is a late copy.
+    pub acked_below: u64,
 }
 
 /// The sessions of a shard. Cloning is O(1) (a snapshot takes a view).
@@ -90,6 +96,7 @@ impl Sessions {
             Session {
                 results: OrdMap::new(),
                 last_used: index,
+                acked_below: 0,
             },
         );
         self.by_last_used.insert(index, index);
@@ -110,21 +117,24 @@ impl Sessions {
         self.by_last_used.remove(&session.last_used);
         session.last_used = index;
         self.by_last_used.insert(index, tag.session_id);
+        // A copy of an older write carries an older mark: the session's
+        // mark only grows.
+        session.acked_below = session.acked_below.max(tag.acked_below);
         // Results are kept in order: the forgotten ones are a prefix.
         while let Some(oldest) = session.results.get_min().map(|(sequence, _)| *sequence) {
-            if oldest >= tag.acked_below {
+            if oldest >= session.acked_below {
                 break;
             }
             session.results.remove(&oldest);
         }
         if let Some(result) = session.results.get(&tag.sequence) {
             Admission::Repeat(result.clone())
-        } else if tag.sequence < tag.acked_below {
+        } else if tag.sequence < session.acked_below {
             Admission::Refuse(error(
                 ErrorCode::InvalidArgument,
                 &format!(
-                    "write {} of session {} is below its acknowledged mark {}",
-                    tag.sequence, tag.session_id, tag.acked_below
+                    "write {} of session {} is below its acknowledged mark {}: already answered",
+                    tag.sequence, tag.session_id, session.acked_below
                 ),
             ))
         } else if session.results.len() >= MAX_RESULTS_PER_SESSION {
@@ -198,6 +208,34 @@ mod tests {
         assert!(matches!(
             sessions.admit(11, tag(id, 1, 2)),
             Admission::Refuse(_)
+        ));
+    }
+
+    #[test]
+    fn a_late_copy_of_an_acknowledged_write_is_never_applied_again() {
+        let mut sessions = Sessions::default();
+        let id = sessions.open(5);
+        // Write 1 was sent twice; the first copy commits and is answered.
+        assert!(matches!(sessions.admit(6, tag(id, 1, 1)), Admission::Apply));
+        sessions.record(tag(id, 1, 1), &write(6));
+        // The client moves on: write 2 says it has every answer below 2.
+        assert!(matches!(sessions.admit(7, tag(id, 2, 2)), Admission::Apply));
+        sessions.record(tag(id, 2, 2), &write(7));
+        // The second copy of write 1 commits after it, carrying the mark it
+        // was sent with (1): it must not apply again.
+        match sessions.admit(8, tag(id, 1, 1)) {
+            Admission::Refuse(result) => {
+                assert!(
+                    format!("{result:?}").contains("below its acknowledged mark 2"),
+                    "{result:?}"
+                )
+            }
+            other => panic!("a late copy was admitted: {other:?}"),
+        }
+        // The newer write's result is still there for its own copies.
+        assert!(matches!(
+            sessions.admit(9, tag(id, 2, 1)),
+            Admission::Repeat(_)
         ));
     }
 

@@ -18,7 +18,8 @@
 //! ..      8     pair count N
 //! ..            N x { key_len u32 | key | value_len u32 | value | version u64 }
 //! ..      8     session count S                                (version 2 on)
-//! ..            S x { id u64 | last_used u64 | result count R u32 |
+//! ..            S x { id u64 | last_used u64 | acked_below u64 (version 4 on) |
+//!                     result count R u32 |
 //!                     R x { sequence u64 | len u32 | client.proto Response } }
 //! ..      4     membership length M                            (version 3 on)
 //! ..      M     log.proto Membership: the whole configuration (joint
@@ -26,8 +27,9 @@
 //! end-4   4     crc32 (crc32fast) of every byte before it
 //! ```
 //!
-//! Version 1 files (no sessions) and version 2 files (no membership beyond
-//! the voter and learner ids) are still read.
+//! Version 1 files (no sessions), version 2 files (no membership beyond the
+//! voter and learner ids) and version 3 files (no acknowledged mark per
+//! session: read as 0) are still read.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{BufWriter, Read, Write};
@@ -47,11 +49,13 @@ use crate::state_machine::{Image, Key, Map, Versioned};
 /// First bytes of every snapshot file.
 pub const MAGIC: &[u8; 8] = b"CKVSNAP1";
 /// Version of the layout above.
-pub const FORMAT_VERSION: u32 = 3;
+pub const FORMAT_VERSION: u32 = 4;
 /// The version before sessions, still read.
 const FORMAT_VERSION_WITHOUT_SESSIONS: u32 = 1;
 /// The version before the membership record, still read.
 const FORMAT_VERSION_WITHOUT_MEMBERSHIP: u32 = 2;
+/// The version before each session's acknowledged mark, still read.
+const FORMAT_VERSION_WITHOUT_ACKED_MARK: u32 = 3;
 /// Upper bound on the membership record read from a snapshot.
 const MAX_MEMBERSHIP_BYTES: u32 = 1 << 20;
 /// Upper bound on the sessions and results read from one snapshot.
@@ -499,6 +503,7 @@ pub fn write_paced(
     for (id, session) in image.sessions.iter() {
         write_all(&mut out, &id.to_le_bytes())?;
         write_all(&mut out, &session.last_used.to_le_bytes())?;
+        write_all(&mut out, &session.acked_below.to_le_bytes())?;
         write_all(&mut out, &(session.results.len() as u32).to_le_bytes())?;
         for (sequence, result) in session.results.iter() {
             let encoded = Response {
@@ -844,6 +849,10 @@ fn decode_body<R: Read>(
                 last_used: body.u64()?,
                 ..Default::default()
             };
+            if version > FORMAT_VERSION_WITHOUT_ACKED_MARK {
+                body.need(12, "session acknowledged mark")?;
+                session.acked_below = body.u64()?;
+            }
             let results = body.u32()?;
             for _ in 0..results {
                 body.need(12, "session result header")?;
@@ -978,10 +987,11 @@ mod tests {
         let mut sessions = Sessions::default();
         for index in [5, 9] {
             let id = sessions.open(index);
+            // Numbers and marks past 1, so a round trip shows the mark kept.
             let tag = SessionTag {
                 session_id: id,
-                sequence: 1,
-                acked_below: 1,
+                sequence: index,
+                acked_below: index,
             };
             let _ = sessions.admit(index + 1, tag);
             sessions.record(
@@ -1243,7 +1253,7 @@ mod tests {
             .sessions
             .iter()
             .map(|(_, s)| {
-                20 + s
+                28 + s
                     .results
                     .iter()
                     .map(|(_, r)| {
