@@ -152,7 +152,7 @@ fn debug_commands_read_a_stopped_nodes_wal_and_snapshot() {
         .expect("a snapshot file");
     let (code, text, stderr) = debug(&["snapshot", path(&snap)]);
     assert_eq!(code, 0, "{stderr}");
-    assert!(text.contains("format 3, shard 0, index "), "{text}");
+    assert!(text.contains("format 4, shard 0, index "), "{text}");
     assert!(
         text.contains("voters [1, 2, 3]") && text.contains("checksum ok"),
         "{text}"
