@@ -16,6 +16,9 @@
 //! Files go under `COREKV_BENCH_DIR` if set, else the system temp directory.
 //! Run: `cargo bench --bench snapshot_pacing`.
 
+#[path = "common/cpu.rs"]
+mod cpu;
+
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -78,18 +81,6 @@ fn sync_loop(wal: &mut Wal, done: &AtomicBool, for_at_least: Duration) -> Histog
     latencies
 }
 
-/// CPU seconds (user + system) the calling thread has used.
-fn thread_cpu_seconds() -> f64 {
-    // SAFETY: getrusage fills the struct it is given.
-    let usage = unsafe {
-        let mut usage = std::mem::zeroed::<libc::rusage>();
-        libc::getrusage(libc::RUSAGE_THREAD, &mut usage);
-        usage
-    };
-    let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
-    secs(usage.ru_utime) + secs(usage.ru_stime)
-}
-
 fn run(
     dir: &Path,
     name: &str,
@@ -114,10 +105,13 @@ fn run(
             let (done, snap_dir, meta) = (&done, &snap_dir, &meta);
             scope.spawn(move || {
                 let started = Instant::now();
-                let cpu = thread_cpu_seconds();
+                let cpu_before = cpu::cpu_seconds(libc::RUSAGE_THREAD);
                 snapshot::write_paced(snap_dir, meta, image, pacing).expect("snapshot");
                 done.store(true, Ordering::Relaxed);
-                (started.elapsed(), thread_cpu_seconds() - cpu)
+                (
+                    started.elapsed(),
+                    cpu::cpu_seconds(libc::RUSAGE_THREAD) - cpu_before,
+                )
             })
         });
         let latencies = sync_loop(

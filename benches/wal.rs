@@ -21,6 +21,9 @@
 //! segments) runs between samples, outside the timed loop, so the disk does
 //! not fill up.
 
+#[path = "common/cpu.rs"]
+mod cpu;
+
 use std::fs::{File, OpenOptions};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
@@ -223,19 +226,6 @@ fn interleaved_ratios() {
     }
 }
 
-/// CPU seconds (user + system) of the whole process: the WAL's preparer
-/// thread included.
-fn process_cpu_seconds() -> f64 {
-    // SAFETY: getrusage fills the struct it is given.
-    let usage = unsafe {
-        let mut usage = std::mem::zeroed::<libc::rusage>();
-        libc::getrusage(libc::RUSAGE_SELF, &mut usage);
-        usage
-    };
-    let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
-    secs(usage.ru_utime) + secs(usage.ru_stime)
-}
-
 /// New segments from retired files (`recycle_bytes`) against new files
 /// (`recycle_bytes` 0): append+sync latency alternately (batches of 16, a
 /// rotation every ~1,000 ops), then CPU per op of each alone (batches of
@@ -295,7 +285,7 @@ fn reuse_ratios() {
         fresh_p99 / reused_p99
     );
     let cpu_per_op = |wal: &mut Wal| {
-        let start = process_cpu_seconds();
+        let start = cpu::cpu_seconds(libc::RUSAGE_SELF);
         for round in 0..ROUNDS {
             op(wal, CPU_BATCH);
             if round % 512 == 511 {
@@ -304,7 +294,7 @@ fn reuse_ratios() {
         }
         // The next segment is prepared ahead: count the work it did too.
         wal.wait_for_next_segment();
-        (process_cpu_seconds() - start) * 1e6 / ROUNDS as f64
+        (cpu::cpu_seconds(libc::RUSAGE_SELF) - start) * 1e6 / ROUNDS as f64
     };
     let (fresh_cpu, reused_cpu) = (cpu_per_op(&mut fresh), cpu_per_op(&mut reused));
     println!(

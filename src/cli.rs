@@ -17,6 +17,7 @@ use corekv_client::{block_on, Client, ClientError, ClientOptions, ClientTls, Rea
 use corekv_node::config::{Config, LogFormat, RunArgs};
 
 use crate::duration::parse_duration;
+pub use crate::read_from::ReadFromArg;
 
 /// corekv: a Raft-replicated, shard-per-core key-value store.
 #[derive(Parser, Debug)]
@@ -177,38 +178,6 @@ enum ConsistencyArg {
     Linearizable,
     Lease,
     Stale,
-}
-
-/// `--read-from` of get, scan and bench.
-#[derive(Clone, Copy, Debug, ValueEnum)]
-pub enum ReadFromArg {
-    /// The shard's leader.
-    Leader,
-    /// The shard's followers in turn.
-    Follower,
-    /// The first of --endpoints that is a member.
-    Nearest,
-}
-
-impl ReadFromArg {
-    /// As on the command line.
-    pub(crate) fn name(self) -> &'static str {
-        match self {
-            ReadFromArg::Leader => "leader",
-            ReadFromArg::Follower => "follower",
-            ReadFromArg::Nearest => "nearest",
-        }
-    }
-}
-
-impl From<ReadFromArg> for ReadFrom {
-    fn from(r: ReadFromArg) -> Self {
-        match r {
-            ReadFromArg::Leader => ReadFrom::Leader,
-            ReadFromArg::Follower => ReadFrom::Follower,
-            ReadFromArg::Nearest => ReadFrom::Nearest,
-        }
-    }
 }
 
 impl From<ConsistencyArg> for Consistency {

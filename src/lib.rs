@@ -17,5 +17,6 @@ mod debug;
 pub mod dev;
 mod duration;
 mod member;
+pub mod read_from;
 pub mod scrape;
 mod top;

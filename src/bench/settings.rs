@@ -52,8 +52,8 @@ pub struct BenchArgs {
     pub consistency: BenchConsistency,
     /// Which replica serves the gets: leader, follower (each client's gets
     /// go to the followers in turn) or nearest (the first of --endpoints).
-    #[arg(long, value_enum, default_value_t = crate::cli::ReadFromArg::Leader)]
-    pub read_from: crate::cli::ReadFromArg,
+    #[arg(long, value_enum, default_value_t = crate::read_from::ReadFromArg::Leader)]
+    pub read_from: crate::read_from::ReadFromArg,
     /// Requests in flight per client.
     #[arg(long, default_value_t = 1)]
     pub pipeline: usize,
