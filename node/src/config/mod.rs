@@ -282,10 +282,14 @@ config_keys! {
         env: "COREKV_WAL_RECYCLE_BYTES",
     }
     /// A shard snapshots its state machine when the log since the last
-    /// snapshot passes this many entries (or `snapshot_bytes`). Default 100000.
+    /// snapshot passes this many entries (or `snapshot_bytes`). Default
+    /// 1000000: it bounds the log of tiny entries (and the WAL's 32 B of
+    /// index per entry); for entries of more than about 70 B `snapshot_bytes`
+    /// comes first. At 100000 a 30 MB state of 256 B values wrote a snapshot
+    /// every second under pipelined puts, a fifth of the cluster's CPU.
     snapshot_entries: u64 {
-        default: 100_000,
-        flag: u64, "N", "Snapshot after this many log entries [default: 100000]",
+        default: 1_000_000,
+        flag: u64, "N", "Snapshot after this many log entries [default: 1000000]",
         env: "COREKV_SNAPSHOT_ENTRIES",
     }
     /// A shard snapshots its state machine when the log since the last

@@ -144,7 +144,7 @@ fn defaults_make_a_single_node_cluster() {
     assert_eq!(config.wal_segment_bytes, 64 * MIB);
     assert_eq!(
         (config.snapshot_entries, config.snapshot_bytes),
-        (100_000, 64 * MIB)
+        (1_000_000, 64 * MIB)
     );
     assert_eq!(config.max_frame_bytes, 16 << 20);
     assert_eq!(
