@@ -15,15 +15,23 @@
 //! Everything here changes only by applying log entries, in log order, so
 //! every replica holds the same sessions; they travel in snapshots.
 //! Bounded: at most [`MAX_SESSIONS`] per shard (opening one more evicts the
-//! least recently used) and [`MAX_RESULTS_PER_SESSION`] unforgotten results
+//! least recently used [`EVICTED_AT_ONCE`]) and [`MAX_RESULTS_PER_SESSION`] unforgotten results
 //! per session.
+
+use std::collections::VecDeque;
 
 use corekv_proto::client::{response, ErrorCode};
 use corekv_proto::error_result as error;
 use imbl::OrdMap;
 
-/// Sessions a shard keeps; opening one more evicts the least recently used.
+/// Sessions a shard keeps; opening one more evicts the least recently used
+/// [`EVICTED_AT_ONCE`].
 pub const MAX_SESSIONS: usize = 16 * 1024;
+/// Sessions evicted together when a full shard opens one more: finding the
+/// least recently used takes a pass over all of them, so one pass frees
+/// room for many opens instead of one (an open then costs O(8) amortised,
+/// and no write has to keep an order of sessions by last use).
+pub const EVICTED_AT_ONCE: usize = MAX_SESSIONS / 8;
 /// Results of one session the client has not yet acknowledged; a write past
 /// it is refused (a client pipelines at most
 /// `max_requests_in_flight_per_connection` writes anyway).
@@ -43,8 +51,10 @@ pub struct SessionTag {
 /// One session.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Session {
-    /// Results of applied writes the client may still ask again, by number.
-    pub results: OrdMap<u64, response::Result>,
+    /// Results of applied writes the client may still ask again, ordered by
+    /// number. A short deque, not a map: a client acknowledges in order, so
+    /// forgetting is popping a prefix and a new result usually goes last.
+    pub(crate) results: VecDeque<(u64, response::Result)>,
     /// Index of the last entry that used the session.
     pub last_used: u64,
     /// The highest `acked_below` its writes carried: every write numbered
@@ -52,12 +62,36 @@ pub struct Session {
     pub acked_below: u64,
 }
 
+impl Session {
+    /// The results kept, by number in ascending order.
+    pub fn results(&self) -> impl ExactSizeIterator<Item = (u64, &response::Result)> {
+        self.results
+            .iter()
+            .map(|(sequence, result)| (*sequence, result))
+    }
+
+    /// Keeps `result` for write `sequence` (replacing one kept for it).
+    pub fn keep(&mut self, sequence: u64, result: response::Result) {
+        match self.position(sequence) {
+            Ok(at) => self.results[at].1 = result,
+            Err(at) => self.results.insert(at, (sequence, result)),
+        }
+    }
+
+    fn position(&self, sequence: u64) -> Result<usize, usize> {
+        // New numbers are the largest: check the back before searching.
+        match self.results.back() {
+            None => Err(0),
+            Some((last, _)) if *last < sequence => Err(self.results.len()),
+            Some(_) => self.results.binary_search_by_key(&sequence, |(s, _)| *s),
+        }
+    }
+}
+
 /// The sessions of a shard. Cloning is O(1) (a snapshot takes a view).
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Sessions {
     by_id: OrdMap<u64, Session>,
-    /// Session ids by last use, for eviction.
-    by_last_used: OrdMap<u64, u64>,
 }
 
 /// What to do with a write of a session.
@@ -84,23 +118,39 @@ impl Sessions {
 
     /// Opens the session of the entry at `index` (its id is `index`).
     pub fn open(&mut self, index: u64) -> u64 {
-        while self.by_id.len() >= MAX_SESSIONS {
-            let Some((last_used, id)) = self.by_last_used.get_min().map(|(k, v)| (*k, *v)) else {
-                break;
-            };
-            self.by_last_used.remove(&last_used);
-            self.by_id.remove(&id);
+        if self.by_id.len() >= MAX_SESSIONS {
+            self.evict_least_recently_used();
         }
         self.by_id.insert(
             index,
             Session {
-                results: OrdMap::new(),
+                results: VecDeque::new(),
                 last_used: index,
                 acked_below: 0,
             },
         );
-        self.by_last_used.insert(index, index);
         index
+    }
+
+    /// Drops the [`EVICTED_AT_ONCE`] sessions used longest ago. Every
+    /// replica drops the same ones: `last_used` is a log index, and no two
+    /// sessions share one.
+    fn evict_least_recently_used(&mut self) {
+        let mut by_use: Vec<(u64, u64)> = self
+            .by_id
+            .iter()
+            .map(|(id, session)| (session.last_used, *id))
+            .collect();
+        let evict = EVICTED_AT_ONCE.min(by_use.len());
+        if evict == 0 {
+            return;
+        }
+        if evict < by_use.len() {
+            by_use.select_nth_unstable(evict - 1);
+        }
+        for (_, id) in &by_use[..evict] {
+            self.by_id.remove(id);
+        }
     }
 
     /// Decides about a write of a session, applied at `index`.
@@ -114,21 +164,20 @@ impl Sessions {
                 ),
             ));
         };
-        self.by_last_used.remove(&session.last_used);
         session.last_used = index;
-        self.by_last_used.insert(index, tag.session_id);
         // A copy of an older write carries an older mark: the session's
         // mark only grows.
         session.acked_below = session.acked_below.max(tag.acked_below);
         // Results are kept in order: the forgotten ones are a prefix.
-        while let Some(oldest) = session.results.get_min().map(|(sequence, _)| *sequence) {
-            if oldest >= session.acked_below {
-                break;
-            }
-            session.results.remove(&oldest);
+        while session
+            .results
+            .front()
+            .is_some_and(|(sequence, _)| *sequence < session.acked_below)
+        {
+            session.results.pop_front();
         }
-        if let Some(result) = session.results.get(&tag.sequence) {
-            Admission::Repeat(result.clone())
+        if let Ok(at) = session.position(tag.sequence) {
+            Admission::Repeat(session.results[at].1.clone())
         } else if tag.sequence < session.acked_below {
             Admission::Refuse(error(
                 ErrorCode::InvalidArgument,
@@ -153,7 +202,7 @@ impl Sessions {
     /// Keeps the result of a write that was applied.
     pub fn record(&mut self, tag: SessionTag, result: &response::Result) {
         if let Some(session) = self.by_id.get_mut(&tag.session_id) {
-            session.results.insert(tag.sequence, result.clone());
+            session.keep(tag.sequence, result.clone());
         }
     }
 
@@ -164,12 +213,9 @@ impl Sessions {
 
     /// Rebuilds from what a snapshot holds.
     pub fn from_sessions(sessions: impl IntoIterator<Item = (u64, Session)>) -> Sessions {
-        let mut restored = Sessions::default();
-        for (id, session) in sessions {
-            restored.by_last_used.insert(session.last_used, id);
-            restored.by_id.insert(id, session);
+        Sessions {
+            by_id: sessions.into_iter().collect(),
         }
-        restored
     }
 }
 
@@ -246,24 +292,34 @@ mod tests {
             sessions.admit(1, tag(77, 1, 1)),
             Admission::Refuse(_)
         ));
-        for index in 1..=MAX_SESSIONS as u64 {
+        let full = MAX_SESSIONS as u64;
+        for index in 1..=full {
             sessions.open(index);
         }
-        // Session 1 is used again, so session 2 is now the oldest.
+        // Session 1 is used again, so sessions 2 .. EVICTED_AT_ONCE + 1 are
+        // now the oldest.
         assert!(matches!(
-            sessions.admit(MAX_SESSIONS as u64 + 1, tag(1, 1, 1)),
+            sessions.admit(full + 1, tag(1, 1, 1)),
             Admission::Apply
         ));
-        sessions.open(MAX_SESSIONS as u64 + 2);
-        assert_eq!(sessions.len(), MAX_SESSIONS);
-        assert!(matches!(
-            sessions.admit(MAX_SESSIONS as u64 + 3, tag(2, 1, 1)),
-            Admission::Refuse(_)
-        ));
-        assert!(matches!(
-            sessions.admit(MAX_SESSIONS as u64 + 4, tag(1, 2, 2)),
-            Admission::Apply
-        ));
+        sessions.open(full + 2);
+        assert_eq!(sessions.len(), MAX_SESSIONS - EVICTED_AT_ONCE + 1);
+        let newest_evicted = EVICTED_AT_ONCE as u64 + 1;
+        for evicted in [2, newest_evicted] {
+            assert!(matches!(
+                sessions.admit(full + 3, tag(evicted, 1, 1)),
+                Admission::Refuse(_)
+            ));
+        }
+        for kept in [1, newest_evicted + 1, full, full + 2] {
+            assert!(matches!(
+                sessions.admit(full + 4, tag(kept, 2, 2)),
+                Admission::Apply
+            ));
+        }
+        // Room for more opens without another pass.
+        sessions.open(full + 5);
+        assert_eq!(sessions.len(), MAX_SESSIONS - EVICTED_AT_ONCE + 2);
     }
 
     #[test]

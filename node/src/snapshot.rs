@@ -504,8 +504,8 @@ pub fn write_paced(
         write_all(&mut out, &id.to_le_bytes())?;
         write_all(&mut out, &session.last_used.to_le_bytes())?;
         write_all(&mut out, &session.acked_below.to_le_bytes())?;
-        write_all(&mut out, &(session.results.len() as u32).to_le_bytes())?;
-        for (sequence, result) in session.results.iter() {
+        write_all(&mut out, &(session.results().len() as u32).to_le_bytes())?;
+        for (sequence, result) in session.results() {
             let encoded = Response {
                 id: 0,
                 result: Some(result.clone()),
@@ -864,7 +864,7 @@ fn decode_body<R: Read>(
                 let result = response
                     .result
                     .ok_or_else(|| corrupt(format!("session {i}: an empty result")))?;
-                session.results.insert(sequence, result);
+                session.keep(sequence, result);
             }
             visitor.session(id, session, start - body.remaining);
         }
@@ -1254,8 +1254,7 @@ mod tests {
             .iter()
             .map(|(_, s)| {
                 28 + s
-                    .results
-                    .iter()
+                    .results()
                     .map(|(_, r)| {
                         12 + Response {
                             id: 0,

@@ -138,7 +138,7 @@ impl Visitor for Reader<'_> {
 
     fn session(&mut self, _: u64, session: Session, bytes: u64) {
         self.counts.sessions += 1;
-        self.counts.session_results += session.results.len() as u64;
+        self.counts.session_results += session.results().len() as u64;
         self.counts.session_bytes += bytes;
     }
 }
