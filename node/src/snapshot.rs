@@ -1278,6 +1278,76 @@ mod tests {
     }
 
     #[test]
+    fn a_version_3_file_reads_its_sessions_with_no_acknowledged_mark() {
+        let dir = tempfile::tempdir().unwrap();
+        let (meta, image) = sample();
+        assert!(image.sessions.iter().all(|(_, s)| s.acked_below > 0));
+        let path = write(dir.path(), &meta, &image).unwrap();
+        let bytes = fs::read(&path).unwrap();
+        // Rewrite it as version 3: each session header without its mark.
+        let sessions_bytes: usize = 8 + image
+            .sessions
+            .iter()
+            .map(|(_, s)| {
+                28 + s
+                    .results()
+                    .map(|(_, r)| {
+                        12 + Response {
+                            id: 0,
+                            result: Some(r.clone()),
+                        }
+                        .encoded_len()
+                    })
+                    .sum::<usize>()
+            })
+            .sum::<usize>();
+        let membership_bytes = 4 + meta.membership.encoded_len();
+        let body_end = bytes.len() - CHECKSUM_LEN;
+        let sessions_start = body_end - membership_bytes - sessions_bytes;
+        let mut old = bytes[..sessions_start + 8].to_vec();
+        let mut at = sessions_start + 8;
+        for _ in image.sessions.iter() {
+            // id and last use kept, the mark dropped.
+            old.extend_from_slice(&bytes[at..at + 16]);
+            at += 24;
+            let results = u32::from_le_bytes(bytes[at..at + 4].try_into().unwrap());
+            let mut end = at + 4;
+            for _ in 0..results {
+                let len = u32::from_le_bytes(bytes[end + 8..end + 12].try_into().unwrap());
+                end += 12 + len as usize;
+            }
+            old.extend_from_slice(&bytes[at..end]);
+            at = end;
+        }
+        assert_eq!(at, body_end - membership_bytes);
+        old.extend_from_slice(&bytes[at..body_end]);
+        old[8..12].copy_from_slice(&FORMAT_VERSION_WITHOUT_ACKED_MARK.to_le_bytes());
+        let crc = crc32fast::hash(&old);
+        old.extend_from_slice(&crc.to_le_bytes());
+        let (meta2, image2) = decode(&path, Bytes::from(old)).unwrap();
+        assert_eq!(meta2, meta);
+        assert_eq!(image2.map, image.map);
+        let want: Vec<_> = image
+            .sessions
+            .iter()
+            .map(|(id, s)| (id, s.last_used, 0, s.results().collect::<Vec<_>>()))
+            .collect();
+        let got: Vec<_> = image2
+            .sessions
+            .iter()
+            .map(|(id, s)| {
+                (
+                    id,
+                    s.last_used,
+                    s.acked_below,
+                    s.results().collect::<Vec<_>>(),
+                )
+            })
+            .collect();
+        assert_eq!(got, want);
+    }
+
+    #[test]
     fn prune_deletes_stray_temp_files_but_not_a_transfer_in_progress() {
         let dir = tempfile::tempdir().unwrap();
         let (meta, image) = sample();
