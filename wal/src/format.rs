@@ -11,8 +11,10 @@
 //! # Segment
 //!
 //! A segment file is `segment_bytes` long. A new one is either preallocated
-//! (fallocate: it reads as zeros) or a recycled old segment (see "Recycling"):
-//! past the last record it may hold anything. It starts with a header:
+//! (fallocate, then zeros written over it with O_DIRECT where the file
+//! system allows, so its blocks are written: it reads as zeros) or a
+//! recycled old segment (see "Recycling"): past the last record it may hold
+//! anything. It starts with a header:
 //!
 //! ```text
 //! offset size field

@@ -129,6 +129,7 @@ impl Segment {
                 std::io::Error::from_raw_os_error(rc),
             ));
         }
+        write_zeros_around_page_cache(path, segment_bytes)?;
         prefill_page_cache(&file, path, segment_bytes)?;
         let file = SegmentFile {
             file,
@@ -360,6 +361,75 @@ fn prefill_page_cache(file: &File, path: &Path, segment_bytes: u64) -> Result<()
     Ok(())
 }
 
+/// Writes zeros over a new, preallocated segment with O_DIRECT, then syncs
+/// it: its blocks become written, so the reads that fill its page cache
+/// bring pages in from the disk by DMA instead of the kernel zeroing each
+/// new page (unwritten blocks read as zeros), and no fdatasync of an append
+/// has to convert an unwritten extent. Zeroing the pages of new segments
+/// was a quarter of the development machine's CPU under a 1 GB state's
+/// write load (perf: `memset` under `ext4_mpage_readpages`), until enough
+/// segments were retired for new ones to be reused files. Where O_DIRECT
+/// is refused (tmpfs) nothing is written and the pages are zeroed as
+/// before.
+fn write_zeros_around_page_cache(path: &Path, segment_bytes: u64) -> Result<(), WalError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    // As the snapshot writer: blocks of 256 KiB, so a WAL fdatasync queues
+    // behind at most one of them in the device.
+    const BLOCK_BYTES: usize = 256 << 10;
+    let file = match OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(path)
+    {
+        Ok(file) => file,
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => return Ok(()),
+        Err(e) => return Err(WalError::io(path, "open new segment (O_DIRECT)", e)),
+    };
+    // O_DIRECT wants the buffer aligned to the logical block size: 4 KiB
+    // covers every device.
+    let layout = std::alloc::Layout::from_size_align(BLOCK_BYTES, 4096).expect("valid layout");
+    // SAFETY: the layout has a non-zero size; the buffer is freed below
+    // with the same layout, and only read (as zeros) in between.
+    let buffer = unsafe { std::alloc::alloc_zeroed(layout) };
+    if buffer.is_null() {
+        std::alloc::handle_alloc_error(layout);
+    }
+    struct Aligned(*mut u8, std::alloc::Layout);
+    impl Drop for Aligned {
+        fn drop(&mut self) {
+            // SAFETY: allocated above with this layout.
+            unsafe { std::alloc::dealloc(self.0, self.1) }
+        }
+    }
+    let buffer = Aligned(buffer, layout);
+    // SAFETY: BLOCK_BYTES initialised (zeroed) bytes, alive while `buffer` is.
+    let zeros = unsafe { std::slice::from_raw_parts(buffer.0, BLOCK_BYTES) };
+    // A tail that is not whole 4 KiB blocks stays unwritten (zeroed pages).
+    let end = segment_bytes & !4095;
+    let mut offset = 0u64;
+    while offset < end {
+        let len = (end - offset).min(BLOCK_BYTES as u64) as usize;
+        match file.write_at(&zeros[..len], offset) {
+            Ok(0) => {
+                return Err(WalError::io(
+                    path,
+                    "zero new segment",
+                    std::io::Error::from(std::io::ErrorKind::WriteZero),
+                ))
+            }
+            Ok(written) => offset += written as u64,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            // A file system that opens with O_DIRECT but refuses the write
+            // (alignment): fall back to zeroed pages; the file is
+            // preallocated, so what was written is zeros either way.
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => return Ok(()),
+            Err(e) => return Err(WalError::io(path, "zero new segment", e)),
+        }
+    }
+    file.sync_data()
+        .map_err(|e| WalError::io(path, "fdatasync new segment", e))
+}
+
 /// The oldest free file in `dir` of `segment_bytes` (removing those of another
 /// size: `segment_bytes` changed since they were retired).
 fn take_free_file(dir: &Path, segment_bytes: u64) -> Result<Option<PathBuf>, WalError> {
@@ -466,6 +536,89 @@ mod tests {
             8192 - HEADER_LEN - format::SEAL_RECORD_LEN
         );
         assert!(!segment.header_durable);
+    }
+
+    /// The extents of `path` as (length, FIEMAP flags), or None where the
+    /// file system does not answer FIEMAP.
+    fn extents(path: &Path) -> Option<Vec<(u64, u32)>> {
+        const FS_IOC_FIEMAP: libc::c_ulong = 0xC020_660B;
+        const FIEMAP_FLAG_SYNC: u32 = 1;
+        const MAX_EXTENTS: usize = 64;
+        #[repr(C)]
+        #[derive(Clone, Copy, Default)]
+        struct Extent {
+            logical: u64,
+            physical: u64,
+            length: u64,
+            reserved64: [u64; 2],
+            flags: u32,
+            reserved: [u32; 3],
+        }
+        #[repr(C)]
+        struct Fiemap {
+            start: u64,
+            length: u64,
+            flags: u32,
+            mapped_extents: u32,
+            extent_count: u32,
+            reserved: u32,
+            extents: [Extent; MAX_EXTENTS],
+        }
+        let file = File::open(path).unwrap();
+        let mut map = Fiemap {
+            start: 0,
+            length: u64::MAX,
+            flags: FIEMAP_FLAG_SYNC,
+            mapped_extents: 0,
+            extent_count: MAX_EXTENTS as u32,
+            reserved: 0,
+            extents: [Extent::default(); MAX_EXTENTS],
+        };
+        // SAFETY: FS_IOC_FIEMAP fills the struct it is given, whose
+        // extent_count says how many extents it has room for.
+        let rc = unsafe { libc::ioctl(file.as_raw_fd(), FS_IOC_FIEMAP, &mut map) };
+        if rc != 0 {
+            return None;
+        }
+        Some(
+            map.extents[..map.mapped_extents as usize]
+                .iter()
+                .map(|e| (e.length, e.flags))
+                .collect(),
+        )
+    }
+
+    #[test]
+    fn a_new_segment_has_no_unwritten_blocks_where_o_direct_works() {
+        use std::os::unix::fs::OpenOptionsExt;
+        const FIEMAP_EXTENT_UNWRITTEN: u32 = 0x800;
+        let dir = tempfile::tempdir().unwrap();
+        let probe = dir.path().join("probe");
+        std::fs::write(&probe, b"").unwrap();
+        let direct = OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_DIRECT)
+            .open(&probe)
+            .is_ok();
+        let segment = Segment::create(dir.path(), 1, 1 << 20).unwrap();
+        assert!(segment.map.iter().all(|&b| b == 0));
+        let Some(extents) = extents(segment.path()) else {
+            eprintln!("no FIEMAP on this file system: nothing to check");
+            return;
+        };
+        if !direct {
+            eprintln!("no O_DIRECT on this file system: new segments stay unwritten");
+            return;
+        }
+        // Every block is written: appends then fdatasync data only, and the
+        // page cache was filled from the disk, not by zeroing pages.
+        assert_eq!(extents.iter().map(|(len, _)| len).sum::<u64>(), 1 << 20);
+        assert!(
+            extents
+                .iter()
+                .all(|(_, flags)| flags & FIEMAP_EXTENT_UNWRITTEN == 0),
+            "{extents:?}"
+        );
     }
 
     #[test]
