@@ -157,6 +157,46 @@ fn forged_messages_on_a_valid_peer_link_are_dropped_counted_and_logged_sparingly
     );
 }
 
+#[test]
+fn a_flood_of_bad_handshakes_on_the_peer_port_is_logged_sparingly() {
+    let mut cluster = Cluster::configure(1, 1, "");
+    cluster.node(1).start();
+    wait_for("node 1 leads", DEADLINE, || {
+        cluster
+            .status(1)
+            .filter(|s| s.shards[0].leader_id == 1)
+            .map(|_| ())
+    });
+    let attempts = 200;
+    for _ in 0..attempts {
+        let mut stream =
+            TcpStream::connect(("127.0.0.1", cluster.nodes[0].peer_port)).expect("connect");
+        stream
+            .set_read_timeout(Some(Duration::from_secs(30)))
+            .unwrap();
+        // Not a hello: a length prefix past any frame bound (or a TLS
+        // record the server cannot parse).
+        stream.write_all(&[0xff; 16]).unwrap();
+        let mut rest = Vec::new();
+        // The node closes the connection once it refused it; waiting for
+        // that means every attempt was handled before the log is read.
+        stream
+            .read_to_end(&mut rest)
+            .expect("the node closes a refused peer connection");
+    }
+    let (code, out, err) = cluster.cli(&["put", "still", "serving"]);
+    assert_eq!(code, 0, "the node stopped serving: {out} {err}");
+    let lines = cluster.nodes[0]
+        .log()
+        .lines()
+        .filter(|l| l.contains("peer handshake refused") || l.contains("peer TLS handshake failed"))
+        .count();
+    assert!(
+        (1..=3).contains(&lines),
+        "{attempts} bad handshakes must make a few rate-limited log lines, not {lines}"
+    );
+}
+
 fn get_request(id: u64, key: &str) -> Request {
     Request {
         id,

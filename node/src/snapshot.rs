@@ -1242,14 +1242,9 @@ mod tests {
         assert_eq!(left, vec![40, 30]);
     }
 
-    #[test]
-    fn a_version_1_file_reads_with_no_sessions() {
-        let dir = tempfile::tempdir().unwrap();
-        let (meta, image) = sample();
-        let path = write(dir.path(), &meta, &image).unwrap();
-        // Rewrite it as version 1: no session section, fresh checksum.
-        let bytes = fs::read(&path).unwrap();
-        let sessions_bytes: usize = 8 + image
+    /// Bytes of a version 4 file's session section for `image`.
+    fn sessions_section_bytes(image: &Image) -> usize {
+        8 + image
             .sessions
             .iter()
             .map(|(_, s)| {
@@ -1264,7 +1259,17 @@ mod tests {
                     })
                     .sum::<usize>()
             })
-            .sum::<usize>();
+            .sum::<usize>()
+    }
+
+    #[test]
+    fn a_version_1_file_reads_with_no_sessions() {
+        let dir = tempfile::tempdir().unwrap();
+        let (meta, image) = sample();
+        let path = write(dir.path(), &meta, &image).unwrap();
+        // Rewrite it as version 1: no session section, fresh checksum.
+        let bytes = fs::read(&path).unwrap();
+        let sessions_bytes = sessions_section_bytes(&image);
         let membership_bytes = 4 + meta.membership.encoded_len();
         let mut old =
             bytes[..bytes.len() - CHECKSUM_LEN - membership_bytes - sessions_bytes].to_vec();
@@ -1285,22 +1290,7 @@ mod tests {
         let path = write(dir.path(), &meta, &image).unwrap();
         let bytes = fs::read(&path).unwrap();
         // Rewrite it as version 3: each session header without its mark.
-        let sessions_bytes: usize = 8 + image
-            .sessions
-            .iter()
-            .map(|(_, s)| {
-                28 + s
-                    .results()
-                    .map(|(_, r)| {
-                        12 + Response {
-                            id: 0,
-                            result: Some(r.clone()),
-                        }
-                        .encoded_len()
-                    })
-                    .sum::<usize>()
-            })
-            .sum::<usize>();
+        let sessions_bytes = sessions_section_bytes(&image);
         let membership_bytes = 4 + meta.membership.encoded_len();
         let body_end = bytes.len() - CHECKSUM_LEN;
         let sessions_start = body_end - membership_bytes - sessions_bytes;

@@ -260,9 +260,19 @@ fn refuse_client(sender: &FrameSender, error: &FrameError) {
 }
 
 pub(super) async fn accept_peers(listener: TcpListener, local: Rc<Local>, node: Arc<NodeShared>) {
+    // Anyone who reaches the peer port can fail a handshake as often as
+    // they connect: those warnings are limited like the clients' (a real
+    // peer redials at most once a second per shard).
+    let handshake_log = Rc::new(RefCell::new(LogLimit::default()));
     loop {
         let (stream, remote) = next_connection(&listener, &local, &node).await;
-        monoio::spawn(serve_peer(stream, remote, local.clone(), node.clone()));
+        monoio::spawn(serve_peer(
+            stream,
+            remote,
+            local.clone(),
+            node.clone(),
+            handshake_log.clone(),
+        ));
     }
 }
 
@@ -271,6 +281,7 @@ async fn serve_peer(
     remote: SocketAddr,
     local: Rc<Local>,
     node: Arc<NodeShared>,
+    handshake_log: Rc<RefCell<LogLimit>>,
 ) {
     let config = &node.config;
     let shard = local.shard;
@@ -281,9 +292,9 @@ async fn serve_peer(
             match tls_accept(stream, config, HANDSHAKE_TIMEOUT).await {
                 Ok(accepted) => ((accepted.read, accepted.write), accepted.peer_certificate),
                 Err(e) => {
-                    // Peers redial at most once a second per shard, so
-                    // this repeats slowly enough to stay unlimited.
-                    tracing::warn!(shard, %remote, error = %e, "peer TLS handshake failed");
+                    if let Some(suppressed) = handshake_log.borrow_mut().allow(Instant::now()) {
+                        tracing::warn!(shard, %remote, error = %e, suppressed, "peer TLS handshake failed");
+                    }
                     return;
                 }
             }
@@ -317,7 +328,9 @@ async fn serve_peer(
     {
         Ok(accepted) => accepted,
         Err(e) => {
-            tracing::warn!(shard, %remote, error = %e, "peer handshake refused");
+            if let Some(suppressed) = handshake_log.borrow_mut().allow(Instant::now()) {
+                tracing::warn!(shard, %remote, error = %e, suppressed, "peer handshake refused");
+            }
             return;
         }
     };
