@@ -129,7 +129,12 @@ impl Segment {
                 std::io::Error::from_raw_os_error(rc),
             ));
         }
-        write_zeros_around_page_cache(path, segment_bytes)?;
+        // Only a speed-up: the file is preallocated and reads as zeros
+        // either way, so a failure here leaves it as it was. A failing disk
+        // shows in the fdatasyncs of the appends.
+        if let Err(error) = write_zeros_around_page_cache(path, segment_bytes) {
+            tracing::warn!(%error, "cannot write zeros over a new WAL segment; appends into it convert its extents");
+        }
         prefill_page_cache(&file, path, segment_bytes)?;
         let file = SegmentFile {
             file,
@@ -370,7 +375,7 @@ fn prefill_page_cache(file: &File, path: &Path, segment_bytes: u64) -> Result<()
 /// write load (perf: `memset` under `ext4_mpage_readpages`), until enough
 /// segments were retired for new ones to be reused files. Where O_DIRECT
 /// is refused (tmpfs) nothing is written and the pages are zeroed as
-/// before.
+/// before; an error leaves the file as it was (preallocated, all zeros).
 fn write_zeros_around_page_cache(path: &Path, segment_bytes: u64) -> Result<(), WalError> {
     use std::os::unix::fs::OpenOptionsExt;
     // As the snapshot writer: blocks of 256 KiB, so a WAL fdatasync queues
