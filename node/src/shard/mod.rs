@@ -95,6 +95,10 @@ struct Shard {
     ticks_per_second: u64,
     /// "client is not reading" lines, at most one per interval.
     slow_reader_log: RefCell<LogLimit>,
+    /// "peer rejected our hello" lines, per peer: a link redials once a
+    /// second, and a refusal that lasts (a wrong cluster id) would log
+    /// every time.
+    rejected_log: HashMap<u64, LogLimit>,
 }
 
 /// Upper bound on the entries one append message carries (raft-rs
@@ -225,6 +229,7 @@ pub async fn run(
         obsolete_segments: Vec::new(),
         ticks_per_second: (1000 / tick_ms).max(1),
         slow_reader_log: RefCell::new(LogLimit::default()),
+        rejected_log: HashMap::new(),
     };
     shard_loop.on_membership_changed();
     shard_loop.run().await
@@ -411,7 +416,10 @@ impl Shard {
                     self.replica.report_unreachable(peer);
                 }
                 LinkEvent::Rejected { reason, removed } => {
-                    tracing::error!(shard = self.local.shard, peer, %reason, "peer rejected our hello");
+                    let limit = self.rejected_log.entry(peer).or_default();
+                    if let Some(suppressed) = limit.allow(Instant::now()) {
+                        tracing::error!(shard = self.local.shard, peer, %reason, suppressed, "peer rejected our hello");
+                    }
                     self.replica.report_unreachable(peer);
                     if removed {
                         self.replica
