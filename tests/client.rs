@@ -325,3 +325,22 @@ fn a_read_moves_on_from_a_paused_node_within_its_deadline() {
         assert_eq!(unsafe { libc::kill(pid, libc::SIGCONT) }, 0);
     });
 }
+
+#[test]
+fn an_unreachable_endpoint_is_named_once_in_the_error() {
+    // A port nobody listens on: taken from the kernel, then let go.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let endpoint = format!("127.0.0.1:{port}");
+    let output = std::process::Command::new(common::COREKV)
+        .args(["--endpoints", &endpoint, "--timeout", "2s", "get", "k"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{stderr}");
+    assert_eq!(stderr.matches(&endpoint).count(), 1, "{stderr}");
+    assert!(stderr.contains("refused"), "{stderr}");
+}

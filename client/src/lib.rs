@@ -369,7 +369,16 @@ impl Client {
                     return Ok(topology);
                 }
                 Ok(other) => last = format!("{endpoint}: unexpected answer {other:?}"),
-                Err(e) => last = format!("{endpoint}: {e}"),
+                // An attempt's error already names the address it tried;
+                // the endpoint is added only when it says more (a name).
+                Err(e) => {
+                    let e = e.to_string();
+                    last = if e.starts_with(&format!("{endpoint}: ")) {
+                        e
+                    } else {
+                        format!("{endpoint}: {e}")
+                    };
+                }
             }
         }
         Err(ClientError::NoEndpoint(last))
