@@ -16,19 +16,27 @@ use crate::sessions::SessionTag;
 /// for none); `None` for an operation that is not a write (reads never enter
 /// the log).
 pub fn encode(op: &Op, tag: SessionTag) -> Option<Bytes> {
+    encode_owned(op.clone(), tag)
+}
+
+/// [`encode`], taking the operation: its key and value move into the
+/// command instead of being shared once more (each share of a request's
+/// `Bytes` is an atomic increment on the read buffer it came in: 3 % of a
+/// leader's samples under pipelined puts, perf).
+pub fn encode_owned(op: Op, tag: SessionTag) -> Option<Bytes> {
     let op = match op {
         Op::Put(put) => command::Op::Put(log::Put {
-            key: put.key.clone(),
-            value: put.value.clone(),
+            key: put.key,
+            value: put.value,
         }),
         Op::Delete(delete) => command::Op::Delete(log::Delete {
-            key: delete.key.clone(),
+            key: delete.key,
             expected_version: delete.expected_version,
         }),
         Op::Cas(cas) => command::Op::Cas(log::CompareAndSwap {
-            key: cas.key.clone(),
+            key: cas.key,
             expected_version: cas.expected_version,
-            value: cas.value.clone(),
+            value: cas.value,
         }),
         Op::OpenSession(_) => command::Op::OpenSession(log::OpenSession {}),
         Op::Get(_)

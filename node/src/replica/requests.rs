@@ -42,7 +42,7 @@ impl<L: LogStore> Replica<L> {
         } else if self.pending_requests() >= MAX_PENDING_REQUESTS {
             Err(self.too_many_pending())
         } else {
-            crate::command::encode(&op, tag)
+            crate::command::encode_owned(op, tag)
                 .ok_or_else(|| state_machine::error(ErrorCode::InvalidArgument, "not a write"))
         };
         self.queued_proposals.push((token, entry));

@@ -142,10 +142,22 @@ impl Shard {
                 let _ = self.on_shard(target, route, op, no_forward);
             }
             Op::Put(_) | Op::Delete(_) | Op::Cas(_) | Op::OpenSession(_) => {
+                // Leadership first, so the operation can move into the log
+                // entry instead of being cloned in case it must be forwarded.
+                if !self.replica.is_leader() {
+                    let leader_id = self.replica.leader_id();
+                    self.not_leader(route, op, NotLeader { leader_id }, no_forward);
+                    return;
+                }
                 let token = self.token(route.clone());
-                if let Err(not_leader) = self.replica.propose(token, op.clone(), route.tag) {
+                if let Err(not_leader) = self.replica.propose(token, op, route.tag) {
+                    // Not reached: leadership was checked above, this turn.
                     self.routes.remove(&token);
-                    self.not_leader(route, op, not_leader, no_forward);
+                    let message = format!("not the leader (leader: {})", not_leader.leader_id);
+                    self.answer(
+                        &route,
+                        state_machine::error(ErrorCode::Unavailable, &message),
+                    );
                 }
             }
         }
