@@ -63,20 +63,13 @@ impl<L: LogStore> Replica<L> {
         out: &mut Output<L::SyncJob>,
     ) -> Result<(), NotLeader> {
         use corekv_proto::client::Consistency;
+        if let Some(not_leader) = self.refuses_read(&op, consistency) {
+            return Err(not_leader);
+        }
         if consistency == Consistency::Stale {
             let result = self.serve_read(&op);
             out.replies.push(Reply { token, result });
             return Ok(());
-        }
-        let local = match &op {
-            Op::Get(get) => get.local,
-            Op::Scan(scan) => scan.local,
-            _ => false,
-        };
-        if !self.is_leader() && (!local || self.leader_id() == 0) {
-            return Err(NotLeader {
-                leader_id: self.leader_id(),
-            });
         }
         if self.pending_requests() >= MAX_PENDING_REQUESTS {
             let result = self.too_many_pending();
@@ -100,6 +93,27 @@ impl<L: LogStore> Replica<L> {
             self.queued_reads.push(read);
         }
         Ok(())
+    }
+
+    /// Why [`Replica::read`] would refuse `op` here: a stale read is served
+    /// anywhere, a linearizable one by the leader, or by a follower when the
+    /// read asks to be served locally and a leader is known.
+    pub fn refuses_read(
+        &self,
+        op: &Op,
+        consistency: corekv_proto::client::Consistency,
+    ) -> Option<NotLeader> {
+        if consistency == corekv_proto::client::Consistency::Stale {
+            return None;
+        }
+        let local = match op {
+            Op::Get(get) => get.local,
+            Op::Scan(scan) => scan.local,
+            _ => false,
+        };
+        (!self.is_leader() && (!local || self.leader_id() == 0)).then(|| NotLeader {
+            leader_id: self.leader_id(),
+        })
     }
 
     /// Writes and read rounds this replica holds (a read round counts once:

@@ -151,16 +151,22 @@ impl Shard {
                 }
                 let token = self.token(route.clone());
                 if let Err(not_leader) = self.replica.propose(token, op, route.tag) {
-                    // Not reached: leadership was checked above, this turn.
-                    self.routes.remove(&token);
-                    let message = format!("not the leader (leader: {})", not_leader.leader_id);
-                    self.answer(
-                        &route,
-                        state_machine::error(ErrorCode::Unavailable, &message),
-                    );
+                    self.refused_after_all(token, &route, not_leader);
                 }
             }
         }
+    }
+
+    /// A request the replica refused after the shard checked that it would
+    /// not (leadership cannot change in between, within one turn): answered
+    /// UNAVAILABLE, the client retries.
+    fn refused_after_all(&mut self, token: Token, route: &Route, not_leader: NotLeader) {
+        self.routes.remove(&token);
+        let message = format!("not the leader (leader: {})", not_leader.leader_id);
+        self.answer(
+            route,
+            state_machine::error(ErrorCode::Unavailable, &message),
+        );
     }
 
     /// An operation addressed to shard `target`: WRONG_SHARD if this node
@@ -196,12 +202,17 @@ impl Shard {
         no_forward: bool,
         out: &mut Output,
     ) {
-        let token = self.token(route.clone());
+        // Refusal first, so the operation can move into the read instead
+        // of being cloned in case it must be forwarded.
+        if let Some(not_leader) = self.replica.refuses_read(&op, consistency) {
+            self.not_leader(route, op, not_leader, no_forward);
+            return;
+        }
         let local =
             matches!(&op, Op::Get(get) if get.local) || matches!(&op, Op::Scan(scan) if scan.local);
-        if let Err(not_leader) = self.replica.read(token, op.clone(), consistency, out) {
-            self.routes.remove(&token);
-            self.not_leader(route, op, not_leader, no_forward);
+        let token = self.token(route.clone());
+        if let Err(not_leader) = self.replica.read(token, op, consistency, out) {
+            self.refused_after_all(token, &route, not_leader);
         } else if local && !self.replica.is_leader() {
             self.metrics.follower_reads.inc();
         }
