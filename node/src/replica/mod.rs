@@ -162,6 +162,16 @@ pub struct NotLeader {
     pub leader_id: u64,
 }
 
+/// A request the replica did not take, given back so the shard can forward
+/// it without having kept a copy.
+#[derive(Debug)]
+pub struct Refused {
+    /// Why.
+    pub not_leader: NotLeader,
+    /// The operation, untouched.
+    pub op: corekv_proto::client::request::Op,
+}
+
 /// Why a replica cannot start or go on (fail-stop).
 #[derive(Debug, thiserror::Error)]
 pub enum ReplicaError {

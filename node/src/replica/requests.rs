@@ -12,7 +12,7 @@ use crate::log_store::LogStore;
 use crate::sessions::SessionTag;
 use crate::state_machine;
 
-use super::{NotLeader, Output, Replica, Reply, Token, MAX_PENDING_REQUESTS};
+use super::{NotLeader, Output, Refused, Replica, Reply, Token, MAX_PENDING_REQUESTS};
 
 pub(super) struct PendingWrite {
     term: u64,
@@ -29,11 +29,12 @@ pub(super) struct PendingRead {
 impl<L: LogStore> Replica<L> {
     /// Queues a write; it enters raft with every other write of this turn
     /// at the next [`Replica::flush`].
-    pub fn propose(&mut self, token: Token, op: Op, tag: SessionTag) -> Result<(), NotLeader> {
+    pub fn propose(&mut self, token: Token, op: Op, tag: SessionTag) -> Result<(), Refused> {
         if !self.is_leader() {
-            return Err(NotLeader {
+            let not_leader = NotLeader {
                 leader_id: self.leader_id(),
-            });
+            };
+            return Err(Refused { not_leader, op });
         }
         let entry = if let Some(refused) = self.disk_full_error() {
             Err(refused)
@@ -61,15 +62,23 @@ impl<L: LogStore> Replica<L> {
         op: Op,
         consistency: corekv_proto::client::Consistency,
         out: &mut Output<L::SyncJob>,
-    ) -> Result<(), NotLeader> {
+    ) -> Result<(), Refused> {
         use corekv_proto::client::Consistency;
-        if let Some(not_leader) = self.refuses_read(&op, consistency) {
-            return Err(not_leader);
-        }
         if consistency == Consistency::Stale {
             let result = self.serve_read(&op);
             out.replies.push(Reply { token, result });
             return Ok(());
+        }
+        let local = match &op {
+            Op::Get(get) => get.local,
+            Op::Scan(scan) => scan.local,
+            _ => false,
+        };
+        if !self.is_leader() && (!local || self.leader_id() == 0) {
+            let not_leader = NotLeader {
+                leader_id: self.leader_id(),
+            };
+            return Err(Refused { not_leader, op });
         }
         if self.pending_requests() >= MAX_PENDING_REQUESTS {
             let result = self.too_many_pending();
@@ -93,27 +102,6 @@ impl<L: LogStore> Replica<L> {
             self.queued_reads.push(read);
         }
         Ok(())
-    }
-
-    /// Why [`Replica::read`] would refuse `op` here: a stale read is served
-    /// anywhere, a linearizable one by the leader, or by a follower when the
-    /// read asks to be served locally and a leader is known.
-    pub fn refuses_read(
-        &self,
-        op: &Op,
-        consistency: corekv_proto::client::Consistency,
-    ) -> Option<NotLeader> {
-        if consistency == corekv_proto::client::Consistency::Stale {
-            return None;
-        }
-        let local = match op {
-            Op::Get(get) => get.local,
-            Op::Scan(scan) => scan.local,
-            _ => false,
-        };
-        (!self.is_leader() && (!local || self.leader_id() == 0)).then(|| NotLeader {
-            leader_id: self.leader_id(),
-        })
     }
 
     /// Writes and read rounds this replica holds (a read round counts once:

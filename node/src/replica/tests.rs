@@ -219,7 +219,8 @@ fn three_replicas_elect_one_leader_and_replicate_a_batch() {
     let follower = (1..=3).find(|&id| id != leader).unwrap();
     assert_eq!(
         sim.replica(follower)
-            .propose(99, put("x", "y"), SessionTag::default()),
+            .propose(99, put("x", "y"), SessionTag::default())
+            .map_err(|refused| refused.not_leader),
         Err(NotLeader { leader_id: leader })
     );
 }

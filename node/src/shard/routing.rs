@@ -142,31 +142,15 @@ impl Shard {
                 let _ = self.on_shard(target, route, op, no_forward);
             }
             Op::Put(_) | Op::Delete(_) | Op::Cas(_) | Op::OpenSession(_) => {
-                // Leadership first, so the operation can move into the log
-                // entry instead of being cloned in case it must be forwarded.
-                if !self.replica.is_leader() {
-                    let leader_id = self.replica.leader_id();
-                    self.not_leader(route, op, NotLeader { leader_id }, no_forward);
-                    return;
-                }
                 let token = self.token(route.clone());
-                if let Err(not_leader) = self.replica.propose(token, op, route.tag) {
-                    self.refused_after_all(token, &route, not_leader);
+                // The operation moves into the log entry; a replica that is
+                // not the leader gives it back to be forwarded.
+                if let Err(refused) = self.replica.propose(token, op, route.tag) {
+                    self.routes.remove(&token);
+                    self.not_leader(route, refused.op, refused.not_leader, no_forward);
                 }
             }
         }
-    }
-
-    /// A request the replica refused after the shard checked that it would
-    /// not (leadership cannot change in between, within one turn): answered
-    /// UNAVAILABLE, the client retries.
-    fn refused_after_all(&mut self, token: Token, route: &Route, not_leader: NotLeader) {
-        self.routes.remove(&token);
-        let message = format!("not the leader (leader: {})", not_leader.leader_id);
-        self.answer(
-            route,
-            state_machine::error(ErrorCode::Unavailable, &message),
-        );
     }
 
     /// An operation addressed to shard `target`: WRONG_SHARD if this node
@@ -202,17 +186,13 @@ impl Shard {
         no_forward: bool,
         out: &mut Output,
     ) {
-        // Refusal first, so the operation can move into the read instead
-        // of being cloned in case it must be forwarded.
-        if let Some(not_leader) = self.replica.refuses_read(&op, consistency) {
-            self.not_leader(route, op, not_leader, no_forward);
-            return;
-        }
+        let token = self.token(route.clone());
         let local =
             matches!(&op, Op::Get(get) if get.local) || matches!(&op, Op::Scan(scan) if scan.local);
-        let token = self.token(route.clone());
-        if let Err(not_leader) = self.replica.read(token, op, consistency, out) {
-            self.refused_after_all(token, &route, not_leader);
+        // The operation moves into the read; a refusal gives it back.
+        if let Err(refused) = self.replica.read(token, op, consistency, out) {
+            self.routes.remove(&token);
+            self.not_leader(route, refused.op, refused.not_leader, no_forward);
         } else if local && !self.replica.is_leader() {
             self.metrics.follower_reads.inc();
         }

@@ -780,12 +780,12 @@ impl Sim {
                 let give_up = self.now + 2_000;
                 self.clients[c].pending = Some((id, token, node, give_up));
             }
-            Err(not_leader) => {
+            Err(refused) => {
                 self.history.complete(id, Outcome::Failed, self.now);
-                self.clients[c].leader_hint = if not_leader.leader_id == 0 {
+                self.clients[c].leader_hint = if refused.not_leader.leader_id == 0 {
                     self.rng.gen_range(1..=self.config.nodes)
                 } else {
-                    not_leader.leader_id
+                    refused.not_leader.leader_id
                 };
             }
         }
