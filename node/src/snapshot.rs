@@ -41,6 +41,7 @@ use corekv_proto::client::Response;
 use prost::Message as _;
 
 use corekv_proto::log::Membership;
+use corekv_wal::{AlignedBuf, DIRECT_ALIGN};
 
 use crate::progress::{Progress, Unit};
 use crate::sessions::{Session, Sessions};
@@ -180,39 +181,6 @@ impl Default for Pacing {
 /// without one, with 256 KiB 1.5x (`cargo bench --bench snapshot_pacing`,
 /// 1 GiB, two runs each), for 0.4 s of writer CPU per GiB instead of 0.25.
 const DIRECT_BLOCK_BYTES: usize = 256 << 10;
-/// Alignment O_DIRECT needs for buffers, offsets and lengths.
-const DIRECT_ALIGN: usize = 4096;
-
-/// A heap buffer aligned for O_DIRECT.
-struct AlignedBuf {
-    ptr: std::ptr::NonNull<u8>,
-    layout: std::alloc::Layout,
-}
-
-impl AlignedBuf {
-    fn new(len: usize) -> AlignedBuf {
-        let layout = std::alloc::Layout::from_size_align(len, DIRECT_ALIGN).expect("valid layout");
-        // SAFETY: the layout has a non-zero size.
-        let ptr = unsafe { std::alloc::alloc_zeroed(layout) };
-        let ptr =
-            std::ptr::NonNull::new(ptr).unwrap_or_else(|| std::alloc::handle_alloc_error(layout));
-        AlignedBuf { ptr, layout }
-    }
-
-    fn as_mut_slice(&mut self) -> &mut [u8] {
-        // SAFETY: `ptr` points to `layout.size()` initialised (zeroed) bytes
-        // owned by this buffer.
-        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.layout.size()) }
-    }
-}
-
-impl Drop for AlignedBuf {
-    fn drop(&mut self) {
-        // SAFETY: allocated in `new` with this layout.
-        unsafe { std::alloc::dealloc(self.ptr.as_ptr(), self.layout) };
-    }
-}
-
 /// A file opened with O_DIRECT, written in aligned blocks (see
 /// `Pacing::Direct`).
 struct DirectFile {

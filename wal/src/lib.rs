@@ -46,9 +46,12 @@
 //! - **Limits**: a batch larger than a segment is split across records and
 //!   segments; a single entry that does not fit an empty segment is
 //!   [`WalError::EntryTooLarge`]. One `Wal` per directory (lock file).
+//! - **O_DIRECT buffers** ([`AlignedBuf`]): what new segments are zeroed
+//!   with, exported for the node's snapshot writer so there is one.
 //!
 //! The byte layout is documented in one place, the `format` module.
 
+mod direct;
 mod error;
 mod format;
 mod index;
@@ -61,6 +64,7 @@ mod sync;
 mod types;
 mod wal;
 
+pub use direct::{AlignedBuf, DIRECT_ALIGN};
 pub use error::WalError;
 pub use sync::{remove_segments, SyncJob, SyncOutcome};
 pub use types::{

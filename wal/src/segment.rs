@@ -8,6 +8,7 @@ use std::sync::Arc;
 
 use memmap2::{MmapMut, MmapOptions};
 
+use crate::direct::{AlignedBuf, DIRECT_ALIGN};
 use crate::error::WalError;
 use crate::format::{self, SegmentHeader, HEADER_LEN};
 
@@ -390,40 +391,14 @@ fn write_zeros_around_page_cache(path: &Path, segment_bytes: u64) -> Result<(), 
         Err(e) if e.raw_os_error() == Some(libc::EINVAL) => return Ok(()),
         Err(e) => return Err(WalError::io(path, "open new segment (O_DIRECT)", e)),
     };
-    // O_DIRECT wants the buffer aligned to the logical block size: 4 KiB
-    // covers every device.
-    let layout = std::alloc::Layout::from_size_align(BLOCK_BYTES, 4096).expect("valid layout");
-    // SAFETY: the layout has a non-zero size; the buffer is freed below
-    // with the same layout, and only read (as zeros) in between.
-    let buffer = unsafe { std::alloc::alloc_zeroed(layout) };
-    if buffer.is_null() {
-        std::alloc::handle_alloc_error(layout);
-    }
-    struct Aligned(*mut u8, std::alloc::Layout);
-    impl Drop for Aligned {
-        fn drop(&mut self) {
-            // SAFETY: allocated above with this layout.
-            unsafe { std::alloc::dealloc(self.0, self.1) }
-        }
-    }
-    let buffer = Aligned(buffer, layout);
-    // SAFETY: BLOCK_BYTES initialised (zeroed) bytes, alive while `buffer` is.
-    let zeros = unsafe { std::slice::from_raw_parts(buffer.0, BLOCK_BYTES) };
-    // A tail that is not whole 4 KiB blocks stays unwritten (zeroed pages).
-    let end = segment_bytes & !4095;
+    let zeros = AlignedBuf::new(BLOCK_BYTES);
+    // A tail that is not whole blocks stays unwritten (zeroed pages).
+    let end = segment_bytes - segment_bytes % DIRECT_ALIGN as u64;
     let mut offset = 0u64;
     while offset < end {
         let len = (end - offset).min(BLOCK_BYTES as u64) as usize;
-        match file.write_at(&zeros[..len], offset) {
-            Ok(0) => {
-                return Err(WalError::io(
-                    path,
-                    "zero new segment",
-                    std::io::Error::from(std::io::ErrorKind::WriteZero),
-                ))
-            }
-            Ok(written) => offset += written as u64,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+        match file.write_all_at(&zeros.as_slice()[..len], offset) {
+            Ok(()) => offset += len as u64,
             // A file system that opens with O_DIRECT but refuses the write
             // (alignment): fall back to zeroed pages; the file is
             // preallocated, so what was written is zeros either way.
