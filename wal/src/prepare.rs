@@ -107,7 +107,7 @@ impl Preparer {
                 Err(error)
             }
             Next::Idle if self.requests.is_none() => {
-                Segment::create(&self.dir, sequence, self.segment_bytes)
+                Segment::create_on_appending_thread(&self.dir, sequence, self.segment_bytes)
                     .map_err(WalError::into_cannot_grow)
             }
             Next::Idle => {

@@ -50,6 +50,15 @@ impl SegmentFile {
     }
 }
 
+/// How a new (not recycled) segment file is made to read as zeros.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Zeroing {
+    /// Preallocated, then zeros written to its blocks around the page cache.
+    Blocks,
+    /// Preallocated only: unwritten blocks, zeroed in the page cache.
+    PagesOnly,
+}
+
 /// A mapped segment and what the WAL knows about it.
 pub(crate) struct Segment {
     pub(crate) sequence: u64,
@@ -83,11 +92,32 @@ impl Segment {
     /// and mapped, with a zero header (written later by a sync job). If
     /// preallocation or mapping fails the new file is removed again (a
     /// leftover would be harmless, its header being zero, but would hold the
-    /// space that just ran out).
+    /// space that just ran out). A new file's blocks are written with
+    /// zeros first (see `write_zeros_around_page_cache`).
     pub(crate) fn create(
         dir: &Path,
         sequence: u64,
         segment_bytes: u64,
+    ) -> Result<Segment, WalError> {
+        Self::create_with(dir, sequence, segment_bytes, Zeroing::Blocks)
+    }
+
+    /// [`Segment::create`] for the appending thread itself (the preparer
+    /// thread could not be started): a new file stays preallocated only,
+    /// so rotation does not also wait for its zeros to reach the disk.
+    pub(crate) fn create_on_appending_thread(
+        dir: &Path,
+        sequence: u64,
+        segment_bytes: u64,
+    ) -> Result<Segment, WalError> {
+        Self::create_with(dir, sequence, segment_bytes, Zeroing::PagesOnly)
+    }
+
+    fn create_with(
+        dir: &Path,
+        sequence: u64,
+        segment_bytes: u64,
+        zeroing: Zeroing,
     ) -> Result<Segment, WalError> {
         let path = dir.join(format::segment_file_name(sequence));
         match Self::recycle(dir, &path, sequence, segment_bytes) {
@@ -104,7 +134,7 @@ impl Segment {
             .create_new(true)
             .open(&path)
             .map_err(|e| WalError::io(&path, "create segment", e))?;
-        let result = Self::preallocate_and_map(file, &path, sequence, segment_bytes);
+        let result = Self::preallocate_and_map(file, &path, sequence, segment_bytes, zeroing);
         if result.is_err() {
             let _ = std::fs::remove_file(&path);
         }
@@ -116,6 +146,7 @@ impl Segment {
         path: &Path,
         sequence: u64,
         segment_bytes: u64,
+        zeroing: Zeroing,
     ) -> Result<Segment, WalError> {
         let length =
             libc::off_t::try_from(segment_bytes).expect("segment_bytes is validated to fit off_t");
@@ -133,8 +164,10 @@ impl Segment {
         // Only a speed-up: the file is preallocated and reads as zeros
         // either way, so a failure here leaves it as it was. A failing disk
         // shows in the fdatasyncs of the appends.
-        if let Err(error) = write_zeros_around_page_cache(path, segment_bytes) {
-            tracing::warn!(%error, "cannot write zeros over a new WAL segment; appends into it convert its extents");
+        if zeroing == Zeroing::Blocks {
+            if let Err(error) = write_zeros_around_page_cache(path, segment_bytes) {
+                tracing::warn!(%error, "cannot write zeros over a new WAL segment; appends into it convert its extents");
+            }
         }
         prefill_page_cache(&file, path, segment_bytes)?;
         let file = SegmentFile {
