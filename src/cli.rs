@@ -315,7 +315,11 @@ pub fn init_logging(level: &str, json: bool) {
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(ansi)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        // A log line that cannot be written (the disk holding the log is
+        // full) is dropped. By default tracing reports it with eprintln!,
+        // which panics when stderr fails too: one full disk stopped a node.
+        .log_internal_errors(false);
     let _ = if json {
         builder.json().try_init()
     } else {

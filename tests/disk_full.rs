@@ -138,3 +138,27 @@ fn a_full_disk_refuses_writes_hands_over_serves_reads_and_resumes() {
     assert!(!log.contains("panicked"), "{log}");
     assert!(log.contains("can grow again"), "{log}");
 }
+
+/// A node whose log cannot be written (the disk holding it is full; here
+/// its output goes to /dev/full, where every write fails with ENOSPC) drops
+/// the lines and goes on serving.
+#[test]
+fn a_node_whose_log_cannot_be_written_keeps_serving() {
+    let mut cluster = Cluster::configure(3, 1, "");
+    cluster.node(1).log_path = std::path::PathBuf::from("/dev/full");
+    for node in &mut cluster.nodes {
+        node.start();
+    }
+    cluster.wait_for_leaders();
+    let value = Bytes::from_static(b"v");
+    let written = keys("logged", 50);
+    put_all(&cluster, &written, &value);
+    let port = cluster.node(1).client_port;
+    wait_for("node 1 holds every key", DEADLINE, || {
+        written
+            .iter()
+            .all(|key| stale_get(port, key) == Some(Some(value.clone())))
+            .then_some(())
+    });
+    assert!(cluster.node(1).is_running(), "node 1 exited");
+}

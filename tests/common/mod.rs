@@ -281,8 +281,12 @@ impl Node {
         }
     }
 
-    /// The node's log so far.
+    /// The node's log so far (empty when it logs to a device, such as
+    /// /dev/full, that is no file).
     pub fn log(&self) -> String {
+        if !std::fs::metadata(&self.log_path).is_ok_and(|m| m.is_file()) {
+            return String::new();
+        }
         std::fs::read_to_string(&self.log_path).unwrap_or_default()
     }
 }
