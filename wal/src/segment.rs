@@ -384,11 +384,24 @@ impl Segment {
 /// what changed.)
 ///
 /// The read must not build large folios, see `small_pages`.
+///
+/// The file is read into /dev/null with sendfile: the pages come into the
+/// page cache as with read(2), but are not copied out to a buffer. That
+/// copy was a quarter of a follower's CPU samples under a 1 GB state's
+/// write load while its WAL grew (perf: `_copy_to_iter` on the preparing
+/// thread). A 64 MiB segment written with O_DIRECT, evicted, then read
+/// back on the development machine: 88-228 ms of CPU with pread in
+/// 128 KiB reads, 51-53 ms with sendfile (three rounds each, alternated).
+/// Where sendfile cannot be used, the file is read into a buffer.
 fn prefill_page_cache(file: &File, path: &Path, segment_bytes: u64) -> Result<(), WalError> {
     small_pages(file);
+    let mut offset = read_into_dev_null(file, segment_bytes)
+        .map_err(|e| WalError::io(path, "read new segment", e))?;
+    if offset >= segment_bytes {
+        return Ok(());
+    }
     const CHUNK_BYTES: usize = 128 << 10;
     let mut buffer = vec![0u8; CHUNK_BYTES];
-    let mut offset = 0u64;
     while offset < segment_bytes {
         match file.read_at(&mut buffer, offset) {
             Ok(0) => break,
@@ -398,6 +411,36 @@ fn prefill_page_cache(file: &File, path: &Path, segment_bytes: u64) -> Result<()
         }
     }
     Ok(())
+}
+
+/// Reads `file` up to `len` into /dev/null (see `prefill_page_cache`);
+/// how far it got. Stops early, without an error, where sendfile or
+/// /dev/null is not available (the caller reads the rest).
+fn read_into_dev_null(file: &File, len: u64) -> std::io::Result<u64> {
+    let Ok(null) = OpenOptions::new().write(true).open("/dev/null") else {
+        return Ok(0);
+    };
+    let mut offset: libc::off_t = 0;
+    while (offset as u64) < len {
+        let count = (len - offset as u64).min(1 << 30) as usize;
+        // SAFETY: two open descriptors and a valid offset; the kernel
+        // advances `offset` by what it read.
+        let sent =
+            unsafe { libc::sendfile(null.as_raw_fd(), file.as_raw_fd(), &mut offset, count) };
+        match sent {
+            0 => break,
+            n if n > 0 => {}
+            _ => {
+                let e = std::io::Error::last_os_error();
+                match e.raw_os_error() {
+                    Some(libc::EINTR) => {}
+                    Some(libc::EINVAL) | Some(libc::ENOSYS) => break,
+                    _ => return Err(e),
+                }
+            }
+        }
+    }
+    Ok(offset as u64)
 }
 
 /// Writes zeros over a new, preallocated segment with O_DIRECT, then syncs
@@ -632,6 +675,35 @@ mod tests {
                 .all(|(_, flags)| flags & FIEMAP_EXTENT_UNWRITTEN == 0),
             "{extents:?}"
         );
+    }
+
+    /// Pages of `file` in the page cache, by mincore over a read-only map.
+    fn resident_pages(file: &File, len: usize) -> usize {
+        // SAFETY: a private read-only map of a file nobody truncates here.
+        let map = unsafe { memmap2::MmapOptions::new().len(len).map(file) }.unwrap();
+        let mut pages = vec![0u8; len.div_ceil(4096)];
+        // SAFETY: the map is page aligned, `len` long, and `pages` has one
+        // byte per page of it.
+        let rc = unsafe { libc::mincore(map.as_ptr() as *mut _, len, pages.as_mut_ptr()) };
+        assert_eq!(rc, 0, "mincore: {}", std::io::Error::last_os_error());
+        pages.iter().filter(|&&p| p & 1 == 1).count()
+    }
+
+    #[test]
+    fn the_prefill_brings_every_page_of_a_segment_into_the_page_cache() {
+        const LEN: usize = 1 << 20;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("segment");
+        std::fs::write(&path, vec![0u8; LEN]).unwrap();
+        let file = File::open(&path).unwrap();
+        file.sync_all().unwrap();
+        // Clean pages leave the cache on DONTNEED (except on tmpfs, where
+        // they are the file and the check proves nothing).
+        // SAFETY: plain syscall on an open descriptor.
+        unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+        let before = resident_pages(&file, LEN);
+        prefill_page_cache(&file, &path, LEN as u64).unwrap();
+        assert_eq!(resident_pages(&file, LEN), LEN / 4096, "{before} before");
     }
 
     #[test]
