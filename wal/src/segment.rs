@@ -677,11 +677,16 @@ mod tests {
         );
     }
 
+    fn page_bytes() -> usize {
+        // SAFETY: sysconf has no preconditions.
+        unsafe { libc::sysconf(libc::_SC_PAGESIZE) as usize }
+    }
+
     /// Pages of `file` in the page cache, by mincore over a read-only map.
     fn resident_pages(file: &File, len: usize) -> usize {
         // SAFETY: a private read-only map of a file nobody truncates here.
         let map = unsafe { memmap2::MmapOptions::new().len(len).map(file) }.unwrap();
-        let mut pages = vec![0u8; len.div_ceil(4096)];
+        let mut pages = vec![0u8; len.div_ceil(page_bytes())];
         // SAFETY: the map is page aligned, `len` long, and `pages` has one
         // byte per page of it.
         let rc = unsafe { libc::mincore(map.as_ptr() as *mut _, len, pages.as_mut_ptr()) };
@@ -703,7 +708,11 @@ mod tests {
         unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
         let before = resident_pages(&file, LEN);
         prefill_page_cache(&file, &path, LEN as u64).unwrap();
-        assert_eq!(resident_pages(&file, LEN), LEN / 4096, "{before} before");
+        assert_eq!(
+            resident_pages(&file, LEN),
+            LEN / page_bytes(),
+            "{before} before"
+        );
     }
 
     #[test]
