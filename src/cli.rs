@@ -304,6 +304,24 @@ fn run_node(args: &RunArgs) -> ExitCode {
     }
 }
 
+/// The log's stderr, counting the lines it fails to write in
+/// `log_write_errors_total` (tracing writes a line with one `write_all`,
+/// which stops at the first error).
+struct CountingStderr;
+
+impl std::io::Write for CountingStderr {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        std::io::stderr().write(buf).inspect_err(|_| {
+            corekv_node::metrics::LOG_WRITE_ERRORS
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        })
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        std::io::stderr().flush()
+    }
+}
+
 /// Sets up `tracing` with filter `level` (EnvFilter syntax). The node's
 /// config already folds RUST_LOG into its `log_level`; client commands let
 /// RUST_LOG override their quiet default.
@@ -315,10 +333,11 @@ pub fn init_logging(level: &str, json: bool) {
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(ansi)
-        .with_writer(std::io::stderr)
+        .with_writer(|| CountingStderr)
         // A log line that cannot be written (the disk holding the log is
-        // full) is dropped. By default tracing reports it with eprintln!,
-        // which panics when stderr fails too: one full disk stopped a node.
+        // full) is dropped and counted. By default tracing reports it with
+        // eprintln!, which panics when stderr fails too: one full disk
+        // stopped a node.
         .log_internal_errors(false);
     let _ = if json {
         builder.json().try_init()

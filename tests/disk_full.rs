@@ -161,4 +161,11 @@ fn a_node_whose_log_cannot_be_written_keeps_serving() {
             .then_some(())
     });
     assert!(cluster.node(1).is_running(), "node 1 exited");
+    // The lines are lost, but counted.
+    let metrics = corekv::scrape::get(&cluster.node(1).admin_addr(), "/metrics").expect("scrape");
+    let dropped = corekv::scrape::metric_value(&metrics, "log_write_errors_total");
+    assert!(dropped.is_some_and(|n| n > 0.0), "{dropped:?}");
+    let metrics = corekv::scrape::get(&cluster.node(2).admin_addr(), "/metrics").expect("scrape");
+    let dropped = corekv::scrape::metric_value(&metrics, "log_write_errors_total");
+    assert_eq!(dropped, Some(0.0));
 }

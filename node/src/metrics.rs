@@ -612,10 +612,21 @@ pub fn status_index(result: &corekv_proto::client::response::Result) -> usize {
     }
 }
 
+/// Log lines the process could not write (the disk holding its log is full,
+/// or the pipe it logs into was closed): the binary's log writer counts them, since the
+/// lines themselves are lost. Exported as `log_write_errors_total`.
+pub static LOG_WRITE_ERRORS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
 /// process_resident_memory_bytes, process_open_fds, process_cpu_seconds_total
-/// from /proc/self, read at scrape time.
+/// from /proc/self, read at scrape time, and `log_write_errors_total`.
 fn process_metrics() -> String {
     let mut text = String::new();
+    text.push_str("# HELP log_write_errors Log lines that could not be written.\n");
+    text.push_str("# TYPE log_write_errors counter\n");
+    text.push_str(&format!(
+        "log_write_errors_total {}\n",
+        LOG_WRITE_ERRORS.load(std::sync::atomic::Ordering::Relaxed)
+    ));
     // SAFETY: sysconf has no preconditions.
     let page_bytes = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(1) as u64;
     // SAFETY: as above.
