@@ -390,8 +390,10 @@ impl Segment {
 /// copy was a quarter of a follower's CPU samples under a 1 GB state's
 /// write load while its WAL grew (perf: `_copy_to_iter` on the preparing
 /// thread). A 64 MiB segment written with O_DIRECT, evicted, then read
-/// back on the development machine: 88-228 ms of CPU with pread in
-/// 128 KiB reads, 51-53 ms with sendfile (three rounds each, alternated).
+/// back on the development machine (a throwaway C program, three rounds
+/// each, alternated): 88-228 ms of CPU with pread in 128 KiB reads,
+/// 51-53 ms with sendfile. `cargo bench --bench wal -- nomatch` shows it as
+/// the process CPU per append+sync into new files.
 /// Where sendfile cannot be used, the file is read into a buffer.
 fn prefill_page_cache(file: &File, path: &Path, segment_bytes: u64) -> Result<(), WalError> {
     small_pages(file);
