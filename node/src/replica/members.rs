@@ -343,15 +343,16 @@ impl<L: LogStore> Replica<L> {
         )
     }
 
-    /// True if `id` is this node or sent it a message within the last
-    /// election timeout. (raft-rs's `recent_active` is cleared at every
-    /// check-quorum round, so it reads false for a live peer for up to a
-    /// heartbeat interval after each.)
+    /// True if `id` is this node or sent it a message within the liveness
+    /// window. (raft-rs's `recent_active` is cleared at every check-quorum
+    /// round, so it reads false for a live peer for up to a heartbeat
+    /// interval after each.)
     fn is_live(&self, id: u64) -> bool {
         id == self.options.node_id
-            || self.last_heard.get(&id).is_some_and(|tick| {
-                self.ticks.saturating_sub(*tick) <= self.options.election_ticks as u64
-            })
+            || self
+                .last_heard
+                .get(&id)
+                .is_some_and(|tick| self.ticks.saturating_sub(*tick) <= self.options.liveness_ticks)
     }
 }
 

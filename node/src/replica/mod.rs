@@ -69,6 +69,9 @@ pub struct ReplicaOptions {
     pub max_election_ticks: usize,
     /// A pending request older than this many ticks is answered TIMEOUT.
     pub request_timeout_ticks: u64,
+    /// A peer heard from within this many ticks counts as live when a
+    /// membership change is judged (see `is_live`).
+    pub liveness_ticks: u64,
     /// Upper bound on the bytes of entries in one append message.
     pub max_size_per_msg: u64,
     /// Upper bound on append messages in flight to one follower.

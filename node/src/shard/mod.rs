@@ -114,6 +114,11 @@ const MAX_APPEND_BYTES: u64 = 1 << 20;
 /// 92-96 us cluster CPU per put with 256, 13.9-14.6k at 83-87 us with 1.
 const MAX_INFLIGHT_APPENDS: usize = 1;
 
+/// A voter heard from within this window counts as live when a leader
+/// judges whether removing another voter keeps a quorum (at least one
+/// election timeout).
+const LIVENESS_WINDOW_MS: u64 = 5_000;
+
 /// Runs shard `shard` until the node shuts down. Called on the shard's own
 /// thread inside its monoio runtime.
 pub async fn run(
@@ -142,6 +147,13 @@ pub async fn run(
     });
     let tick_ms = config.tick_ms.max(1);
     let request_timeout_ticks = config.request_timeout_ms.div_ceil(tick_ms).max(1);
+    // etcd's window for the same check (`HealthInterval`): a follower on a
+    // loaded machine can be silent for longer than an election timeout
+    // without being down, and refusing an operator's change for that is a
+    // false alarm.
+    let liveness_ticks = LIVENESS_WINDOW_MS
+        .div_ceil(tick_ms)
+        .max(config.election_ticks as u64);
     let replica = Replica::open(
         wal,
         ReplicaOptions {
@@ -152,6 +164,7 @@ pub async fn run(
             election_ticks: config.election_ticks,
             max_election_ticks: 0,
             request_timeout_ticks,
+            liveness_ticks,
             max_size_per_msg: MAX_APPEND_BYTES,
             max_inflight_msgs: MAX_INFLIGHT_APPENDS,
             snapshot_entries: config.snapshot_entries,

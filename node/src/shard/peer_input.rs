@@ -310,6 +310,7 @@ mod tests {
             election_ticks: 30,
             max_election_ticks: 0,
             request_timeout_ticks: 500,
+            liveness_ticks: 30,
             max_size_per_msg: 1 << 20,
             max_inflight_msgs: 1,
             snapshot_entries: 1_000_000,

@@ -244,6 +244,7 @@ fn options(id: u64, nodes: u64, election_ticks: usize) -> ReplicaOptions {
         election_ticks,
         max_election_ticks: election_ticks + 1,
         request_timeout_ticks: 200,
+        liveness_ticks: election_ticks as u64,
         max_size_per_msg: 64 << 10,
         max_inflight_msgs: 32,
         // Small, so snapshots, compaction and snapshot transfers happen.
