@@ -65,6 +65,7 @@ use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::Path;
 use std::rc::Rc;
 use std::sync::Arc;
+use std::task::{Poll, Waker};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -86,6 +87,13 @@ pub use corekv_proto::client::{Consistency, ErrorCode, KeyValue, ScanResult, Sta
 /// answer (see `Client::attempt_timeout`), so that even a short request
 /// timeout leaves a slow answer its chance.
 pub const MIN_ATTEMPT_TIMEOUT: Duration = Duration::from_millis(250);
+
+/// How often a connection with requests in flight looks for those past
+/// their deadline: a request times out at most this much late. One timer
+/// per connection instead of one per request: monoio's timer future is
+/// 640 bytes (cache-line padded), which made every request's future
+/// several KiB, and registered a wheel entry per request.
+const TIMEOUT_SWEEP: Duration = Duration::from_millis(25);
 
 /// Runs `future` to completion on a new monoio runtime on this thread: the
 /// way a synchronous program (a CLI, a test) uses the async client.
@@ -255,7 +263,14 @@ impl ClientError {
     }
 }
 
-type Pending = RefCell<HashMap<u64, oneshot::Sender<Response>>>;
+type Pending = RefCell<HashMap<u64, Waiter>>;
+
+/// A request waiting for its answer.
+struct Waiter {
+    tx: oneshot::Sender<Response>,
+    /// Past it, the sweeper drops `tx`: the caller sees a timeout.
+    deadline: Instant,
+}
 
 /// One pipelined connection.
 struct Conn {
@@ -264,6 +279,8 @@ struct Conn {
     closed: Rc<Cell<bool>>,
     /// Why the connection ended, when the reader saw an error.
     why_closed: Rc<RefCell<Option<String>>>,
+    /// The sweeper's waker while it waits for a first request.
+    sweeper: Rc<Cell<Option<Waker>>>,
 }
 
 /// A shard-aware corekv client. Cheap to clone; not Send (one per thread).
@@ -542,44 +559,54 @@ impl Client {
     /// A write: in the shard's session when exactly-once is on, so every
     /// retry carries the same number and is applied at most once; a write
     /// whose outcome is not known by the deadline is OUTCOME_UNKNOWN.
-    async fn write(&self, key: Bytes, op: Op) -> Result<response::Result, ClientError> {
-        let shard = self.shard_of(&key);
-        let started = Instant::now();
-        let tag = if self.inner.options.exactly_once {
-            self.next_write_tag(shard).await?
-        } else {
-            WriteTag::default()
-        };
-        let result = self.routed_tagged(shard, op, tag, started).await;
-        if tag.session_id != 0 {
-            self.answered(shard, tag);
-        }
-        match result {
-            Err(ClientError::Timeout { elapsed, last }) => {
-                Err(ClientError::OutcomeUnknown { elapsed, last })
+    // Not `async fn`: that stores every argument twice in the future
+    // (rust-lang/rust#62958), and this future is part of every request's
+    // (see `request_futures_stay_small` in tests/client.rs). Same below.
+    #[allow(clippy::manual_async_fn)]
+    fn write(
+        &self,
+        key: Bytes,
+        op: Op,
+    ) -> impl std::future::Future<Output = Result<response::Result, ClientError>> + '_ {
+        async move {
+            let shard = self.shard_of(&key);
+            let started = Instant::now();
+            let tag = if self.inner.options.exactly_once {
+                self.next_write_tag(shard).await?
+            } else {
+                WriteTag::default()
+            };
+            let result = self.routed_tagged(shard, op, tag, started).await;
+            if tag.session_id != 0 {
+                self.answered(shard, tag);
             }
-            Err(ClientError::Server {
-                code: ErrorCode::Timeout,
-                message,
-                ..
-            }) => Err(ClientError::OutcomeUnknown {
-                elapsed: started.elapsed(),
-                last: message,
-            }),
-            Err(ClientError::Server {
-                code: ErrorCode::SessionExpired,
-                message,
-                ..
-            }) => {
-                // A retry may have found the session gone after an earlier
-                // attempt was applied: the outcome is not known.
-                self.inner.sessions.borrow_mut().remove(&shard);
-                Err(ClientError::OutcomeUnknown {
+            match result {
+                Err(ClientError::Timeout { elapsed, last }) => {
+                    Err(ClientError::OutcomeUnknown { elapsed, last })
+                }
+                Err(ClientError::Server {
+                    code: ErrorCode::Timeout,
+                    message,
+                    ..
+                }) => Err(ClientError::OutcomeUnknown {
                     elapsed: started.elapsed(),
                     last: message,
-                })
+                }),
+                Err(ClientError::Server {
+                    code: ErrorCode::SessionExpired,
+                    message,
+                    ..
+                }) => {
+                    // A retry may have found the session gone after an earlier
+                    // attempt was applied: the outcome is not known.
+                    self.inner.sessions.borrow_mut().remove(&shard);
+                    Err(ClientError::OutcomeUnknown {
+                        elapsed: started.elapsed(),
+                        last: message,
+                    })
+                }
+                other => other,
             }
-            other => other,
         }
     }
 
@@ -588,7 +615,8 @@ impl Client {
     async fn next_write_tag(&self, shard: u32) -> Result<WriteTag, ClientError> {
         if !self.inner.sessions.borrow().contains_key(&shard) {
             let op = Op::OpenSession(corekv_proto::client::OpenSession { shard });
-            let id = match self.routed(shard, op).await {
+            // Boxed: once per shard, and a whole retry loop inline.
+            let id = match Box::pin(self.routed(shard, op)).await {
                 Ok(response::Result::Session(session)) => session.session_id,
                 // A node from before sessions does not know the operation
                 // (during a rolling upgrade): write without a session there.
@@ -647,124 +675,133 @@ impl Client {
             .await
     }
 
-    async fn routed_tagged(
+    fn routed_tagged(
         &self,
         shard: u32,
         op: Op,
         tag: WriteTag,
         started: Instant,
-    ) -> Result<response::Result, ClientError> {
+    ) -> impl std::future::Future<Output = Result<response::Result, ClientError>> + '_ {
         self.retried(shard, op, tag, started, ReadFrom::Leader)
-            .await
     }
 
-    async fn retried(
+    #[allow(clippy::manual_async_fn)]
+    fn retried(
         &self,
         shard: u32,
         op: Op,
         tag: WriteTag,
         started: Instant,
         read_from: ReadFrom,
-    ) -> Result<response::Result, ClientError> {
-        let deadline = started + self.inner.options.request_timeout;
-        let mut backoff = Duration::from_millis(5);
-        let mut attempts = 0u32;
-        loop {
-            let attempt = match self
-                .attempt(shard, op.clone(), tag, read_from, attempts, deadline)
-                .await
-            {
-                Ok(attempt) => attempt,
-                // After an attempt went out, giving up is a timeout: a write
-                // sent before may have been applied.
-                Err(e @ ClientError::NoEndpoint(_)) if attempts > 0 => {
+    ) -> impl std::future::Future<Output = Result<response::Result, ClientError>> + '_ {
+        async move {
+            let deadline = started + self.inner.options.request_timeout;
+            let mut backoff = Duration::from_millis(5);
+            let mut attempts = 0u32;
+            loop {
+                let attempt = match self
+                    .attempt(shard, &op, tag, read_from, attempts, deadline)
+                    .await
+                {
+                    Ok(attempt) => attempt,
+                    // After an attempt went out, giving up is a timeout: a write
+                    // sent before may have been applied.
+                    Err(e @ ClientError::NoEndpoint(_)) if attempts > 0 => {
+                        return Err(ClientError::Timeout {
+                            elapsed: started.elapsed(),
+                            last: e.to_string(),
+                        })
+                    }
+                    Err(e) => return Err(e),
+                };
+                attempts += 1;
+                let last = match attempt {
+                    Attempt::Done(result) => return Ok(result),
+                    Attempt::Retry(why) => why,
+                };
+                let now = Instant::now();
+                if now >= deadline {
                     return Err(ClientError::Timeout {
-                        elapsed: started.elapsed(),
-                        last: e.to_string(),
-                    })
+                        elapsed: now - started,
+                        last,
+                    });
                 }
-                Err(e) => return Err(e),
-            };
-            attempts += 1;
-            let last = match attempt {
-                Attempt::Done(result) => return Ok(result),
-                Attempt::Retry(why) => why,
-            };
-            let now = Instant::now();
-            if now >= deadline {
-                return Err(ClientError::Timeout {
-                    elapsed: now - started,
-                    last,
-                });
-            }
-            monoio::time::sleep(backoff.min(deadline - now)).await;
-            backoff = (backoff * 2).min(Duration::from_millis(200));
-            if backoff >= Duration::from_millis(40) {
-                let _ = self.refresh_topology().await;
+                // Boxed (a rare path): monoio's sleep future is 640 bytes.
+                Box::pin(monoio::time::sleep(backoff.min(deadline - now))).await;
+                backoff = (backoff * 2).min(Duration::from_millis(200));
+                if backoff >= Duration::from_millis(40) {
+                    // Boxed, like opening a connection: a rare path.
+                    let _ = Box::pin(self.refresh_topology()).await;
+                }
             }
         }
     }
 
-    async fn attempt(
-        &self,
+    #[allow(clippy::manual_async_fn)]
+    fn attempt<'a>(
+        &'a self,
         shard: u32,
-        op: Op,
+        op: &'a Op,
         tag: WriteTag,
         read_from: ReadFrom,
         attempts: u32,
         deadline: Instant,
-    ) -> Result<Attempt, ClientError> {
-        let (addr, knows_leader) = match read_from {
-            ReadFrom::Leader => self.target(shard)?,
-            _ => self.read_target(shard, read_from, attempts)?,
-        };
-        // A read, and a write in an exactly-once session (the node applies
-        // a numbered write at most once), may be sent again at no risk: one
-        // that a paused or cut-off node does not answer moves on to another
-        // node (for a write, the leader elected meanwhile) within the
-        // deadline. Any other request waits for its answer until the
-        // deadline: sent twice, it could apply twice.
-        let remaining = deadline.saturating_duration_since(Instant::now());
-        let resendable = matches!(op, Op::Get(_) | Op::Scan(_)) || tag.session_id != 0;
-        let timeout = if resendable {
-            self.attempt_timeout().min(remaining)
-        } else {
-            remaining
-        };
-        match self
-            .call_at(addr, op.clone(), knows_leader, tag, timeout)
-            .await
-        {
-            Ok(response::Result::Error(error)) => {
-                let code = ErrorCode::try_from(error.code).unwrap_or(ErrorCode::Internal);
-                match code {
-                    ErrorCode::NotLeader => {
-                        self.set_leader(shard, error.leader_id);
-                        Ok(Attempt::Retry(error.message))
+    ) -> impl std::future::Future<Output = Result<Attempt, ClientError>> + 'a {
+        async move {
+            let (addr, knows_leader) = match read_from {
+                ReadFrom::Leader => self.target(shard)?,
+                _ => self.read_target(shard, read_from, attempts)?,
+            };
+            // A read, and a write in an exactly-once session (the node applies
+            // a numbered write at most once), may be sent again at no risk: one
+            // that a paused or cut-off node does not answer moves on to another
+            // node (for a write, the leader elected meanwhile) within the
+            // deadline. Any other request waits for its answer until the
+            // deadline: sent twice, it could apply twice.
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            let resendable = matches!(op, Op::Get(_) | Op::Scan(_)) || tag.session_id != 0;
+            let timeout = if resendable {
+                self.attempt_timeout().min(remaining)
+            } else {
+                remaining
+            };
+            match self
+                .call_at(addr, op.clone(), knows_leader, tag, timeout)
+                .await
+            {
+                Ok(response::Result::Error(error)) => {
+                    let code = ErrorCode::try_from(error.code).unwrap_or(ErrorCode::Internal);
+                    match code {
+                        ErrorCode::NotLeader => {
+                            self.set_leader(shard, error.leader_id);
+                            Ok(Attempt::Retry(error.message))
+                        }
+                        ErrorCode::Unavailable => {
+                            self.set_leader(shard, 0);
+                            Ok(Attempt::Retry(error.message))
+                        }
+                        // The server gave up waiting for the write to commit; it
+                        // may still. In a session the retry cannot apply twice.
+                        ErrorCode::Timeout if tag.session_id != 0 => {
+                            Ok(Attempt::Retry(error.message))
+                        }
+                        // A follower that trails far behind its leader did not
+                        // apply the read's index in time: another replica may.
+                        ErrorCode::Timeout if read_from != ReadFrom::Leader => {
+                            Ok(Attempt::Retry(error.message))
+                        }
+                        _ => Err(ClientError::Server {
+                            code,
+                            message: error.message,
+                            current_version: error.current_version,
+                        }),
                     }
-                    ErrorCode::Unavailable => {
-                        self.set_leader(shard, 0);
-                        Ok(Attempt::Retry(error.message))
-                    }
-                    // The server gave up waiting for the write to commit; it
-                    // may still. In a session the retry cannot apply twice.
-                    ErrorCode::Timeout if tag.session_id != 0 => Ok(Attempt::Retry(error.message)),
-                    // A follower that trails far behind its leader did not
-                    // apply the read's index in time: another replica may.
-                    ErrorCode::Timeout if read_from != ReadFrom::Leader => {
-                        Ok(Attempt::Retry(error.message))
-                    }
-                    _ => Err(ClientError::Server {
-                        code,
-                        message: error.message,
-                        current_version: error.current_version,
-                    }),
                 }
-            }
-            Ok(result) => Ok(Attempt::Done(result)),
-            Err(e) => {
-                self.set_leader(shard, 0);
-                Ok(Attempt::Retry(e.to_string()))
+                Ok(result) => Ok(Attempt::Done(result)),
+                Err(e) => {
+                    self.set_leader(shard, 0);
+                    Ok(Attempt::Retry(e.to_string()))
+                }
             }
         }
     }
@@ -918,42 +955,48 @@ impl Client {
     }
 
     /// One request to one address, no retries.
-    async fn call_at(
+    #[allow(clippy::manual_async_fn)]
+    fn call_at(
         &self,
         addr: SocketAddr,
         op: Op,
         no_forward: bool,
         tag: WriteTag,
         timeout: Duration,
-    ) -> Result<response::Result, String> {
-        let conn = self.conn(addr).await?;
-        let id = self.inner.next_id.get();
-        self.inner.next_id.set(id + 1);
-        let (tx, rx) = oneshot::channel();
-        conn.pending.borrow_mut().insert(id, tx);
-        let frame = encode_frame_bytes(&Request {
-            id,
-            no_forward,
-            op: Some(op),
-            session_id: tag.session_id,
-            sequence: tag.sequence,
-            acked_below: tag.acked_below,
-        });
-        if let Err(e) = conn.sender.send(frame) {
-            conn.pending.borrow_mut().remove(&id);
-            return Err(format!("{addr}: cannot send: {e:?}"));
-        }
-        match monoio::time::timeout(timeout, rx).await {
-            Ok(Ok(response)) => response
-                .result
-                .ok_or_else(|| format!("{addr}: empty response")),
-            Ok(Err(_)) => Err(match conn.why_closed.borrow().as_ref() {
-                Some(why) => format!("{addr}: connection closed before the answer: {why}"),
-                None => format!("{addr}: connection closed before the answer"),
-            }),
-            Err(_) => {
+    ) -> impl std::future::Future<Output = Result<response::Result, String>> + '_ {
+        async move {
+            let conn = self.conn(addr).await?;
+            let id = self.inner.next_id.get();
+            self.inner.next_id.set(id + 1);
+            let (tx, rx) = oneshot::channel();
+            let deadline = Instant::now() + timeout;
+            conn.pending
+                .borrow_mut()
+                .insert(id, Waiter { tx, deadline });
+            if let Some(sweeper) = conn.sweeper.take() {
+                sweeper.wake();
+            }
+            let frame = encode_frame_bytes(&Request {
+                id,
+                no_forward,
+                op: Some(op),
+                session_id: tag.session_id,
+                sequence: tag.sequence,
+                acked_below: tag.acked_below,
+            });
+            if let Err(e) = conn.sender.send(frame) {
                 conn.pending.borrow_mut().remove(&id);
-                Err(format!("{addr}: no answer within {timeout:?}"))
+                return Err(format!("{addr}: cannot send: {e:?}"));
+            }
+            match rx.await {
+                Ok(response) => response
+                    .result
+                    .ok_or_else(|| format!("{addr}: empty response")),
+                Err(_) if conn.closed.get() => Err(match conn.why_closed.borrow().as_ref() {
+                    Some(why) => format!("{addr}: connection closed before the answer: {why}"),
+                    None => format!("{addr}: connection closed before the answer"),
+                }),
+                Err(_) => Err(format!("{addr}: no answer within {timeout:?}")),
             }
         }
     }
@@ -964,6 +1007,13 @@ impl Client {
                 return Ok(conn.clone());
             }
         }
+        // Boxed: inline, the connect and TLS handshake state would make
+        // every request's future several KiB (see `request_futures_stay_small`
+        // in tests/client.rs).
+        Box::pin(self.open_conn(addr)).await
+    }
+
+    async fn open_conn(&self, addr: SocketAddr) -> Result<Rc<Conn>, String> {
         let options = &self.inner.options;
         let stream = connect(addr, &options.socket)
             .await
@@ -988,18 +1038,25 @@ impl Client {
         let pending: Rc<Pending> = Rc::new(RefCell::new(HashMap::new()));
         let closed = Rc::new(Cell::new(false));
         let why_closed = Rc::new(RefCell::new(None));
+        let sweeper = Rc::new(Cell::new(None));
         let conn = Rc::new(Conn {
             sender: sender.clone(),
             pending: pending.clone(),
             closed: closed.clone(),
             why_closed: why_closed.clone(),
+            sweeper: sweeper.clone(),
         });
         let reader = FrameReader::new(read_half, options.max_frame_bytes);
+        monoio::spawn(expire_requests(
+            pending.clone(),
+            closed.clone(),
+            sweeper.clone(),
+        ));
         monoio::spawn(read_responses(
             reader,
             pending,
             (closed, why_closed),
-            sender,
+            (sender, sweeper),
         ));
         self.inner.conns.borrow_mut().insert(addr, conn.clone());
         Ok(conn)
@@ -1010,7 +1067,7 @@ async fn read_responses<R: monoio::io::AsyncReadRent>(
     mut reader: FrameReader<R>,
     pending: Rc<Pending>,
     (closed, why_closed): (Rc<Cell<bool>>, Rc<RefCell<Option<String>>>),
-    sender: FrameSender,
+    (sender, sweeper): (FrameSender, Rc<Cell<Option<Waker>>>),
 ) {
     loop {
         let frame = match reader.next_frame().await {
@@ -1030,14 +1087,46 @@ async fn read_responses<R: monoio::io::AsyncReadRent>(
                 break;
             }
         };
-        if let Some(tx) = pending.borrow_mut().remove(&response.id) {
-            let _ = tx.send(response);
+        if let Some(waiter) = pending.borrow_mut().remove(&response.id) {
+            let _ = waiter.tx.send(response);
         }
     }
     closed.set(true);
     sender.close();
     // Dropping the senders wakes every waiter with "connection closed".
     pending.borrow_mut().clear();
+    if let Some(sweeper) = sweeper.take() {
+        sweeper.wake();
+    }
+}
+
+/// Drops the waiters of one connection that are past their deadline (their
+/// callers see "no answer within"), every [`TIMEOUT_SWEEP`] while any wait;
+/// asleep while none does. Ends when the connection closes.
+async fn expire_requests(
+    pending: Rc<Pending>,
+    closed: Rc<Cell<bool>>,
+    sweeper: Rc<Cell<Option<Waker>>>,
+) {
+    while !closed.get() {
+        if pending.borrow().is_empty() {
+            std::future::poll_fn(|cx| {
+                if closed.get() || !pending.borrow().is_empty() {
+                    Poll::Ready(())
+                } else {
+                    sweeper.set(Some(cx.waker().clone()));
+                    Poll::Pending
+                }
+            })
+            .await;
+            continue;
+        }
+        monoio::time::sleep(TIMEOUT_SWEEP).await;
+        let now = Instant::now();
+        pending
+            .borrow_mut()
+            .retain(|_, waiter| waiter.deadline > now);
+    }
 }
 
 impl Client {
