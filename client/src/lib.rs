@@ -103,6 +103,7 @@ const TIMEOUT_SWEEP: Duration = Duration::from_millis(25);
 /// Panics if the runtime cannot be built (no io_uring and no epoll).
 pub fn block_on<F: std::future::Future>(future: F) -> F::Output {
     let mut runtime = monoio::RuntimeBuilder::<monoio::FusionDriver>::new()
+        .uring_builder(corekv_transport::uring_builder())
         .enable_timer()
         .build()
         .expect("cannot build a monoio runtime");

@@ -208,6 +208,7 @@ fn run_shard(
     rx: flume::Receiver<CrossCore>,
 ) -> anyhow::Result<()> {
     let mut runtime = monoio::RuntimeBuilder::<monoio::FusionDriver>::new()
+        .uring_builder(corekv_transport::uring_builder())
         .enable_timer()
         .build()
         .context("cannot build the shard runtime")?;

@@ -244,6 +244,7 @@ fn join_workers(handles: Vec<std::thread::JoinHandle<Stats>>) -> anyhow::Result<
 /// cannot set up, so the main thread never waits forever.
 fn worker(shared: Arc<Shared>, thread: usize, ticks: mpsc::Sender<Tick>) -> Stats {
     let runtime = monoio::RuntimeBuilder::<monoio::FusionDriver>::new()
+        .uring_builder(corekv_transport::uring_builder())
         .enable_timer()
         .build();
     let mut runtime = match runtime {

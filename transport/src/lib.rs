@@ -18,11 +18,13 @@
 //!   as [`ReadHalf`] / [`WriteHalf`] that are plain or TLS alike; the
 //!   configs are built from PEM files ([`server_config`], [`client_config`]).
 //!   It never decides who may connect: the node checks a peer's identity.
+//! - [`uring_builder`]: the io_uring setup of every runtime that does I/O.
 
 mod frame;
 mod handshake;
 mod link;
 mod reader;
+mod ring;
 mod socket;
 mod tls;
 mod wake;
@@ -35,6 +37,7 @@ pub use frame::{
 pub use handshake::{accept_peer, connect_peer, HandshakeError, PeerTls, Refusal};
 pub use link::{LinkEvent, PeerLink, PeerLinkConfig};
 pub use reader::FrameReader;
+pub use ring::uring_builder;
 /// The TLS library, for callers that hold its configs.
 pub use rustls;
 pub use socket::{configure_stream, connect, SocketOptions};
