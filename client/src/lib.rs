@@ -59,8 +59,9 @@
 //! .expect("corekv request failed");
 //! ```
 
+mod answer;
+
 use std::cell::{Cell, RefCell};
-use std::collections::HashMap;
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::Path;
 use std::rc::Rc;
@@ -79,7 +80,7 @@ use corekv_transport::{
     tls_connect, FrameReader, FrameSender, IdentityFiles, SocketOptions, TlsConfigError,
     DEFAULT_MAX_FRAME_BYTES,
 };
-use futures_channel::oneshot;
+use foldhash::{HashMap, HashMapExt};
 
 pub use corekv_proto::client::{Consistency, ErrorCode, KeyValue, ScanResult, StatusResult};
 
@@ -268,7 +269,7 @@ type Pending = RefCell<HashMap<u64, Waiter>>;
 
 /// A request waiting for its answer.
 struct Waiter {
-    tx: oneshot::Sender<Response>,
+    tx: answer::Sender<Response>,
     /// Past it, the sweeper drops `tx`: the caller sees a timeout.
     deadline: Instant,
 }
@@ -376,7 +377,10 @@ impl Client {
                     Op::Topology(Topology {}),
                     false,
                     WriteTag::default(),
-                    self.attempt_timeout(),
+                    (
+                        Instant::now() + self.attempt_timeout(),
+                        self.attempt_timeout(),
+                    ),
                 )
                 .await
             {
@@ -532,7 +536,10 @@ impl Client {
                 Op::Status(Status {}),
                 false,
                 WriteTag::default(),
-                self.inner.options.request_timeout,
+                (
+                    Instant::now() + self.inner.options.request_timeout,
+                    self.inner.options.request_timeout,
+                ),
             )
             .await;
         match answer.map_err(ClientError::NoEndpoint)? {
@@ -699,9 +706,13 @@ impl Client {
             let deadline = started + self.inner.options.request_timeout;
             let mut backoff = Duration::from_millis(5);
             let mut attempts = 0u32;
+            // A clock read costs a VM tens of nanoseconds: the first attempt
+            // starts at `started` (at most a session's opening late, which
+            // only shortens its wait).
+            let mut now = started;
             loop {
                 let attempt = match self
-                    .attempt(shard, &op, tag, read_from, attempts, deadline)
+                    .attempt(shard, &op, tag, read_from, attempts, (now, deadline))
                     .await
                 {
                     Ok(attempt) => attempt,
@@ -720,7 +731,7 @@ impl Client {
                     Attempt::Done(result) => return Ok(result),
                     Attempt::Retry(why) => why,
                 };
-                let now = Instant::now();
+                now = Instant::now();
                 if now >= deadline {
                     return Err(ClientError::Timeout {
                         elapsed: now - started,
@@ -734,6 +745,7 @@ impl Client {
                     // Boxed, like opening a connection: a rare path.
                     let _ = Box::pin(self.refresh_topology()).await;
                 }
+                now = Instant::now();
             }
         }
     }
@@ -746,7 +758,7 @@ impl Client {
         tag: WriteTag,
         read_from: ReadFrom,
         attempts: u32,
-        deadline: Instant,
+        (now, deadline): (Instant, Instant),
     ) -> impl std::future::Future<Output = Result<Attempt, ClientError>> + 'a {
         async move {
             let (addr, knows_leader) = match read_from {
@@ -759,7 +771,7 @@ impl Client {
             // node (for a write, the leader elected meanwhile) within the
             // deadline. Any other request waits for its answer until the
             // deadline: sent twice, it could apply twice.
-            let remaining = deadline.saturating_duration_since(Instant::now());
+            let remaining = deadline.saturating_duration_since(now);
             let resendable = matches!(op, Op::Get(_) | Op::Scan(_)) || tag.session_id != 0;
             let timeout = if resendable {
                 self.attempt_timeout().min(remaining)
@@ -767,7 +779,13 @@ impl Client {
                 remaining
             };
             match self
-                .call_at(addr, op.clone(), knows_leader, tag, timeout)
+                .call_at(
+                    addr,
+                    op.clone(),
+                    knows_leader,
+                    tag,
+                    (now + timeout, timeout),
+                )
                 .await
             {
                 Ok(response::Result::Error(error)) => {
@@ -963,14 +981,13 @@ impl Client {
         op: Op,
         no_forward: bool,
         tag: WriteTag,
-        timeout: Duration,
+        (deadline, timeout): (Instant, Duration),
     ) -> impl std::future::Future<Output = Result<response::Result, String>> + '_ {
         async move {
             let conn = self.conn(addr).await?;
             let id = self.inner.next_id.get();
             self.inner.next_id.set(id + 1);
-            let (tx, rx) = oneshot::channel();
-            let deadline = Instant::now() + timeout;
+            let (tx, rx) = answer::channel();
             conn.pending
                 .borrow_mut()
                 .insert(id, Waiter { tx, deadline });
@@ -1089,7 +1106,7 @@ async fn read_responses<R: monoio::io::AsyncReadRent>(
             }
         };
         if let Some(waiter) = pending.borrow_mut().remove(&response.id) {
-            let _ = waiter.tx.send(response);
+            waiter.tx.send(response);
         }
     }
     closed.set(true);
