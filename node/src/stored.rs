@@ -89,6 +89,13 @@ impl PartialEq for Key {
 
 impl Eq for Key {}
 
+/// As its bytes, like `[u8]` (which `Borrow` requires).
+impl std::hash::Hash for Key {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.as_slice().hash(state)
+    }
+}
+
 impl PartialOrd for Key {
     fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
         Some(self.cmp(other))
