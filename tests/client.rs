@@ -298,6 +298,44 @@ fn a_write_moves_on_from_a_paused_leader_to_the_next_one_within_its_deadline() {
     });
 }
 
+/// Without a session a write is never sent twice: to a paused leader it
+/// waits for its whole deadline (the connection's sweeper expires it), then
+/// ends as OUTCOME_UNKNOWN, neither earlier nor never.
+#[test]
+fn a_write_outside_a_session_to_a_paused_leader_ends_unknown_at_its_deadline() {
+    let mut cluster = Cluster::start(3, 1);
+    let leader = cluster.wait_for_leaders()[0];
+    let paused = cluster.nodes.iter().find(|n| n.id == leader).unwrap();
+    let pid = paused.pid().expect("running") as i32;
+    let timeout = Duration::from_secs(2);
+    let options = ClientOptions {
+        request_timeout: timeout,
+        exactly_once: false,
+        ..options(&cluster)
+    };
+    block_on(async move {
+        let client = Client::connect(options).await.expect("connect");
+        client.put(b("k"), b("v0")).await.unwrap();
+        // SAFETY: a signal to a child process this test started.
+        assert_eq!(unsafe { libc::kill(pid, libc::SIGSTOP) }, 0);
+        let started = std::time::Instant::now();
+        // Generous: only a request that nothing expires takes this long.
+        let result = monoio::time::timeout(timeout * 10, client.put(b("k"), b("v1"))).await;
+        let took = started.elapsed();
+        // SAFETY: as above.
+        assert_eq!(unsafe { libc::kill(pid, libc::SIGCONT) }, 0);
+        match result {
+            Ok(Err(ClientError::OutcomeUnknown { .. })) => {}
+            Ok(other) => panic!("expected OUTCOME_UNKNOWN, got {other:?}"),
+            Err(_) => panic!("no answer after {took:?}: the request never expired"),
+        }
+        assert!(
+            took >= timeout,
+            "gave up after {took:?}, before its deadline"
+        );
+    });
+}
+
 #[test]
 fn a_read_moves_on_from_a_paused_node_within_its_deadline() {
     let mut cluster = Cluster::start(3, 1);
