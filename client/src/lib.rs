@@ -265,8 +265,6 @@ impl ClientError {
     }
 }
 
-type Pending = RefCell<HashMap<u64, Waiter>>;
-
 /// A request waiting for its answer.
 struct Waiter {
     tx: answer::Sender<Response>,
@@ -277,12 +275,26 @@ struct Waiter {
 /// One pipelined connection.
 struct Conn {
     sender: FrameSender,
-    pending: Rc<Pending>,
-    closed: Rc<Cell<bool>>,
+    state: Rc<ConnState>,
+}
+
+/// What a connection's caller, reader and sweeper share.
+#[derive(Default)]
+struct ConnState {
+    pending: RefCell<HashMap<u64, Waiter>>,
+    closed: Cell<bool>,
     /// Why the connection ended, when the reader saw an error.
-    why_closed: Rc<RefCell<Option<String>>>,
+    why_closed: RefCell<Option<String>>,
     /// The sweeper's waker while it waits for a first request.
-    sweeper: Rc<Cell<Option<Waker>>>,
+    sweeper: Cell<Option<Waker>>,
+}
+
+impl ConnState {
+    fn wake_sweeper(&self) {
+        if let Some(sweeper) = self.sweeper.take() {
+            sweeper.wake();
+        }
+    }
 }
 
 /// A shard-aware corekv client. Cheap to clone; not Send (one per thread).
@@ -988,12 +1000,11 @@ impl Client {
             let id = self.inner.next_id.get();
             self.inner.next_id.set(id + 1);
             let (tx, rx) = answer::channel();
-            conn.pending
+            conn.state
+                .pending
                 .borrow_mut()
                 .insert(id, Waiter { tx, deadline });
-            if let Some(sweeper) = conn.sweeper.take() {
-                sweeper.wake();
-            }
+            conn.state.wake_sweeper();
             let frame = encode_frame_bytes(&Request {
                 id,
                 no_forward,
@@ -1003,17 +1014,19 @@ impl Client {
                 acked_below: tag.acked_below,
             });
             if let Err(e) = conn.sender.send(frame) {
-                conn.pending.borrow_mut().remove(&id);
+                conn.state.pending.borrow_mut().remove(&id);
                 return Err(format!("{addr}: cannot send: {e:?}"));
             }
             match rx.await {
                 Ok(response) => response
                     .result
                     .ok_or_else(|| format!("{addr}: empty response")),
-                Err(_) if conn.closed.get() => Err(match conn.why_closed.borrow().as_ref() {
-                    Some(why) => format!("{addr}: connection closed before the answer: {why}"),
-                    None => format!("{addr}: connection closed before the answer"),
-                }),
+                Err(_) if conn.state.closed.get() => {
+                    Err(match conn.state.why_closed.borrow().as_ref() {
+                        Some(why) => format!("{addr}: connection closed before the answer: {why}"),
+                        None => format!("{addr}: connection closed before the answer"),
+                    })
+                }
                 Err(_) => Err(format!("{addr}: no answer within {timeout:?}")),
             }
         }
@@ -1021,7 +1034,7 @@ impl Client {
 
     async fn conn(&self, addr: SocketAddr) -> Result<Rc<Conn>, String> {
         if let Some(conn) = self.inner.conns.borrow().get(&addr) {
-            if !conn.closed.get() {
+            if !conn.state.closed.get() {
                 return Ok(conn.clone());
             }
         }
@@ -1053,29 +1066,14 @@ impl Client {
             }
         };
         let sender = spawn_writer(write_half, 64 << 20);
-        let pending: Rc<Pending> = Rc::new(RefCell::new(HashMap::new()));
-        let closed = Rc::new(Cell::new(false));
-        let why_closed = Rc::new(RefCell::new(None));
-        let sweeper = Rc::new(Cell::new(None));
+        let state = Rc::new(ConnState::default());
         let conn = Rc::new(Conn {
             sender: sender.clone(),
-            pending: pending.clone(),
-            closed: closed.clone(),
-            why_closed: why_closed.clone(),
-            sweeper: sweeper.clone(),
+            state: state.clone(),
         });
         let reader = FrameReader::new(read_half, options.max_frame_bytes);
-        monoio::spawn(expire_requests(
-            pending.clone(),
-            closed.clone(),
-            sweeper.clone(),
-        ));
-        monoio::spawn(read_responses(
-            reader,
-            pending,
-            (closed, why_closed),
-            (sender, sweeper),
-        ));
+        monoio::spawn(expire_requests(state.clone()));
+        monoio::spawn(read_responses(reader, state, sender));
         self.inner.conns.borrow_mut().insert(addr, conn.clone());
         Ok(conn)
     }
@@ -1083,9 +1081,8 @@ impl Client {
 
 async fn read_responses<R: monoio::io::AsyncReadRent>(
     mut reader: FrameReader<R>,
-    pending: Rc<Pending>,
-    (closed, why_closed): (Rc<Cell<bool>>, Rc<RefCell<Option<String>>>),
-    (sender, sweeper): (FrameSender, Rc<Cell<Option<Waker>>>),
+    state: Rc<ConnState>,
+    sender: FrameSender,
 ) {
     loop {
         let frame = match reader.next_frame().await {
@@ -1094,45 +1091,39 @@ async fn read_responses<R: monoio::io::AsyncReadRent>(
             // A TLS alert (a refused certificate) or a TLS record on a
             // plaintext connection shows here: the caller is told.
             Err(e) => {
-                *why_closed.borrow_mut() = Some(e.to_string());
+                *state.why_closed.borrow_mut() = Some(e.to_string());
                 break;
             }
         };
         let response = match decode_message::<Response>(frame) {
             Ok(response) => response,
             Err(e) => {
-                *why_closed.borrow_mut() = Some(e.to_string());
+                *state.why_closed.borrow_mut() = Some(e.to_string());
                 break;
             }
         };
-        if let Some(waiter) = pending.borrow_mut().remove(&response.id) {
+        if let Some(waiter) = state.pending.borrow_mut().remove(&response.id) {
             waiter.tx.send(response);
         }
     }
-    closed.set(true);
+    state.closed.set(true);
     sender.close();
     // Dropping the senders wakes every waiter with "connection closed".
-    pending.borrow_mut().clear();
-    if let Some(sweeper) = sweeper.take() {
-        sweeper.wake();
-    }
+    state.pending.borrow_mut().clear();
+    state.wake_sweeper();
 }
 
 /// Drops the waiters of one connection that are past their deadline (their
 /// callers see "no answer within"), every [`TIMEOUT_SWEEP`] while any wait;
 /// asleep while none does. Ends when the connection closes.
-async fn expire_requests(
-    pending: Rc<Pending>,
-    closed: Rc<Cell<bool>>,
-    sweeper: Rc<Cell<Option<Waker>>>,
-) {
-    while !closed.get() {
-        if pending.borrow().is_empty() {
+async fn expire_requests(state: Rc<ConnState>) {
+    while !state.closed.get() {
+        if state.pending.borrow().is_empty() {
             std::future::poll_fn(|cx| {
-                if closed.get() || !pending.borrow().is_empty() {
+                if state.closed.get() || !state.pending.borrow().is_empty() {
                     Poll::Ready(())
                 } else {
-                    sweeper.set(Some(cx.waker().clone()));
+                    state.sweeper.set(Some(cx.waker().clone()));
                     Poll::Pending
                 }
             })
@@ -1141,7 +1132,8 @@ async fn expire_requests(
         }
         monoio::time::sleep(TIMEOUT_SWEEP).await;
         let now = Instant::now();
-        pending
+        state
+            .pending
             .borrow_mut()
             .retain(|_, waiter| waiter.deadline > now);
     }
