@@ -11,13 +11,14 @@
 //! clone copies the nodes on its path, this halves the cost of a write
 //! while a snapshot is written and lowers it otherwise (std's B-tree).
 
+use std::borrow::Borrow;
 use std::collections::btree_map;
 use std::collections::BTreeMap;
 use std::iter::Peekable;
 use std::ops::Bound;
 use std::sync::Arc;
 
-use crate::stored::{Key, Versioned};
+use crate::stored::{Key, Versioned, INLINE_KEY_BYTES};
 
 /// Delta entries moved into the base per write once the base is no longer
 /// shared: more than one, so the delta shrinks while writes go on.
@@ -66,6 +67,19 @@ impl Map {
 
     /// The value at `key`.
     pub fn get(&self, key: &[u8]) -> Option<&Versioned> {
+        // Short keys are looked up as an inline `Key`, which compares
+        // without memcmp (see `Key::cmp`).
+        if key.len() <= INLINE_KEY_BYTES {
+            self.get_by(&Key::from_slice(key))
+        } else {
+            self.get_by(key)
+        }
+    }
+
+    fn get_by<Q: Ord + ?Sized>(&self, key: &Q) -> Option<&Versioned>
+    where
+        Key: Borrow<Q>,
+    {
         match self.delta.get(key) {
             Some(entry) => entry.as_ref(),
             None => self.base.get(key),
@@ -128,10 +142,10 @@ impl Map {
     fn insert_in_delta(&mut self, key: Key, value: Versioned) -> Option<Versioned> {
         // The small delta first: a key written twice while a view lives
         // costs no second lookup in the large base.
-        if let Some(entry) = self.delta.get_mut(key.as_slice()) {
+        if let Some(entry) = self.delta.get_mut(&key) {
             return entry.replace(value);
         }
-        let in_base = self.base.get(key.as_slice()).cloned();
+        let in_base = self.base.get(&key).cloned();
         self.delta.insert(key, Some(value));
         in_base
     }

@@ -83,7 +83,7 @@ impl std::borrow::Borrow<[u8]> for Key {
 
 impl PartialEq for Key {
     fn eq(&self, other: &Self) -> bool {
-        self.as_slice() == other.as_slice()
+        self.cmp(other) == std::cmp::Ordering::Equal
     }
 }
 
@@ -103,13 +103,72 @@ impl PartialOrd for Key {
 }
 
 impl Ord for Key {
+    /// The order of the keys' bytes (as `[u8]`, which `Borrow` requires).
+    /// Two inline keys compare as two big-endian integers each, without a
+    /// call to memcmp: a map walk compares a key with several per node.
+    /// Zero padding then length gives the bytes' order: where the padded
+    /// arrays first differ, a byte past one key's end is 0 and the other's
+    /// real byte is not, so the shorter key (a prefix) is the smaller; equal
+    /// padded arrays differ only by trailing zeros, so by length.
     fn cmp(&self, other: &Self) -> std::cmp::Ordering {
-        self.as_slice().cmp(other.as_slice())
+        match (self, other) {
+            (
+                Key::Inline { len, bytes },
+                Key::Inline {
+                    len: other_len,
+                    bytes: other_bytes,
+                },
+            ) => inline_words(bytes)
+                .cmp(&inline_words(other_bytes))
+                .then(len.cmp(other_len)),
+            _ => self.as_slice().cmp(other.as_slice()),
+        }
     }
+}
+
+/// An inline key's padded bytes as two integers that order like them.
+#[inline]
+fn inline_words(bytes: &[u8; INLINE_KEY_BYTES]) -> (u128, u128) {
+    let mut low = [0u8; 16];
+    low[..INLINE_KEY_BYTES - 16].copy_from_slice(&bytes[16..]);
+    (
+        u128::from_be_bytes(bytes[..16].try_into().expect("16 bytes")),
+        u128::from_be_bytes(low),
+    )
 }
 
 impl std::fmt::Debug for Key {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{:?}", Bytes::copy_from_slice(self.as_slice()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// Keys of 0..40 bytes over a small alphabet with 0 in it, so prefixes,
+    /// trailing zeros and both inline and heap keys come up often.
+    fn key_bytes() -> impl Strategy<Value = Vec<u8>> {
+        proptest::collection::vec(prop_oneof![Just(0u8), Just(1u8), Just(0xFFu8)], 0..40)
+    }
+
+    proptest! {
+        #[test]
+        fn keys_order_and_compare_like_their_bytes(a in key_bytes(), b in key_bytes()) {
+            let (ka, kb) = (Key::from_slice(&a), Key::from_slice(&b));
+            prop_assert_eq!(ka.cmp(&kb), a.cmp(&b));
+            prop_assert_eq!(ka == kb, a == b);
+        }
+    }
+
+    #[test]
+    fn a_shorter_key_sorts_before_the_same_bytes_with_trailing_zeros() {
+        let short = Key::from_slice(b"ab");
+        let padded = Key::from_slice(b"ab\0");
+        assert!(short < padded);
+        assert!(Key::from_slice(b"ab\0") < Key::from_slice(b"ab\x01"));
+        assert!(Key::from_slice(&[0xFF; 30]) < Key::from_slice(&[0xFF; 31]));
     }
 }
