@@ -60,9 +60,9 @@ impl ClientConn {
     /// connection is still open (a large answer for a connection already cut
     /// off is never built). `Err` with the bytes queued when the queue is
     /// full: the caller cuts the connection off.
-    /// Activity is stamped when a request is read, not when it is answered:
-    /// an answer comes within `request_timeout_ms`, far inside the idle
-    /// timeout, so one clock read per request is enough.
+    /// Activity is stamped when a request is read (with the loop's clock, at
+    /// most a turn old), not when it is answered: an answer comes within
+    /// `request_timeout_ms`, far inside the idle timeout.
     pub(super) fn answer(&self, frame: impl FnOnce() -> Bytes) -> Result<(), usize> {
         self.in_flight.set(self.in_flight.get().saturating_sub(1));
         self.wake_reader();

@@ -230,7 +230,7 @@ async fn read_client<R: monoio::io::AsyncReadRent>(
         };
         match decode_message::<Request>(frame) {
             Ok(request) => {
-                client.request_read(Instant::now());
+                client.request_read(local.clock.get());
                 local.inbox.push(Input::Client { conn, request });
             }
             Err(e) => {

@@ -36,11 +36,12 @@ pub(super) struct Route {
 }
 
 impl Route {
-    pub(super) fn new(dest: Dest, request: &Request) -> Route {
+    /// The route of `request`, which arrived at `started`.
+    pub(super) fn new(dest: Dest, request: &Request, started: Instant) -> Route {
         Route {
             dest,
             op: request.op.as_ref().map(metrics::op_index),
-            started: Instant::now(),
+            started,
             tag: command::tag_of(request),
         }
     }
@@ -97,4 +98,9 @@ pub(super) struct Local {
     pub(super) helper: Helper,
     /// Who may open a peer link (the accept tasks read it).
     pub(super) gate: RefCell<super::members::PeerGate>,
+    /// The time as of the loop's current step, read once per turn and once
+    /// per dispatch: what a request's arrival, its latency and a
+    /// connection's activity are measured with, instead of a clock read
+    /// per request (2 % of the CPU of pipelined gets, perf).
+    pub(super) clock: Cell<Instant>,
 }

@@ -183,6 +183,7 @@ pub async fn run(
         next_conn: Cell::new(1),
         helper,
         gate: RefCell::new(members::PeerGate::default()),
+        clock: Cell::new(Instant::now()),
     });
 
     let client_addr = resolve(&config.listen_host, config.client_port, shard)?;
@@ -269,6 +270,7 @@ impl Shard {
             // 1. Wait for anything, then take everything that is there.
             self.local.inbox.drain_into(&mut batch).await;
             let turn_started = Instant::now();
+            self.local.clock.set(turn_started);
             // 2. Feed it all to the replica; proposals only queue up.
             for input in batch.drain(..) {
                 if self.handle_input(input, &mut out)?.is_some() {
@@ -316,6 +318,7 @@ impl Shard {
                         id: request.id,
                     },
                     &request,
+                    self.local.clock.get(),
                 );
                 let no_forward = request.no_forward;
                 self.handle_request(route, request, no_forward, out);
@@ -333,6 +336,7 @@ impl Shard {
                         id: request.id,
                     },
                     &request,
+                    self.local.clock.get(),
                 );
                 // A forwarded request is never forwarded again, so a stale
                 // leader hint cannot make it loop.
@@ -361,6 +365,7 @@ impl Shard {
                             id: request.id,
                         },
                         &request,
+                        self.local.clock.get(),
                     );
                     let no_forward = request.no_forward;
                     self.handle_request(route, request, no_forward, out);
@@ -450,6 +455,8 @@ impl Shard {
     }
 
     fn dispatch(&mut self, out: &mut Output) {
+        // The answers below measure their latency up to here.
+        self.local.clock.set(Instant::now());
         if std::mem::take(&mut out.membership_changed) {
             self.on_membership_changed();
         }

@@ -368,11 +368,20 @@ impl Shard {
         token
     }
 
+    /// Seconds from `started` to the loop's current step (see `Local::clock`).
+    fn elapsed_since(&self, started: std::time::Instant) -> f64 {
+        self.local
+            .clock
+            .get()
+            .saturating_duration_since(started)
+            .as_secs_f64()
+    }
+
     pub(super) fn answer(&self, route: &Route, result: response::Result) {
         if let Some(op) = route.op {
             let status = metrics::status_index(&result);
             self.metrics
-                .request(op, status, route.started.elapsed().as_secs_f64());
+                .request(op, status, self.elapsed_since(route.started));
         }
         match route.dest {
             Dest::Client { conn, id } => {
