@@ -274,7 +274,6 @@ fn version_mismatch(current: u64) -> response::Result {
     })
 }
 
-/// An error answer with `code` and `message`.
 /// Values up to this size are copied into a read's answer rather than
 /// shared with the map.
 pub const COPIED_VALUE_BYTES: usize = 4096;
@@ -293,6 +292,7 @@ fn answer_value(value: &Bytes) -> Bytes {
     }
 }
 
+/// An error answer with `code` and `message`.
 pub fn error(code: ErrorCode, message: &str) -> response::Result {
     corekv_proto::error_result(code, message)
 }
