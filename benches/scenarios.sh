@@ -4,9 +4,10 @@
 #
 #   L     1 client, puts            W64   64 clients, puts
 #   W256  256 clients, puts         R64   64 clients, linearizable gets (prefilled)
-#   S64   64 clients, stale gets    M64   64 clients, 50 % puts / 50 % gets
+#   S64   64 clients, stale gets (prefilled)
+#   M64   64 clients, 50 % puts / 50 % gets
 #   WP    64 clients x 16 pipelined puts
-#   SP    64 clients x 16 pipelined stale gets (reads the keys R64 or WP wrote)
+#   SP    64 clients x 16 pipelined stale gets (prefilled)
 #   RF64  R64 served by the followers (--read-from follower); not in the
 #         default set: SCENARIOS="R64 RF64" compares them
 #   BIG   1M keys x 1 KiB prefilled (about 1 GB a node), then 4 clients x 64
@@ -23,7 +24,8 @@
 #   DURATION    measured window per scenario (default 20s)
 #   WARMUP      warm-up per scenario (default 2s)
 #   SCENARIOS   which to run, space-separated (default: all but BIG and
-#               BIGREF, in order; S64 and SP read the keys that R64 prefilled)
+#               BIGREF, in order; the get scenarios write every key first, so
+#               they never read an empty keyspace whatever runs before them)
 #   COREKV      a corekv binary to use instead of building one in release mode
 #   OUT_DIR     where the JSON of each scenario is kept (default: a temp dir)
 #   RUNS        runs per scenario (default 1); the table shows, per scenario,
@@ -90,11 +92,11 @@ scenario_flags() {
     W64) echo "${SMALL[*]} --clients 64 --mix put=100" ;;
     W256) echo "${SMALL[*]} --clients 256 --mix put=100" ;;
     R64) echo "${SMALL[*]} --clients 64 --mix get=100 --consistency linearizable --prefill" ;;
-    S64) echo "${SMALL[*]} --clients 64 --mix get=100 --consistency stale" ;;
+    S64) echo "${SMALL[*]} --clients 64 --mix get=100 --consistency stale --prefill" ;;
     M64) echo "${SMALL[*]} --clients 64 --mix put=50,get=50" ;;
     # The fast path (issue 15): 16 requests in flight per connection.
     WP) echo "${SMALL[*]} --clients 64 --pipeline 16 --mix put=100" ;;
-    SP) echo "${SMALL[*]} --clients 64 --pipeline 16 --mix get=100 --consistency stale" ;;
+    SP) echo "${SMALL[*]} --clients 64 --pipeline 16 --mix get=100 --consistency stale --prefill" ;;
     RF64) echo "${SMALL[*]} --clients 64 --mix get=100 --consistency linearizable --prefill --read-from follower" ;;
     # State that grows (issue 13): 1M keys x 1 KiB prefilled (about 1 GB
     # per node), then pipelined puts over them.
