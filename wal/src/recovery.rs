@@ -20,7 +20,7 @@ use std::sync::Arc;
 
 use crate::error::WalError;
 use crate::format::{self, HeaderProblem, ReadRecord, HEADER_LEN};
-use crate::index::EntryLocation;
+use crate::index::{EntryIndex, EntryLocation};
 use crate::lock::DirLock;
 use crate::segment::{Segment, SegmentFile};
 use crate::sync::Position;
@@ -40,7 +40,7 @@ pub(crate) struct Recovered {
     /// a fresh log: creating the first segment is a write, left to the `Wal`.
     pub(crate) segments: VecDeque<Segment>,
     /// Entries `marker.index + 1..`, in order.
-    pub(crate) index: VecDeque<EntryLocation>,
+    pub(crate) index: EntryIndex,
     pub(crate) marker: SnapshotMarker,
     /// Sequence of the segment holding the latest snapshot marker record
     /// replayed, which compaction needs to know what is obsolete.
@@ -207,7 +207,7 @@ struct Replay {
     /// entries before it sit in segments compaction deleted, until a snapshot
     /// marker covering them is replayed.
     log_start: u64,
-    index: VecDeque<EntryLocation>,
+    index: EntryIndex,
     /// Where the log last started over at `log_start`, to name it if the gap
     /// is never covered.
     log_restart: Option<(PathBuf, u64)>,
@@ -222,7 +222,7 @@ impl Default for Replay {
             hard_state: HardState::default(),
             conf_state: None,
             log_start: 1,
-            index: VecDeque::new(),
+            index: EntryIndex::default(),
             log_restart: None,
             marker_position: Position::default(),
         }
@@ -420,7 +420,7 @@ impl Replay {
             self.index.clear();
         } else if self.log_start <= marker.index {
             let covered = (marker.index + 1 - self.log_start).min(self.index.len() as u64);
-            self.index.drain(..covered as usize);
+            self.index.remove_front(covered as usize);
             self.log_start += covered;
         }
         if self.index.is_empty() {

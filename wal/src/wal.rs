@@ -12,7 +12,7 @@ use crate::format::{
     HARD_STATE_LEN, HEADER_LEN, KIND_CONF_STATE, KIND_ENTRIES, KIND_HARD_STATE, KIND_LEN,
     KIND_SNAPSHOT_MARKER, RECORD_HEADER_LEN, SNAPSHOT_MARKER_LEN,
 };
-use crate::index::EntryLocation;
+use crate::index::{EntryIndex, EntryLocation};
 use crate::lock::DirLock;
 use crate::prepare::Preparer;
 use crate::recovery::{self, Recovered};
@@ -33,7 +33,7 @@ pub struct Wal {
     /// Live segments, oldest first; the last one is the active one.
     segments: VecDeque<Segment>,
     /// Entries `first_index()..=last_index()`.
-    index: VecDeque<EntryLocation>,
+    index: EntryIndex,
     marker: SnapshotMarker,
     hard_state: HardState,
     conf_state: Option<ConfState>,
@@ -279,7 +279,7 @@ impl Wal {
         )?;
         if keep_log {
             let covered = (marker.index + 1 - self.first_index()) as usize;
-            self.index.drain(..covered);
+            self.index.remove_front(covered);
         } else {
             self.index.clear();
         }
