@@ -44,10 +44,7 @@ fn image(mib: u64) -> Image {
             },
         );
     }
-    Image {
-        map,
-        sessions: Default::default(),
-    }
+    Image::new(map, Default::default())
 }
 
 /// Appends and syncs until `done` (or `for_at_least` passed, whichever is

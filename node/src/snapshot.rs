@@ -584,6 +584,7 @@ pub trait Visitor {
 struct ImageBuilder {
     map: Map,
     sessions: Vec<(u64, Session)>,
+    bytes: u64,
 }
 
 impl ImageBuilder {
@@ -591,6 +592,7 @@ impl ImageBuilder {
         Image {
             map: self.map,
             sessions: Sessions::from_sessions(self.sessions),
+            bytes: self.bytes,
         }
     }
 }
@@ -599,6 +601,7 @@ impl Visitor for ImageBuilder {
     fn header(&mut self, _: &SnapshotMeta, _: u32, _: u64) {}
 
     fn pair(&mut self, key: &[u8], value: Vec<u8>, version: u64) {
+        self.bytes += crate::state_machine::pair_bytes(key.len(), value.len());
         let value = Bytes::from(value);
         self.map
             .insert(Key::from_slice(key), Versioned { value, version });
@@ -1012,7 +1015,7 @@ mod tests {
                 &response::Result::Write(WriteResult { version: index + 1 }),
             );
         }
-        (meta, Image { map, sessions })
+        (meta, Image::new(map, sessions))
     }
 
     #[test]
@@ -1029,6 +1032,9 @@ mod tests {
         assert_eq!(image.map, image2.map);
         assert_eq!(image.sessions, image2.sessions);
         assert_eq!(image2.sessions.len(), 2);
+        // Counted while reading, as `Image::new` counts a map.
+        assert!(image.bytes > 0);
+        assert_eq!(image2.bytes, image.bytes);
     }
 
     /// Every way of writing gives the same file: around the page cache in

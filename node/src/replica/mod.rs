@@ -137,6 +137,9 @@ pub struct Output<J = SyncJob> {
     pub snapshot_to_write: Option<(SnapshotMeta, Image)>,
     /// A snapshot received from the leader was installed.
     pub snapshot_installed: Option<SnapshotMeta>,
+    /// States an installed snapshot replaced: to be dropped off the shard
+    /// thread (freeing a large map takes long).
+    pub retired_states: Vec<Image>,
     /// The group's membership changed (see [`Replica::membership`]): links
     /// to new members must exist before this step's messages go out.
     pub membership_changed: bool,
@@ -153,6 +156,7 @@ impl<J> Default for Output<J> {
             proposals_dropped: 0,
             snapshot_to_write: None,
             snapshot_installed: None,
+            retired_states: Vec::new(),
             membership_changed: false,
         }
     }
@@ -411,7 +415,8 @@ impl<L: LogStore> Replica<L> {
         });
         if let Some(loaded) = snapshot {
             storage.set_latest_snapshot(loaded.meta.clone());
-            state_machine.restore(loaded.meta.index, loaded.image);
+            // Replaces the new, empty state: nothing to free.
+            let _empty = state_machine.restore(loaded.meta.index, loaded.image);
         }
         let snapshot_base = (state_machine.len() as u64, state_machine.bytes());
         let raw =

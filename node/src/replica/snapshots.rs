@@ -67,7 +67,8 @@ impl<L: LogStore> Replica<L> {
         self.raw
             .mut_store()
             .set_latest_snapshot(received.meta.clone());
-        self.state_machine.restore(metadata.index, received.image);
+        let retired = self.state_machine.restore(metadata.index, received.image);
+        out.retired_states.push(retired);
         self.applied_since_snapshot = (0, 0);
         self.snapshot_base = (self.state_machine.len() as u64, self.state_machine.bytes());
         out.snapshot_installed = Some(received.meta);

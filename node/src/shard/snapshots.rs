@@ -69,8 +69,9 @@ impl Shard {
         });
     }
 
-    /// Hands blocking snapshot work (writing one, deleting what it made
-    /// obsolete) to the shard's helper thread.
+    /// Hands blocking snapshot work (writing one, freeing a state an
+    /// install replaced, deleting what it made obsolete) to the shard's
+    /// helper thread.
     pub(super) fn handle_snapshot_outputs(&mut self, out: &mut Output) {
         if let Some((meta, image)) = out.snapshot_to_write.take() {
             let dir = self.snap_dir.clone();
@@ -96,6 +97,11 @@ impl Shard {
                 // An Err outcome only logs and clears the in-progress mark.
                 let _ = self.replica.on_snapshot_written(Err(error));
             }
+        }
+        for retired in out.retired_states.drain(..) {
+            // With the helper's queue full the state is freed here: a stall
+            // rather than a queue without a bound.
+            let _ = self.local.helper.submit(move || drop(retired));
         }
         if let Some(meta) = out.snapshot_installed.take() {
             tracing::info!(
