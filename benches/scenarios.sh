@@ -14,6 +14,9 @@
 #         pipelined puts for BIG_DURATION (default 30s); not in the default set
 #   BIGREF  the same load on 100k keys x 256 B (prefilled), BIG's yardstick;
 #         run it first: SCENARIOS="BIGREF BIG" RUNS=3
+#   BIGVAL  the same load on 100k keys x 1 KiB (prefilled): BIG's values on
+#         a tenth of its state, so BIG / BIGVAL is what the state's size
+#         alone costs, BIGVAL / BIGREF what the values' size costs
 #
 # All but BIG: 16 B keys, 256 B values, 100k keyspace, DURATION measured
 # after WARMUP.
@@ -23,8 +26,8 @@
 #               7200, 7300; admin on 7190, 7290, 7390)
 #   DURATION    measured window per scenario (default 20s)
 #   WARMUP      warm-up per scenario (default 2s)
-#   SCENARIOS   which to run, space-separated (default: all but BIG and
-#               BIGREF, in order; the get scenarios write every key first, so
+#   SCENARIOS   which to run, space-separated (default: all but BIG, BIGREF
+#               and BIGVAL, in order; the get scenarios write every key first, so
 #               they never read an empty keyspace whatever runs before them)
 #   COREKV      a corekv binary to use instead of building one in release mode
 #   OUT_DIR     where the JSON of each scenario is kept (default: a temp dir)
@@ -102,8 +105,9 @@ scenario_flags() {
     # per node), then pipelined puts over them.
     BIG) echo "--value-size 1024 --keyspace 1000000 --duration $BIG_DURATION --clients 4 --pipeline 64 --mix put=100 --prefill" ;;
     BIGREF) echo "--value-size 256 --keyspace 100000 --duration $BIG_DURATION --clients 4 --pipeline 64 --mix put=100 --prefill" ;;
+    BIGVAL) echo "--value-size 1024 --keyspace 100000 --duration $BIG_DURATION --clients 4 --pipeline 64 --mix put=100 --prefill" ;;
     *)
-        echo "unknown scenario $1 (known: L W64 W256 R64 S64 M64 WP SP RF64 BIG BIGREF)" >&2
+        echo "unknown scenario $1 (known: L W64 W256 R64 S64 M64 WP SP RF64 BIG BIGREF BIGVAL)" >&2
         return 1
         ;;
     esac
@@ -150,6 +154,10 @@ done
 if [[ -f "$OUT_DIR/BIG.json" && -f "$OUT_DIR/BIGREF.json" ]]; then
     jq -rn --slurpfile big "$OUT_DIR/BIG.json" --slurpfile ref "$OUT_DIR/BIGREF.json" \
         '"BIG / BIGREF ops/s: \($big[0].total.ops_per_s / $ref[0].total.ops_per_s * 100 | round / 100)"'
+fi
+if [[ -f "$OUT_DIR/BIG.json" && -f "$OUT_DIR/BIGVAL.json" ]]; then
+    jq -rn --slurpfile big "$OUT_DIR/BIG.json" --slurpfile ref "$OUT_DIR/BIGVAL.json" \
+        '"BIG / BIGVAL ops/s: \($big[0].total.ops_per_s / $ref[0].total.ops_per_s * 100 | round / 100)"'
 fi
 echo "snapshots: written by all nodes in the window; snap/log: their bytes over the bytes appended to the WALs"
 
