@@ -41,7 +41,7 @@ use corekv_proto::client::Response;
 use prost::Message as _;
 
 use corekv_proto::log::Membership;
-use corekv_wal::{AlignedBuf, DIRECT_ALIGN};
+use corekv_wal::{remove_in_steps, AlignedBuf, DIRECT_ALIGN};
 
 use crate::progress::{Progress, Unit};
 use crate::sessions::{Session, Sessions};
@@ -895,7 +895,8 @@ pub fn load_latest(shard: u32, dir: &Path) -> Option<(SnapshotMeta, Image, PathB
 }
 
 /// Deletes all but the newest `SNAPSHOTS_KEPT` snapshots and stray temp
-/// files, a step at a time (see [`remove_in_steps`]). Blocking and
+/// files, a step at a time (see [`remove_in_steps`]: unlinked at once, a
+/// 1 GB snapshot stalled every fdatasync of the disk for 116-129 ms). Blocking and
 /// sleeping: on the helper thread, never the shard's.
 pub fn prune(dir: &Path) {
     for (_, _, path) in list(dir).into_iter().skip(SNAPSHOTS_KEPT) {
@@ -915,43 +916,6 @@ pub fn prune(dir: &Path) {
             tracing::warn!(file = %path.display(), error = %e, "cannot delete a stray snapshot temp file");
         }
     }
-}
-
-/// Bytes [`remove_in_steps`] cuts off a file at a time.
-const DELETE_STEP_BYTES: u64 = 32 << 20;
-/// Pause between two steps of [`remove_in_steps`].
-const DELETE_STEP_PAUSE: std::time::Duration = std::time::Duration::from_millis(20);
-
-/// Deletes `path` by cutting [`DELETE_STEP_BYTES`] off its end at a time,
-/// [`DELETE_STEP_PAUSE`] apart, then unlinking what is left. Unlinking a
-/// 1 GB snapshot at once frees all its blocks at once (a discard of 1 GB
-/// on a file system mounted with `discard`), and the WAL's fdatasyncs
-/// queue behind it: measured here, a 4 KiB write + fdatasync every 2 ms
-/// beside `rm` of a 1 GB file took up to 116-129 ms, three times in a row
-/// (p50 0.23 ms); beside the same file cut 32 MiB per 20 ms, at most
-/// 7 ms. A 1 GB file takes 0.6 s this way.
-///
-/// A transfer still reading an old snapshot (one slow enough for two newer
-/// snapshots to be written meanwhile) reads it cut short and fails; the
-/// leader sends the newest one instead. A file with another name (a hard
-/// link an operator made, say) is only unlinked: cutting it would cut that
-/// one too.
-fn remove_in_steps(path: &Path) -> std::io::Result<()> {
-    use std::os::unix::fs::MetadataExt as _;
-    let file = OpenOptions::new().write(true).open(path)?;
-    let metadata = file.metadata()?;
-    let mut len = if metadata.nlink() > 1 {
-        0
-    } else {
-        metadata.len()
-    };
-    while len > DELETE_STEP_BYTES {
-        len -= DELETE_STEP_BYTES;
-        file.set_len(len)?;
-        std::thread::sleep(DELETE_STEP_PAUSE);
-    }
-    drop(file);
-    fs::remove_file(path)
 }
 
 /// Temp files nothing will finish: snapshot writes cut short (they run on
@@ -1261,37 +1225,6 @@ mod tests {
         assert_eq!(left, vec![40, 30]);
         let files = fs::read_dir(dir.path()).unwrap().count();
         assert_eq!(files, 2, "nothing but the two newest is left");
-    }
-
-    /// A file larger than a step goes in steps, and nothing of it stays.
-    #[test]
-    fn a_large_file_is_removed_in_steps() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("big.tmp");
-        let file = File::create(&path).unwrap();
-        file.set_len(2 * DELETE_STEP_BYTES + 5).unwrap();
-        drop(file);
-        remove_in_steps(&path).unwrap();
-        assert!(!path.exists());
-        assert!(
-            remove_in_steps(&path).is_err(),
-            "a missing file is an error"
-        );
-    }
-
-    /// Another name of the file keeps all of its bytes.
-    #[test]
-    fn a_file_with_another_name_is_unlinked_not_cut() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("old.tmp");
-        let other = dir.path().join("kept");
-        let file = File::create(&path).unwrap();
-        file.set_len(DELETE_STEP_BYTES + 5).unwrap();
-        drop(file);
-        fs::hard_link(&path, &other).unwrap();
-        remove_in_steps(&path).unwrap();
-        assert!(!path.exists());
-        assert_eq!(fs::metadata(&other).unwrap().len(), DELETE_STEP_BYTES + 5);
     }
 
     /// Bytes of a version 4 file's session section for `image`.

@@ -398,7 +398,7 @@ async fn receive_file<R: AsyncReadRent>(
                 Ok((meta, image))
             });
         if result.is_err() {
-            let _ = std::fs::remove_file(&tmp);
+            let _ = corekv_wal::remove_in_steps(&tmp);
         }
         let _ = tx.send(result);
     });
@@ -548,6 +548,6 @@ impl ReceivePacer {
 /// has no room the file stays; `snapshot::prune` deletes it later.
 fn remove_off_thread(helper: &Helper, path: PathBuf) {
     let _ = helper.submit(move || {
-        let _ = std::fs::remove_file(&path);
+        let _ = corekv_wal::remove_in_steps(&path);
     });
 }

@@ -93,7 +93,10 @@
 //! over an existing file) to the new segment's name. Its blocks are already
 //! written, so appends neither zero-fill page cache pages nor convert
 //! unwritten extents, and an fdatasync writes data only. `.free` files are
-//! never read by recovery.
+//! never read by recovery. A retired segment past the free files' budget is
+//! renamed `{sequence:016}.deleting`, cut down a step at a time and
+//! deleted; one left by a crash midway is deleted by the next compaction.
+//! Recovery never reads those either.
 //!
 //! # Versions
 //!
@@ -162,6 +165,17 @@ pub(crate) fn free_file_name(sequence: u64) -> String {
 /// The sequence a free file was retired with, or None for any other file.
 pub(crate) fn parse_free_file_name(name: &str) -> Option<u64> {
     parse_sequence(name.strip_suffix(".free")?)
+}
+
+/// `{seq:016}.deleting`: a retired segment being cut down and deleted
+/// (see "Recycling").
+pub(crate) fn deleting_file_name(sequence: u64) -> String {
+    format!("{sequence:016}.deleting")
+}
+
+/// The sequence of a `.deleting` file, or None for any other file.
+pub(crate) fn parse_deleting_file_name(name: &str) -> Option<u64> {
+    parse_sequence(name.strip_suffix(".deleting")?)
 }
 
 /// The sequence number of a segment file name, or None for any other file.

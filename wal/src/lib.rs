@@ -66,7 +66,7 @@ mod wal;
 
 pub use direct::{AlignedBuf, DIRECT_ALIGN};
 pub use error::WalError;
-pub use sync::{remove_segments, SyncJob, SyncOutcome};
+pub use sync::{remove_in_steps, remove_segments, SyncJob, SyncOutcome};
 pub use types::{
     ConfState, EntryRef, HardState, RecoveryReport, SnapshotMarker, WalOptions,
     DEFAULT_RECYCLE_BYTES, DEFAULT_SEGMENT_BYTES, MAX_SEGMENT_BYTES, MIN_SEGMENT_BYTES,

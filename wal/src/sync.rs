@@ -3,7 +3,7 @@
 //! monoio, or blocking on a helper thread) while the shard keeps appending.
 
 use std::fmt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use crate::error::WalError;
@@ -158,8 +158,9 @@ fn uring_handle(segment: &Arc<SegmentFile>) -> Result<std::rc::Rc<monoio::fs::Fi
 /// their directories. Each is renamed to a free file for a later segment to
 /// reuse while the free files of its directory hold at most
 /// `keep_free_bytes`, and deleted past that (see the format doc's
-/// "Recycling"). Blocking: unlinking a large file can take milliseconds, so
-/// run it off the shard thread. Files already gone are not an error.
+/// "Recycling"), a step at a time ([`remove_in_steps`]). Blocking and
+/// sleeping: run it off the shard thread. Files already gone are not an
+/// error.
 pub fn remove_segments(mut paths: Vec<PathBuf>, keep_free_bytes: u64) -> Result<(), WalError> {
     paths.sort();
     // Per directory: bytes its free files hold.
@@ -169,6 +170,16 @@ pub fn remove_segments(mut paths: Vec<PathBuf>, keep_free_bytes: u64) -> Result<
         let at = match dirs.iter().position(|(d, _)| d == dir) {
             Some(at) => at,
             None => {
+                // Left by a crash in the middle of a removal.
+                for (_, stray) in
+                    crate::segment::files_named(dir, format::parse_deleting_file_name)?
+                {
+                    match remove_in_steps(&stray) {
+                        Ok(()) => {}
+                        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                        Err(e) => return Err(WalError::io(&stray, "remove segment", e)),
+                    }
+                }
                 let mut held = 0;
                 for (_, free) in crate::segment::free_files(dir)? {
                     held += std::fs::metadata(&free).map_or(0, |m| m.len());
@@ -198,16 +209,65 @@ pub fn remove_segments(mut paths: Vec<PathBuf>, keep_free_bytes: u64) -> Result<
                 Err(e) => return Err(WalError::io(path, "retire segment", e)),
             }
         }
-        match std::fs::remove_file(path) {
+        // Out of the segments' names first, so that recovery never sees it
+        // cut short and the preparer never takes it for a free file.
+        let doomed = match sequence {
+            Some(sequence) => dir.join(format::deleting_file_name(sequence)),
+            None => path.clone(),
+        };
+        if doomed != *path {
+            match std::fs::rename(path, &doomed) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(WalError::io(path, "retire segment", e)),
+            }
+        }
+        match remove_in_steps(&doomed) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(WalError::io(path, "remove segment", e)),
+            Err(e) => return Err(WalError::io(&doomed, "remove segment", e)),
         }
     }
     for (dir, _) in dirs {
         SegmentFile::open_dir(&dir)?.sync_all()?;
     }
     Ok(())
+}
+
+/// Bytes [`remove_in_steps`] cuts off a file at a time.
+const DELETE_STEP_BYTES: u64 = 32 << 20;
+/// Pause between two steps of [`remove_in_steps`].
+const DELETE_STEP_PAUSE: std::time::Duration = std::time::Duration::from_millis(20);
+
+/// Deletes `path` by cutting [`DELETE_STEP_BYTES`] off its end at a time,
+/// [`DELETE_STEP_PAUSE`] apart, then unlinking what is left. Unlinking a
+/// large file frees all its blocks at once (on a file system mounted with
+/// `discard`, one large discard), and every fdatasync of the disk queues
+/// behind it. Measured on the development machine beside a 4 KiB write +
+/// fdatasync every 2 ms: `rm` of a 1 GB file made three of them take
+/// 116-129 ms (p50 0.23 ms), `rm` of four 64 MiB segments up to 13-16 ms;
+/// the 1 GB file cut 32 MiB per 20 ms, at most 7 ms. Blocking and sleeping
+/// (0.6 s per GB): never on a shard thread.
+///
+/// A file with another name (a hard link someone made) is only unlinked:
+/// cutting it would cut the other name's bytes too. A reader of the file
+/// (a snapshot transfer of an old snapshot) sees it shrink and fails.
+pub fn remove_in_steps(path: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::MetadataExt as _;
+    let file = std::fs::OpenOptions::new().write(true).open(path)?;
+    let metadata = file.metadata()?;
+    let mut len = if metadata.nlink() > 1 {
+        0
+    } else {
+        metadata.len()
+    };
+    while len > DELETE_STEP_BYTES {
+        len -= DELETE_STEP_BYTES;
+        file.set_len(len)?;
+        std::thread::sleep(DELETE_STEP_PAUSE);
+    }
+    drop(file);
+    std::fs::remove_file(path)
 }
 
 impl fmt::Debug for SyncJob {
@@ -257,6 +317,20 @@ mod tests {
         )
         .unwrap();
         assert!(!a.exists() && !b.exists());
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+    }
+
+    /// A removal cut short by a crash leaves a `.deleting` file, which the
+    /// next compaction of the directory deletes.
+    #[test]
+    fn remove_segments_deletes_what_a_crash_left_half_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let stray = dir.path().join(format::deleting_file_name(3));
+        std::fs::write(&stray, [3u8; 100]).unwrap();
+        let segment = dir.path().join(format::segment_file_name(7));
+        std::fs::write(&segment, [7u8; 100]).unwrap();
+        remove_segments(vec![segment.clone()], 0).unwrap();
+        assert!(!stray.exists() && !segment.exists());
     }
 
     #[test]
@@ -296,9 +370,44 @@ mod tests {
         std::fs::create_dir(&not_a_file).unwrap();
         std::fs::write(not_a_file.join("x"), b"x").unwrap();
         let error = remove_segments(vec![not_a_file.clone()], 0).unwrap_err();
+        // It fails under the name it was given for its removal.
         assert!(
-            error.to_string().contains("0000000000000001.wal"),
+            error.to_string().contains("0000000000000001.deleting"),
             "{error}"
+        );
+    }
+
+    /// A file larger than a step goes in steps, and nothing of it stays.
+    #[test]
+    fn a_large_file_is_removed_in_steps() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("big.tmp");
+        let file = std::fs::File::create(&path).unwrap();
+        file.set_len(2 * DELETE_STEP_BYTES + 5).unwrap();
+        drop(file);
+        remove_in_steps(&path).unwrap();
+        assert!(!path.exists());
+        assert!(
+            remove_in_steps(&path).is_err(),
+            "a missing file is an error"
+        );
+    }
+
+    /// Another name of the file keeps all of its bytes.
+    #[test]
+    fn a_file_with_another_name_is_unlinked_not_cut() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("old.tmp");
+        let other = dir.path().join("kept");
+        let file = std::fs::File::create(&path).unwrap();
+        file.set_len(DELETE_STEP_BYTES + 5).unwrap();
+        drop(file);
+        std::fs::hard_link(&path, &other).unwrap();
+        remove_in_steps(&path).unwrap();
+        assert!(!path.exists());
+        assert_eq!(
+            std::fs::metadata(&other).unwrap().len(),
+            DELETE_STEP_BYTES + 5
         );
     }
 }
