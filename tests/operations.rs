@@ -397,3 +397,29 @@ fn the_admin_port_keeps_connections_alive_and_silent_clients_do_not_block_it() {
         );
     }
 }
+
+/// A loop turn longer than `slow_turn_ms` is logged with where its time
+/// went. At 0 every turn is longer (one line a second gets through).
+#[test]
+fn a_slow_loop_turn_is_logged_with_where_its_time_went() {
+    let mut cluster = Cluster::configure(1, 1, "slow_turn_ms = 0\n");
+    cluster.node(1).start();
+    cluster.wait_for_leaders();
+    let line = wait_for("a slow loop turn warning", DEADLINE, || {
+        cluster.nodes[0]
+            .log()
+            .lines()
+            .find(|line| line.contains("slow loop turn"))
+            .map(str::to_string)
+    });
+    for field in [
+        "turn_ms=",
+        "inputs=",
+        "handling_ms=",
+        "flush_ms=",
+        "ready_ms=",
+        "dispatch_ms=",
+    ] {
+        assert!(line.contains(field), "{field} missing: {line}");
+    }
+}

@@ -382,6 +382,15 @@ config_keys! {
         flag: u64, "MS", "Warn about an fdatasync slower than this [default: 100]",
         env: "COREKV_SLOW_FSYNC_MS",
     }
+    /// A shard loop turn longer than this many milliseconds is logged as a
+    /// "slow loop turn" warning that says where its time went: during a
+    /// turn the shard answers nothing, sends no heartbeat and sees no
+    /// fsync finish. Default 100.
+    slow_turn_ms: u64 {
+        default: 100,
+        flag: u64, "MS", "Warn about a shard loop turn longer than this [default: 100]",
+        env: "COREKV_SLOW_TURN_MS",
+    }
     /// PEM certificate chain this node presents on its client, peer and
     /// admin ports. Setting it turns TLS on for all three (with
     /// `tls_key_file` and `tls_ca_file`, both then required). It must name
@@ -772,6 +781,11 @@ impl Config {
     /// Threshold of the "slow fsync" warning (`slow_fsync_ms`).
     pub fn slow_fsync(&self) -> Duration {
         Duration::from_millis(self.slow_fsync_ms)
+    }
+
+    /// Threshold of the "slow loop turn" warning (`slow_turn_ms`).
+    pub fn slow_turn(&self) -> Duration {
+        Duration::from_millis(self.slow_turn_ms)
     }
 
     fn peer_ids(&self) -> Vec<u64> {

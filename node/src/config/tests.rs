@@ -484,7 +484,7 @@ fn advertise_host_rules() {
 #[test]
 fn duration_helpers_follow_the_ms_fields() {
     let config = Config::from_toml_str(
-        "node_id = 1\ntick_ms = 20\nheartbeat_ticks = 2\nelection_ticks = 10\nslow_fsync_ms = 7",
+        "node_id = 1\ntick_ms = 20\nheartbeat_ticks = 2\nelection_ticks = 10\nslow_fsync_ms = 7\nslow_turn_ms = 9",
     )
     .unwrap();
     assert_eq!(config.tick(), Duration::from_millis(20));
@@ -495,6 +495,7 @@ fn duration_helpers_follow_the_ms_fields() {
     assert_eq!(config.connect_timeout(), Duration::from_secs(3));
     assert_eq!(config.request_timeout(), Duration::from_secs(5));
     assert_eq!(config.slow_fsync(), Duration::from_millis(7));
+    assert_eq!(config.slow_turn(), Duration::from_millis(9));
 }
 /// The configuration table of the README, key to its "env / flag" cell.
 fn readme_rows() -> BTreeMap<String, String> {

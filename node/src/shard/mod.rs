@@ -99,6 +99,8 @@ struct Shard {
     /// second, and a refusal that lasts (a wrong cluster id) would log
     /// every time.
     rejected_log: HashMap<u64, LogLimit>,
+    /// "slow loop turn" lines, at most one per interval.
+    slow_turn_log: LogLimit,
 }
 
 /// Upper bound on the entries one append message carries (raft-rs
@@ -244,6 +246,7 @@ pub async fn run(
         ticks_per_second: (1000 / tick_ms).max(1),
         slow_reader_log: RefCell::new(LogLimit::default()),
         rejected_log: HashMap::new(),
+        slow_turn_log: LogLimit::default(),
     };
     shard_loop.on_membership_changed();
     shard_loop.run().await
@@ -262,6 +265,20 @@ fn bootstrap_voters(config: &crate::config::Config) -> Vec<corekv_proto::log::Me
         .collect()
 }
 
+/// Where one loop turn's time went, for the "slow loop turn" warning.
+struct TurnPhases {
+    /// Inputs the turn took from the inbox.
+    inputs: usize,
+    /// Feeding them to the replica.
+    handling: Duration,
+    /// Handing the turn's proposals and reads to raft.
+    flush: Duration,
+    /// Raft's Readys: apply, WAL appends, messages.
+    ready: Duration,
+    /// Answers, messages out, the sync started, status.
+    dispatch: Duration,
+}
+
 impl Shard {
     async fn run(&mut self) -> anyhow::Result<()> {
         let mut batch = Vec::new();
@@ -271,6 +288,7 @@ impl Shard {
             self.local.inbox.drain_into(&mut batch).await;
             let turn_started = Instant::now();
             self.local.clock.set(turn_started);
+            let inputs = batch.len();
             // 2. Feed it all to the replica; proposals only queue up.
             for input in batch.drain(..) {
                 if self.handle_input(input, &mut out)?.is_some() {
@@ -285,17 +303,49 @@ impl Shard {
                     return self.shutdown(()).await;
                 }
             }
+            let handled = Instant::now();
             // 3. This turn's proposals enter raft as one batch; reads share one round.
             self.replica.flush(&mut out);
+            let flushed = Instant::now();
             // 4. One Ready: send, apply, append, queue persisted messages behind the sync.
             self.replica.handle_ready(&mut out)?;
             // 5. Carry out what the replica asked for; the writer tasks send
             //    everything queued now in one write per connection.
             self.dispatch(&mut out);
+            // Set by dispatch as it started.
+            let readied = self.local.clock.get();
             self.publish_status();
-            self.metrics
-                .loop_turn
-                .observe(turn_started.elapsed().as_secs_f64());
+            let turn = turn_started.elapsed();
+            self.metrics.loop_turn.observe(turn.as_secs_f64());
+            if turn > self.node.config.slow_turn() {
+                let phases = TurnPhases {
+                    inputs,
+                    handling: handled - turn_started,
+                    flush: flushed - handled,
+                    ready: readied.saturating_duration_since(flushed),
+                    dispatch: (turn_started + turn).saturating_duration_since(readied),
+                };
+                self.warn_slow_turn(turn, phases);
+            }
+        }
+    }
+
+    /// A turn long enough to matter: found the WAL index's doubling that
+    /// held the loop 62-449 ms (and cost leadership) in one line each.
+    fn warn_slow_turn(&mut self, turn: Duration, phases: TurnPhases) {
+        if let Some(suppressed) = self.slow_turn_log.allow(Instant::now()) {
+            let ms = |d: Duration| d.as_millis() as u64;
+            tracing::warn!(
+                shard = self.local.shard,
+                turn_ms = ms(turn),
+                inputs = phases.inputs,
+                handling_ms = ms(phases.handling),
+                flush_ms = ms(phases.flush),
+                ready_ms = ms(phases.ready),
+                dispatch_ms = ms(phases.dispatch),
+                suppressed,
+                "slow loop turn: the shard answered nothing, sent no heartbeat and saw no fsync finish meanwhile"
+            );
         }
     }
 
