@@ -89,10 +89,16 @@ impl Shard {
         m.wal_bytes
             .inc_by(written.saturating_sub(self.wal_bytes_reported));
         self.wal_bytes_reported = written;
-        let mut slot = self.node.shard_status[self.local.shard as usize]
-            .lock()
-            .expect("status lock poisoned");
-        *slot = status;
+        // Readers (the admin runtime) hold the lock only to clone the
+        // status, but one descheduled meanwhile would stall this thread
+        // until it runs again: the status of a contended turn is skipped
+        // instead, and the next turn (a tick comes every `tick_ms`)
+        // publishes a newer one.
+        match self.node.shard_status[self.local.shard as usize].try_lock() {
+            Ok(mut slot) => *slot = status,
+            Err(std::sync::TryLockError::WouldBlock) => {}
+            Err(std::sync::TryLockError::Poisoned(_)) => panic!("status lock poisoned"),
+        }
     }
 
     /// Spreads leadership over the nodes: shard `s` prefers the `s`-th voter
