@@ -14,7 +14,15 @@ impl<L: LogStore> Replica<L> {
     /// Stashes a verified snapshot received from the leader; raft installs
     /// it when it steps the MsgSnapshot that came with it. Two transfers may
     /// finish in one turn, so the newest few are kept until raft picks one.
-    pub fn receive_snapshot(&mut self, snapshot: LoadedSnapshot, message: Message) {
+    ///
+    /// A snapshot dropped here (mismatched, replaced, or past the few kept)
+    /// goes to [`Output::retired_states`]: freeing a large one takes long.
+    pub fn receive_snapshot(
+        &mut self,
+        snapshot: LoadedSnapshot,
+        message: Message,
+        out: &mut Output<L::SyncJob>,
+    ) {
         let metadata = message.get_snapshot().get_metadata();
         if message.get_msg_type() != MessageType::MsgSnapshot
             || (metadata.index, metadata.term) != (snapshot.meta.index, snapshot.meta.term)
@@ -24,16 +32,35 @@ impl<L: LogStore> Replica<L> {
                 index = snapshot.meta.index,
                 "snapshot dropped: its raft message describes another snapshot"
             );
+            out.retired_states.push(snapshot.image);
             return;
         }
         let key = (snapshot.meta.index, snapshot.meta.term);
-        self.received_snapshots
-            .retain(|s| (s.meta.index, s.meta.term) != key);
+        self.retire_received(out, |s| (s.meta.index, s.meta.term) == key);
         self.received_snapshots.push_back(snapshot);
         while self.received_snapshots.len() > MAX_RECEIVED_SNAPSHOTS {
-            self.received_snapshots.pop_front();
+            if let Some(oldest) = self.received_snapshots.pop_front() {
+                out.retired_states.push(oldest.image);
+            }
         }
         self.step(message);
+    }
+
+    /// Moves the received snapshots `retire` picks to
+    /// [`Output::retired_states`].
+    fn retire_received(
+        &mut self,
+        out: &mut Output<L::SyncJob>,
+        mut retire: impl FnMut(&LoadedSnapshot) -> bool,
+    ) {
+        let received = std::mem::take(&mut self.received_snapshots);
+        for snapshot in received {
+            if retire(&snapshot) {
+                out.retired_states.push(snapshot.image);
+            } else {
+                self.received_snapshots.push_back(snapshot);
+            }
+        }
     }
 
     pub(super) fn install_snapshot(
@@ -53,8 +80,7 @@ impl<L: LogStore> Replica<L> {
                 term: metadata.term,
             });
         };
-        self.received_snapshots
-            .retain(|r| r.meta.index > metadata.index);
+        self.retire_received(out, |r| r.meta.index <= metadata.index);
         let marker = SnapshotMarker {
             index: metadata.index,
             term: metadata.term,

@@ -1142,3 +1142,32 @@ mod catch_up_tests {
         assert_eq!(caught_up.leader_last_index, last, "{caught_up:?}");
     }
 }
+
+/// A received snapshot the replica drops goes out to be freed off the
+/// shard thread, not freed in place.
+#[test]
+fn a_dropped_received_snapshot_is_handed_out_to_be_freed() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut r, mut out) = single_voter_leader(dir.path());
+    out.retired_states.clear();
+    let mut map = crate::state_machine::Map::new();
+    map.insert(
+        crate::stored::Key::from_slice(b"k"),
+        crate::stored::Versioned {
+            value: Bytes::from_static(b"v"),
+            version: 1,
+        },
+    );
+    let image = crate::state_machine::Image::new(map, Default::default());
+    let meta = crate::snapshot::SnapshotMeta {
+        index: 9,
+        term: 1,
+        ..Default::default()
+    };
+    // Its raft message is not a MsgSnapshot describing it: dropped.
+    let mut message = raft::prelude::Message::default();
+    message.set_msg_type(raft::prelude::MessageType::MsgHeartbeat);
+    r.receive_snapshot(LoadedSnapshot { meta, image }, message, &mut out);
+    assert_eq!(out.retired_states.len(), 1);
+    assert_eq!(out.retired_states[0].map.len(), 1);
+}

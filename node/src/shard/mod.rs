@@ -468,7 +468,7 @@ impl Shard {
                 );
                 self.metrics.snapshots_received.inc();
                 self.replica
-                    .receive_snapshot(incoming.snapshot, incoming.message);
+                    .receive_snapshot(incoming.snapshot, incoming.message, out);
             }
             Input::Link { peer, event } => match event {
                 LinkEvent::Up => {

@@ -508,7 +508,9 @@ impl Sim {
                 receiver.snapshot = Some((meta.clone(), image.clone()));
             }
             if let Some(replica) = receiver.replica.as_mut() {
-                replica.receive_snapshot(LoadedSnapshot { meta, image }, message);
+                // The simulator frees what the replica retires at once.
+                let mut out = Output::default();
+                replica.receive_snapshot(LoadedSnapshot { meta, image }, message, &mut out);
             }
         }
         if let Some(sender) = self.nodes[from as usize - 1].replica.as_mut() {
