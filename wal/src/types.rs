@@ -104,6 +104,7 @@ pub struct RecoveryReport {
     pub entries: u64,
     /// Segments created but never synced (zero header) that were deleted.
     pub unsynced_segments_removed: Vec<PathBuf>,
-    /// Segments compaction had made obsolete that were deleted.
-    pub obsolete_segments_removed: Vec<PathBuf>,
+    /// Segments compaction had made obsolete, not yet removed: handed out
+    /// by `Wal::take_obsolete_segments` for [`crate::remove_segments`].
+    pub obsolete_segments: Vec<PathBuf>,
 }

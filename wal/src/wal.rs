@@ -17,7 +17,7 @@ use crate::lock::DirLock;
 use crate::prepare::Preparer;
 use crate::recovery::{self, Recovered};
 use crate::segment::{Segment, SegmentFile};
-use crate::sync::{self, Position, SyncJob, SyncOutcome, SyncStep};
+use crate::sync::{Position, SyncJob, SyncOutcome, SyncStep};
 use crate::types::{ConfState, EntryRef, HardState, RecoveryReport, SnapshotMarker, WalOptions};
 
 /// The write-ahead log of one shard. See the crate docs for the model.
@@ -115,12 +115,12 @@ impl Wal {
             sequence: active.sequence,
             offset: active.write_offset,
         };
-        // Everything recovered is on disk, so obsolete segments can go right away
-        // (open is blocking anyway).
+        // Everything recovered is on disk, so obsolete segments may go at
+        // once; they wait in `take_obsolete_segments` like compaction's,
+        // for the caller to remove off its thread (removal sleeps between
+        // steps, and open runs on the shard's thread).
         wal.collect_obsolete();
-        let obsolete = wal.take_obsolete_segments();
-        sync::remove_segments(obsolete.clone(), wal.options.recycle_bytes)?;
-        wal.recovery.obsolete_segments_removed = obsolete;
+        wal.recovery.obsolete_segments = wal.obsolete.clone();
         wal.recovery.segments = wal.segments.len();
         wal.recovery.entries = wal.index.len() as u64;
         let next = wal.active().sequence + 1;
@@ -1117,6 +1117,39 @@ mod tests {
         assert_eq!(wal.first_index(), 151);
         assert_eq!(read_all(&wal), entries[150..]);
         assert_eq!(wal.segment_count(), before - removed);
+    }
+
+    /// Segments a durable marker made obsolete but nobody removed before a
+    /// restart are handed out by the reopened log, not removed by `open`
+    /// (which runs on the shard's thread; removal sleeps between steps).
+    #[test]
+    fn open_hands_out_obsolete_segments_instead_of_removing_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let entries = batch(1, 200, 1, 100);
+        let mut wal = open(dir.path());
+        for chunk in entries.chunks(10) {
+            append(&mut wal, chunk).unwrap();
+            wal.sync().unwrap();
+        }
+        wal.apply_snapshot_marker(SnapshotMarker {
+            index: 150,
+            term: 1,
+        })
+        .unwrap();
+        wal.sync().unwrap();
+        let obsolete = wal.take_obsolete_segments();
+        assert!(obsolete.len() >= 3, "{obsolete:?}");
+        drop(wal);
+        let mut wal = open(dir.path());
+        assert!(
+            obsolete.iter().all(|path| path.exists()),
+            "open removed none"
+        );
+        assert_eq!(wal.recovery().obsolete_segments, obsolete);
+        assert_eq!(wal.take_obsolete_segments(), obsolete);
+        crate::remove_segments(obsolete.clone(), 0).unwrap();
+        assert!(obsolete.iter().all(|path| !path.exists()));
+        assert_eq!(read_all(&wal), entries[150..]);
     }
 
     #[test]
