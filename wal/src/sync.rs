@@ -174,11 +174,7 @@ pub fn remove_segments(mut paths: Vec<PathBuf>, keep_free_bytes: u64) -> Result<
                 for (_, stray) in
                     crate::segment::files_named(dir, format::parse_deleting_file_name)?
                 {
-                    match remove_in_steps(&stray) {
-                        Ok(()) => {}
-                        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                        Err(e) => return Err(WalError::io(&stray, "remove segment", e)),
-                    }
+                    remove_segment_file(&stray)?;
                 }
                 let mut held = 0;
                 for (_, free) in crate::segment::free_files(dir)? {
@@ -222,16 +218,21 @@ pub fn remove_segments(mut paths: Vec<PathBuf>, keep_free_bytes: u64) -> Result<
                 Err(e) => return Err(WalError::io(path, "retire segment", e)),
             }
         }
-        match remove_in_steps(&doomed) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(WalError::io(&doomed, "remove segment", e)),
-        }
+        remove_segment_file(&doomed)?;
     }
     for (dir, _) in dirs {
         SegmentFile::open_dir(&dir)?.sync_all()?;
     }
     Ok(())
+}
+
+/// [`remove_in_steps`] for a segment's file; one already gone is fine.
+fn remove_segment_file(path: &Path) -> Result<(), WalError> {
+    match remove_in_steps(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(WalError::io(path, "remove segment", e)),
+    }
 }
 
 /// Bytes [`remove_in_steps`] cuts off a file at a time.
