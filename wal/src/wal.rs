@@ -1084,15 +1084,21 @@ mod tests {
         assert_eq!(wal.first_index(), 7);
     }
 
-    #[test]
-    fn compaction_deletes_covered_segments_only_once_the_marker_is_durable() {
-        let dir = tempfile::tempdir().unwrap();
+    /// 200 entries of 100 B in `dir`, synced every 10: several segments.
+    fn synced_in_segments(dir: &std::path::Path) -> (Wal, Vec<(u64, u64, Vec<u8>)>) {
         let entries = batch(1, 200, 1, 100);
-        let mut wal = open(dir.path());
+        let mut wal = open(dir);
         for chunk in entries.chunks(10) {
             append(&mut wal, chunk).unwrap();
             wal.sync().unwrap();
         }
+        (wal, entries)
+    }
+
+    #[test]
+    fn compaction_deletes_covered_segments_only_once_the_marker_is_durable() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut wal, entries) = synced_in_segments(dir.path());
         let before = wal.segment_count();
         assert!(before > 5, "{before}");
         wal.apply_snapshot_marker(SnapshotMarker {
@@ -1125,12 +1131,7 @@ mod tests {
     #[test]
     fn open_hands_out_obsolete_segments_instead_of_removing_them() {
         let dir = tempfile::tempdir().unwrap();
-        let entries = batch(1, 200, 1, 100);
-        let mut wal = open(dir.path());
-        for chunk in entries.chunks(10) {
-            append(&mut wal, chunk).unwrap();
-            wal.sync().unwrap();
-        }
+        let (mut wal, entries) = synced_in_segments(dir.path());
         wal.apply_snapshot_marker(SnapshotMarker {
             index: 150,
             term: 1,
