@@ -7,11 +7,12 @@
 //! it (copy-on-write of one path), and spawning the writer thread; the
 //! serialisation itself runs on that thread.
 //!
-//! The `map_random_keys` group puts the shard's ordered map (std's B-tree
-//! under `layered_map`) beside a std `HashMap` on the same random 16 B keys
-//! over 100k and 1M keys, with 256 B values: what a point get or overwrite
-//! costs when the key is not in the cache, which is the case of every
-//! scenario (the bench's keys are uniform over the keyspace).
+//! The `map_random_keys` group puts the shard's map (`layered_map`: keys
+//! in a B-tree, pairs in a hash index) beside a plain std `BTreeMap` and a
+//! std `HashMap` on the same random 16 B keys over 100k and 1M keys, with
+//! 256 B values: what a point get or overwrite costs when the key is not in
+//! the cache, which is the case of every scenario (the bench's keys are
+//! uniform over the keyspace).
 //!
 //! `cargo bench --bench apply`. Reported per operation.
 
@@ -186,7 +187,7 @@ fn snapshot_stall(c: &mut Criterion) {
 fn map_random_keys(c: &mut Criterion) {
     use corekv_node::layered_map::Map;
     use corekv_node::state_machine::{Key, Versioned};
-    use std::collections::HashMap;
+    use std::collections::{BTreeMap, HashMap};
 
     let mut group = c.benchmark_group("map_random_keys");
     group
@@ -198,10 +199,12 @@ fn map_random_keys(c: &mut Criterion) {
             version: 1,
         };
         let stored = |i: u64| (Key::new(&key(i)), value.clone());
-        let mut ordered = Map::new();
+        let mut map = Map::new();
+        let mut ordered = BTreeMap::new();
         let mut hashed = HashMap::new();
         for i in 0..keys {
             let (k, v) = stored(i);
+            map.insert(k.clone(), v.clone());
             ordered.insert(k.clone(), v.clone());
             hashed.insert(k, v);
         }
@@ -216,11 +219,20 @@ fn map_random_keys(c: &mut Criterion) {
             n = (n + 1) % lookups.len();
             &lookups[n]
         };
+        group.bench_function(format!("map_get_{keys}"), |b| {
+            b.iter(|| black_box(map.get(next())).is_some())
+        });
         group.bench_function(format!("btree_get_{keys}"), |b| {
-            b.iter(|| black_box(ordered.get(next())).is_some())
+            b.iter(|| black_box(ordered.get(next().as_ref())).is_some())
         });
         group.bench_function(format!("hash_get_{keys}"), |b| {
             b.iter(|| black_box(hashed.get(next().as_ref())).is_some())
+        });
+        group.bench_function(format!("map_overwrite_{keys}"), |b| {
+            b.iter(|| {
+                let k = Key::new(next());
+                black_box(map.insert(k, value.clone()))
+            })
         });
         group.bench_function(format!("btree_overwrite_{keys}"), |b| {
             b.iter(|| {

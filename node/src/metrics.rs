@@ -356,7 +356,7 @@ impl Metrics {
         );
         registry.register(
             "state_machine_bytes",
-            "Accounted bytes of the state machine: keys, values and 200 bytes per pair (what max_memory_bytes limits)",
+            "Accounted bytes of the state machine: keys, values and 250 bytes per pair (what max_memory_bytes limits)",
             m.state_machine_bytes.clone(),
         );
         registry.register(

@@ -312,7 +312,7 @@ config_keys! {
         flag: u64, "PERCENT", "Snapshot only after log of this % of the state's size [default: 125]",
         env: "COREKV_SNAPSHOT_LOG_PERCENT",
     }
-    /// Accounted bytes (keys, values, 200 bytes per pair) the node's state
+    /// Accounted bytes (keys, values, 250 bytes per pair) the node's state
     /// machines may hold, shared evenly by its shards; a write that would
     /// pass its shard's share is refused with RESOURCE_EXHAUSTED, deletes
     /// and shrinking writes still work. 0 = no limit. Default: half of the
