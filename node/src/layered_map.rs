@@ -19,8 +19,9 @@
 //! touches the B-tree. The index is split into [`INDEX_TABLES`] tables
 //! chosen by hash, so that a table's growth rehashes a 256th of the keys on
 //! the shard thread, never all of them at once (a stall that would grow
-//! with the data). The price: each key is held twice, about 40-100 bytes
-//! more per key than the B-tree alone (README, "The state machine's map").
+//! with the data). The price: each key is held twice, about 75-120 bytes
+//! more per key than the B-tree alone (README, "A hash index beside the
+//! order").
 
 use std::collections::btree_map;
 use std::collections::{BTreeMap, BTreeSet};
