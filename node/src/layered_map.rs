@@ -92,7 +92,14 @@ impl Index {
             .map(|(_, v)| v)
     }
 
-    fn insert(&mut self, key: Key, value: Versioned) -> Option<Versioned> {
+    /// Stores the pair; a key it did not hold yet is also handed to
+    /// `added` (so an overwrite, the common write, copies no key).
+    fn insert(
+        &mut self,
+        key: Key,
+        value: Versioned,
+        added: impl FnOnce(&Key),
+    ) -> Option<Versioned> {
         let hash = self.hash(key.as_slice());
         let hasher = &self.hasher;
         let table = &mut self.tables[Self::table(hash)];
@@ -103,6 +110,7 @@ impl Index {
         ) {
             Entry::Occupied(mut held) => Some(std::mem::replace(&mut held.get_mut().1, value)),
             Entry::Vacant(room) => {
+                added(&key);
                 room.insert((key, value));
                 None
             }
@@ -124,11 +132,10 @@ impl Base {
     }
 
     fn insert(&mut self, key: Key, value: Versioned) -> Option<Versioned> {
-        let old = self.index.insert(key.clone(), value);
-        if old.is_none() {
-            self.order.insert(key);
-        }
-        old
+        let order = &mut self.order;
+        self.index.insert(key, value, |key| {
+            order.insert(key.clone());
+        })
     }
 
     fn remove(&mut self, key: &[u8]) -> Option<Versioned> {
@@ -261,17 +268,16 @@ impl Map {
     }
 
     fn remove_in_delta(&mut self, key: &[u8]) -> Option<Versioned> {
-        if self.base.get(key).is_some() {
-            match self.delta.get_mut(key) {
+        match self.base.get(key) {
+            Some(in_base) => match self.delta.get_mut(key) {
                 Some(entry) => entry.take(),
                 None => {
-                    let old = self.base.get(key).cloned();
+                    let old = in_base.clone();
                     self.delta.insert(Key::from_slice(key), None);
-                    old
+                    Some(old)
                 }
-            }
-        } else {
-            self.delta.remove(key).flatten()
+            },
+            None => self.delta.remove(key).flatten(),
         }
     }
 
