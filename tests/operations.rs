@@ -419,6 +419,11 @@ fn a_slow_loop_turn_is_logged_with_where_its_time_went() {
         "flush_ms=",
         "ready_ms=",
         "dispatch_ms=",
+        "kinds=",
+        "wall_ms=",
+        "cpu_ms=",
+        "minor_faults=",
+        "involuntary_switches=",
     ] {
         assert!(line.contains(field), "{field} missing: {line}");
     }

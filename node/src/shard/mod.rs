@@ -15,6 +15,7 @@ mod members;
 mod peer_input;
 mod routing;
 mod snapshots;
+mod turn_usage;
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
@@ -101,6 +102,10 @@ struct Shard {
     rejected_log: HashMap<u64, LogLimit>,
     /// "slow loop turn" lines, at most one per interval.
     slow_turn_log: LogLimit,
+    /// The kinds of input in the current turn, for the slow-turn warning.
+    turn_inputs: turn_usage::InputKinds,
+    /// The thread's CPU, faults and context switches, for the same.
+    usage: turn_usage::UsageSampler,
 }
 
 /// Upper bound on the entries one append message carries (raft-rs
@@ -219,6 +224,7 @@ pub async fn run(
     monoio::spawn(tick(local.clone(), Duration::from_millis(tick_ms)));
     monoio::spawn(receive_cross_core(local.clone(), cross_rx));
 
+    let usage = turn_usage::UsageSampler::new(node.config.tick());
     let mut shard_loop = Shard {
         local,
         node,
@@ -247,6 +253,8 @@ pub async fn run(
         slow_reader_log: RefCell::new(LogLimit::default()),
         rejected_log: HashMap::new(),
         slow_turn_log: LogLimit::default(),
+        turn_inputs: turn_usage::InputKinds::default(),
+        usage,
     };
     shard_loop.on_membership_changed();
     shard_loop.run().await
@@ -289,8 +297,10 @@ impl Shard {
             let turn_started = Instant::now();
             self.local.clock.set(turn_started);
             let inputs = batch.len();
+            self.turn_inputs.clear();
             // 2. Feed it all to the replica; proposals only queue up.
             for input in batch.drain(..) {
+                self.turn_inputs.count(&input);
                 if self.handle_input(input, &mut out)?.is_some() {
                     self.begin_stopping();
                 }
@@ -327,12 +337,16 @@ impl Shard {
                 };
                 self.warn_slow_turn(turn, phases);
             }
+            self.usage.maybe_sample(readied);
         }
     }
 
     /// A turn long enough to matter: found the WAL index's doubling that
     /// held the loop 62-449 ms (and cost leadership) in one line each.
     fn warn_slow_turn(&mut self, turn: Duration, phases: TurnPhases) {
+        // Taken even when the line is suppressed, so the next one covers
+        // only its own turn.
+        let usage = self.usage.delta();
         if let Some(suppressed) = self.slow_turn_log.allow(Instant::now()) {
             let ms = |d: Duration| d.as_millis() as u64;
             tracing::warn!(
@@ -343,6 +357,15 @@ impl Shard {
                 flush_ms = ms(phases.flush),
                 ready_ms = ms(phases.ready),
                 dispatch_ms = ms(phases.dispatch),
+                kinds = %self.turn_inputs.describe(),
+                // Since the last sample, at most a tick before the turn:
+                // CPU far below wall time means the thread did not run.
+                wall_ms = ms(usage.wall),
+                cpu_ms = ms(usage.cpu),
+                minor_faults = usage.minor_faults,
+                major_faults = usage.major_faults,
+                voluntary_switches = usage.voluntary_switches,
+                involuntary_switches = usage.involuntary_switches,
                 suppressed,
                 "slow loop turn: the shard answered nothing, sent no heartbeat and saw no fsync finish meanwhile"
             );
