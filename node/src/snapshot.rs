@@ -43,9 +43,10 @@ use prost::Message as _;
 use corekv_proto::log::Membership;
 use corekv_wal::{remove_in_steps, AlignedBuf, DIRECT_ALIGN};
 
+use crate::layered_map::Builder as MapBuilder;
 use crate::progress::{Progress, Unit};
 use crate::sessions::{Session, Sessions};
-use crate::state_machine::{Image, Key, Map, Versioned};
+use crate::state_machine::{Image, Key, Versioned};
 
 /// First bytes of every snapshot file.
 pub const MAGIC: &[u8; 8] = b"CKVSNAP1";
@@ -523,13 +524,90 @@ pub fn read_logged(
     read_with(path, Some((shard, what)))
 }
 
+/// Pairs the decoding thread hands to the inserting one at a time.
+const LOAD_BATCH_PAIRS: usize = 4096;
+
+/// Batches in flight between the two: how far the decoder may run ahead
+/// (4 x 4096 pairs of 1 KiB: 16 MiB).
+const LOAD_BATCHES_IN_FLIGHT: usize = 4;
+
+/// Reads a whole snapshot into memory on two threads: this one builds the
+/// map while a scoped second one reads, checksums and decodes the file,
+/// allocating every value. At 1 GB both halves take seconds, much of it
+/// first touches of new memory; the restart of a 1 GB node waits for them.
+/// Where the second thread cannot start, this thread does everything.
 fn read_with(
     path: &Path,
     report: Option<(u32, &str)>,
 ) -> Result<(SnapshotMeta, Image), SnapshotError> {
-    let mut image = ImageBuilder::default();
-    let meta = visit_with(path, report, &mut image)?;
-    Ok((meta, image.finish()))
+    let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<(Key, Versioned)>>(LOAD_BATCHES_IN_FLIGHT);
+    std::thread::scope(|scope| {
+        let decoder = std::thread::Builder::new()
+            .name("corekv-snap-read".into())
+            .spawn_scoped(scope, move || {
+                let mut batcher = Batcher {
+                    tx,
+                    batch: Vec::with_capacity(LOAD_BATCH_PAIRS),
+                    sessions: Vec::new(),
+                };
+                let meta = visit_with(path, report, &mut batcher);
+                batcher.send();
+                (meta, batcher.sessions)
+            });
+        let mut image = ImageBuilder::default();
+        let Ok(decoder) = decoder else {
+            let meta = visit_with(path, report, &mut image)?;
+            return Ok((meta, image.finish()));
+        };
+        // Ends when the decoder is done (or stopped) and dropped its sender.
+        for batch in rx {
+            for (key, value) in batch {
+                image.insert(key, value);
+            }
+        }
+        let (meta, sessions) = decoder
+            .join()
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+        let meta = meta?;
+        image.sessions = sessions;
+        Ok((meta, image.finish()))
+    })
+}
+
+/// The decoding thread's visitor: pairs go to the inserting thread in
+/// batches, sessions (few, small) are kept and returned at the end.
+struct Batcher {
+    tx: std::sync::mpsc::SyncSender<Vec<(Key, Versioned)>>,
+    batch: Vec<(Key, Versioned)>,
+    sessions: Vec<(u64, Session)>,
+}
+
+impl Batcher {
+    fn send(&mut self) {
+        if !self.batch.is_empty() {
+            let batch = std::mem::replace(&mut self.batch, Vec::with_capacity(LOAD_BATCH_PAIRS));
+            // Fails only if the inserting thread is gone, which it is not
+            // while the scope lives.
+            let _ = self.tx.send(batch);
+        }
+    }
+}
+
+impl Visitor for Batcher {
+    fn header(&mut self, _: &SnapshotMeta, _: u32, _: u64) {}
+
+    fn pair(&mut self, key: &[u8], value: Vec<u8>, version: u64) {
+        let value = Bytes::from(value);
+        self.batch
+            .push((Key::from_slice(key), Versioned { value, version }));
+        if self.batch.len() == LOAD_BATCH_PAIRS {
+            self.send();
+        }
+    }
+
+    fn session(&mut self, id: u64, session: Session, _: u64) {
+        self.sessions.push((id, session));
+    }
 }
 
 /// Reads and verifies a snapshot file in 1 MiB steps, handing each part to
@@ -582,15 +660,20 @@ pub trait Visitor {
 /// The visitor that keeps everything: the state a node restores.
 #[derive(Default)]
 struct ImageBuilder {
-    map: Map,
+    map: MapBuilder,
     sessions: Vec<(u64, Session)>,
     bytes: u64,
 }
 
 impl ImageBuilder {
+    fn insert(&mut self, key: Key, value: Versioned) {
+        self.bytes += crate::state_machine::pair_bytes(key.as_slice().len(), value.value.len());
+        self.map.insert(key, value);
+    }
+
     fn finish(self) -> Image {
         Image {
-            map: self.map,
+            map: self.map.finish(),
             sessions: Sessions::from_sessions(self.sessions),
             bytes: self.bytes,
         }
@@ -601,10 +684,8 @@ impl Visitor for ImageBuilder {
     fn header(&mut self, _: &SnapshotMeta, _: u32, _: u64) {}
 
     fn pair(&mut self, key: &[u8], value: Vec<u8>, version: u64) {
-        self.bytes += crate::state_machine::pair_bytes(key.len(), value.len());
         let value = Bytes::from(value);
-        self.map
-            .insert(Key::from_slice(key), Versioned { value, version });
+        self.insert(Key::from_slice(key), Versioned { value, version });
     }
 
     fn session(&mut self, id: u64, session: Session, _: u64) {
@@ -941,6 +1022,7 @@ fn stray_temp_files(dir: &Path) -> Vec<PathBuf> {
 mod tests {
     use super::*;
     use crate::sessions::SessionTag;
+    use crate::state_machine::Map;
     use corekv_proto::client::{response, WriteResult};
 
     fn sample() -> (SnapshotMeta, Image) {
