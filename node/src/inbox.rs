@@ -66,24 +66,51 @@ impl<T> Inbox<T> {
         .await
     }
 
+    /// Moves whatever is queued into `batch`, without waiting: for a loop
+    /// that has work of its own left.
+    pub fn take_into(&self, batch: &mut Vec<T>) {
+        let mut items = self.items.borrow_mut();
+        if items.is_empty() {
+            return;
+        }
+        std::mem::swap(&mut *items, batch);
+        drop(items);
+        for waker in self.room_waiters.borrow_mut().drain(..) {
+            waker.wake();
+        }
+    }
+
     /// Waits until at least one input is queued, then moves all of them into
     /// `batch` (which the caller reuses turn after turn to avoid allocating).
     pub async fn drain_into(&self, batch: &mut Vec<T>) {
         poll_fn(|cx| {
-            let mut items = self.items.borrow_mut();
-            if items.is_empty() {
+            if self.items.borrow().is_empty() {
                 self.waker.set(Some(cx.waker().clone()));
                 Poll::Pending
             } else {
-                std::mem::swap(&mut *items, batch);
-                drop(items);
-                for waker in self.room_waiters.borrow_mut().drain(..) {
-                    waker.wake();
-                }
+                self.take_into(batch);
                 Poll::Ready(())
             }
         })
         .await
+    }
+
+    /// Lets every other task of the thread run once (the writers sending
+    /// what the last turn queued, the I/O completions), then moves whatever
+    /// is queued into `batch`, without waiting for more.
+    pub async fn yield_then_take(&self, batch: &mut Vec<T>) {
+        let mut yielded = false;
+        poll_fn(|cx| {
+            if yielded {
+                Poll::Ready(())
+            } else {
+                yielded = true;
+                cx.waker().wake_by_ref();
+                Poll::Pending
+            }
+        })
+        .await;
+        self.take_into(batch);
     }
 }
 

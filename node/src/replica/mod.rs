@@ -257,6 +257,9 @@ pub struct Replica<L: LogStore = Wal> {
     sync_in_flight: Option<u64>,
     /// Number of the newest Ready handled.
     last_ready_number: u64,
+    /// Committed bytes this turn may still apply (see [`Replica::begin_turn`]);
+    /// unlimited until a shard loop starts counting turns.
+    apply_budget: u64,
     /// A snapshot marker no sync covers yet. It gets a sync of its own, so
     /// an idle shard does not keep compactable segments until its next write.
     marker_unsynced: bool,
@@ -463,6 +466,7 @@ impl<L: LogStore> Replica<L> {
             unpersisted: VecDeque::new(),
             sync_in_flight: None,
             last_ready_number: 0,
+            apply_budget: u64::MAX,
             marker_unsynced: false,
             compact_to,
             role: StateRole::Follower,
@@ -630,6 +634,23 @@ impl<L: LogStore> Replica<L> {
         self.raw.raft.prs().conf().voters().contains(id)
     }
 
+    /// Starts a loop turn's budget of committed entries to apply: a backlog
+    /// (after a slow sync, a restart's replay, a catch-up) is applied at
+    /// most two Readys of [`MAX_COMMITTED_BYTES_PER_READY`] per turn (the
+    /// second starts before the budget is spent), so that the
+    /// acknowledgements, heartbeats and answers of each turn leave between
+    /// them instead of after all of it. Measured at 1 GB (BIG): a follower
+    /// applied a slow sync's 6-7 MB in one 110-134 ms turn and its
+    /// acknowledgement waited for all of it.
+    pub fn begin_turn(&mut self) {
+        self.apply_budget = MAX_COMMITTED_BYTES_PER_READY;
+    }
+
+    /// True when raft has work the last turn's budget left for the next.
+    pub fn has_ready(&self) -> bool {
+        self.raw.has_ready()
+    }
+
     /// True if `peer` holds every entry of this leader's log and is active.
     pub fn is_caught_up(&self, peer: u64) -> bool {
         let last = self.raw.raft.raft_log.last_index();
@@ -712,8 +733,10 @@ struct Replay {
     progress: Progress,
 }
 
-/// Bytes of committed entries raft hands over in one Ready.
-pub const MAX_COMMITTED_BYTES_PER_READY: u64 = 64 << 20;
+/// Bytes of committed entries raft hands over in one Ready, and what one
+/// loop turn applies before it lets the loop send what it has (see
+/// [`Replica::begin_turn`]).
+pub const MAX_COMMITTED_BYTES_PER_READY: u64 = 1 << 20;
 
 /// Starts the log of a new replica from an empty configuration (which also
 /// marks the log as started). A node of a new cluster then writes the

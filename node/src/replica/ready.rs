@@ -28,11 +28,13 @@ pub(super) struct Unpersisted {
 impl<L: LogStore> Replica<L> {
     /// Handles every Ready raft has, in raft-rs's order: send messages, apply
     /// committed entries, append to the WAL, queue the persisted messages
-    /// behind a sync. Starts a sync if none is in flight.
+    /// behind a sync. Starts a sync if none is in flight. Stops early once
+    /// the turn's budget of committed bytes is spent ([`Replica::begin_turn`]);
+    /// [`Replica::has_ready`] then says there is more.
     pub fn handle_ready(&mut self, out: &mut Output<L::SyncJob>) -> Result<(), ReplicaError> {
         // Writes that waited for the log go first: later ones queue behind.
         self.flush_backlog()?;
-        while self.raw.has_ready() {
+        while self.raw.has_ready() && self.apply_budget > 0 {
             let mut ready = self.raw.ready();
             self.last_ready_number = ready.number();
             if let Some(ss) = ready.ss() {
@@ -48,7 +50,10 @@ impl<L: LogStore> Replica<L> {
             for read_state in ready.take_read_states() {
                 self.on_read_state(read_state.index, &read_state.request_ctx);
             }
-            self.apply(ready.take_committed_entries(), out)?;
+            let committed = ready.take_committed_entries();
+            let bytes: u64 = committed.iter().map(|e| e.data.len() as u64).sum();
+            self.apply_budget = self.apply_budget.saturating_sub(bytes);
+            self.apply(committed, out)?;
             self.maybe_snapshot(out);
             // Entries and hard state go to the WAL in one turn; they become
             // durable together with the next sync.
@@ -82,7 +87,7 @@ impl<L: LogStore> Replica<L> {
         // Readys appended while the previous sync was in flight wait for the
         // next one, even if raft has nothing new to say.
         self.maybe_sync(out)?;
-        if self.raw.has_ready() {
+        if self.raw.has_ready() && self.apply_budget > 0 {
             return self.handle_ready(out);
         }
         Ok(())

@@ -226,6 +226,81 @@ fn three_replicas_elect_one_leader_and_replicate_a_batch() {
     );
 }
 
+/// A follower that comes back with a backlog to apply applies it a Ready
+/// of `MAX_COMMITTED_BYTES_PER_READY` per turn, and says there is more,
+/// so its loop sends what each turn produced in between.
+#[test]
+fn a_turn_applies_at_most_its_budget_of_a_backlog() {
+    let mut sim = Sim::new();
+    let leader = sim.elect();
+    let slow = (1..=3).find(|&id| id != leader).unwrap();
+    sim.stalled = vec![slow as usize - 1];
+    // 4 MiB of writes, committed by the leader and the other follower.
+    let value = "v".repeat(64 << 10);
+    for token in 1..=64 {
+        sim.replica(leader)
+            .propose(
+                token,
+                put(&format!("k{token}"), &value),
+                SessionTag::default(),
+            )
+            .unwrap();
+    }
+    for _ in 0..10 {
+        sim.tick();
+    }
+    for token in 1..=64 {
+        assert!(
+            sim.take_reply(token).is_some(),
+            "write {token} not acknowledged"
+        );
+    }
+    let last = sim.replica(leader).status().applied_index;
+    // The slow follower's disk comes back. From here on it applies at most
+    // one turn's budget, as the shard loop gives it one turn at a time.
+    sim.replica(slow).begin_turn();
+    sim.stalled.clear();
+    for _ in 0..10 {
+        sim.tick();
+    }
+    let applied = sim.replica(slow).status().applied_index;
+    assert!(applied < last, "applied {applied} of {last} in one turn");
+    assert!(sim.replica(slow).has_ready());
+    let mut turns = 0;
+    for _ in 0..1000 {
+        if sim.replica(slow).status().applied_index == last {
+            break;
+        }
+        if !sim.replica(slow).has_ready() {
+            // It learns the commit index from the leader's heartbeats.
+            sim.tick();
+            continue;
+        }
+        let before = sim.replica(slow).status().applied_index;
+        let mut out = Output::default();
+        let replica = sim.replica(slow);
+        replica.begin_turn();
+        replica.handle_ready(&mut out).unwrap();
+        sim.absorb(slow as usize - 1, out);
+        let after = sim.replica(slow).status().applied_index;
+        // A Ready holds at most 15 writes of 64 KiB (1 MiB); the budget lets
+        // a second Ready start before it is spent, never a third.
+        assert!(
+            after - before <= 30,
+            "{} entries in one turn",
+            after - before
+        );
+        turns += 1;
+    }
+    assert_eq!(
+        sim.replica(slow).status().applied_index,
+        last,
+        "the backlog never drained"
+    );
+    assert!(turns >= 2, "the rest of 4 MiB applied in {turns} turns");
+    assert_eq!(sim.replica(slow).state_machine().len(), 64);
+}
+
 #[test]
 fn followers_with_a_stalled_sync_still_answer_heartbeats() {
     let mut sim = Sim::new();

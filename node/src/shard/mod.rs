@@ -292,8 +292,14 @@ impl Shard {
         let mut batch = Vec::new();
         let mut out = Output::default();
         loop {
-            // 1. Wait for anything, then take everything that is there.
-            self.local.inbox.drain_into(&mut batch).await;
+            // 1. Wait for anything, then take everything that is there;
+            //    with applying left over from the last turn, wait for nothing.
+            if self.replica.has_ready() {
+                self.local.inbox.yield_then_take(&mut batch).await;
+            } else {
+                self.local.inbox.drain_into(&mut batch).await;
+            }
+            self.replica.begin_turn();
             let turn_started = Instant::now();
             self.local.clock.set(turn_started);
             let inputs = batch.len();
