@@ -135,9 +135,9 @@ for name in $SCENARIOS; do
     cp "$OUT_DIR/$name.$median.json" "$OUT_DIR/$name.json"
 done
 
-printf '\n%-8s %10s %9s %9s %9s %8s %12s %13s %10s %9s\n' scenario "ops/s" p50_us p99_us max_us errors cpu_us_per_op term_changes snapshots snap/log
-for name in $SCENARIOS; do
-    jq -r --arg name "$name" '
+# One table row: label, then the numbers of one bench JSON file.
+row() {
+    jq -r --arg name "$1" '
         [$name,
          (.total.ops_per_s | floor),
          .total.latency_us.p50,
@@ -148,8 +148,17 @@ for name in $SCENARIOS; do
          .leadership.term_changes,
          (if .disk == null then "-" else .disk.snapshots end),
          (if .disk.snapshot_to_log_ratio == null then "-" else (.disk.snapshot_to_log_ratio * 100 | round / 100) end)]
-        | @tsv' "$OUT_DIR/$name.json" |
+        | @tsv' "$2" |
         awk -F'\t' '{ printf "%-8s %10s %9s %9s %9s %8s %12s %13s %10s %9s\n", $1, $2, $3, $4, $5, $6, $7, $8, $9, $10 }'
+}
+
+header() {
+    printf '\n%-8s %10s %9s %9s %9s %8s %12s %13s %10s %9s\n' "$1" "ops/s" p50_us p99_us max_us errors cpu_us_per_op term_changes snapshots snap/log
+}
+
+header scenario
+for name in $SCENARIOS; do
+    row "$name" "$OUT_DIR/$name.json"
 done
 if [[ -f "$OUT_DIR/BIG.json" && -f "$OUT_DIR/BIGREF.json" ]]; then
     jq -rn --slurpfile big "$OUT_DIR/BIG.json" --slurpfile ref "$OUT_DIR/BIGREF.json" \
@@ -163,6 +172,13 @@ echo "snapshots: written by all nodes in the window; snap/log: their bytes over 
 
 if [[ "$RUNS" -gt 1 ]]; then
     echo "(each row: the median of $RUNS runs by ops/s)"
+    # Every run too: a median hides the run whose maximum was the worst.
+    header run
+    for name in $SCENARIOS; do
+        for run in $(seq 1 "$RUNS"); do
+            row "$name#$run" "$OUT_DIR/$name.$run.json"
+        done
+    done
 fi
 echo "floor: 4 KiB write + fdatasync (dd oflag=dsync) ${floor:-?} us mean"
 if [[ "$OUT_DIR" != "$WORK/results" ]]; then
