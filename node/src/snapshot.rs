@@ -574,6 +574,12 @@ fn read_with(
     })
 }
 
+/// A decoded pair as the map stores it: the value keeps its allocation.
+fn decoded_pair(key: &[u8], value: Vec<u8>, version: u64) -> (Key, Versioned) {
+    let value = Bytes::from(value);
+    (Key::from_slice(key), Versioned { value, version })
+}
+
 /// The decoding thread's visitor: pairs go to the inserting thread in
 /// batches, sessions (few, small) are kept and returned at the end.
 struct Batcher {
@@ -597,9 +603,7 @@ impl Visitor for Batcher {
     fn header(&mut self, _: &SnapshotMeta, _: u32, _: u64) {}
 
     fn pair(&mut self, key: &[u8], value: Vec<u8>, version: u64) {
-        let value = Bytes::from(value);
-        self.batch
-            .push((Key::from_slice(key), Versioned { value, version }));
+        self.batch.push(decoded_pair(key, value, version));
         if self.batch.len() == LOAD_BATCH_PAIRS {
             self.send();
         }
@@ -684,8 +688,8 @@ impl Visitor for ImageBuilder {
     fn header(&mut self, _: &SnapshotMeta, _: u32, _: u64) {}
 
     fn pair(&mut self, key: &[u8], value: Vec<u8>, version: u64) {
-        let value = Bytes::from(value);
-        self.insert(Key::from_slice(key), Versioned { value, version });
+        let (key, value) = decoded_pair(key, value, version);
+        self.insert(key, value);
     }
 
     fn session(&mut self, id: u64, session: Session, _: u64) {

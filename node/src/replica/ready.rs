@@ -50,10 +50,7 @@ impl<L: LogStore> Replica<L> {
             for read_state in ready.take_read_states() {
                 self.on_read_state(read_state.index, &read_state.request_ctx);
             }
-            let committed = ready.take_committed_entries();
-            let bytes: u64 = committed.iter().map(|e| e.data.len() as u64).sum();
-            self.apply_budget = self.apply_budget.saturating_sub(bytes);
-            self.apply(committed, out)?;
+            self.apply(ready.take_committed_entries(), out)?;
             self.maybe_snapshot(out);
             // Entries and hard state go to the WAL in one turn; they become
             // durable together with the next sync.
@@ -264,8 +261,10 @@ impl<L: LogStore> Replica<L> {
                     self.state_machine.skip(index);
                 }
                 EntryType::EntryNormal => {
+                    let bytes = entry.data.len() as u64;
                     self.applied_since_snapshot.0 += 1;
-                    self.applied_since_snapshot.1 += entry.data.len() as u64;
+                    self.applied_since_snapshot.1 += bytes;
+                    self.apply_budget = self.apply_budget.saturating_sub(bytes);
                     let result = self.state_machine.apply(index, &entry.data);
                     self.answer_write(index, entry.term, result, out);
                 }

@@ -343,7 +343,7 @@ impl Shard {
                 };
                 self.warn_slow_turn(turn, phases);
             }
-            self.usage.maybe_sample(readied);
+            self.usage.maybe_sample(turn_started + turn);
         }
     }
 
