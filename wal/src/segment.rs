@@ -385,25 +385,27 @@ impl Segment {
 ///
 /// The read must not build large folios, see `small_pages`.
 ///
-/// The file is read into /dev/null with sendfile: the pages come into the
-/// page cache as with read(2), but are not copied out to a buffer. That
-/// copy was a quarter of a follower's CPU samples under a 1 GB state's
-/// write load while its WAL grew (perf: `_copy_to_iter` on the preparing
-/// thread). A 64 MiB segment written with O_DIRECT, evicted, then read
-/// back on the development machine (a throwaway C program, three rounds
-/// each, alternated): 88-228 ms of CPU with pread in 128 KiB reads,
-/// 51-53 ms with sendfile. `cargo bench --bench wal -- nomatch` shows it as
-/// the process CPU per append+sync into new files.
-/// Where sendfile cannot be used, the file is read into a buffer.
+/// The file is read into a buffer with pread, which copies every page out
+/// once. The copy is the point: on a VM whose host reclaims the memory the
+/// guest frees (virtio-balloon free page reporting, as on this project's
+/// development VM), the first touch of a page the guest got back costs a
+/// fault in the host, some microseconds per 4 KiB page, whichever thread
+/// makes it. Reading the file into /dev/null with sendfile (as this did
+/// before) fills the page cache without touching the pages, so the first
+/// touch was the shard's append: under BIG, the append's `memcpy` into the
+/// mapping was 21.5 % of the shard threads' samples, against 1 % with a
+/// 100k-key state whose segments are all reused files (`perf record
+/// --call-graph dwarf` over 27 s of each). A 64 MiB segment written with
+/// O_DIRECT, its memory given back to the host first, then filled and
+/// appended to in 1,100 B copies through the mapping (a throwaway C
+/// program, not kept), two rounds: sendfile 51-61 ms to fill then
+/// 157-185 ms to append; pread 160-170 ms to fill then 16-20 ms to append,
+/// the same as appending into a reused file.
 fn prefill_page_cache(file: &File, path: &Path, segment_bytes: u64) -> Result<(), WalError> {
     small_pages(file);
-    let mut offset = read_into_dev_null(file, segment_bytes)
-        .map_err(|e| WalError::io(path, "read new segment", e))?;
-    if offset >= segment_bytes {
-        return Ok(());
-    }
     const CHUNK_BYTES: usize = 128 << 10;
     let mut buffer = vec![0u8; CHUNK_BYTES];
+    let mut offset = 0;
     while offset < segment_bytes {
         match file.read_at(&mut buffer, offset) {
             Ok(0) => break,
@@ -413,36 +415,6 @@ fn prefill_page_cache(file: &File, path: &Path, segment_bytes: u64) -> Result<()
         }
     }
     Ok(())
-}
-
-/// Reads `file` up to `len` into /dev/null (see `prefill_page_cache`);
-/// how far it got. Stops early, without an error, where sendfile or
-/// /dev/null is not available (the caller reads the rest).
-fn read_into_dev_null(file: &File, len: u64) -> std::io::Result<u64> {
-    let Ok(null) = OpenOptions::new().write(true).open("/dev/null") else {
-        return Ok(0);
-    };
-    let mut offset: libc::off_t = 0;
-    while (offset as u64) < len {
-        let count = (len - offset as u64).min(1 << 30) as usize;
-        // SAFETY: two open descriptors and a valid offset; the kernel
-        // advances `offset` by what it read.
-        let sent =
-            unsafe { libc::sendfile(null.as_raw_fd(), file.as_raw_fd(), &mut offset, count) };
-        match sent {
-            0 => break,
-            n if n > 0 => {}
-            _ => {
-                let e = std::io::Error::last_os_error();
-                match e.raw_os_error() {
-                    Some(libc::EINTR) => {}
-                    Some(libc::EINVAL) | Some(libc::ENOSYS) => break,
-                    _ => return Err(e),
-                }
-            }
-        }
-    }
-    Ok(offset as u64)
 }
 
 /// Writes zeros over a new, preallocated segment with O_DIRECT, then syncs
