@@ -5,6 +5,7 @@ mod common;
 
 use bytes::Bytes;
 use common::{files_under, wait_for, Cluster, RawClient, DEADLINE};
+use corekv::scrape::{self, metric_value};
 use corekv_proto::client::{request::Op, response, Put, Request};
 
 const SNAPSHOT_CONFIG: &str = "snapshot_entries = 200\nwal_segment_bytes = 1048576\n";
@@ -137,4 +138,45 @@ fn restart_recovers_from_snapshot_plus_wal_tail() {
     for key in ["key0", "key350", "key699"] {
         assert_eq!(stale_get(port, key), Some(4096), "{key}");
     }
+}
+
+#[test]
+fn segments_that_compaction_retires_are_reused_for_new_ones() {
+    let mut cluster = Cluster::configure(1, 1, SNAPSHOT_CONFIG);
+    cluster.node(1).start();
+    cluster.wait_for_leaders();
+    let port = cluster.nodes[0].client_port;
+    let started = |name: &str| {
+        let text = scrape::get(&cluster.nodes[0].admin_addr(), "/metrics").ok()?;
+        metric_value(&text, &format!("{name}{{shard=\"0\"}}"))
+    };
+    // 4 KiB values fill a 1 MiB segment every ~250 writes; a snapshot
+    // every 200 entries lets compaction retire the older ones.
+    write_many(port, 0, 1500);
+    wait_for("the WAL to be compacted", DEADLINE, || {
+        cluster.nodes[0]
+            .log()
+            .contains("WAL compacted")
+            .then_some(())
+    });
+    assert!(started("wal_new_segments_total").is_some_and(|n| n >= 1.0));
+    // The segment prepared before the compaction is a new one; the ones
+    // after it are made out of retired files.
+    let mut next = 1500;
+    wait_for("a segment made out of a retired one", DEADLINE, || {
+        write_many(port, next, 300);
+        next += 300;
+        started("wal_reused_segments_total")
+            .filter(|&reused| reused >= 1.0)
+            .map(|_| ())
+    });
+    let free = files_under(&cluster.nodes[0].data_dir)
+        .iter()
+        .filter(|p| p.extension().is_some_and(|e| e == "free"))
+        .count();
+    assert!(
+        wal_segments(&cluster, 1) + free < 16,
+        "{} live and {free} free segments for a log of a few MiB",
+        wal_segments(&cluster, 1)
+    );
 }

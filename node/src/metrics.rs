@@ -124,6 +124,8 @@ pub struct Metrics {
     loop_turn: Family<ShardLabel, Histogram, fn() -> Histogram>,
     wal_bytes: Family<ShardLabel, Counter>,
     wal_segments: Family<ShardLabel, Gauge>,
+    wal_new_segments: Family<ShardLabel, Counter>,
+    wal_reused_segments: Family<ShardLabel, Counter>,
     wal_disk_full: Family<ShardLabel, Gauge>,
     wal_backlog_bytes: Family<ShardLabel, Gauge>,
     state_machine_bytes: Family<ShardLabel, Gauge>,
@@ -193,6 +195,10 @@ pub struct ShardMetrics {
     pub wal_bytes: Counter,
     /// wal_segments.
     pub wal_segments: Gauge,
+    /// wal_new_segments_total: segments made as new files.
+    pub wal_new_segments: Counter,
+    /// wal_reused_segments_total: segments made out of retired ones.
+    pub wal_reused_segments: Counter,
     /// wal_disk_full: 1 while the shard's log cannot grow.
     pub wal_disk_full: Gauge,
     /// wal_backlog_bytes: entry bytes waiting for the log.
@@ -240,6 +246,8 @@ impl Metrics {
             loop_turn: Family::new_with_constructor(loop_turn_histogram),
             wal_bytes: Family::default(),
             wal_segments: Family::default(),
+            wal_new_segments: Family::default(),
+            wal_reused_segments: Family::default(),
             wal_disk_full: Family::default(),
             wal_backlog_bytes: Family::default(),
             state_machine_bytes: Family::default(),
@@ -343,6 +351,16 @@ impl Metrics {
             "wal_segments",
             "WAL segment files on disk",
             m.wal_segments.clone(),
+        );
+        registry.register(
+            "wal_new_segments",
+            "WAL segments made as new files (fresh page cache and unwritten blocks: slower to fill than reused ones)",
+            m.wal_new_segments.clone(),
+        );
+        registry.register(
+            "wal_reused_segments",
+            "WAL segments made out of retired ones (see wal_recycle_bytes)",
+            m.wal_reused_segments.clone(),
         );
         registry.register(
             "wal_disk_full",
@@ -461,6 +479,8 @@ impl Metrics {
             loop_turn: self.loop_turn.get_or_create(&l).clone(),
             wal_bytes: self.wal_bytes.get_or_create(&l).clone(),
             wal_segments: self.wal_segments.get_or_create(&l).clone(),
+            wal_new_segments: self.wal_new_segments.get_or_create(&l).clone(),
+            wal_reused_segments: self.wal_reused_segments.get_or_create(&l).clone(),
             wal_disk_full: self.wal_disk_full.get_or_create(&l).clone(),
             wal_backlog_bytes: self.wal_backlog_bytes.get_or_create(&l).clone(),
             state_machine_bytes: self.state_machine_bytes.get_or_create(&l).clone(),

@@ -85,6 +85,8 @@ pub(crate) struct Segment {
     /// Whether `release_pages` ran: a sealed, synced segment's pages are
     /// taken out of the process's page tables once.
     pub(crate) pages_released: bool,
+    /// Made out of a free file (a retired segment) rather than a new one.
+    pub(crate) reused: bool,
 }
 
 impl Segment {
@@ -212,7 +214,8 @@ impl Segment {
             path: path.to_path_buf(),
         };
         prefill_page_cache(&file.file, path, segment_bytes)?;
-        let segment = Self::map(file, sequence, false)?;
+        let mut segment = Self::map(file, sequence, false)?;
+        segment.reused = true;
         let _ = segment.map.advise(memmap2::Advice::Random);
         Ok(Some(segment))
     }
@@ -309,6 +312,7 @@ impl Segment {
             header_durable,
             pages_released: false,
             max_entry_index: 0,
+            reused: false,
         })
     }
 

@@ -44,6 +44,8 @@ pub struct Wal {
     /// `synced_created_segments` of them.
     created_segments: u64,
     synced_created_segments: u64,
+    /// How many of `created_segments` were made out of free files.
+    reused_segments: u64,
     /// Snapshot marker records not known durable yet: end position, index.
     pending_markers: VecDeque<(Position, u64)>,
     /// The latest durable snapshot marker record: its segment and index.
@@ -99,6 +101,7 @@ impl Wal {
             sync_in_flight: false,
             created_segments: 0,
             synced_created_segments: 0,
+            reused_segments: 0,
             pending_markers: VecDeque::new(),
             // Everything replayed was on disk, so the latest marker is durable.
             durable_marker: (marker_sequence, marker.index),
@@ -495,6 +498,15 @@ impl Wal {
         self.segments.len()
     }
 
+    /// Segments started since open by rotation: (made as new files, made
+    /// out of free files).
+    pub fn segments_started(&self) -> (u64, u64) {
+        (
+            self.created_segments - self.reused_segments,
+            self.reused_segments,
+        )
+    }
+
     /// Record bytes appended since open (headers and padding included).
     pub fn bytes_written(&self) -> u64 {
         self.bytes_written
@@ -689,6 +701,9 @@ impl Wal {
             .expect("a WAL always has an active segment")
             .seal();
         self.bytes_written += sealed as u64;
+        if segment.reused {
+            self.reused_segments += 1;
+        }
         self.segments.push_back(segment);
         self.created_segments += 1;
         self.write_metadata_copies();
@@ -982,6 +997,25 @@ mod tests {
         assert_eq!(wal.hard_state(), hard_state);
         assert_eq!(wal.conf_state(), Some(conf_state));
         assert_eq!(wal.first_index(), 61);
+    }
+
+    #[test]
+    fn segments_made_of_retired_ones_are_counted_as_reused() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut wal = open(dir.path());
+        append(&mut wal, &batch(1, 60, 5, 200)).unwrap();
+        let (new, reused) = wal.segments_started();
+        assert!(new > 1, "the batch must rotate a few times, started {new}");
+        assert_eq!(reused, 0, "nothing was retired yet");
+        wal.apply_snapshot_marker(SnapshotMarker { index: 60, term: 5 })
+            .unwrap();
+        wal.sync().unwrap();
+        assert!(remove_segments_now(&mut wal) > 1);
+        append(&mut wal, &batch(61, 60, 5, 200)).unwrap();
+        let (new_after, reused_after) = wal.segments_started();
+        assert!(reused_after > 0, "started {new_after} new, none reused");
+        // The segment prepared before the retirement is still a new one.
+        assert!(new_after > new);
     }
 
     fn remove_segments_now(wal: &mut Wal) -> usize {

@@ -270,15 +270,18 @@ config_keys! {
         flag: u64, "BYTES", "WAL segment size in bytes, >= 1 MiB [default: 67108864]",
         env: "COREKV_WAL_SEGMENT_BYTES",
     }
-    /// Bytes of retired WAL segments a shard keeps for new segments to reuse
-    /// (0: delete them). Writing into an old segment's blocks zero-fills no
-    /// page cache and converts no unwritten extents, so each fdatasync
-    /// writes data only. Default 1 GiB, the log written between snapshots
-    /// of a 1 GB state. A shard's WAL directory holds at most this much
-    /// beyond its live log.
+    /// Upper bound on the retired WAL segments a shard keeps for new
+    /// segments to reuse (0: delete them). It keeps at most twice the log it
+    /// writes between two snapshots (see `snapshot_log_percent`), so a small
+    /// state keeps little. Writing into an old segment's blocks zero-fills
+    /// no page cache, touches no fresh memory and converts no unwritten
+    /// extents, so each fdatasync writes data only. Default 8 GiB: every
+    /// segment is a reused one up to a state of about 6 GB a shard. A free
+    /// file exists only because the live log was that long before, so
+    /// reuse keeps the WAL directory at its peak size, never above it.
     wal_recycle_bytes: u64 {
-        default: 1024 * MIB,
-        flag: u64, "BYTES", "Retired WAL segment bytes kept for reuse per shard [default: 1073741824]",
+        default: 8 * 1024 * MIB,
+        flag: u64, "BYTES", "At most this many retired WAL segment bytes kept for reuse per shard [default: 8589934592]",
         env: "COREKV_WAL_RECYCLE_BYTES",
     }
     /// A shard snapshots its state machine when the log since the last

@@ -102,22 +102,29 @@ impl<L: LogStore> Replica<L> {
         Ok(())
     }
 
+    /// Log bytes (applied entries' payloads) after which the next snapshot
+    /// is due: `snapshot_bytes`, or `snapshot_log_percent` % of the state
+    /// at the last snapshot if that is more.
+    pub fn snapshot_interval_bytes(&self) -> u64 {
+        let (_, base_bytes) = self.snapshot_base;
+        self.options
+            .snapshot_bytes
+            .max(base_bytes.saturating_mul(self.options.snapshot_log_percent) / 100)
+    }
+
     pub(super) fn maybe_snapshot(&mut self, out: &mut Output<L::SyncJob>) {
         let wanted = self.raw.store().take_snapshot_wanted();
         let (entries, bytes) = self.applied_since_snapshot;
         // The thresholds grow with the state, so a large state is written
         // no more often than its size in log has gone by (see
         // `snapshot_log_percent`); a small one as configured.
-        let (base_keys, base_bytes) = self.snapshot_base;
+        let (base_keys, _) = self.snapshot_base;
         let percent = self.options.snapshot_log_percent;
         let entries_due = self
             .options
             .snapshot_entries
             .max(base_keys.saturating_mul(percent) / 100);
-        let bytes_due = self
-            .options
-            .snapshot_bytes
-            .max(base_bytes.saturating_mul(percent) / 100);
+        let bytes_due = self.snapshot_interval_bytes();
         let due = entries >= entries_due || bytes >= bytes_due;
         if self.snapshot_in_progress || !(due || wanted) {
             return;

@@ -89,6 +89,12 @@ impl Shard {
         m.wal_bytes
             .inc_by(written.saturating_sub(self.wal_bytes_reported));
         self.wal_bytes_reported = written;
+        let (new, reused) = wal.segments_started();
+        let (new_reported, reused_reported) = self.wal_segments_reported;
+        m.wal_new_segments.inc_by(new.saturating_sub(new_reported));
+        m.wal_reused_segments
+            .inc_by(reused.saturating_sub(reused_reported));
+        self.wal_segments_reported = (new, reused);
         // Readers (the admin runtime) hold the lock only to clone the
         // status, but one descheduled meanwhile would stall this thread
         // until it runs again: the status of a contended turn is skipped

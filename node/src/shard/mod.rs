@@ -78,6 +78,8 @@ struct Shard {
     /// transport_frames_dropped_total.
     dropped_reported: HashMap<u64, u64>,
     wal_bytes_reported: u64,
+    /// `Wal::segments_started` as last added to the metrics.
+    wal_segments_reported: (u64, u64),
     snap_dir: std::path::PathBuf,
     /// Set once SIGTERM arrived: the deadline for handing leadership away.
     stopping: Option<Instant>,
@@ -242,6 +244,7 @@ pub async fn run(
         rpc_counters: HashMap::new(),
         links_seen_up: Default::default(),
         wal_bytes_reported: 0,
+        wal_segments_reported: (0, 0),
         dropped_reported: HashMap::new(),
         snap_dir,
         snapshots_sending: Default::default(),

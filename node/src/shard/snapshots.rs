@@ -118,7 +118,18 @@ impl Shard {
             let kept = obsolete.clone();
             let dir = self.snap_dir.clone();
             let shard = self.local.shard;
-            let keep_free_bytes = self.node.config.wal_recycle_bytes;
+            // Compaction runs a snapshot behind, so each one retires about
+            // one interval of log, and the next interval writes as much
+            // again: kept, all of it is reused and no new segment is made
+            // (a new file's pages are fresh memory, which costs the first
+            // toucher; see the README's "Fresh memory"). Twice the interval
+            // leaves room for the log written while a snapshot is; a state
+            // that shrank gives back the rest.
+            let keep_free_bytes = self
+                .node
+                .config
+                .wal_recycle_bytes
+                .min(self.replica.snapshot_interval_bytes().saturating_mul(2));
             let submitted = self.local.helper.submit(move || {
                 let count = obsolete.len();
                 match corekv_wal::remove_segments(obsolete, keep_free_bytes) {
