@@ -638,6 +638,7 @@ impl Wal {
         format::seal_record(record, body_len, &mut segment.chain);
         segment.write_offset += length;
         segment.terminate();
+        segment.warm_ahead();
         segment.max_entry_index = segment
             .max_entry_index
             .max(first_index + entries.len() as u64 - 1);
@@ -675,6 +676,7 @@ impl Wal {
         );
         segment.write_offset += length;
         segment.terminate();
+        segment.warm_ahead();
         self.bytes_written += length as u64;
         Position {
             sequence: segment.sequence,
