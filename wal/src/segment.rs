@@ -418,8 +418,11 @@ impl Segment {
 /// cache filled: about 70 ms of appends at 60 MB/s, so the reads it asks
 /// for are done before the appends get there.
 const WARM_AHEAD_BYTES: usize = 4 << 20;
-/// How many appended bytes between two `warm_ahead` requests: one
-/// fadvise per MiB of log, a few microseconds when nothing was dropped.
+/// How many appended bytes between two `warm_ahead` requests: one fadvise
+/// per MiB of log, each asking for about 1 MiB. Where nothing was dropped
+/// that costs microseconds: 4 MiB of cached pages took 4-6 µs at best and
+/// 16-25 µs on average over 64 calls, while a build ran beside it (a
+/// throwaway C program, not kept).
 const WARM_STEP_BYTES: usize = 1 << 20;
 
 /// Reads the new (all zero) file once, so the kernel allocates and zeroes its
