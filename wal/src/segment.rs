@@ -368,7 +368,7 @@ impl Segment {
     /// reach them, and each append into a dropped page then waited for a
     /// read from the disk in a major fault on the shard thread: 176 major
     /// faults in 24 x 60,000 appends of 1,100 B with a sync after every 64
-    /// (slow loop turns of 50-64 ms under BIG, with as many major faults as
+    /// (slow loop turns of 20-64 ms under BIG, with as many major faults as
     /// voluntary context switches in the "slow loop turn" line).
     pub(crate) fn warm_ahead(&mut self) {
         if self.write_offset + WARM_AHEAD_BYTES < self.warmed_to + WARM_STEP_BYTES {
