@@ -712,14 +712,7 @@ mod tests {
 
     /// Pages of `file` in the page cache, by mincore over a read-only map.
     fn resident_pages(file: &File, len: usize) -> usize {
-        // SAFETY: a private read-only map of a file nobody truncates here.
-        let map = unsafe { memmap2::MmapOptions::new().len(len).map(file) }.unwrap();
-        let mut pages = vec![0u8; len.div_ceil(page_bytes())];
-        // SAFETY: the map is page aligned, `len` long, and `pages` has one
-        // byte per page of it.
-        let rc = unsafe { libc::mincore(map.as_ptr() as *mut _, len, pages.as_mut_ptr()) };
-        assert_eq!(rc, 0, "mincore: {}", std::io::Error::last_os_error());
-        pages.iter().filter(|&&p| p & 1 == 1).count()
+        resident_pages_between(file, len, 0, len)
     }
 
     /// Pages of `file` (`file_len` long) between byte offsets `from` and
@@ -759,6 +752,8 @@ mod tests {
         segment.warm_ahead();
         let window = (2 << 20, (2 << 20) + WARM_AHEAD_BYTES);
         let pages = WARM_AHEAD_BYTES / page;
+        // The kernel reads them in the background and tells no one when it
+        // is done: poll the page cache until they are all there.
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
         while resident_pages_between(file, LEN, window.0, window.1) < pages {
             assert!(
