@@ -17,6 +17,8 @@
 //! ..      4     learner count L, then L x u64 learner ids
 //! ..      8     pair count N
 //! ..            N x { key_len u32 | key | value_len u32 | value | version u64 }
+//!               in any order (earlier builds wrote them in key order;
+//!               they are now in the order of the map's hash index)
 //! ..      8     session count S                                (version 2 on)
 //! ..            S x { id u64 | last_used u64 | acked_below u64 (version 4 on) |
 //!                     result count R u32 |
@@ -460,7 +462,9 @@ pub fn write_paced(
         }
     }
     write_all(&mut out, &(map.len() as u64).to_le_bytes())?;
-    for (key, v) in map.iter() {
+    // In no order: the key order would cost a hash lookup per key, and the
+    // reader builds the order itself (see `Map::iter_unordered`).
+    for (key, v) in map.iter_unordered() {
         let key = key.as_slice();
         write_all(&mut out, &(key.len() as u32).to_le_bytes())?;
         write_all(&mut out, key)?;
@@ -655,7 +659,7 @@ pub trait Visitor {
     /// learner ids in `meta` (format 3's whole membership comes at the end,
     /// in what `visit` returns), the file's format version and its pair count.
     fn header(&mut self, meta: &SnapshotMeta, format_version: u32, pairs: u64);
-    /// One pair, in key order.
+    /// One pair, in the file's order (any, see the format above).
     fn pair(&mut self, key: &[u8], value: Vec<u8>, version: u64);
     /// One exactly-once session, and the bytes it takes in the file.
     fn session(&mut self, id: u64, session: Session, bytes: u64);
@@ -1217,7 +1221,7 @@ mod tests {
         assert_eq!((version, pairs), (FORMAT_VERSION, 100));
         let expected: Vec<(Vec<u8>, usize, u64)> = image
             .map
-            .iter()
+            .iter_unordered()
             .map(|(k, v)| (k.as_slice().to_vec(), v.value.len(), v.version))
             .collect();
         assert_eq!(recorder.pairs, expected);
