@@ -17,6 +17,10 @@
 //!   [`WalError::CannotGrow`]), the call returns with every whole record
 //!   before it appended, the WAL stays usable, and the caller retries the
 //!   rest later. Appended records are readable at once but not yet durable.
+//!   Every MiB appended, the WAL's warmer thread is asked to bring the next
+//!   MiBs of the active segment back into the page cache (a kernel that
+//!   reclaims idle pages drops them), so appends do not wait on disk reads;
+//!   the appending thread only queues the request.
 //! - **Sync** is split for group commit: [`Wal::begin_sync`] hands out a
 //!   [`SyncJob`] covering everything appended so far; the shard runs it with
 //!   [`SyncJob::run`] (fdatasync through io_uring) while it keeps appending,
@@ -63,6 +67,7 @@ mod segment;
 mod sync;
 mod types;
 mod wal;
+mod warm;
 
 pub use direct::{AlignedBuf, DIRECT_ALIGN};
 pub use error::WalError;

@@ -370,26 +370,23 @@ impl Segment {
     /// faults in 24 x 60,000 appends of 1,100 B with a sync after every 64
     /// (slow loop turns of 20-64 ms under BIG, with as many major faults as
     /// voluntary context switches in the "slow loop turn" line).
-    pub(crate) fn warm_ahead(&mut self) {
+    ///
+    /// The call itself is `ask`'s to make (the WAL's warmer, on a thread of
+    /// its own); a range it refuses (false) is asked again at the next
+    /// append.
+    pub(crate) fn warm_ahead(&mut self, ask: impl FnOnce(&Arc<SegmentFile>, usize, usize) -> bool) {
         if self.write_offset + WARM_AHEAD_BYTES < self.warmed_to + WARM_STEP_BYTES {
             return;
         }
         let from = self.warmed_to.max(self.write_offset);
         let to = (self.write_offset + WARM_AHEAD_BYTES).min(self.map.len());
-        self.warmed_to = to;
         if from >= to {
+            self.warmed_to = to;
             return;
         }
-        // SAFETY: plain syscall on an open descriptor. Only a hint: an
-        // error changes nothing.
-        unsafe {
-            libc::posix_fadvise(
-                self.file.file.as_raw_fd(),
-                from as libc::off_t,
-                (to - from) as libc::off_t,
-                libc::POSIX_FADV_WILLNEED,
-            )
-        };
+        if ask(&self.file, from, to - from) {
+            self.warmed_to = to;
+        }
     }
 
     /// Closes a version 2 segment with its seal record, in the room kept for
@@ -748,8 +745,10 @@ mod tests {
         let page = page_bytes();
         let dropped = resident_pages_between(file, LEN, 0, LEN) < LEN / page / 2;
         // As if 2 MiB had been appended.
+        let warmer = crate::warm::Warmer::start(0);
+        let ask = |file: &Arc<SegmentFile>, from, len| warmer.warm(file, from, len);
         segment.write_offset = 2 << 20;
-        segment.warm_ahead();
+        segment.warm_ahead(ask);
         let window = (2 << 20, (2 << 20) + WARM_AHEAD_BYTES);
         let pages = WARM_AHEAD_BYTES / page;
         // The kernel reads them in the background and tells no one when it
@@ -770,10 +769,17 @@ mod tests {
         // Appending less than a step asks for nothing more.
         let warmed = segment.warmed_to;
         segment.write_offset += WARM_STEP_BYTES / 2;
-        segment.warm_ahead();
+        segment.warm_ahead(ask);
         assert_eq!(segment.warmed_to, warmed);
         segment.write_offset += WARM_STEP_BYTES;
-        segment.warm_ahead();
+        segment.warm_ahead(ask);
+        assert_eq!(segment.warmed_to, segment.write_offset + WARM_AHEAD_BYTES);
+        // A request the warmer has no room for is made again next time.
+        let warmed = segment.warmed_to;
+        segment.write_offset += WARM_STEP_BYTES;
+        segment.warm_ahead(|_, _, _| false);
+        assert_eq!(segment.warmed_to, warmed);
+        segment.warm_ahead(ask);
         assert_eq!(segment.warmed_to, segment.write_offset + WARM_AHEAD_BYTES);
     }
 

@@ -19,6 +19,7 @@ use crate::recovery::{self, Recovered};
 use crate::segment::{Segment, SegmentFile};
 use crate::sync::{Position, SyncJob, SyncOutcome, SyncStep};
 use crate::types::{ConfState, EntryRef, HardState, RecoveryReport, SnapshotMarker, WalOptions};
+use crate::warm::Warmer;
 
 /// The write-ahead log of one shard. See the crate docs for the model.
 pub struct Wal {
@@ -29,6 +30,8 @@ pub struct Wal {
     /// the preparer must not create a file once another `Wal` may own the
     /// directory.
     preparer: Preparer,
+    /// Asks for the pages ahead of the appends, off the appending thread.
+    warmer: Warmer,
     _lock: DirLock,
     /// Live segments, oldest first; the last one is the active one.
     segments: VecDeque<Segment>,
@@ -90,6 +93,7 @@ impl Wal {
             dir: dir.to_path_buf(),
             dir_file,
             preparer: Preparer::start(dir, options.segment_bytes, options.shard_id),
+            warmer: Warmer::start(options.shard_id),
             options,
             _lock: lock,
             segments,
@@ -638,7 +642,7 @@ impl Wal {
         format::seal_record(record, body_len, &mut segment.chain);
         segment.write_offset += length;
         segment.terminate();
-        segment.warm_ahead();
+        segment.warm_ahead(|file, from, len| self.warmer.warm(file, from, len));
         segment.max_entry_index = segment
             .max_entry_index
             .max(first_index + entries.len() as u64 - 1);
@@ -676,7 +680,7 @@ impl Wal {
         );
         segment.write_offset += length;
         segment.terminate();
-        segment.warm_ahead();
+        segment.warm_ahead(|file, from, len| self.warmer.warm(file, from, len));
         self.bytes_written += length as u64;
         Position {
             sequence: segment.sequence,
