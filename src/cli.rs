@@ -268,6 +268,33 @@ pub fn main() -> ExitCode {
     }
 }
 
+/// Says whether the heap gets transparent huge pages (see `malloc_conf` in
+/// `main.rs`): jemalloc's setting, and the kernel's, which can refuse them
+/// (`never`) whatever jemalloc asks.
+fn log_heap_pages() {
+    // SAFETY: `opt.thp` is one of jemalloc's string options.
+    let jemalloc = match unsafe { tikv_jemalloc_ctl::raw::read_str(b"opt.thp\0") } {
+        Ok(value) => String::from_utf8_lossy(value)
+            .trim_end_matches('\0')
+            .to_string(),
+        Err(e) => format!("unknown ({e})"),
+    };
+    let kernel = std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled")
+        .ok()
+        .and_then(|modes| {
+            modes
+                .split_whitespace()
+                .find(|mode| mode.starts_with('['))
+                .map(|mode| mode.trim_matches(['[', ']']).to_string())
+        })
+        .unwrap_or_else(|| "unavailable".to_string());
+    tracing::info!(
+        jemalloc = %jemalloc,
+        kernel = %kernel,
+        "heap transparent huge pages"
+    );
+}
+
 fn run_node(args: &RunArgs) -> ExitCode {
     let config = match Config::load(args) {
         Ok(config) => config,
@@ -277,6 +304,7 @@ fn run_node(args: &RunArgs) -> ExitCode {
         }
     };
     init_logging(&config.log_level, config.log_format == LogFormat::Json);
+    log_heap_pages();
     let joining = match corekv_node::join::check(&config) {
         Ok(Some(topology)) => {
             let members: Vec<u64> = topology.nodes.iter().map(|n| n.node_id).collect();

@@ -428,3 +428,28 @@ fn a_slow_loop_turn_is_logged_with_where_its_time_went() {
         assert!(line.contains(field), "{field} missing: {line}");
     }
 }
+
+/// The heap asks for transparent huge pages (jemalloc's `thp:always`,
+/// compiled into the binary) and the node logs it beside what the kernel
+/// allows; `_RJEM_MALLOC_CONF` in the environment overrides it.
+#[test]
+fn the_node_logs_whether_its_heap_asks_for_huge_pages() {
+    let mut cluster = Cluster::configure(2, 1, "");
+    cluster.nodes[1].env = vec![("_RJEM_MALLOC_CONF".into(), "thp:default".into())];
+    for node in &mut cluster.nodes {
+        node.start();
+    }
+    cluster.wait_for_leaders();
+    let line = |log: &str| {
+        log.lines()
+            .find(|l| l.contains("heap transparent huge pages"))
+            .map(str::to_string)
+    };
+    let shipped = line(&cluster.nodes[0].log()).expect("node 1 logs its heap's pages");
+    assert!(shipped.contains("jemalloc=always kernel="), "{shipped}");
+    let overridden = line(&cluster.nodes[1].log()).expect("node 2 logs its heap's pages");
+    assert!(
+        overridden.contains("jemalloc=default kernel="),
+        "{overridden}"
+    );
+}

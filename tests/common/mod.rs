@@ -171,6 +171,8 @@ pub struct Node {
     /// RLIMIT_FSIZE the process starts with (`None` = inherited): a file
     /// may not grow past it, which the node sees as a full disk.
     pub file_size_limit: Option<u64>,
+    /// Environment variables the process starts with, beside the test's.
+    pub env: Vec<(String, String)>,
     child: Option<Child>,
 }
 
@@ -217,6 +219,10 @@ impl Node {
             .arg("--config")
             .arg(&self.config_path)
             .env("RUST_LOG", "info")
+            // The allocator's options as shipped, whatever the test's
+            // environment says.
+            .env_remove("_RJEM_MALLOC_CONF")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("clone log"))
             .stderr(log);
@@ -389,6 +395,7 @@ impl Cluster {
                 data_dir,
                 log_path: node_dir.join("corekv.log"),
                 file_size_limit: None,
+                env: Vec::new(),
                 child: None,
             });
         }
