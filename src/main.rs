@@ -21,9 +21,8 @@ static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 /// instead of per 4 KiB. A 1 GB state is a million values spread over the
 /// heap; every put, apply and snapshot reaches into it, and on a VM each
 /// TLB miss walks two page tables. BIG (1M keys x 1 KiB) on the
-/// development VM, alternated: 66,628 and 71,888 puts/s with them against
-/// 49,302 and 49,257 without, 18-20 against 28 µs of CPU per put (README,
-/// "Huge pages for the heap").
+/// development VM, in four alternated pairs of runs: 11-50 % more puts/s
+/// and 10-40 % less CPU per put (README, "Huge pages for the heap").
 #[allow(non_upper_case_globals)]
 #[export_name = "_rjem_malloc_conf"]
 pub static malloc_conf: &[u8; 31] = b"thp:always,metadata_thp:always\0";
