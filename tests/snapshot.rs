@@ -106,19 +106,27 @@ fn follower_catches_up_through_a_snapshot_after_compaction() {
     );
 }
 
-#[test]
-fn restart_recovers_from_snapshot_plus_wal_tail() {
+/// One node with `SNAPSHOT_CONFIG`, leading its shard, and its client port.
+fn single_snapshotting_node() -> (Cluster, u16) {
     let mut cluster = Cluster::configure(1, 1, SNAPSHOT_CONFIG);
     cluster.node(1).start();
     cluster.wait_for_leaders();
     let port = cluster.nodes[0].client_port;
-    write_many(port, 0, 700);
-    wait_for("a snapshot", DEADLINE, || {
-        cluster.nodes[0]
-            .log()
-            .contains("snapshot created")
-            .then_some(())
+    (cluster, port)
+}
+
+/// Waits until the first node's log holds `line`.
+fn wait_for_first_log(cluster: &Cluster, what: &str, line: &str) {
+    wait_for(what, DEADLINE, || {
+        cluster.nodes[0].log().contains(line).then_some(())
     });
+}
+
+#[test]
+fn restart_recovers_from_snapshot_plus_wal_tail() {
+    let (mut cluster, port) = single_snapshotting_node();
+    write_many(port, 0, 700);
+    wait_for_first_log(&cluster, "a snapshot", "snapshot created");
     let applied = cluster.status(1).unwrap().shards[0].applied_index;
     assert!(cluster.node(1).terminate().success());
     cluster.node(1).start();
@@ -142,10 +150,7 @@ fn restart_recovers_from_snapshot_plus_wal_tail() {
 
 #[test]
 fn segments_that_compaction_retires_are_reused_for_new_ones() {
-    let mut cluster = Cluster::configure(1, 1, SNAPSHOT_CONFIG);
-    cluster.node(1).start();
-    cluster.wait_for_leaders();
-    let port = cluster.nodes[0].client_port;
+    let (cluster, port) = single_snapshotting_node();
     let started = |name: &str| {
         let text = scrape::get(&cluster.nodes[0].admin_addr(), "/metrics").ok()?;
         metric_value(&text, &format!("{name}{{shard=\"0\"}}"))
@@ -153,12 +158,7 @@ fn segments_that_compaction_retires_are_reused_for_new_ones() {
     // 4 KiB values fill a 1 MiB segment every ~250 writes; a snapshot
     // every 200 entries lets compaction retire the older ones.
     write_many(port, 0, 1500);
-    wait_for("the WAL to be compacted", DEADLINE, || {
-        cluster.nodes[0]
-            .log()
-            .contains("WAL compacted")
-            .then_some(())
-    });
+    wait_for_first_log(&cluster, "the WAL to be compacted", "WAL compacted");
     assert!(started("wal_new_segments_total").is_some_and(|n| n >= 1.0));
     // The segment prepared before the compaction is a new one; the ones
     // after it are made out of retired files.

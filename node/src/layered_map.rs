@@ -308,7 +308,7 @@ impl Map {
             .tables
             .iter()
             .flat_map(|table| table.iter())
-            .filter(move |(key, _)| delta.is_empty() || !delta.contains_key(key))
+            .filter(move |(key, _)| !delta.contains_key(key))
             .map(|(key, value)| (key, value));
         let written = delta
             .iter()

@@ -226,9 +226,6 @@ fn three_replicas_elect_one_leader_and_replicate_a_batch() {
     );
 }
 
-/// A follower that comes back with a backlog to apply applies it a Ready
-/// of `MAX_COMMITTED_BYTES_PER_READY` per turn, and says there is more,
-/// so its loop sends what each turn produced in between.
 /// Under a steady load the leader's newest entries are always on their way
 /// to the followers: a follower that holds everything committed is caught
 /// up enough to take leadership (the balancer waited for the follower to
@@ -257,6 +254,9 @@ fn a_follower_holding_the_commit_is_caught_up_while_new_entries_are_in_flight() 
     assert!(!sim.replica(leader).is_caught_up(follower));
 }
 
+/// A follower that comes back with a backlog to apply applies it a Ready
+/// of `MAX_COMMITTED_BYTES_PER_READY` per turn, and says there is more,
+/// so its loop sends what each turn produced in between.
 #[test]
 fn a_turn_applies_at_most_its_budget_of_a_backlog() {
     let mut sim = Sim::new();
