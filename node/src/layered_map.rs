@@ -41,6 +41,29 @@ const MERGE_PER_WRITE: usize = 8;
 /// Tables of the base's hash index (see the module documentation).
 pub const INDEX_TABLES: usize = 256;
 
+/// What a write replaced or a remove took: the version and size the
+/// caller accounts for. Not the value itself: while a view shares the base,
+/// handing the value out would take a share of it, which costs an
+/// allocation (`Bytes` turns a buffer it owns alone into a shared one) and
+/// a reference count on a line cold in the cache, on every write of a
+/// snapshot's duration, for a value the caller only measures.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Replaced {
+    /// Raft index of the write that stored the old value.
+    pub version: u64,
+    /// Length of the old value.
+    pub value_len: usize,
+}
+
+impl Replaced {
+    fn of(old: &Versioned) -> Replaced {
+        Replaced {
+            version: old.version,
+            value_len: old.value.len(),
+        }
+    }
+}
+
 /// See the module documentation.
 #[derive(Clone, Default)]
 pub struct Map {
@@ -172,10 +195,12 @@ pub struct Builder {
 }
 
 impl Builder {
-    /// Stores `value` at `key`; returns the value it replaced.
-    pub fn insert(&mut self, key: Key, value: Versioned) -> Option<Versioned> {
+    /// Stores `value` at `key`; says what it replaced.
+    pub fn insert(&mut self, key: Key, value: Versioned) -> Option<Replaced> {
         let keys = &mut self.keys;
-        self.index.insert(key, value, |key| keys.push(key.clone()))
+        self.index
+            .insert(key, value, |key| keys.push(key.clone()))
+            .map(|old| Replaced::of(&old))
     }
 
     pub fn finish(self) -> Map {
@@ -240,11 +265,11 @@ impl Map {
         }
     }
 
-    /// Stores `value` at `key`; returns the value it replaced.
-    pub fn insert(&mut self, key: Key, value: Versioned) -> Option<Versioned> {
+    /// Stores `value` at `key`; says what it replaced.
+    pub fn insert(&mut self, key: Key, value: Versioned) -> Option<Replaced> {
         let old = if self.delta.is_empty() {
             match Arc::get_mut(&mut self.base) {
-                Some(base) => base.insert(key, value),
+                Some(base) => base.insert(key, value).map(|old| Replaced::of(&old)),
                 None => self.insert_in_delta(key, value),
             }
         } else {
@@ -258,11 +283,11 @@ impl Map {
         old
     }
 
-    /// Removes `key`; returns its value.
-    pub fn remove(&mut self, key: &[u8]) -> Option<Versioned> {
+    /// Removes `key`; says what it held.
+    pub fn remove(&mut self, key: &[u8]) -> Option<Replaced> {
         let old = if self.delta.is_empty() {
             match Arc::get_mut(&mut self.base) {
-                Some(base) => base.remove(key),
+                Some(base) => base.remove(key).map(|old| Replaced::of(&old)),
                 None => self.remove_in_delta(key),
             }
         } else {
@@ -316,28 +341,38 @@ impl Map {
         base.chain(written)
     }
 
-    fn insert_in_delta(&mut self, key: Key, value: Versioned) -> Option<Versioned> {
-        // The small delta first: a key written twice while a view lives
-        // costs no second lookup in the large base.
-        if let Some(entry) = self.delta.get_mut(&key) {
-            return entry.replace(value);
+    fn insert_in_delta(&mut self, key: Key, value: Versioned) -> Option<Replaced> {
+        // One walk down the delta, which is large while a snapshot of a
+        // large state is written (every key written meanwhile). The delta
+        // first: a key written twice while a view lives costs no second
+        // lookup in the large base.
+        match self.delta.entry(key) {
+            btree_map::Entry::Occupied(mut held) => {
+                held.get_mut().replace(value).map(|old| Replaced::of(&old))
+            }
+            btree_map::Entry::Vacant(room) => {
+                let in_base = self.base.get(room.key().as_slice()).map(Replaced::of);
+                room.insert(Some(value));
+                in_base
+            }
         }
-        let in_base = self.base.get(key.as_slice()).cloned();
-        self.delta.insert(key, Some(value));
-        in_base
     }
 
-    fn remove_in_delta(&mut self, key: &[u8]) -> Option<Versioned> {
+    fn remove_in_delta(&mut self, key: &[u8]) -> Option<Replaced> {
         match self.base.get(key) {
             Some(in_base) => match self.delta.get_mut(key) {
-                Some(entry) => entry.take(),
+                Some(entry) => entry.take().map(|old| Replaced::of(&old)),
                 None => {
-                    let old = in_base.clone();
+                    let old = Replaced::of(in_base);
                     self.delta.insert(Key::from_slice(key), None);
                     Some(old)
                 }
             },
-            None => self.delta.remove(key).flatten(),
+            None => self
+                .delta
+                .remove(key)
+                .flatten()
+                .map(|old| Replaced::of(&old)),
         }
     }
 
@@ -423,6 +458,9 @@ mod tests {
         ]
     }
 
+    /// Key -> (version, value length).
+    type Model = BTreeMap<Vec<u8>, (u64, usize)>;
+
     fn key(k: u8) -> Vec<u8> {
         format!("k{k:02}").into_bytes()
     }
@@ -444,21 +482,25 @@ mod tests {
         #[test]
         fn reads_like_a_btree_map_and_views_stay_frozen(steps in proptest::collection::vec(step(), 0..300)) {
             let mut map = Map::new();
-            let mut model: BTreeMap<Vec<u8>, u64> = BTreeMap::new();
-            let mut views: Vec<(Map, BTreeMap<Vec<u8>, u64>)> = Vec::new();
+            let mut model = Model::new();
+            let mut views: Vec<(Map, Model)> = Vec::new();
             for (i, step) in steps.into_iter().enumerate() {
                 let version = i as u64 + 1;
                 match step {
                     Step::Put(k, v) => {
+                        let len = usize::from(v % 5);
                         let old = map.insert(
                             Key::from_slice(&key(k)),
-                            Versioned { value: Bytes::from(vec![v]), version },
+                            Versioned { value: Bytes::from(vec![v; len]), version },
                         );
-                        prop_assert_eq!(old.map(|o| o.version), model.insert(key(k), version));
+                        prop_assert_eq!(
+                            old.map(|o| (o.version, o.value_len)),
+                            model.insert(key(k), (version, len))
+                        );
                     }
                     Step::Delete(k) => {
                         let old = map.remove(&key(k));
-                        prop_assert_eq!(old.map(|o| o.version), model.remove(&key(k)));
+                        prop_assert_eq!(old.map(|o| (o.version, o.value_len)), model.remove(&key(k)));
                     }
                     Step::Freeze => views.push((map.clone(), model.clone())),
                     Step::Release => {
@@ -470,21 +512,24 @@ mod tests {
                         let (a, b) = (key(a), key(b));
                         if a <= b {
                             let got = pairs(map.range(Bound::Included(&a), Bound::Excluded(&b)));
-                            let want: Vec<_> = model.range(a.clone()..b.clone()).map(|(k, v)| (k.clone(), *v)).collect();
+                            let want: Vec<_> = model.range(a.clone()..b.clone()).map(|(k, v)| (k.clone(), v.0)).collect();
                             prop_assert_eq!(got, want);
                         }
                     }
                 }
                 prop_assert_eq!(map.len(), model.len());
                 for k in 0..40u8 {
-                    prop_assert_eq!(map.get(&key(k)).map(|v| v.version), model.get(&key(k)).copied());
+                    prop_assert_eq!(
+                        map.get(&key(k)).map(|v| (v.version, v.value.len())),
+                        model.get(&key(k)).copied()
+                    );
                 }
             }
-            let want: Vec<_> = model.iter().map(|(k, v)| (k.clone(), *v)).collect();
+            let want: Vec<_> = model.iter().map(|(k, v)| (k.clone(), v.0)).collect();
             prop_assert_eq!(pairs(map.iter()), want.clone());
             prop_assert_eq!(sorted(pairs(map.iter_unordered())), want);
             for (view, frozen) in &views {
-                let want: Vec<_> = frozen.iter().map(|(k, v)| (k.clone(), *v)).collect();
+                let want: Vec<_> = frozen.iter().map(|(k, v)| (k.clone(), v.0)).collect();
                 prop_assert_eq!(pairs(view.iter()), want.clone());
                 prop_assert_eq!(sorted(pairs(view.iter_unordered())), want);
                 prop_assert_eq!(view.len(), frozen.len());

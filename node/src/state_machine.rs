@@ -122,7 +122,7 @@ impl StateMachine {
         let value = Bytes::copy_from_slice(&value);
         let added = pair_bytes(key.len(), value.len());
         let old = self.map.insert(Key::new(key), Versioned { value, version });
-        let removed = old.map_or(0, |v| pair_bytes(key.len(), v.value.len()));
+        let removed = old.map_or(0, |old| pair_bytes(key.len(), old.value_len));
         self.bytes = self.bytes + added - removed;
     }
 
@@ -193,7 +193,7 @@ impl StateMachine {
                 }
                 let removed = self.map.remove(delete.key.as_ref());
                 if let Some(old) = &removed {
-                    self.bytes -= pair_bytes(delete.key.len(), old.value.len());
+                    self.bytes -= pair_bytes(delete.key.len(), old.value_len);
                 }
                 response::Result::Delete(DeleteResult {
                     deleted: removed.is_some(),
