@@ -207,7 +207,17 @@ impl Index {
         value: Versioned,
         added: impl FnOnce(&Key),
     ) -> Option<Versioned> {
-        let hash = self.hash(key.as_slice());
+        self.insert_hashed(self.hash(key.as_slice()), key, value, added)
+    }
+
+    /// [`Index::insert`] of a key whose hash the caller already has.
+    fn insert_hashed(
+        &mut self,
+        hash: u64,
+        key: Key,
+        value: Versioned,
+        added: impl FnOnce(&Key),
+    ) -> Option<Versioned> {
         let hasher = &self.hasher;
         let table = &mut self.tables[Self::table(hash)];
         match table.entry(
@@ -224,8 +234,7 @@ impl Index {
         }
     }
 
-    fn remove(&mut self, key: &[u8]) -> Option<(Key, Versioned)> {
-        let hash = self.hash(key);
+    fn remove_hashed(&mut self, hash: u64, key: &[u8]) -> Option<(Key, Versioned)> {
         self.tables[Self::table(hash)]
             .find_entry(hash, |(k, _)| k.as_slice() == key)
             .ok()
@@ -239,14 +248,24 @@ impl Base {
     }
 
     fn insert(&mut self, key: Key, value: Versioned) -> Option<Versioned> {
+        self.insert_hashed(self.index.hash(key.as_slice()), key, value)
+    }
+
+    /// A write whose key's hash the caller already has (the delta's merge
+    /// found the key in the delta with it).
+    fn insert_hashed(&mut self, hash: u64, key: Key, value: Versioned) -> Option<Versioned> {
         let order = &mut self.order;
-        self.index.insert(key, value, |key| {
+        self.index.insert_hashed(hash, key, value, |key| {
             order.insert(key.clone());
         })
     }
 
     fn remove(&mut self, key: &[u8]) -> Option<Versioned> {
-        let (key, value) = self.index.remove(key)?;
+        self.remove_hashed(self.index.hash(key), key)
+    }
+
+    fn remove_hashed(&mut self, hash: u64, key: &[u8]) -> Option<Versioned> {
+        let (key, value) = self.index.remove_hashed(hash, key)?;
         self.order.remove(&key);
         Some(value)
     }
@@ -415,7 +434,7 @@ impl Map {
     /// For a reader that needs no order (`Builder` sorts once).
     pub fn iter_unordered(&self) -> impl Iterator<Item = (&Key, &Versioned)> + '_ {
         let delta = &self.delta;
-        let hasher = &self.base.index.hasher;
+        let index = &self.base.index;
         let base = self
             .base
             .index
@@ -425,7 +444,7 @@ impl Map {
             .filter(move |(key, _)| {
                 delta.is_empty()
                     || delta
-                        .get(hasher.hash_one(key.as_slice()), key.as_slice())
+                        .get(index.hash(key.as_slice()), key.as_slice())
                         .is_none()
             })
             .map(|(key, value)| (key, value));
@@ -506,10 +525,10 @@ impl Map {
             delta.added.remove(&key);
             match entry {
                 Some(value) => {
-                    base.insert(key, value);
+                    base.insert_hashed(hash, key, value);
                 }
                 None => {
-                    base.remove(key.as_slice());
+                    base.remove_hashed(hash, key.as_slice());
                 }
             }
         }
