@@ -147,13 +147,15 @@ row() {
          (if .cpu.cpu_us_per_op == null then "-" else (.cpu.cpu_us_per_op * 10 | round / 10) end),
          .leadership.term_changes,
          (if .disk == null then "-" else .disk.snapshots end),
-         (if .disk.snapshot_to_log_ratio == null then "-" else (.disk.snapshot_to_log_ratio * 100 | round / 100) end)]
+         (if .disk.snapshot_to_log_ratio == null then "-" else (.disk.snapshot_to_log_ratio * 100 | round / 100) end),
+         (if .load_generator.cpu_us_per_op == null then "-" else (.load_generator.cpu_us_per_op * 10 | round / 10) end),
+         (if .load_generator.host_cpu_pressure == null then "-" else (.load_generator.host_cpu_pressure * 100 | round) end)]
         | @tsv' "$2" |
-        awk -F'\t' '{ printf "%-8s %10s %9s %9s %9s %8s %12s %13s %10s %9s\n", $1, $2, $3, $4, $5, $6, $7, $8, $9, $10 }'
+        awk -F'\t' '{ printf "%-8s %10s %9s %9s %9s %8s %12s %13s %10s %9s %11s %9s\n", $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12 }'
 }
 
 header() {
-    printf '\n%-8s %10s %9s %9s %9s %8s %12s %13s %10s %9s\n' "$1" "ops/s" p50_us p99_us max_us errors cpu_us_per_op term_changes snapshots snap/log
+    printf '\n%-8s %10s %9s %9s %9s %8s %12s %13s %10s %9s %11s %9s\n' "$1" "ops/s" p50_us p99_us max_us errors cpu_us_per_op term_changes snapshots snap/log gen_us/op cpu_psi%
 }
 
 header scenario
@@ -169,6 +171,7 @@ if [[ -f "$OUT_DIR/BIG.json" && -f "$OUT_DIR/BIGVAL.json" ]]; then
         '"BIG / BIGVAL ops/s: \($big[0].total.ops_per_s / $ref[0].total.ops_per_s * 100 | round / 100)"'
 fi
 echo "snapshots: written by all nodes in the window; snap/log: their bytes over the bytes appended to the WALs"
+echo "gen_us/op: the load generator's CPU per operation; cpu_psi%: the share of the window in which a runnable thread of this machine waited for a CPU (/proc/pressure/cpu)"
 
 if [[ "$RUNS" -gt 1 ]]; then
     echo "(each row: the median of $RUNS runs by ops/s)"

@@ -87,6 +87,21 @@ fn bench_plots_the_run_and_writes_its_latency_distribution() {
     assert_eq!(report["config"]["hdr"], hgrm.to_str().unwrap());
     let counted = report["total"]["count"].as_u64().unwrap();
     assert!(counted > 0, "{stdout}");
+    // The load generator's own CPU in the window, and its machine's CPU
+    // pressure where the kernel reports it.
+    let generator = &report["load_generator"];
+    assert!(generator["cpu_s"].as_f64().unwrap() > 0.0, "{stdout}");
+    assert!(
+        generator["cpu_us_per_op"].as_f64().unwrap() > 0.0,
+        "{stdout}"
+    );
+    match generator["host_cpu_pressure"].as_f64() {
+        Some(share) => assert!((0.0..=1.0).contains(&share), "{stdout}"),
+        None => assert!(
+            !Path::new("/proc/pressure/cpu").exists(),
+            "this machine has PSI, the report has no pressure: {stdout}"
+        ),
+    }
 
     let plot = std::fs::read_to_string(&svg).unwrap();
     assert!(plot.starts_with("<svg"), "{}", &plot[..plot.len().min(200)]);

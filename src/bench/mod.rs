@@ -55,6 +55,8 @@
 //!                   "cluster_cpu_s": x, "cpu_us_per_op": x },
 //!   "disk": null | { "wal_bytes": x, "snapshot_bytes": x, "snapshots": x,
 //!                    "snapshot_to_log_ratio": x | null },
+//!   "load_generator": { "cpu_s": x, "cpu_us_per_op": x | null,
+//!                       "host_cpu_pressure": x | null },
 //!   "leadership": { "term_changes": n, "shards_with_new_leader": n,
 //!                   "leader_changes_reported": null | n,
 //!                   "before": [ { "shard": 0, "term": 3, "leader": 1 } ],
@@ -66,7 +68,12 @@
 //! `process_cpu_seconds_total` across the measured window, per measured
 //! operation. `disk` (also with `--admin`) sums over the nodes the growth of
 //! `wal_bytes_written_total`, `snapshot_bytes_written_total` and
-//! `snapshots_written_total` across the window. `leader_changes_reported` is the growth of
+//! `snapshots_written_total` across the window. `load_generator` is this
+//! process's CPU time in the window, and `host_cpu_pressure` the share of
+//! the window (from 0 to 1) in which some runnable thread of this machine
+//! waited for a CPU (the growth of the "some" total of `/proc/pressure/cpu`;
+//! null without PSI): high when the bench and the nodes share too few
+//! cores. `leader_changes_reported` is the growth of
 //! `raft_leader_changes_total` summed over the nodes (every replica counts
 //! each change it sees). Error codes are the server's (`TIMEOUT`,
 //! `UNAVAILABLE`, ...) or the client's own `CLIENT_TIMEOUT` (retries ran out
@@ -83,6 +90,7 @@
 //! report), and 2 when it could not run or its files could not be written.
 
 mod hgrm;
+mod host;
 mod outputs;
 mod plot;
 mod report;
@@ -602,8 +610,10 @@ fn run_measure(settings: &Settings) -> anyhow::Result<Measured> {
     })
 }
 
-/// Terms, leaders and CPU time of the cluster now.
+/// Terms, leaders and CPU time of the cluster, and the bench's own
+/// machine, now.
 fn snapshot_cluster(settings: &Settings) -> ClusterSnapshot {
+    let host = host::HostReading::now();
     let nodes = settings
         .args
         .admin
@@ -613,6 +623,7 @@ fn snapshot_cluster(settings: &Settings) -> ClusterSnapshot {
     ClusterSnapshot {
         shards: shard_terms(settings),
         nodes,
+        host,
     }
 }
 

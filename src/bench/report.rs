@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 
+use super::host::{HostReading, HostReport};
 use super::settings::Settings;
 use super::stats::{OpStats, Stats, Tick};
 use super::workload::OpKind;
@@ -36,6 +37,8 @@ pub(super) struct ClusterSnapshot {
     pub(super) shards: Result<Vec<ShardTerm>, String>,
     /// Per --admin address, in order.
     pub(super) nodes: Vec<Result<AdminScrape, String>>,
+    /// The load generator's own machine.
+    pub(super) host: HostReading,
 }
 
 /// One shard's term and leader.
@@ -272,6 +275,8 @@ pub(super) struct Report {
     leadership: LeadershipReport,
     /// What the nodes wrote to disk in the measured window (with --admin).
     disk: Option<DiskCounters>,
+    /// The load generator's CPU and its machine's CPU pressure.
+    host: HostReport,
 }
 
 impl Report {
@@ -299,6 +304,7 @@ impl Report {
             ),
             leadership: LeadershipReport::new(&measured.before, &measured.after),
             disk: DiskCounters::growth(&measured.before, &measured.after),
+            host: HostReport::new(&measured.before.host, &measured.after.host, total.count),
             rows,
             total,
         }
@@ -367,6 +373,11 @@ impl Report {
             "ops": ops,
             "cpu": cpu,
             "disk": self.disk.map(DiskCounters::to_json),
+            "load_generator": {
+                "cpu_s": self.host.cpu_s,
+                "cpu_us_per_op": self.host.cpu_us_per_op,
+                "host_cpu_pressure": self.host.cpu_pressure,
+            },
             "leadership": {
                 "term_changes": l.term_changes,
                 "shards_with_new_leader": l.shards_with_new_leader,
@@ -472,6 +483,21 @@ impl Report {
                     .unwrap_or_default()
             );
         }
+        let host = &self.host;
+        let _ = writeln!(
+            out,
+            "load generator: {:.2} s CPU{}{}",
+            host.cpu_s,
+            host.cpu_us_per_op
+                .map(|us| format!(", {us:.1} µs per operation"))
+                .unwrap_or_default(),
+            host.cpu_pressure
+                .map(|p| format!(
+                    "; its machine's CPU pressure {:.0} % (the share of the window in which a runnable thread waited for a CPU)",
+                    p * 100.0
+                ))
+                .unwrap_or_default()
+        );
         let l = &self.leadership;
         match &l.error {
             Some(e) => {
@@ -664,6 +690,7 @@ mod tests {
                     })
                 })
                 .collect(),
+            host: HostReading::now(),
         }
     }
 
