@@ -31,15 +31,18 @@ use corekv_wal::{
 };
 use hdrhistogram::Histogram;
 
+/// `mib` MiB of 1 KiB values, each its own allocation as a node's are: the
+/// writer reads them in the index's order, all over the heap (one value
+/// shared by every key would stay in the cache and hide that cost).
 fn image(mib: u64) -> Image {
-    let value = Bytes::from(vec![0x5a; 1024]);
     let mut map = Map::new();
     for i in 0..mib * 1024 {
+        let value = Bytes::from(vec![i as u8; 1024]);
         let key = Bytes::from(format!("key-{i:012}"));
         map.insert(
             Key::new(&key),
             Versioned {
-                value: value.clone(),
+                value,
                 version: i + 1,
             },
         );

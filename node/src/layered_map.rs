@@ -128,7 +128,7 @@ impl Delta {
             .map(|(_, entry)| entry)
     }
 
-    fn entries(&self) -> impl Iterator<Item = &DeltaEntry> + '_ {
+    fn entries(&self) -> impl Iterator<Item = &DeltaEntry> + Clone + '_ {
         self.tables.iter().flat_map(|table| table.iter())
     }
 
@@ -432,7 +432,7 @@ impl Map {
     /// `Index::get` 20.7 % of all samples, the writer threads 41 %), taken
     /// from the shard threads on a machine with fewer cores than threads.
     /// For a reader that needs no order (`Builder` sorts once).
-    pub fn iter_unordered(&self) -> impl Iterator<Item = (&Key, &Versioned)> + '_ {
+    pub fn iter_unordered(&self) -> impl Iterator<Item = (&Key, &Versioned)> + Clone + '_ {
         let delta = &self.delta;
         let index = &self.base.index;
         let base = self
