@@ -5,6 +5,7 @@
 #   1. prefill KEYS keys x VALUE_SIZE bytes, then report each node's RSS
 #      against the payload it holds (keys x (key + value bytes));
 #   2. BASE:    4 clients x 64 pipelined puts for DURATION, nothing else;
+#               the memory again right after it and SETTLE_SECONDS later;
 #   3. RESTART: the same load while one follower is killed with SIGKILL and
 #               started again: seconds from its start until /health/ready
 #               answers 200;
@@ -26,6 +27,8 @@
 #   MEMORY_ONLY set to 1 to stop after the memory table (e.g. for
 #               KEYS=10000000 VALUE_SIZE=64)
 #   PHASES      the phases after BASE (default "RESTART CATCHUP")
+#   SETTLE_SECONDS  how long after BASE the memory is read again, with no
+#               load (default 15)
 #
 # Needs jq and curl. Every node this script started is killed by its pid on
 # exit; the temp directory is removed unless KEEP is set.
@@ -36,6 +39,7 @@ cd "$(dirname "$0")/.."
 KEYS=${KEYS:-1000000}
 VALUE_SIZE=${VALUE_SIZE:-1024}
 DURATION=${DURATION:-20s}
+SETTLE_SECONDS=${SETTLE_SECONDS:-15}
 PORT_BASE=${PORT_BASE:-7000}
 SHARDS=${SHARDS:-}
 KEY_SIZE=16
@@ -205,6 +209,10 @@ catchup() { restart_follower wipe; }
 declare -A SECONDS_TO_READY=()
 phase BASE ""
 memory_table "after BASE (random overwrites)"
+# And once the node has settled: the writes of a snapshot round merged
+# (shard ticks) and the freed values given back (jemalloc's 10 s decay).
+sleep "$SETTLE_SECONDS"
+memory_table "${SETTLE_SECONDS} s after BASE, no load"
 PHASES=${PHASES-RESTART CATCHUP}
 for name in $PHASES; do
     case $name in

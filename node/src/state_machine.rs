@@ -83,6 +83,12 @@ impl StateMachine {
         Self::default()
     }
 
+    /// Bounded housekeeping for a tick: merges some of the writes made
+    /// while a snapshot shared the map (see `Map::merge_idle`).
+    pub fn tick(&mut self) {
+        self.map.merge_idle();
+    }
+
     /// Index of the last applied entry.
     pub fn applied_index(&self) -> u64 {
         self.applied_index

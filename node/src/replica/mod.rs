@@ -509,6 +509,7 @@ impl<L: LogStore> Replica<L> {
             self.raw.tick();
         }
         self.ticks += 1;
+        self.state_machine.tick();
         self.expire(out);
         self.step_down_if_disk_full();
     }
