@@ -85,6 +85,9 @@ pub(crate) struct Segment {
     /// Whether `release_pages` ran: a sealed, synced segment's pages are
     /// taken out of the process's page tables once.
     pub(crate) pages_released: bool,
+    /// Bytes from the start already taken out of the page tables while the
+    /// segment is active (see `release_synced_pages`).
+    pub(crate) released_to: usize,
     /// Made out of a free file (a retired segment) rather than a new one.
     pub(crate) reused: bool,
     /// End of the range `warm_ahead` last asked the kernel to hold in the
@@ -270,6 +273,34 @@ impl Segment {
         };
     }
 
+    /// Takes the active segment's pages before `synced` (an offset whose
+    /// bytes are all durable) out of this process's page tables, in steps
+    /// of [`RELEASE_STEP_BYTES`]: as `release_pages` does for a whole
+    /// sealed segment, so that a 64 MiB segment being filled does not hold
+    /// up to 64 MiB of the process's RSS (30-88 MiB of a 1 GB node's 1.5
+    /// GB under BIG). The newest step stays mapped, for the reads of recent
+    /// entries a follower's append needs. Only a hint: an error changes
+    /// nothing.
+    pub(crate) fn release_synced_pages(&mut self, synced: usize) {
+        let end = synced / RELEASE_STEP_BYTES * RELEASE_STEP_BYTES;
+        if self.pages_released || end <= self.released_to {
+            return;
+        }
+        // SAFETY: as in `release_pages`: on a shared file mapping
+        // MADV_DONTNEED drops page table entries only; the bytes stay in
+        // the page cache and the file, and the next access faults them back
+        // unchanged. The range is page aligned (a step is a multiple of any
+        // page size) and inside the mapping (`synced` is an offset in it).
+        let _ = unsafe {
+            self.map.unchecked_advise_range(
+                memmap2::UncheckedAdvice::DontNeed,
+                self.released_to,
+                end - self.released_to,
+            )
+        };
+        self.released_to = end;
+    }
+
     /// Maps an existing segment whose header recovery found valid.
     pub(crate) fn open_existing(path: PathBuf, sequence: u64) -> Result<Segment, WalError> {
         let file = OpenOptions::new()
@@ -314,6 +345,7 @@ impl Segment {
             sealed: false,
             header_durable,
             pages_released: false,
+            released_to: 0,
             max_entry_index: 0,
             reused: false,
             warmed_to: 0,
@@ -415,6 +447,10 @@ impl Segment {
 /// cache filled: about 70 ms of appends at 60 MB/s, so the reads it asks
 /// for are done before the appends get there.
 const WARM_AHEAD_BYTES: usize = 4 << 20;
+
+/// Step in which an active segment's synced pages leave the page tables
+/// (see `Segment::release_synced_pages`): one `madvise` per 4 MiB appended.
+pub(crate) const RELEASE_STEP_BYTES: usize = 4 << 20;
 /// How many appended bytes between two `warm_ahead` requests: one fadvise
 /// per MiB of log, each asking for about 1 MiB. Where nothing was dropped
 /// that costs microseconds: 4 MiB of cached pages took 4-6 µs at best and

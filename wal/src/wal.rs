@@ -393,6 +393,8 @@ impl Wal {
             // Sealed (the target is in a later segment) and so fully synced.
             if segment.sequence < outcome.target.sequence {
                 segment.release_pages();
+            } else if segment.sequence == outcome.target.sequence {
+                segment.release_synced_pages(outcome.target.offset);
             }
         }
         while let Some(&(end, index)) = self.pending_markers.front() {
@@ -1207,6 +1209,32 @@ mod tests {
         assert!(sealed.iter().all(|&r| r), "{released:?}");
         assert!(!active[0], "appends go on through its pages");
         assert_eq!(read_all(&wal), entries);
+    }
+
+    #[test]
+    fn an_active_segment_leaves_the_page_tables_in_steps_and_reads_back_unchanged() {
+        use crate::segment::RELEASE_STEP_BYTES;
+        let dir = tempfile::tempdir().unwrap();
+        let mut wal = Wal::open(dir.path(), options(4 * RELEASE_STEP_BYTES as u64)).unwrap();
+        // About two and a half steps of 1 KiB entries, in one segment.
+        let count = (RELEASE_STEP_BYTES * 5 / 2 / 1100) as u64;
+        let entries = batch(1, count, 1, 1024);
+        for chunk in entries.chunks(500) {
+            append(&mut wal, chunk).unwrap();
+            wal.sync().unwrap();
+        }
+        assert_eq!(wal.segment_count(), 1, "one active segment");
+        let active = &wal.segments[0];
+        assert_eq!(active.released_to, 2 * RELEASE_STEP_BYTES);
+        assert!(!active.pages_released);
+        assert_eq!(read_all(&wal), entries);
+        // And the appends go on into the same pages' neighbours.
+        let more = batch(count + 1, 100, 1, 1024);
+        append(&mut wal, &more).unwrap();
+        wal.sync().unwrap();
+        drop(wal);
+        let wal = Wal::open(dir.path(), options(4 * RELEASE_STEP_BYTES as u64)).unwrap();
+        assert_eq!(read_all(&wal), [entries, more].concat());
     }
 
     #[test]
