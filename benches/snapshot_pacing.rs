@@ -16,8 +16,7 @@
 //! Files go under `COREKV_BENCH_DIR` if set, else the system temp directory.
 //! Run: `cargo bench --bench snapshot_pacing`.
 
-#[path = "common/cpu.rs"]
-mod cpu;
+use corekv::cpu;
 
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};

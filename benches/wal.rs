@@ -21,8 +21,7 @@
 //! segments) runs between samples, outside the timed loop, so the disk does
 //! not fill up.
 
-#[path = "common/cpu.rs"]
-mod cpu;
+use corekv::cpu;
 
 use std::fs::{File, OpenOptions};
 use std::os::fd::AsRawFd;

@@ -13,6 +13,7 @@
 pub mod bench;
 pub mod certs;
 pub mod cli;
+pub mod cpu;
 mod debug;
 pub mod dev;
 mod duration;

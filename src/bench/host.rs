@@ -71,17 +71,7 @@ impl HostReport {
 
 /// User + system CPU time of this process (all its threads).
 fn process_cpu() -> Duration {
-    // SAFETY: getrusage only writes the struct it is given; all-zero is a
-    // valid `rusage`.
-    let mut raw: libc::rusage = unsafe { std::mem::zeroed() };
-    // SAFETY: a valid pointer to a live rusage.
-    if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut raw) } != 0 {
-        return Duration::ZERO;
-    }
-    let time = |t: libc::timeval| {
-        Duration::from_secs(t.tv_sec.max(0) as u64) + Duration::from_micros(t.tv_usec.max(0) as u64)
-    };
-    time(raw.ru_utime) + time(raw.ru_stime)
+    Duration::from_secs_f64(crate::cpu::cpu_seconds(libc::RUSAGE_SELF))
 }
 
 /// The `total=` of the `some` line of a PSI file:

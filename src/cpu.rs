@@ -1,5 +1,5 @@
-//! CPU time for the benches that report it (included with `#[path]`, so
-//! each bench binary has its own copy).
+//! CPU time of this process or thread, for the reports that show it
+//! (`corekv bench`'s own CPU, and the benches under `benches/`).
 
 /// CPU seconds (user + system) used so far by `who`: `libc::RUSAGE_SELF`
 /// (the whole process) or `libc::RUSAGE_THREAD` (the calling thread).
