@@ -278,9 +278,10 @@ impl Segment {
     /// of [`RELEASE_STEP_BYTES`]: as `release_pages` does for a whole
     /// sealed segment, so that a 64 MiB segment being filled does not hold
     /// up to 64 MiB of the process's RSS (30-88 MiB of a 1 GB node's 1.5
-    /// GB under BIG). The newest step stays mapped, for the reads of recent
-    /// entries a follower's append needs. Only a hint: an error changes
-    /// nothing.
+    /// GB under BIG). Only whole steps go: what lies past the last step
+    /// boundary before `synced` (up to 4 MiB, and the tail being appended
+    /// to) stays mapped; a read of an entry released already faults its
+    /// page back from the page cache. Only a hint: an error changes nothing.
     pub(crate) fn release_synced_pages(&mut self, synced: usize) {
         let end = synced / RELEASE_STEP_BYTES * RELEASE_STEP_BYTES;
         if self.pages_released || end <= self.released_to {
