@@ -610,6 +610,14 @@ mod tests {
     /// Key -> (version, value length).
     type Model = BTreeMap<Vec<u8>, (u64, usize)>;
 
+    /// A one-byte value at `version`.
+    fn value(version: u64) -> Versioned {
+        Versioned {
+            value: Bytes::from_static(b"v"),
+            version,
+        }
+    }
+
     fn key(k: u8) -> Vec<u8> {
         format!("k{k:02}").into_bytes()
     }
@@ -746,10 +754,6 @@ mod tests {
     #[test]
     fn the_delta_drains_once_no_view_holds_the_base() {
         let mut map = Map::new();
-        let value = |version| Versioned {
-            value: Bytes::from_static(b"v"),
-            version,
-        };
         for k in 0..100u8 {
             map.insert(Key::from_slice(&key(k)), value(1));
         }
@@ -773,10 +777,6 @@ mod tests {
     #[test]
     fn an_idle_map_drains_its_delta_without_writes() {
         let mut map = Map::new();
-        let value = |version| Versioned {
-            value: Bytes::from_static(b"v"),
-            version,
-        };
         let keys = MERGE_PER_TICK as u32 * 2 + 10;
         let key = |k: u32| Key::from_slice(&k.to_be_bytes());
         for k in 0..keys {
