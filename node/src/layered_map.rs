@@ -15,14 +15,16 @@
 //! The base keeps its keys in order in a B-tree (for ranges and snapshots)
 //! and its pairs in a hash index (for gets and overwrites): a walk down a
 //! B-tree of 100k-1M keys misses the cache at every level, 230-650 ns per
-//! get on the development machine, where the index finds a key with one or
-//! two misses. An overwrite of a key already held, the common write, never
-//! touches the B-tree. The index is split into [`INDEX_TABLES`] tables
-//! chosen by hash, so that a table's growth rehashes a 256th of the keys on
-//! the shard thread, never all of them at once (a stall that would grow
-//! with the data). The price: each key is held twice, about 75-120 bytes
-//! more per key than the B-tree alone (README, "A hash index beside the
-//! order").
+//! get on the development machine, where the index finds a key with two or
+//! three misses (`benches/apply.rs`, `map_random_keys`). An overwrite of a
+//! key already held, the common write, never touches the B-tree. The index
+//! is split into [`INDEX_TABLES`] tables chosen by hash, so that a table's
+//! growth rehashes a 256th of the keys on the shard thread, never all of
+//! them at once (a stall that would grow with the data); each table keeps
+//! its pairs densely beside a hash table of their positions
+//! ([`PairTable`]), so the index costs about 100 bytes per key whatever
+//! the tables' fill. The price: each key is held twice (README, "A hash
+//! index beside the order").
 
 use std::collections::BTreeSet;
 use std::hash::{BuildHasher, RandomState};
@@ -32,6 +34,7 @@ use std::sync::Arc;
 
 use hashbrown::hash_table::{Entry, HashTable};
 
+use crate::pair_table::PairTable;
 use crate::stored::{Key, Versioned};
 
 /// Delta entries moved into the base per write once the base is no longer
@@ -174,14 +177,14 @@ struct Index {
     /// Keyed per process (SipHash): a client cannot choose keys that
     /// collide.
     hasher: RandomState,
-    tables: Box<[HashTable<(Key, Versioned)>]>,
+    tables: Box<[PairTable]>,
 }
 
 impl Default for Index {
     fn default() -> Self {
         Index {
             hasher: RandomState::new(),
-            tables: (0..INDEX_TABLES).map(|_| HashTable::new()).collect(),
+            tables: (0..INDEX_TABLES).map(|_| PairTable::default()).collect(),
         }
     }
 }
@@ -202,9 +205,7 @@ impl Index {
     }
 
     fn get_hashed(&self, hash: u64, key: &[u8]) -> Option<&Versioned> {
-        self.tables[Self::table(hash)]
-            .find(hash, |(k, _)| k.as_slice() == key)
-            .map(|(_, v)| v)
+        self.tables[Self::table(hash)].get(hash, key)
     }
 
     /// Stores the pair; a key it did not hold yet is also handed to
@@ -227,26 +228,12 @@ impl Index {
         added: impl FnOnce(&Key),
     ) -> Option<Versioned> {
         let hasher = &self.hasher;
-        let table = &mut self.tables[Self::table(hash)];
-        match table.entry(
-            hash,
-            |(k, _)| *k == key,
-            |(k, _)| hasher.hash_one(k.as_slice()),
-        ) {
-            Entry::Occupied(mut held) => Some(std::mem::replace(&mut held.get_mut().1, value)),
-            Entry::Vacant(room) => {
-                added(&key);
-                room.insert((key, value));
-                None
-            }
-        }
+        self.tables[Self::table(hash)].insert(hash, key, value, |k| hasher.hash_one(k), added)
     }
 
     fn remove_hashed(&mut self, hash: u64, key: &[u8]) -> Option<(Key, Versioned)> {
-        self.tables[Self::table(hash)]
-            .find_entry(hash, |(k, _)| k.as_slice() == key)
-            .ok()
-            .map(|held| held.remove().0)
+        let hasher = &self.hasher;
+        self.tables[Self::table(hash)].remove(hash, key, |k| hasher.hash_one(k))
     }
 }
 

@@ -21,6 +21,7 @@ mod log_limit;
 pub mod log_store;
 pub mod membership;
 pub mod metrics;
+mod pair_table;
 pub mod progress;
 mod raft_log;
 pub mod replica;
