@@ -198,7 +198,7 @@ fn map_random_keys(c: &mut Criterion) {
             value: Bytes::from(vec![0xA5; 256]),
             version: 1,
         };
-        let stored = |i: u64| (Key::new(&key(i)), value.clone());
+        let stored = |i: u64| (Key::from_slice(&key(i)), value.clone());
         let mut map = Map::new();
         let mut ordered = BTreeMap::new();
         let mut hashed = HashMap::new();
@@ -230,19 +230,19 @@ fn map_random_keys(c: &mut Criterion) {
         });
         group.bench_function(format!("map_overwrite_{keys}"), |b| {
             b.iter(|| {
-                let k = Key::new(next());
+                let k = Key::from_slice(next());
                 black_box(map.insert(k, value.clone()))
             })
         });
         group.bench_function(format!("btree_overwrite_{keys}"), |b| {
             b.iter(|| {
-                let k = Key::new(next());
+                let k = Key::from_slice(next());
                 black_box(ordered.insert(k, value.clone()))
             })
         });
         group.bench_function(format!("hash_overwrite_{keys}"), |b| {
             b.iter(|| {
-                let k = Key::new(next());
+                let k = Key::from_slice(next());
                 black_box(hashed.insert(k, value.clone()))
             })
         });

@@ -39,7 +39,7 @@ fn image(mib: u64) -> Image {
         let value = Bytes::from(vec![i as u8; 1024]);
         let key = Bytes::from(format!("key-{i:012}"));
         map.insert(
-            Key::new(&key),
+            Key::from_slice(&key),
             Versioned {
                 value,
                 version: i + 1,

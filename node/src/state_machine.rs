@@ -127,7 +127,9 @@ impl StateMachine {
         // of a node's CPU at BIG, perf).
         let value = Bytes::copy_from_slice(&value);
         let added = pair_bytes(key.len(), value.len());
-        let old = self.map.insert(Key::new(key), Versioned { value, version });
+        let old = self
+            .map
+            .insert(Key::from_slice(key), Versioned { value, version });
         let removed = old.map_or(0, |old| pair_bytes(key.len(), old.value_len));
         self.bytes = self.bytes + added - removed;
     }
@@ -341,7 +343,7 @@ mod tests {
             a in proptest::collection::vec(prop_oneof![Just(0u8), any::<u8>()], 0..=2 * INLINE_KEY_BYTES),
             b in proptest::collection::vec(prop_oneof![Just(0u8), any::<u8>()], 0..=2 * INLINE_KEY_BYTES),
         ) {
-            let (ka, kb) = (Key::new(&Bytes::from(a.clone())), Key::from_slice(&b));
+            let (ka, kb) = (Key::from_slice(&a), Key::from_slice(&b));
             prop_assert_eq!(ka.as_slice(), &a[..]);
             prop_assert_eq!(kb.to_bytes(), Bytes::from(b.clone()));
             prop_assert_eq!(ka.cmp(&kb), a.cmp(&b));
