@@ -54,11 +54,12 @@ impl Image {
 /// Bytes a stored pair is accounted besides its key and value: the map's
 /// share (the key in the ordered B-tree, the pair in the hash index), the
 /// version, the value's handle and its allocation. Measured with
-/// `benches/big_state.sh` (heap of a node over its pairs): 10M pairs of
-/// 16 B keys and 64 B values took 315-331 B each, 80 of them payload; 1M
-/// pairs with 1 KiB values took about 320 B each beyond the payload. Not
-/// exact; it keeps many small pairs from looking free to
-/// `max_memory_bytes`.
+/// `benches/big_state.sh` (heap of a node over its pairs, commit 47218df):
+/// 10M pairs of 16 B keys and 64 B values took 250 B each, 80 of them
+/// payload; 1M pairs with 1 KiB values took 250-260 B each beyond the
+/// payload after loading, and 370-380 B after random overwrites (the
+/// allocator keeps the room of values freed after a snapshot). Not exact;
+/// it keeps many small pairs from looking free to `max_memory_bytes`.
 pub const PAIR_OVERHEAD_BYTES: u64 = 250;
 
 /// The bytes one pair is accounted for (see `StateMachine::bytes`).
