@@ -13,10 +13,13 @@
 //! leader sends them again later). Reads go on. When space returns the
 //! backlog drains and all of that ends by itself.
 
+use std::time::Instant;
+
 use corekv_proto::client::{response, ErrorCode};
 use corekv_wal::WalError;
 use raft::prelude::{Message, MessageType};
 
+use crate::log_limit::LogLimit;
 use crate::log_store::LogStore;
 use crate::state_machine;
 
@@ -34,6 +37,10 @@ pub(super) struct Backlog {
     since_ready: Option<u64>,
     /// Why the log cannot grow, while that is the reason for the backlog.
     disk_full: Option<String>,
+    /// "disk full: transferring leadership" lines: a leader tries again
+    /// every election timeout for as long as the disk stays full, and when
+    /// every voter shares that disk no transfer succeeds.
+    step_down_log: LogLimit,
 }
 
 impl Backlog {
@@ -152,11 +159,14 @@ impl<L: LogStore> Replica<L> {
             return;
         }
         if let Some(peer) = self.best_successor() {
-            tracing::warn!(
-                shard = self.options.shard,
-                to = peer,
-                "disk full: transferring leadership"
-            );
+            if let Some(suppressed) = self.backlog.step_down_log.allow(Instant::now()) {
+                tracing::warn!(
+                    shard = self.options.shard,
+                    to = peer,
+                    suppressed,
+                    "disk full: transferring leadership"
+                );
+            }
             self.transfer_leader(peer);
         }
     }
