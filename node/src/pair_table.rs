@@ -211,6 +211,22 @@ mod tests {
         }
     }
 
+    /// A table of the keys `0..pairs`.
+    fn filled(pairs: u16, rehash: impl Fn(&[u8]) -> u64) -> PairTable {
+        let mut table = PairTable::default();
+        for k in 0..pairs {
+            let key = key(k);
+            table.insert(
+                rehash(&key),
+                Key::from_slice(&key),
+                value(1),
+                &rehash,
+                |_| {},
+            );
+        }
+        table
+    }
+
     /// The point of the table: a pair costs little more than its own
     /// bytes at any size, here just past a doubling of hashbrown's table
     /// (2,100 pairs: a table of 4,096 slots) and of a vector that doubles.
@@ -223,17 +239,7 @@ mod tests {
         let rehash = |k: &[u8]| hasher.hash_one(k);
         let pair = std::mem::size_of::<(Key, Versioned)>();
         for pairs in [2100, 3906] {
-            let mut table = PairTable::default();
-            for k in 0..pairs {
-                let key = key(k);
-                table.insert(
-                    rehash(&key),
-                    Key::from_slice(&key),
-                    value(1),
-                    rehash,
-                    |_| {},
-                );
-            }
+            let table = filled(pairs, rehash);
             let per_pair = table.footprint() as f64 / f64::from(pairs);
             assert!(
                 per_pair < 1.2 * pair as f64 + 10.0,
@@ -241,17 +247,7 @@ mod tests {
             );
         }
         let pairs = 3906;
-        let mut table = PairTable::default();
-        for k in 0..pairs {
-            let key = key(k);
-            table.insert(
-                rehash(&key),
-                Key::from_slice(&key),
-                value(1),
-                rehash,
-                |_| {},
-            );
-        }
+        let mut table = filled(pairs, rehash);
         // Most keys deleted: the room goes back.
         for k in 0..pairs - 100 {
             let key = key(k);
