@@ -17,6 +17,14 @@ use raft::{GetEntriesContext, RaftState, StorageError};
 use crate::log_store::LogStore;
 use crate::snapshot::SnapshotMeta;
 
+/// Entries a read of the log reserves room for before it reads. raft-rs
+/// asks for everything from a lagging follower's next index to the log's
+/// end (`high - low`: hundreds of thousands of entries for a follower that
+/// restarted under load) with a byte limit that stops it after about a
+/// MiB. Room for all of them was tens of MB per message on the leader,
+/// allocated and freed again for each MsgAppend of the catch-up.
+const ENTRIES_RESERVED: u64 = 1024;
+
 /// A log store seen through raft-rs's read-only storage interface.
 pub struct RaftStorage<L> {
     wal: L,
@@ -264,7 +272,7 @@ impl<L: LogStore> raft::Storage for RaftStorage<L> {
             panic!("entries' high index is out of bound, last index: {last}, high: {high}");
         }
         let max_size = max_size.into();
-        let mut out = Vec::with_capacity((high - low) as usize);
+        let mut out = Vec::with_capacity((high - low).min(ENTRIES_RESERVED) as usize);
         let mut size = 0u64;
         // Waiting writes replace the log from their first entry on (all of
         // it after an installed snapshot).
@@ -368,6 +376,32 @@ mod tests {
 
     fn entries(first: u64, count: u64, term: u64) -> Vec<Entry> {
         pending::test_entries(first, count, term, 16)
+    }
+
+    /// A read of a long range under a small byte limit (how raft-rs reads
+    /// for a lagging follower) holds room for what it returns, not for the
+    /// whole range.
+    #[test]
+    fn a_limited_read_of_a_long_range_reserves_room_for_what_it_returns() {
+        let disk = MemDisk::new();
+        let mut storage = RaftStorage::new(disk.open());
+        let count = 100_000;
+        storage.append(entries(1, count, 1)).unwrap();
+        let read = storage
+            .entries(1, count + 1, Some(1024), GetEntriesContext::empty(false))
+            .unwrap();
+        assert_eq!(read.len(), 64, "16-byte entries under a 1 KiB limit");
+        assert!(
+            read.capacity() <= ENTRIES_RESERVED as usize,
+            "{}",
+            read.capacity()
+        );
+        // Unlimited, the whole range still comes back.
+        let all = storage
+            .entries(1, count + 1, None, GetEntriesContext::empty(false))
+            .unwrap();
+        assert_eq!(all.len(), count as usize);
+        assert_eq!(all.last().map(|e| e.index), Some(count));
     }
 
     fn read(storage: &RaftStorage<MemLogStore>, low: u64, high: u64) -> Vec<(u64, u64)> {
