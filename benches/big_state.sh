@@ -23,7 +23,8 @@
 #   PORT_BASE   port base (default 7000: clients on 7100, 7200, 7300)
 #   SHARDS      shards per node (default: corekv dev's default)
 #   COREKV      a corekv binary instead of building one in release mode
-#   KEEP        keep the cluster's directory (logs) at this path
+#   KEEP        keep the cluster's directory at this path: logs, and the nodes'
+#               data (several GB per node at the default size)
 #   MEMORY_ONLY set to 1 to stop after the memory table (e.g. for
 #               KEYS=10000000 VALUE_SIZE=64)
 #   PHASES      the phases after BASE (default "RESTART CATCHUP")
