@@ -24,7 +24,7 @@ use corekv::cpu;
 use corekv_node::snapshot::{self, SnapshotMeta};
 
 mod common;
-use common::image;
+use common::{bench_dir, env_u64, image};
 
 #[global_allocator]
 static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
@@ -33,13 +33,6 @@ static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 #[allow(non_upper_case_globals)]
 #[export_name = "_rjem_malloc_conf"]
 pub static malloc_conf: &[u8; 31] = b"thp:always,metadata_thp:always\0";
-
-fn env_u64(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 /// Writes a snapshot of `mib` MiB into `dir`, in a process of its own: one
 /// that then freed its 1 GiB state while a load ran beside it slowed that
@@ -87,8 +80,7 @@ fn main() {
     }
     let mib = env_u64("COREKV_BENCH_SNAPSHOT_MB", 1024);
     let rounds = env_u64("COREKV_BENCH_ROUNDS", 3);
-    let base = std::env::var_os("COREKV_BENCH_DIR").map_or_else(std::env::temp_dir, Into::into);
-    let dir = tempfile::tempdir_in(base).expect("temp dir");
+    let dir = bench_dir();
     let me = std::env::current_exe().expect("this bench's path");
     let run = |args: &[&std::ffi::OsStr]| {
         let status = std::process::Command::new(&me)

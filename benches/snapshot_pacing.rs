@@ -19,7 +19,7 @@
 use corekv::cpu;
 
 mod common;
-use common::image;
+use common::{bench_dir, env_u64, image};
 
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -128,12 +128,8 @@ fn main() {
     if std::env::args().any(|a| a == "--list") {
         return;
     }
-    let mib: u64 = std::env::var("COREKV_BENCH_SNAPSHOT_MB")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(512);
-    let base = std::env::var_os("COREKV_BENCH_DIR").map_or_else(std::env::temp_dir, Into::into);
-    let dir = tempfile::tempdir_in(base).expect("temp dir");
+    let mib = env_u64("COREKV_BENCH_SNAPSHOT_MB", 512);
+    let dir = bench_dir();
     eprintln!("building a state of {mib} MiB of 1 KiB values");
     let image = image(mib);
     println!("mode        syncs   p50 ms   p99 ms p99.9 ms   max ms  snapshot s  writer cpu s");

@@ -1,4 +1,5 @@
-//! What more than one bench builds.
+//! What more than one bench builds: the state a snapshot bench writes, and
+//! its settings.
 
 use bytes::Bytes;
 use corekv_node::state_machine::{Image, Key, Map, Versioned};
@@ -20,4 +21,19 @@ pub fn image(mib: u64) -> Image {
         );
     }
     Image::new(map, Default::default())
+}
+
+/// The number in environment variable `name`, or `default`.
+pub fn env_u64(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// A temporary directory under `COREKV_BENCH_DIR` if set, else under the
+/// system's temporary directory.
+pub fn bench_dir() -> tempfile::TempDir {
+    let base = std::env::var_os("COREKV_BENCH_DIR").map_or_else(std::env::temp_dir, Into::into);
+    tempfile::tempdir_in(base).expect("temp dir")
 }
